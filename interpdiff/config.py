@@ -1,0 +1,125 @@
+"""Configs: dataclasses are the schema, YAML files fill them, ``a.b=value`` overrides on the CLI.
+
+Built on OmegaConf structured configs: an unknown key (in the YAML or an override) or a value
+of the wrong type fails at start-up with a ``ConfigError`` naming the key, the offending value
+and where it came from. ``save_config`` writes the resolved config to a run folder atomically.
+
+Typical entry-script use::
+
+    cfg = parse_cli(TrainConfig, sys.argv[1:])   # --config configs/x.yaml a.b=1 c=foo
+    save_config(cfg, run_dir)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from interpdiff.io import atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the schema."""
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{source}: unknown config key {key!r} ({msg})")
+    if isinstance(exc, ValidationError):
+        return ConfigError(f"{source}: bad value for config key {key!r}: {msg}")
+    return ConfigError(f"{source}: {msg} (key {key!r})")
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``schema`` from its defaults, then ``path`` (YAML), then ``overrides`` (``a.b=v``)."""
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"load_config: schema must be a dataclass type, got {schema!r}")
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (expected a YAML file)")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # yaml syntax error
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"config file {str(p)!r}") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {ov!r}") from None
+    try:
+        missing = OmegaConf.missing_keys(cfg)
+        if missing:
+            raise ConfigError(f"config keys without a value (set them in the YAML or as key=value): {sorted(missing)}")
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj  # type: ignore[return-value]
+
+
+def parse_cli(schema: type[T], argv: Sequence[str]) -> T:
+    """``[--config PATH] [key.sub=value ...]`` -> a ``schema`` instance."""
+    path = None
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c"):
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a YAML path")
+            path = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option {a!r}; use --config PATH and key.sub=value overrides")
+        else:
+            overrides.append(a)
+        i += 1
+    return load_config(schema, path, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config to ``run_dir/name`` (temp file + rename)."""
+    path = Path(run_dir) / name
+    atomic_write_text(path, to_yaml(cfg))
+    return path
+
+
+def from_dict(schema: type[T], data: dict) -> T:
+    """Rebuild a config (e.g. from checkpoint metadata), with the same key/type checks."""
+    cfg = OmegaConf.structured(schema)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _explain(e, "stored config") from None

@@ -1,0 +1,96 @@
+"""Atomic writes and checkpoint files that rebuild their model from metadata alone.
+
+Every file is written to a temporary name in the target folder, flushed, fsynced and renamed,
+so a crash never leaves a half-written file under the final name and never clobbers the
+previous version before the new one is complete.
+
+A checkpoint file (``save_checkpoint``) is a ``torch.save`` dict::
+
+    {"format": "interpdiff-ckpt", "version": 1, "meta": {...}, "state": {...}}
+
+``meta`` carries what is needed to rebuild the model (sizes, config, step, code version);
+``load_checkpoint`` checks the format and the required metadata keys and names the path and
+what is missing on failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+CKPT_FORMAT = "interpdiff-ckpt"
+CKPT_VERSION = 1
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint path is missing, unreadable, or lacks what the caller needs."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def code_version() -> str:
+    """``git describe`` of this checkout (``+dirty`` when modified), or ``unknown``."""
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty=+dirty"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict, meta: dict) -> Path:
+    meta = dict(meta)
+    meta.setdefault("code_version", code_version())
+    return atomic_torch_save({"format": CKPT_FORMAT, "version": CKPT_VERSION, "meta": meta, "state": state}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, required_meta: Iterable[str] = (), map_location="cpu") -> dict:
+    """Load a checkpoint written by ``save_checkpoint``; clear errors for bad paths/contents."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (expected a file written by save_checkpoint)")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is a folder; expected a checkpoint file (e.g. {str(p / 'model.pt')!r})")
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(p)!r} could not be read: {type(e).__name__}: {e}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"checkpoint {str(p)!r} is not an interpdiff checkpoint (missing format={CKPT_FORMAT!r})")
+    missing = [k for k in required_meta if k not in ck.get("meta", {})]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(p)!r} lacks metadata keys {missing}")
+    return ck

@@ -58,13 +58,14 @@ def interpolate_reference(x: torch.Tensor, mask: torch.Tensor, time_dim: int = 1
     """Torch reference of ``I(x, M)`` (gather + lerp, fp32 accumulation, output in ``x.dtype``)."""
     xt = x.movedim(time_dim, 1)  # (B, T, ...)
     B, T = xt.shape[:2]
-    left, right, w = neighbours(mask)
+    left, right, _ = neighbours(mask)
     extra = (1,) * (xt.dim() - 2)
     idx_shape = (B, T) + extra
     xl = torch.gather(xt, 1, left.view(idx_shape).expand_as(xt))
     xr = torch.gather(xt, 1, right.view(idx_shape).expand_as(xt))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = w.to(acc).view(idx_shape)
+    t = torch.arange(T, device=x.device)
+    w = ((t - left).to(acc) / (right - left).clamp_min(1).to(acc)).view(idx_shape)
     out = xl.to(acc) * (1 - w) + xr.to(acc) * w
     return out.to(x.dtype).movedim(1, time_dim)
 

@@ -1,0 +1,55 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from interpdiff.config import ConfigError, from_dict, load_config, parse_cli, save_config, to_dict
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclass
+class Schema:
+    name: str = "run"
+    steps: int = 10
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\noptim:\n  lr: 0.5\n")
+    cfg = parse_cli(Schema, ["--config", str(p), "steps=3", "optim.lr=0.25"])
+    assert cfg == Schema(name="a", steps=3, optim=Optim(lr=0.25))
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lrr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown config key 'optim\.lrr'"):
+        load_config(Schema, p)
+
+
+def test_unknown_override_and_wrong_type_are_named():
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
+        load_config(Schema, overrides=["stepz=3"])
+    with pytest.raises(ConfigError, match="bad value for config key 'steps'.*'many'"):
+        load_config(Schema, overrides=["steps=many"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(Schema, overrides=["steps"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_cli(Schema, ["--stepz", "3"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Schema, "/nonexistent/x.yaml")
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(Schema, overrides=["optim.lr=3e-3"])
+    path = save_config(cfg, tmp_path / "run")
+    assert load_config(Schema, path) == cfg
+    assert from_dict(Schema, to_dict(cfg)) == cfg

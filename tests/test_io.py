@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from interpdiff.io import CheckpointError, atomic_torch_save, atomic_write_text, load_checkpoint, save_checkpoint
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "ck.pt"
+    atomic_torch_save({"a": 1}, p)
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"a": Unpicklable()}, p)
+    assert torch.load(p) == {"a": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+    atomic_write_text(tmp_path / "sub" / "x.txt", "hi")
+    assert (tmp_path / "sub" / "x.txt").read_text() == "hi"
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    p = save_checkpoint(tmp_path / "m.pt", {"w": torch.ones(2)}, {"d_model": 8})
+    ck = load_checkpoint(p, required_meta=["d_model"])
+    assert ck["meta"]["d_model"] == 8 and "code_version" in ck["meta"]
+    assert torch.equal(ck["state"]["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="lacks metadata keys \\['depth'\\]"):
+        load_checkpoint(p, required_meta=["depth"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"x": 1}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an interpdiff checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")

@@ -1,0 +1,193 @@
+"""Config sections of the maze models: ``phase1``, ``phase2``, ``baseline``, ``eval``, ``demo``.
+
+Dataclasses are the schema (``interpdiff.config``); the YAML overlays
+``configs/maze/small_model.yaml`` / ``full_model.yaml`` fill them and ``a.b=value`` overrides on
+the command line change single keys. ``ModelSections`` groups the five sections so that a
+top-level maze config can embed them (``maze.config.MazeConfig``) or, before it does, so that
+``maze.demo`` can merge both files.
+
+Defaults are the *full* configuration of METHOD.md (d_model 384, 12 layers); the small CPU demo
+shrinks them in ``small_model.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from interpdiff.corruption import CONFIDENCE_KINDS, NOISE_MODES
+from interpdiff.flow import DENSITIES
+from interpdiff.masks import parse_policy_mix
+
+COND_MODES = ("cross", "prefix")
+PHASE1_POLICIES = ("dp", "uniform", "random", "selector")
+PHASE2_POLICIES = ("selector", "uniform", "random_nested", "dp_precomputed")
+INDEX_SOURCES = ("selector", "uniform")
+
+
+@dataclass
+class BackboneConfig:
+    """Sizes of a trajectory transformer (stored in every checkpoint's metadata).
+
+    ``cond_mode``: ``cross`` = cross-attention from the time tokens to the maze tokens in every
+    block; ``prefix`` = the maze tokens are prepended to the sequence of self-attention.
+    ``enc_depth``: depth of the maze encoder (``maze.encoders.MazeEncoder``).
+    """
+
+    d_model: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    cond_mode: str = "cross"
+    enc_depth: int = 4
+
+    def validate(self, where: str) -> None:
+        if self.d_model % self.heads != 0:
+            raise ValueError(f"{where}.d_model={self.d_model} must be divisible by {where}.heads={self.heads}")
+        if self.depth < 1 or self.enc_depth < 0:
+            raise ValueError(f"{where}: depth must be >= 1 and enc_depth >= 0, got {self.depth}, {self.enc_depth}")
+        if self.cond_mode not in COND_MODES:
+            raise ValueError(f"{where}.cond_mode={self.cond_mode!r} is not one of {COND_MODES}")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 500
+    grad_clip: float = 1.0
+    ema: float = 0.999  # 0 disables the EMA copy; sampling uses the EMA weights when present
+    log_every: int = 50
+    ckpt_every: int = 2000
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"{where}: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"{where}.ema={self.ema} must lie in [0, 1)")
+
+
+@dataclass
+class Phase1Config:
+    """Keyframe diffusion over the K_0 level-0 keypoints (flow matching, few Euler steps)."""
+
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    policy_mix: str = "dp:0.7,uniform:0.2,random:0.1"
+    selector_weight: float = 0.2  # added to the mix (then renormalised) when a selector checkpoint exists
+    density: str = "logit_normal"
+    train_shift: float = 1.0
+    sample_steps: int = 8
+    sample_shift: float = 1.0
+
+    def validate(self) -> None:
+        self.model.validate("phase1.model")
+        self.optim.validate("phase1.optim")
+        parse_policy_mix(self.policy_mix, PHASE1_POLICIES)
+        if self.density not in DENSITIES:
+            raise ValueError(f"phase1.density={self.density!r} is not one of {DENSITIES}")
+        if self.sample_steps < 1:
+            raise ValueError(f"phase1.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+@dataclass
+class Phase2Config:
+    """Interpolation-level refiner R(x_s, s, M_s, cond) -> x0_hat (METHOD.md section 5)."""
+
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    policy_mix: str = "selector:0.3,uniform:0.2,random_nested:0.2,dp_precomputed:0.3"
+    sigma_max: float = 0.02  # corruption noise on missing frames at level 0, in normalised [0,1] units
+    sigma_min: float = 0.002
+    confidence: str = "mask"
+    sample_noise: str = "none"
+    noise_scale: float = 1.0
+    pos_clip: bool = True
+
+    def validate(self) -> None:
+        self.model.validate("phase2.model")
+        self.optim.validate("phase2.optim")
+        parse_policy_mix(self.policy_mix, PHASE2_POLICIES)
+        if not 0 <= self.sigma_min <= self.sigma_max:
+            raise ValueError(f"phase2: need 0 <= sigma_min <= sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if self.confidence not in CONFIDENCE_KINDS:
+            raise ValueError(f"phase2.confidence={self.confidence!r} is not one of {CONFIDENCE_KINDS}")
+        if self.sample_noise not in NOISE_MODES:
+            raise ValueError(f"phase2.sample_noise={self.sample_noise!r} is not one of {NOISE_MODES}")
+
+
+@dataclass
+class BaselineConfig:
+    """Diffuser-style full-sequence flow-matching model over all T points."""
+
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    density: str = "logit_normal"
+    train_shift: float = 1.0
+    sample_steps: int = 20
+    sample_shift: float = 1.0
+
+    def validate(self) -> None:
+        self.model.validate("baseline.model")
+        self.optim.validate("baseline.optim")
+        if self.density not in DENSITIES:
+            raise ValueError(f"baseline.density={self.density!r} is not one of {DENSITIES}")
+        if self.sample_steps < 1:
+            raise ValueError(f"baseline.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+@dataclass
+class EvalConfig:
+    """Open-loop and closed-loop evaluation (``python -m maze.evaluate``)."""
+
+    split: str = "eval"
+    n_open_loop: int = 512  # eval trajectories for the open-loop tables (first n of the split)
+    batch_size: int = 128
+    index_source: str = "selector"  # where two-phase keyframe indices come from at sampling
+    agent_radius: float = 0.1  # world units (PointMaze cell = 1)
+    episodes: int = 100  # closed-loop episodes per maze (>= 100 in the full config)
+    horizons: dict[str, int] = field(default_factory=lambda: {"umaze": 300, "medium": 600, "large": 800})
+    success_dist: float = 0.45  # PointMaze's own goal threshold
+    kp: float = 10.0  # PD gains of the plan follower (action = kp * (target - pos) - kd * vel)
+    kd: float = 1.0
+    lookahead: float = 0.5  # world units: track the first plan point farther than this from the agent
+    replan: bool = False
+    methods: list[str] = field(default_factory=lambda: ["two_phase", "full", "interp_only"])
+    cost_repeats: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.index_source not in INDEX_SOURCES:
+            raise ValueError(f"eval.index_source={self.index_source!r} is not one of {INDEX_SOURCES}")
+        for m in self.methods:
+            if m not in ("two_phase", "full", "interp_only"):
+                raise ValueError(f"eval.methods: {m!r} is not one of ['two_phase', 'full', 'interp_only']")
+        if self.episodes < 1 or self.n_open_loop < 1:
+            raise ValueError(f"eval: episodes and n_open_loop must be >= 1, got {self.episodes}, {self.n_open_loop}")
+
+
+@dataclass
+class DemoConfig:
+    """Which stages ``python -m maze.demo`` runs (each is skipped when its output exists and ``resume``)."""
+
+    resume: bool = True
+    stages: list[str] = field(
+        default_factory=lambda: [
+            "generate", "keyframes", "dphi", "selector", "phase1", "phase2", "baseline", "evaluate", "report"
+        ]
+    )
+
+
+@dataclass
+class ModelSections:
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def validate(self) -> None:
+        for sec in (self.phase1, self.phase2, self.baseline, self.eval):
+            sec.validate()

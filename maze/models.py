@@ -1,0 +1,289 @@
+"""Maze networks: phase-1 keypoint denoiser, phase-2 refiner, full-sequence baseline.
+
+All three share one backbone (``TrajBackbone``): a DiT-style transformer over *time tokens*
+(keypoints or all T points) with
+
+- a fixed sinusoidal embedding of each token's true frame index ``t in [0, T-1]`` (so phase-1
+  knows how far apart its keyframes are),
+- adaLN-Zero modulation by a global vector ``c_B_D`` = maze encoder's pooled output + the
+  noise-time / level embedding (the pooled condition as a bias on every token: METHOD.md
+  section 6 shows that cross-attention alone can give a condition-blind model),
+- the maze tokens of ``maze.encoders.MazeEncoder`` (occupancy/SDF + start/goal) either through
+  cross-attention in every block (``cond_mode="cross"``) or as prefix tokens of self-attention
+  (``cond_mode="prefix"``).
+
+Positions live in ``[0, 1]^2``; the diffusion models work in ``z = (x - 0.5) * 2`` so the data
+has roughly unit scale against unit Gaussian noise.
+
+- ``KeypointDenoiser`` (phase-1): flow matching over the K_0 keyframe values. Input per token
+  ``[z_sigma (2), kp_feat (5), known (1)]``; endpoints are *known* (start/goal, clean values,
+  ``known = 1``) and clamped; output the velocity ``v = eps - z0``.
+- ``Refiner`` (phase-2): ``R(x_s, s, M_s, cond) -> x0_hat`` over all T points. Input per token
+  ``[z_s (2), conf (1)]`` with ``conf = anchor_confidence(M_s)``; the level enters as a learned
+  embedding of ``s`` plus an MLP of ``K_s / T``. Residual form ``x0_hat = x_s + out / 2`` with a
+  zero-initialised output, so an untrained refiner returns its input (the interpolation).
+- ``FullSequenceDenoiser`` (baseline, Diffuser-style): flow matching over all T points, per
+  token ``[z_sigma (2), known (1)]`` with start/goal inpainted at frames 0 and T-1.
+
+Sizes are ``maze.config_model.BackboneConfig`` plus ``T``/``n_levels`` and are written to every
+checkpoint (``model_meta``); ``build_model(meta)`` rebuilds the network from them alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from interpdiff.config import from_dict
+from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
+from maze.config_model import BackboneConfig
+
+MODEL_KINDS = ("phase1", "phase2", "baseline")
+KP_FEAT_DIM = 5
+CENTER, SCALE = 0.5, 2.0
+
+
+def to_z(x: torch.Tensor) -> torch.Tensor:
+    """Positions ``[0,1]`` -> model space ``z = (x - 0.5) * 2``."""
+    return (x - CENTER) * SCALE
+
+
+def from_z(z: torch.Tensor) -> torch.Tensor:
+    return z / SCALE + CENTER
+
+
+def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``[..., dim]`` sin/cos embedding of a float tensor ``t`` (DiT ``timestep_embedding``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ScalarEmbed(nn.Module):
+    """Sinusoidal features of a scalar followed by an MLP (DiT ``TimestepEmbedder``)."""
+
+    def __init__(self, d: int, freq_dim: int = 128):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, v_B: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal(v_B, self.freq_dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, cross: bool = False):
+        super().__init__()
+        self.h = heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x_B_L_D: torch.Tensor, mem_B_N_D: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x_B_L_D.shape
+        src = x_B_L_D if mem_B_N_D is None else mem_B_N_D
+        q = self.q(x_B_L_D).view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, h, L, Dh)
+        k, v = self.kv(src).view(B, src.shape[1], 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # (B, h, N, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-LN block with adaLN-Zero: self-attention, optional cross-attention, MLP."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: float, cross: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, heads)
+        self.cross = cross
+        if cross:
+            self.norm_x = nn.LayerNorm(d, eps=1e-6)
+            self.xattn = Attention(d, heads, cross=True)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, h_B_L_D: torch.Tensor, c_B_D: torch.Tensor, mem_B_N_D: torch.Tensor | None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c_B_D).chunk(6, dim=-1)
+        h = h_B_L_D + g1[:, None] * self.attn(modulate(self.norm1(h_B_L_D), sh1, sc1))
+        if self.cross and mem_B_N_D is not None:
+            h = h + self.xattn(self.norm_x(h), mem_B_N_D)
+        return h + g2[:, None] * self.mlp(modulate(self.norm2(h), sh2, sc2))
+
+
+class TrajBackbone(nn.Module):
+    """Transformer over time tokens conditioned on a maze (see the module docstring).
+
+    ``forward(feat_B_L_F, t_idx_B_L, extra_c_B_D, cond) -> out_B_L_O`` with ``cond`` the dict
+    ``{occ [B,G,G], sdf [B,G,G], start [B,2], goal [B,2]}`` (normalised positions).
+    """
+
+    def __init__(self, d_in: int, d_out: int, sizes: BackboneConfig):
+        super().__init__()
+        from maze.encoders import MazeEncoder
+
+        d = sizes.d_model
+        self.sizes = sizes
+        self.inp = nn.Linear(d_in, d)
+        self.encoder = MazeEncoder(d_model=d, depth=sizes.enc_depth)
+        self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
+        cross = sizes.cond_mode == "cross"
+        self.blocks = nn.ModuleList([Block(d, sizes.heads, sizes.mlp_ratio, cross) for _ in range(sizes.depth)])
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, d_out)
+        for m in (self.ada_out[1], self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode(self, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maze tokens ``[B, N, D]`` and pooled ``[B, D]`` (cache them across sampling steps)."""
+        return self.encoder(cond["occ"], cond["sdf"], cond["start"], cond["goal"])
+
+    def forward(
+        self,
+        feat_B_L_F: torch.Tensor,
+        t_idx_B_L: torch.Tensor,
+        extra_c_B_D: torch.Tensor,
+        cond: dict,
+        enc: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        mem_B_N_D, pooled_B_D = self.encode(cond) if enc is None else enc
+        d = self.sizes.d_model
+        h = self.inp(feat_B_L_F) + sinusoidal(t_idx_B_L.float(), d)  # (B, L, D)
+        c = self.cond_proj(pooled_B_D) + extra_c_B_D  # (B, D)
+        L = h.shape[1]
+        if self.sizes.cond_mode == "prefix":
+            h = torch.cat([mem_B_N_D, h], dim=1)
+        for blk in self.blocks:
+            h = blk(h, c, mem_B_N_D if self.sizes.cond_mode == "cross" else None)
+        h = h[:, -L:]
+        sh, sc = self.ada_out(c).chunk(2, dim=-1)
+        return self.out(modulate(self.norm_out(h), sh, sc))  # (B, L, O)
+
+
+class KeypointDenoiser(nn.Module):
+    """Phase-1: velocity ``v_B_K_2`` for the noisy keyframe values ``z_B_K_2`` at flow time sigma."""
+
+    kind = "phase1"
+
+    def __init__(self, sizes: BackboneConfig, T: int):
+        super().__init__()
+        self.T = T
+        self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1, 2, sizes)
+        self.sigma_emb = ScalarEmbed(sizes.d_model)
+
+    def forward(self, z_B_K_2, sigma_B, idx_B_K, kp_feat_B_K_5, known_B_K, cond, enc=None):
+        feat = torch.cat([z_B_K_2, kp_feat_B_K_5, known_B_K.float()[..., None]], dim=-1)
+        return self.backbone(feat, idx_B_K, self.sigma_emb(sigma_B * 1000.0), cond, enc)
+
+
+class FullSequenceDenoiser(nn.Module):
+    """Baseline: velocity ``v_B_T_2`` over all T points (start/goal known at frames 0 and T-1)."""
+
+    kind = "baseline"
+
+    def __init__(self, sizes: BackboneConfig, T: int):
+        super().__init__()
+        self.T = T
+        self.backbone = TrajBackbone(3, 2, sizes)
+        self.sigma_emb = ScalarEmbed(sizes.d_model)
+
+    def forward(self, z_B_T_2, sigma_B, known_B_T, cond, enc=None):
+        B, T, _ = z_B_T_2.shape
+        idx = torch.arange(T, device=z_B_T_2.device).expand(B, T)
+        feat = torch.cat([z_B_T_2, known_B_T.float()[..., None]], dim=-1)
+        return self.backbone(feat, idx, self.sigma_emb(sigma_B * 1000.0), cond, enc)
+
+
+class Refiner(nn.Module):
+    """Phase-2: ``x0_hat = x_s + out / 2`` from ``(x_s, s, conf_s, K_s / T, cond)``, positions in [0,1]."""
+
+    kind = "phase2"
+
+    def __init__(self, sizes: BackboneConfig, T: int, n_levels: int):
+        super().__init__()
+        self.T = T
+        self.n_levels = n_levels
+        self.backbone = TrajBackbone(3, 2, sizes)
+        self.level_emb = nn.Embedding(n_levels, sizes.d_model)
+        self.frac_emb = ScalarEmbed(sizes.d_model)
+
+    def forward(self, x_s_B_T_2, level_B, conf_B_T, cond, enc=None):
+        B, T, _ = x_s_B_T_2.shape
+        if T != self.T:
+            raise ValueError(f"Refiner: sequence length {T} differs from the trained T={self.T}")
+        idx = torch.arange(T, device=x_s_B_T_2.device).expand(B, T)
+        frac = conf_B_T.gt(0.999).float().mean(1)  # K_s / T (the anchor count of this level)
+        c = self.level_emb(level_B.long().clamp(0, self.n_levels - 1)) + self.frac_emb(frac * 1000.0)
+        feat = torch.cat([to_z(x_s_B_T_2), conf_B_T[..., None]], dim=-1)
+        return x_s_B_T_2 + self.backbone(feat, idx, c, cond, enc) / SCALE
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def model_meta(model: nn.Module) -> dict:
+    meta = {"kind": model.kind, "sizes": asdict(model.backbone.sizes), "T": model.T}
+    if isinstance(model, Refiner):
+        meta["n_levels"] = model.n_levels
+    return meta
+
+
+def build_model(meta: dict) -> nn.Module:
+    """Rebuild an (untrained) network from checkpoint metadata alone."""
+    kind = meta.get("kind")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"model metadata kind={kind!r} is not one of {MODEL_KINDS}")
+    sizes = from_dict(BackboneConfig, meta["sizes"])
+    if kind == "phase1":
+        return KeypointDenoiser(sizes, int(meta["T"]))
+    if kind == "baseline":
+        return FullSequenceDenoiser(sizes, int(meta["T"]))
+    return Refiner(sizes, int(meta["T"]), int(meta["n_levels"]))
+
+
+def save_model(path, model: nn.Module, ema: nn.Module | None = None, extra_meta: dict | None = None, train_state=None):
+    """Write ``{model, ema?, train_state?}`` with the sizes needed to rebuild the model."""
+    state = {"model": model.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if train_state is not None:
+        state["train_state"] = train_state
+    meta = {**model_meta(model), **(extra_meta or {})}
+    return save_checkpoint(path, state, meta)
+
+
+def load_model(path, kind: str, use_ema: bool = True, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by ``save_model``; sizes come from its metadata, never a config.
+
+    Raises ``CheckpointError`` naming the path when it is missing, not a checkpoint, or holds
+    another kind of model.
+    """
+    ck = load_checkpoint(path, required_meta=("kind", "sizes", "T"), map_location=map_location)
+    meta = ck["meta"]
+    if meta["kind"] != kind:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta['kind']!r} model; expected {kind!r}")
+    model = build_model(meta)
+    sd = ck["state"]["ema"] if use_ema and "ema" in ck["state"] else ck["state"]["model"]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit the sizes in its metadata: {e}") from None
+    model.eval()
+    return model, meta

@@ -116,24 +116,25 @@ def segment_costs(
         wr = ((U - I[..., None]).to(torch.float64) / span[..., None]).clamp(0, 1)[..., None]  # (T,T,S,1)
     for b0 in range(0, B, chunk):
         xb = xt[b0 : b0 + chunk]  # (b, T, D)
-        xi, xj = xb[:, I], xb[:, J]  # (b, T, T, D)
         if segment_cost_samples is None:
+            # broadcasting instead of gathers: row index i on dim 1, column index j on dim 2
+            xi, xj = xb[:, :, None], xb[:, None, :]  # (b, T, 1, D), (b, 1, T, D)
             zero = xb.new_zeros(xb.shape[0], 1, Dm)
             Q1 = torch.cat([zero, xb.cumsum(1)], 1)  # Q1[t] = sum_{u<t} x_u
             Qu = torch.cat([zero, (xb * ar.to(xb)[None, :, None]).cumsum(1)], 1)
             q2 = torch.cat([zero[..., 0], (xb**2).sum(-1).cumsum(1)], 1)
-            lo = (I + 1).clamp(max=T)
-            S1 = Q1[:, J] - Q1[:, lo]  # sum of interior x_u
-            SU = Qu[:, J] - Qu[:, lo]  # sum of interior u * x_u
-            S2 = q2[:, J] - q2[:, lo]  # sum of interior ||x_u||^2
+            S1 = Q1[:, None, :T] - Q1[:, 1:, None]  # sum of interior x_u       (b, T, T, D)
+            SU = Qu[:, None, :T] - Qu[:, 1:, None]  # sum of interior u * x_u
+            S2 = q2[:, None, :T] - q2[:, 1:, None]  # sum of interior ||x_u||^2 (b, T, T)
             a = (xj - xi) / span[None, ..., None]  # slope
             m1 = n * (n + 1) / 2  # sum_{v=1..n} v
             m2 = n * (n + 1) * (2 * n + 1) / 6  # sum_{v=1..n} v^2
             # sum_v ||y_v - a v||^2 with y_v = x_{i+v} - x_i
             e_yy = S2 - 2 * (xi * S1).sum(-1) + n * (xi**2).sum(-1)
-            e_ya = (a * (SU - I.to(xb)[..., None] * S1 - m1[..., None] * xi)).sum(-1)
+            e_ya = (a * (SU - ar.to(xb)[None, :, None, None] * S1 - m1[..., None] * xi)).sum(-1)
             err = (e_yy - 2 * e_ya + (a**2).sum(-1) * m2).clamp_min(0)
         else:
+            xi, xj = xb[:, I], xb[:, J]  # (b, T, T, D)
             xu = xb[:, U]  # (b, T, T, S, D)
             pred = xi[:, :, :, None] * (1 - wr) + xj[:, :, :, None] * wr
             err = (((xu - pred) ** 2).sum(-1) * weight).sum(-1)

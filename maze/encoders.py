@@ -1,0 +1,146 @@
+"""The maze condition encoder, shared by D_phi, the selector and phase-1.
+
+``MazeEncoder(d_model, depth, heads)``::
+
+    tokens_B_N_D, pooled_B_D = enc(occ_B_G_G, sdf_B_G_G, start_B_2, goal_B_2)
+
+Inputs: unified occupancy (1 = wall) and SDF (cells) ``[B, G, G]`` indexed ``[row=v, col=u]``,
+start/goal in normalised ``(u, v)``. ``N = G*G + 2``.
+
+Tokens:
+
+- one **cell token** per grid cell (``G*G``) from 5 channels: occupancy, ``sdf / 4`` (tanh),
+  a start heatmap and a goal heatmap (Gaussians of std ``heat_std`` cells at the start/goal,
+  so the positions are seen spatially), and the goal-distance field (4-connected geodesic
+  distance from every free cell to the goal cell, ``/ G``, 0 in walls); plus a learned 2-D
+  position embedding of the cell;
+- a **start/goal token**: Fourier features of ``(start, goal, goal - start)``;
+- a **goal-distance token**: the geodesic cell distance from the start cell to the goal cell and
+  the Euclidean start-goal distance (both normalised by ``G`` / 1), Fourier features.
+
+A pre-norm transformer (``depth`` layers) mixes all tokens. ``pooled_B_D`` = LayerNorm of the
+mean over tokens concatenated with the start/goal token, projected back to ``D``. Consumers use
+``tokens`` for cross-attention and ``pooled`` as a global bias (METHOD.md section 6: a selector
+that only cross-attends learns a condition-blind prior; the pooled bias makes it follow the
+maze).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def geodesic_distance(occ_B_G_G: torch.Tensor, goal_rc_B_2: torch.Tensor, max_iter: int | None = None) -> torch.Tensor:
+    """4-connected shortest-path length (cells) from every cell to the goal cell; ``inf`` in walls.
+
+    Batched Bellman relaxation ``d <- min(d, min_neighbour(d) + 1)`` on free cells until no
+    change (at most ``G*G`` sweeps). A goal cell that is a wall gives ``inf`` everywhere.
+    """
+    B, G, _ = occ_B_G_G.shape
+    free = occ_B_G_G < 0.5
+    inf = torch.tensor(math.inf, device=occ_B_G_G.device)
+    d = torch.full((B, G, G), math.inf, device=occ_B_G_G.device)
+    rows = torch.arange(B, device=occ_B_G_G.device)
+    r = goal_rc_B_2[:, 0].clamp(0, G - 1)
+    c = goal_rc_B_2[:, 1].clamp(0, G - 1)
+    d[rows, r, c] = 0.0
+    d = torch.where(free, d, inf)
+    for _ in range(max_iter or G * G):
+        p = F.pad(d, (1, 1, 1, 1), value=math.inf)
+        nb = torch.minimum(torch.minimum(p[:, :-2, 1:-1], p[:, 2:, 1:-1]), torch.minimum(p[:, 1:-1, :-2], p[:, 1:-1, 2:]))
+        new = torch.where(free, torch.minimum(d, nb + 1), inf)
+        if torch.equal(new, d):
+            break
+        d = new
+    return d
+
+
+def cell_of(p_B_2: torch.Tensor, G: int) -> torch.Tensor:
+    """Grid cell ``(row, col)`` of normalised ``(u, v)`` points (long)."""
+    return torch.stack([(p_B_2[:, 1] * G).floor(), (p_B_2[:, 0] * G).floor()], -1).long().clamp(0, G - 1)
+
+
+def heatmap(p_B_2: torch.Tensor, G: int, std_cells: float) -> torch.Tensor:
+    """Gaussian bump ``exp(-|c - p|^2 / (2 std^2))`` at each cell centre ``c`` (normalised units)."""
+    ctr = (torch.arange(G, device=p_B_2.device, dtype=p_B_2.dtype) + 0.5) / G
+    dv = (ctr[None, :, None] - p_B_2[:, 1, None, None]) ** 2
+    du = (ctr[None, None, :] - p_B_2[:, 0, None, None]) ** 2
+    return torch.exp(-(du + dv) / (2 * (std_cells / G) ** 2))
+
+
+class FourierFeatures(nn.Module):
+    """``x -> [x, sin(2^k pi x), cos(2^k pi x)]_{k < n_freq}`` then a 2-layer MLP to ``d``."""
+
+    def __init__(self, in_dim: int, d: int, n_freq: int = 6):
+        super().__init__()
+        self.register_buffer("freq", (2.0 ** torch.arange(n_freq)) * math.pi, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(in_dim * (1 + 2 * n_freq), d), nn.GELU(), nn.Linear(d, d))
+
+    def forward(self, x_B_I: torch.Tensor) -> torch.Tensor:
+        a = x_B_I[..., None] * self.freq  # (..., I, F)
+        f = torch.cat([x_B_I, a.sin().flatten(-2), a.cos().flatten(-2)], -1)
+        return self.mlp(f)
+
+
+class MazeEncoder(nn.Module):
+    """Condition encoder: ``(occ, sdf, start, goal) -> (tokens_B_N_D, pooled_B_D)`` (module doc)."""
+
+    N_CH = 5
+
+    def __init__(self, d_model: int = 128, depth: int = 2, heads: int = 4, G: int = 12, heat_std: float = 0.75, dropout: float = 0.0):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"MazeEncoder: d_model={d_model} must be divisible by heads={heads}")
+        self.d_model, self.depth, self.heads, self.G, self.heat_std = d_model, depth, heads, G, heat_std
+        self.cell_in = nn.Sequential(nn.Linear(self.N_CH, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.pos_emb = nn.Parameter(torch.randn(G * G, d_model) * 0.02)
+        self.sg_tok = FourierFeatures(6, d_model)
+        self.dist_tok = FourierFeatures(2, d_model, n_freq=4)
+        self.type_emb = nn.Parameter(torch.randn(3, d_model) * 0.02)  # cell, start/goal, distance
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False) if depth > 0 else None
+        self.norm = nn.LayerNorm(d_model)
+        self.pool = nn.Sequential(nn.LayerNorm(2 * d_model), nn.Linear(2 * d_model, d_model))
+
+    def config(self) -> dict:
+        return {"d_model": self.d_model, "depth": self.depth, "heads": self.heads, "G": self.G, "heat_std": self.heat_std}
+
+    def features(self, occ_B_G_G, sdf_B_G_G, start_B_2, goal_B_2):
+        """Cell channels ``[B, G*G, 5]`` and the two scalar distance features ``[B, 2]``."""
+        B, G, G2 = occ_B_G_G.shape
+        if G != self.G or G2 != self.G:
+            raise ValueError(f"MazeEncoder: occupancy must be [B, {self.G}, {self.G}], got {list(occ_B_G_G.shape)}")
+        with torch.no_grad():
+            dist = geodesic_distance(occ_B_G_G, cell_of(goal_B_2, G))  # (B, G, G)
+            sc = cell_of(start_B_2, G)
+            d_start = dist[torch.arange(B, device=dist.device), sc[:, 0], sc[:, 1]]
+            d_start = torch.where(torch.isfinite(d_start), d_start, torch.full_like(d_start, 2.0 * G))
+            dist_f = torch.where(torch.isfinite(dist), dist / G, torch.zeros_like(dist))
+        chans = torch.stack(
+            [
+                occ_B_G_G,
+                torch.tanh(sdf_B_G_G / 4),
+                heatmap(start_B_2, G, self.heat_std),
+                heatmap(goal_B_2, G, self.heat_std),
+                dist_f,
+            ],
+            -1,
+        ).reshape(B, G * G, self.N_CH)
+        scal = torch.stack([d_start / G, (goal_B_2 - start_B_2).norm(dim=-1)], -1)
+        return chans, scal
+
+    def forward(self, occ_B_G_G, sdf_B_G_G, start_B_2, goal_B_2):
+        chans, scal = self.features(occ_B_G_G.float(), sdf_B_G_G.float(), start_B_2.float(), goal_B_2.float())
+        cells = self.cell_in(chans) + self.pos_emb + self.type_emb[0]  # (B, G*G, D)
+        sg = self.sg_tok(torch.cat([start_B_2, goal_B_2, goal_B_2 - start_B_2], -1).float()) + self.type_emb[1]  # (B, D)
+        dt = self.dist_tok(scal) + self.type_emb[2]  # (B, D)
+        x = torch.cat([cells, sg[:, None], dt[:, None]], 1)  # (B, N, D)
+        if self.blocks is not None:
+            x = self.blocks(x)
+        tokens = self.norm(x)
+        pooled = self.pool(torch.cat([tokens.mean(1), tokens[:, -2]], -1))  # (B, D)
+        return tokens, pooled

@@ -1,0 +1,731 @@
+"""The one Accelerate training loop that phase 1, phase 2 (and later D_phi / rCM) share.
+
+The phases differ in their loss, not in plumbing: an entry script builds a ``TrainSpec`` (the
+model with its trainable parameters, a loss function, a data stream, how to save/load the
+trainable weights, an optional validation) and calls ``train(cfg, spec)``. This module owns:
+
+- **Accelerator** (``make_accelerator``): bf16 autocast on CUDA, fp32 on CPU
+  (``mixed_precision=auto``), gradient accumulation, DDP or DeepSpeed ZeRO from the
+  ``accelerate launch --config_file`` the user picks. CPU + DeepSpeed: see ``make_accelerator``.
+- **Optimizer**: AdamW, fused on CUDA (``optim.kind=auto``), bitsandbytes 8-bit AdamW on request
+  (``adamw_8bit``; a clear error when bitsandbytes is missing). LR: linear warmup then constant
+  or cosine down to ``min_lr_ratio * lr``. Gradient clipping by global norm.
+- **EMA** of the trainable weights (``ema_decay > 0``), ``decay_t = min(decay, (1+t)/(10+t))``.
+- **Seeds**: the global RNGs get ``seed * world_size + rank`` (DiT). Per-sample randomness of the
+  objectives (noise, flow times, masks, levels) does *not* use them: it comes from
+  ``sample_generator(seed, step, key)``, a generator seeded by a hash of (seed, optimizer step,
+  sample key). A sample's noise is thus the same whatever the world size, the per-device batch
+  or the accumulation, so a 2-process run equals a 1-process run with the same global batch, and
+  a resumed run equals an uninterrupted one without replaying any RNG stream.
+- **Checkpoints** every ``checkpoint_every`` steps through ``Accelerator.save_state`` with
+  registered pre-hooks: the save hook writes only the trainable weights (``spec.save_trainable``,
+  LoRA in diffusers format + widened input channels) and drops the full model from what
+  Accelerate would write; the load hook loads them back. Optimizer, LR scheduler, grad scaler,
+  RNG states (per rank), EMA and the ``TrainState`` (step, samples, data position) are saved by
+  Accelerate (``register_for_checkpointing``). Under DeepSpeed the engine writes model +
+  optimizer shards itself (frozen parameters excluded). Each checkpoint is written into
+  ``checkpoints/.tmp-step_XXXXXXXX`` and renamed to ``checkpoints/step_XXXXXXXX`` by the main
+  process after every rank has finished (a shared filesystem is assumed across nodes), so a
+  folder under its final name is always complete; only the last ``keep_last`` are kept.
+- **Resume**: ``resume=latest`` takes the newest complete checkpoint (and starts fresh when the
+  run has none, so a preemptible job can always pass it); ``resume=PATH`` must be a checkpoint
+  folder (a clear ``CheckpointError`` otherwise, raised before the model is built when the
+  entry script calls ``resolve_resume`` first). The data position is restored by skipping the
+  micro-batches already consumed in the current epoch of the (deterministic) data stream.
+- **Logging**: TensorBoard by default (``tracker=wandb`` or ``none``), metrics also appended to
+  ``metrics.csv`` / ``metrics.jsonl`` in the run folder, the loss all-reduced (mean over ranks and
+  micro-batches since the last log) before logging, a tqdm bar on the main process with loss,
+  step time and samples/s. The resolved config is written to ``run_dir/config.yaml``.
+- **One-batch check** before the loop: forward + backward on the first batch, the loss must be
+  finite and every trainable parameter must get a finite gradient (a LoRA target that is never
+  used, a detached input or NaNs stop the run before the first optimizer step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from interpdiff.config import ConfigError, save_config
+from interpdiff.io import CheckpointError, atomic_write_text, code_version
+
+CKPT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+TRAINABLE_DIR = "trainable"
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("auto", "adamw", "adamw_fused", "adamw_8bit")
+SCHEDULES = ("constant", "cosine")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    kind: str = "auto"  # auto (fused AdamW on CUDA, foreach on CPU) | adamw | adamw_fused | adamw_8bit
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+    def validate(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise ConfigError(f"train.optim.kind={self.kind!r} is not one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainLoopConfig:
+    run_dir: str = "runs/debug"
+    max_steps: int = 1000  # optimizer steps (defines the LR schedule)
+    stop_at_step: int = 0  # >0: leave after this step (checkpointed) although max_steps is larger (time-limited jobs)
+    batch_size: int = 1  # per device, per micro-batch
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, no (fp32) on CPU
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    ema_decay: float = 0.0  # 0 disables the EMA
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    resume: str = ""  # "" | latest | path to a checkpoint folder
+    log_every: int = 10
+    tracker: str = "tensorboard"
+    validate_every: int = 0  # 0 disables validation
+    check_batch: bool = True  # one-batch forward/backward check before the loop
+    allow_tf32: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISIONS}")
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"train.tracker={self.tracker!r} is not one of {TRACKERS}")
+        for k in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every", "checkpoint_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        self.optim.validate()
+
+
+# --- state objects saved with the checkpoint ----------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Counters restored on resume (saved through ``Accelerator.register_for_checkpointing``)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the data stream started
+    batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch (data position)
+    samples_seen: int = 0  # global samples (all ranks) used for optimizer steps
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            if not hasattr(self, k):
+                raise CheckpointError(f"train state: unknown field {k!r} in the checkpoint")
+            setattr(self, k, v)
+
+
+class EMA:
+    """Exponential moving average of named trainable parameters (fp32 shadow copies).
+
+    ``shadow <- d * shadow + (1 - d) * p`` with ``d = min(decay, (1 + t) / (10 + t))`` at update
+    ``t`` (a short warm-up so early weights are not frozen into the average).
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float):
+        self.decay = decay
+        self.params = dict(named_params)
+        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - d)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        missing = set(self.shadow) - set(d["shadow"])
+        if missing:
+            raise CheckpointError(f"EMA state lacks parameters {sorted(missing)[:5]} (model changed since the checkpoint?)")
+        self.updates = int(d["updates"])
+        for n in self.shadow:
+            self.shadow[n].copy_(d["shadow"][n])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the parameters (validation / export)."""
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
+
+
+# --- what an entry script hands to the loop -----------------------------------------------------
+
+
+LossFn = Callable[[nn.Module, dict, int], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class TrainSpec:
+    """The task-specific parts of a training run.
+
+    ``loss_fn(model, batch, step) -> (loss, metrics)``: ``batch`` is already on the device,
+    ``step`` is the optimizer step the micro-batch contributes to (seeds per-sample randomness).
+    ``batches(epoch)`` yields this rank's micro-batches of one epoch, deterministically (resume
+    skips into it). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
+    and read the trainable weights only (LoRA + new channels). ``validate(model, step, folder,
+    is_main)`` is called on every rank (ZeRO-3 forwards need all of them); only the main process
+    should write. ``meta`` lands in ``meta.json`` of every checkpoint (model sizes to rebuild it).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: Callable[[int], Iterable[dict]]
+    save_trainable: Callable[[nn.Module, Path], None]
+    load_trainable: Callable[[nn.Module, Path], None]
+    validate: Callable[[nn.Module, int, Path, bool], None] | None = None
+    batch_size: Callable[[dict], int] | None = None
+    meta: dict = field(default_factory=dict)
+    enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    run_dir: Path
+    losses: list[float]  # all-reduced loss of each optimizer step
+    accelerator: Any = None
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def sample_seed(base_seed: int, step: int, key: str | int, salt: str = "") -> int:
+    """63-bit seed from ``(base_seed, step, sample key, salt)`` (blake2b; stable across runs)."""
+    h = hashlib.blake2b(f"{base_seed}/{step}/{key}/{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def sample_generator(base_seed: int, step: int, key: str | int, device="cpu", salt: str = "") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(sample_seed(base_seed, step, key, salt))
+    return g
+
+
+def per_sample_randn(shape_per_sample: tuple[int, ...], gens: list[torch.Generator], device, dtype=torch.float32):
+    """``[B, *shape]`` standard normal with row ``b`` drawn from ``gens[b]``."""
+    return torch.stack([torch.randn(shape_per_sample, generator=g, device=device, dtype=dtype) for g in gens])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """``""`` -> None; ``latest`` -> newest complete checkpoint of ``run_dir`` (None if none);
+    a path -> that checkpoint folder, checked. Raises ``CheckpointError`` naming the path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(Path(run_dir) / "checkpoints")
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not p.exists():
+        raise CheckpointError(
+            f"resume={resume!r}: no such path (expected a checkpoint folder like "
+            f"{str(Path(run_dir) / 'checkpoints' / 'step_00000100')!r} or 'latest')"
+        )
+    if p.is_dir() and not (p / "train_state.json").is_file():
+        ckpts = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+        if ckpts:  # a run folder or its checkpoints folder: take its newest checkpoint
+            return ckpts[-1]
+        raise CheckpointError(
+            f"resume={resume!r}: {str(p)!r} holds no checkpoint (expected a folder with train_state.json written by "
+            "interpdiff.training, or a run folder with checkpoints/step_*)"
+        )
+    if p.is_file():
+        raise CheckpointError(f"resume={resume!r} is a file; expected a checkpoint folder (checkpoints/step_XXXXXXXX)")
+    return p
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders ``step_XXXXXXXX`` sorted by step (temp folders ignored)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and (p / "train_state.json").is_file():
+            try:
+                out.append((int(p.name[len(CKPT_PREFIX) :]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(out)]
+
+
+def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """LR multiplier: linear warmup over ``warmup_steps``, then constant or cosine to ``min_lr_ratio``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    prog = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: ``auto`` = fused kernel on CUDA, foreach elsewhere; ``adamw_8bit`` needs bitsandbytes."""
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kind = cfg.kind
+    if kind == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optim.kind=adamw_8bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    if kind == "adamw_fused" and device.type != "cuda":
+        raise ConfigError(f"train.optim.kind=adamw_fused needs a CUDA device, this run is on {device}")
+    fused = kind == "adamw_fused" or (kind == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(params, fused=fused, **kw) if fused else torch.optim.AdamW(params, foreach=True, **kw)
+
+
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
+    """Build the ``Accelerator`` for this process.
+
+    CPU + DeepSpeed: ``accelerate launch`` with a DeepSpeed config runs torchrun and sets
+    ``ACCELERATE_USE_DEEPSPEED=true``. ``AcceleratorState._prepare_backend`` then looks for an
+    accelerator device (CUDA, XPU, NPU, ...) to pick a backend; on a CPU-only machine it finds
+    none and leaves ``backend=None``. DeepSpeed's ``init_distributed`` still forms the process
+    group, but ``AcceleratorState`` maps ``backend is None`` to ``DistributedType.NO`` with
+    ``num_processes = 1``, so every rank believes it is alone (the "world size 1 on each rank"
+    seen before). Passing ``cpu=True`` does not help either: it skips the DeepSpeed branch and
+    gives MULTI_CPU. The fix is to name the backend: ``InitProcessGroupKwargs(backend="gloo")``
+    makes ``_prepare_backend`` keep ``gloo``, DeepSpeed initialises with it, and the state reads
+    the real world size and rank. DeepSpeed itself must use its CPU accelerator
+    (``DS_ACCELERATOR=cpu``), which is set here when no CUDA device exists and the variable is
+    unset. Without DeepSpeed on CPU (torchrun / ``accelerate launch`` multi-CPU) ``cpu=True``
+    gives MULTI_CPU with gloo.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda else "no"
+    kwargs_handlers = []
+    cpu = False
+    if not cuda:
+        if _deepspeed_requested():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        else:
+            cpu = True
+    log_with = None if cfg.tracker == "none" else cfg.tracker
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=mp,
+        cpu=cpu,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
+        kwargs_handlers=kwargs_handlers,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the world size
+    )
+    if _deepspeed_requested() and acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"DeepSpeed run with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate sees 1 process "
+            "(no distributed backend was picked; see interpdiff.training.make_accelerator)"
+        )
+    return acc
+
+
+def _is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def _zero_stage(acc) -> int:
+    if not _is_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], acc):
+    """Full values of (possibly ZeRO-3 partitioned) parameters inside the block."""
+    if _zero_stage(acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _move(batch: Any, device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def _default_batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ValueError("cannot infer the batch size: no tensor in the batch (pass TrainSpec.batch_size)")
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_one_batch(model: nn.Module, loss_fn: LossFn, batch: dict, step: int, autocast) -> float:
+    """Forward + backward on one batch: finite loss, every trainable parameter gets a finite
+    gradient. Gradients are cleared afterwards. Returns the loss."""
+    named = trainable_named_parameters(model)
+    if not named:
+        raise RuntimeError("one-batch check: the model has no trainable parameter (requires_grad=False everywhere)")
+    with autocast():
+        loss, _ = loss_fn(model, batch, step)
+    if loss.dim() != 0 or not torch.isfinite(loss):
+        raise RuntimeError(f"one-batch check: the loss is {loss.detach().cpu().tolist()}, expected a finite scalar")
+    loss.backward()
+    none = [n for n, p in named if p.grad is None]
+    bad = [n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()]
+    for _, p in named:
+        p.grad = None
+    if none:
+        raise RuntimeError(
+            f"one-batch check: {len(none)} trainable parameters get no gradient, e.g. {none[:4]} "
+            "(unused LoRA target or detached input)"
+        )
+    if bad:
+        raise RuntimeError(f"one-batch check: non-finite gradients in {bad[:4]}")
+    return float(loss.detach())
+
+
+class MetricsWriter:
+    """Append-only ``metrics.csv`` + ``metrics.jsonl`` in the run folder (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.csv_path = run_dir / "metrics.csv"
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.fields: list[str] | None = None
+        if enabled and self.csv_path.exists():
+            with open(self.csv_path) as f:
+                header = f.readline().strip()
+                self.fields = header.split(",") if header else None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in self.fields])
+
+
+# --- checkpointing -----------------------------------------------------------------------------
+
+
+def _register_hooks(acc, spec: TrainSpec) -> None:
+    """Save/load pre-hooks: trainable weights only, in the checkpoint's ``trainable/`` folder."""
+
+    def save_hook(models, weights, output_dir):
+        unwrapped = acc.unwrap_model(models[0]) if models else spec.model
+        params = [p for _, p in trainable_named_parameters(unwrapped)]
+        with gathered(params, acc):
+            if acc.is_main_process:
+                spec.save_trainable(unwrapped, Path(output_dir) / TRAINABLE_DIR)
+        weights.clear()  # the frozen base is rebuilt from its source, never saved per checkpoint
+
+    def load_hook(models, input_dir):
+        # Under DeepSpeed ``models`` is empty: the engine restores its own module and optimizer.
+        while models:
+            m = models.pop()
+            spec.load_trainable(acc.unwrap_model(m), Path(input_dir) / TRAINABLE_DIR)
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path, keep_last: int, cfg_meta: dict) -> Path:
+    """Write ``ckpt_root/step_XXXXXXXX`` atomically (temp folder + rename) and rotate."""
+    name = f"{CKPT_PREFIX}{state.step:08d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f"{TMP_PREFIX}{name}"
+    if acc.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(acc) else {}
+    acc.save_state(str(tmp), **kwargs)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        meta = dict(spec.meta, step=state.step, code_version=code_version(), **cfg_meta)
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        atomic_write_text(tmp / "train_state.json", json.dumps(state.state_dict(), indent=1))
+        if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint_dir(acc, path: Path) -> None:
+    kwargs = {"load_module_strict": False} if _is_deepspeed(acc) else {}
+    acc.load_state(str(path), **kwargs)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def _micro_batches(spec: TrainSpec, state: TrainState) -> Iterator[dict]:
+    """Endless stream of this rank's micro-batches, starting at the saved data position."""
+    skip = state.batches_in_epoch
+    empty_epochs = 0
+    while True:
+        n = 0
+        for i, batch in enumerate(spec.batches(state.epoch)):
+            if i < skip:
+                continue
+            n += 1
+            state.batches_in_epoch = i + 1
+            yield batch
+        if n == 0 and skip == 0:
+            empty_epochs += 1
+            if empty_epochs > 1:
+                raise RuntimeError(f"the data stream yielded no batch in epoch {state.epoch} (empty shards?)")
+        skip = 0
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> TrainResult:
+    """Run (or resume) a training run; see the module docstring. Returns the final state."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(cfg.run_dir)
+    resume_path = resolve_resume(cfg.resume, run_dir)  # raises before any heavy work
+    acc = make_accelerator(cfg, run_dir)
+    device = acc.device
+    seed_everything(cfg.seed * acc.num_processes + acc.process_index)
+    if device.type == "cuda" and cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if full_config is not None:
+            save_config(full_config, run_dir)
+    acc.wait_for_everyone()
+
+    model = spec.model
+    if cfg.gradient_checkpointing and spec.enable_gradient_checkpointing is not None:
+        spec.enable_gradient_checkpointing(model)
+    named = trainable_named_parameters(model)
+    if not named:
+        raise RuntimeError("train: the model has no trainable parameter")
+    # trainable weights in fp32 (autocast computes in bf16); frozen ones keep their dtype
+    for _, p in named:
+        p.data = p.data.float()
+    model.to(device)
+    state = TrainState()
+    ema = EMA(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and _zero_stage(acc) == 3:
+        raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
+
+    n_samples = spec.batch_size or _default_batch_size
+    stream = _micro_batches(spec, state)
+    first_batch = None
+    if cfg.check_batch and resume_path is None:
+        first_batch = _move(next(stream), device)
+        bf16 = acc.mixed_precision == "bf16"
+        loss0 = check_one_batch(
+            model, spec.loss_fn, first_batch, 0, lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+        )
+        acc.print(f"[train] one-batch check passed: loss {loss0:.5f}, {len(named)} trainable tensors")
+
+    optimizer = build_optimizer([p for _, p in named], cfg.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.optim, cfg.max_steps))
+    if _is_deepspeed(acc):
+        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+        ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_cfg["gradient_clipping"] = max(cfg.optim.grad_clip, 0.0)  # the engine clips; ours is skipped
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    _register_hooks(acc, spec)
+    acc.register_for_checkpointing(state)
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+    if resume_path is not None:
+        load_checkpoint_dir(acc, resume_path)
+        acc.print(f"[train] resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+        stream = _micro_batches(spec, state)
+        first_batch = None
+    elif cfg.resume == "latest":
+        acc.print(f"[train] resume=latest: no checkpoint under {run_dir / 'checkpoints'}, starting a new run")
+
+    if acc.is_main_process and cfg.tracker != "none":
+        acc.init_trackers("train", config=_flat_config(full_config))
+    metrics = MetricsWriter(run_dir, acc.is_main_process)
+    ckpt_root = run_dir / "checkpoints"
+    unwrapped = acc.unwrap_model(model)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
+
+    losses: list[float] = []
+    loss_sum = torch.zeros((), device=device)
+    n_micro = 0
+    extra_sums: dict[str, float] = {}
+    t_last = time.perf_counter()
+    samples_since = 0
+    steps_since = 0
+    model.train()
+    end_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    while state.step < end_step:
+        batch = first_batch if first_batch is not None else _move(next(stream), device)
+        first_batch = None
+        with acc.accumulate(model):
+            with acc.autocast():
+                loss, extra = spec.loss_fn(model, batch, state.step)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.grad_clip > 0 and not _is_deepspeed(acc):
+                acc.clip_grad_norm_([p for _, p in trainable_named_parameters(unwrapped)], cfg.optim.grad_clip)
+            optimizer.step()
+            if acc.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+        n_micro += 1
+        for k, v in extra.items():
+            extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
+        samples_since += n_samples(batch)
+        if not acc.sync_gradients:
+            continue
+        # --- one optimizer step done ---
+        state.step += 1
+        steps_since += 1
+        if ema is not None:
+            ema.update()
+        step_loss = acc.reduce(loss_sum / n_micro, reduction="mean")
+        global_samples = int(acc.reduce(torch.tensor(samples_since, device=device), reduction="sum"))
+        state.samples_seen += global_samples
+        losses.append(float(step_loss))
+        bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == end_step:
+            dt = (time.perf_counter() - t_last) / max(1, steps_since)
+            row = {
+                "step": state.step,
+                "loss": float(step_loss),
+                "lr": scheduler.get_last_lr()[0],
+                "step_time_s": dt,
+                "samples_per_s": global_samples / max(dt, 1e-9),
+                "samples_seen": state.samples_seen,
+                **{k: v / n_micro for k, v in extra_sums.items()},
+            }
+            metrics.write(row)
+            if cfg.tracker != "none":
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{dt:.2f}", sps=f"{row['samples_per_s']:.1f}")
+            t_last = time.perf_counter()
+            steps_since = 0
+        loss_sum = torch.zeros((), device=device)
+        n_micro = 0
+        extra_sums = {}
+        samples_since = 0
+        if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
+            save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
+        if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
+            model.eval()
+            with contextlib.ExitStack() as stack:
+                if ema is not None:
+                    stack.enter_context(ema.swapped_in())
+                spec.validate(unwrapped, state.step, run_dir / "validation", acc.is_main_process)
+            model.train()
+    bar.close()
+    if cfg.tracker != "none":
+        acc.end_training()
+    acc.wait_for_everyone()
+    return TrainResult(state=state, run_dir=run_dir, losses=losses, accelerator=acc)
+
+
+def _flat_config(cfg: Any) -> dict:
+    """Scalars of a (nested) config for the tracker's hyper-parameter table."""
+    if cfg is None:
+        return {}
+    from interpdiff.config import to_dict
+
+    d = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    out: dict = {}
+
+    def rec(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                rec(f"{prefix}{k}.", x)
+        elif isinstance(v, (int, float, str, bool)):
+            out[prefix[:-1]] = v
+        else:
+            out[prefix[:-1]] = str(v)
+
+    rec("", d)
+    return out

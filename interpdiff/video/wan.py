@@ -1,0 +1,1029 @@
+"""Wan2.1 through diffusers: loading, the ``tiny`` preset, LoRA, phase-2 input widening, and
+keyframe temporal rotary positions for phase-1.
+
+Everything here uses the real classes (``diffusers.WanTransformer3DModel``,
+``diffusers.AutoencoderKLWan``, ``transformers.UMT5EncoderModel``, ``T5TokenizerFast``, peft's
+``LoraConfig``); the ``tiny`` preset only changes their sizes, so tests and CPU runs exercise the
+same code paths as the 1.3B / 14B checkpoints.
+
+Public API (shapes: ``lat_B_C_T_H_W`` latents in Wan layout, ``emb_B_L_D`` UMT5 output)::
+
+    comps = load_wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")       # or a local folder, or "tiny"
+    add_lora(comps.transformer, LoraSpec(rank=32, alpha=32))     # peft, diffusers adapter API
+    widen_patch_embedding(comps.transformer, ("mask",))          # phase-2: + keyframe mask channel
+    install_keyframe_rope(comps.transformer)                     # phase-1: true frame indices
+    pred = wan_forward(comps.transformer, lat, timestep_B, emb,
+                       frame_idx_B_K=idx, extra_B_E_T_H_W=None)  # one call for both phases
+    save_lora(comps.transformer, "run/lora")                     # WanPipeline.load_lora_weights-able
+    load_lora(fresh_transformer, "run/lora")                     # rebuilds widening, loads weights
+
+Design choices (written down because the method spec is silent on them):
+
+* **Widening** (``WidenedConv3d``) keeps the pretrained ``patch_embedding`` weight/bias under
+  their original names and adds a separate zero-initialised ``extra_weight`` ``[D, E, pt, ph, pw]``
+  for the E extra input channels. The forward is ``conv(x[:, :C], W, b) + conv(x[:, C:], W_extra)``:
+  at initialisation the second term is exactly zero, so the widened model equals the base model
+  bit for bit (a single conv over ``C+E`` channels would only be equal up to summation order).
+  ``transformer.config.in_channels`` stays at the base value (the pipeline samples C-channel
+  latents); the extra channels are described by ``transformer._interpdiff_widening``.
+* **Saving**: the LoRA goes to ``pytorch_lora_weights.safetensors`` through
+  ``WanPipeline.save_lora_weights`` (diffusers' own format, with the peft ``LoraConfig`` as adapter
+  metadata so alpha != rank round-trips). ``WanPipeline.load_lora_weights`` only accepts keys that
+  contain ``lora``, so the widening weights live beside it in ``interpdiff_extra.safetensors``,
+  and ``interpdiff_lora.json`` records the LoRA spec, the widening (channel names, base in
+  channels) and the code version; ``load_lora`` rebuilds everything from that folder alone.
+* **Keyframe rotary positions**: ``KeyframeRotaryPosEmbed`` subclasses diffusers'
+  ``WanRotaryPosEmbed`` and, when frame indices are set, gathers the temporal part of the same
+  frequency table at those (post-patch) frame indices per sample; height/width parts are
+  unchanged. The model calls ``self.rope(hidden_states)`` once per forward (outside the block
+  loop, so gradient checkpointing is unaffected) and broadcasts ``[B, L, 1, Dh]`` against the
+  ``[B, L, heads, Dh]`` queries/keys exactly as the diffusers ``[1, L, 1, Dh]`` output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import string
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from interpdiff.io import atomic_write_bytes, atomic_write_text, code_version
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "EXTRA_WEIGHT_NAME",
+    "META_NAME",
+    "WanLoadError",
+    "LoraSpec",
+    "WanComponents",
+    "tiny_transformer_config",
+    "tiny_vae_config",
+    "tiny_text_encoder_config",
+    "build_tiny_transformer",
+    "build_tiny_vae",
+    "build_tiny_text_encoder",
+    "build_tiny_tokenizer",
+    "build_scheduler",
+    "load_wan",
+    "load_transformer",
+    "load_vae",
+    "load_text_encoder",
+    "freeze",
+    "set_attention_backend",
+    "set_gradient_checkpointing",
+    "add_lora",
+    "lora_parameters",
+    "trainable_parameters",
+    "lora_state_dict",
+    "WidenedConv3d",
+    "widen_patch_embedding",
+    "widening_of",
+    "extra_channels",
+    "KeyframeRotaryPosEmbed",
+    "install_keyframe_rope",
+    "keyframe_positions",
+    "wan_forward",
+    "save_lora",
+    "load_lora",
+    "load_lora_into_pipeline",
+    "to_comfy_lora",
+    "encode_prompts",
+    "vae_encode",
+    "vae_decode",
+    "latent_norm",
+    "make_pipeline",
+]
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+"""Attention q/k/v/out of both self- (attn1) and cross-attention (attn2), and the FFN projections."""
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EXTRA_WEIGHT_NAME = "interpdiff_extra.safetensors"
+META_NAME = "interpdiff_lora.json"
+META_FORMAT = "interpdiff-wan-lora"
+META_VERSION = 1
+WIDENING_CHANNELS = ("mask", "confidence")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+class WanLoadError(FileNotFoundError):
+    """A model path / hub id / LoRA folder is missing or lacks an expected file."""
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyper-parameters (peft ``LoraConfig``): ``W x + (alpha / rank) * B A x``.
+
+    ``target_modules`` are module-name suffixes (peft's matching: ``name == t`` or
+    ``name.endswith('.' + t)``); every entry must match at least one module. ``init='gaussian'``
+    is peft's default for A with ``B = 0`` so the adapted model equals the base at step 0.
+    """
+
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    init: str = "gaussian"  # "gaussian" | "default" (kaiming A) | "pissa" ... any peft init_lora_weights value
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"lora.rank must be > 0, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty; expected module-name suffixes like 'to_q'")
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        self.validate()
+        init = True if self.init == "default" else self.init
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            init_lora_weights=init,
+            use_rslora=self.use_rslora,
+        )
+
+
+@dataclass
+class WanComponents:
+    """The pieces of a Wan2.1 T2V model; ``None`` for the ones not requested."""
+
+    transformer: object | None = None
+    vae: object | None = None
+    text_encoder: object | None = None
+    tokenizer: object | None = None
+    scheduler: object | None = None
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny preset: the real classes at toy sizes (no download)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_transformer_config(**overrides) -> dict:
+    """Keyword config of a tiny ``WanTransformer3DModel`` (real 1.3B: 12 heads x 128, ffn 8960,
+    30 layers, text_dim 4096, freq_dim 256). Head dim 12 splits into rotary t/h/w = 4/4/4."""
+    cfg = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_vae_config(**overrides) -> dict:
+    """Keyword config of a tiny ``AutoencoderKLWan``: same strides as the real one (temporal 4,
+    spatial 8, 16 latent channels, Wan's latent mean/std), base width 8 instead of 96."""
+    cfg = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+               temperal_downsample=[False, True, True], dropout=0.0)
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_text_encoder_config(vocab_size: int, **overrides) -> dict:
+    """Keyword config of a tiny ``UMT5Config`` (real UMT5-XXL encoder: d_model 4096, 24 layers)."""
+    cfg = dict(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+               feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg.update(overrides)
+    return cfg
+
+
+_TINY_WORDS = (
+    "a an the of in on at with and to is are man woman person people dog cat bird car horse ball "
+    "walks runs jumps plays sits stands rides swims flies drives talks dances camera video scene "
+    "beach street park room kitchen field water sky tree road red blue green white black small big "
+    "slowly quickly left right up down"
+).split()
+
+
+def build_tiny_tokenizer():
+    """A real ``T5TokenizerFast`` (Unigram model, T5 special ids pad=0, eos=1, unk=2) over a small
+    English word list plus single letters, so any lowercase text tokenizes without download."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in _TINY_WORDS]
+    vocab += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _cast_keep_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast like ``from_pretrained(torch_dtype=dtype)`` does: modules named in the class's
+    ``_keep_in_fp32_modules`` (rope, time embedder, norms, modulation tables) stay float32."""
+    if dtype == torch.float32:
+        return model
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    for mod_name, mod in model.named_modules():
+        for b_name, b in list(mod._buffers.items()):
+            full = f"{mod_name}.{b_name}" if mod_name else b_name
+            if b is not None and b.is_floating_point() and not any(k in full.split(".") for k in keep):
+                mod._buffers[b_name] = b.to(dtype)
+    return model
+
+
+def build_tiny_transformer(seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**tiny_transformer_config(**overrides))
+    return _cast_keep_fp32(model, _dtype(dtype))
+
+
+def build_tiny_vae(seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides):
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(**tiny_vae_config(**overrides))
+    return _cast_keep_fp32(vae, _dtype(dtype))
+
+
+def build_tiny_text_encoder(seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides):
+    """-> ``(UMT5EncoderModel, T5TokenizerFast)`` with ``d_model`` = the tiny transformer's text_dim."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(len(tok), **overrides)))
+    return enc.to(_dtype(dtype)).eval(), tok
+
+
+def build_scheduler(shift: float = 5.0):
+    """Flow-matching Euler scheduler with Wan's shift ``sigma' = s sigma / (1 + (s-1) sigma)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_SUBFOLDER_FILES = {
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": (),  # tokenizer.json or spiece.model: checked below
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+def _check_local(path: Path, sub: str) -> None:
+    folder = path / sub
+    if not folder.is_dir():
+        raise WanLoadError(
+            f"Wan model folder {str(path)!r} has no {sub!r} subfolder (expected a diffusers-format folder with "
+            f"transformer/, vae/, text_encoder/, tokenizer/, e.g. a download of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+        )
+    for f in _SUBFOLDER_FILES[sub]:
+        if not (folder / f).is_file():
+            raise WanLoadError(f"Wan model folder {str(path)!r}: missing file {str(folder / f)!r}")
+    if sub in ("transformer", "vae", "text_encoder"):
+        weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+        if not weights:
+            raise WanLoadError(
+                f"Wan model folder {str(path)!r}: no weights in {str(folder)!r} "
+                f"(expected *.safetensors or diffusion_pytorch_model.safetensors.index.json)"
+            )
+    if sub == "tokenizer":
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+            raise WanLoadError(
+                f"Wan model folder {str(path)!r}: missing tokenizer files in {str(folder)!r} "
+                f"(expected tokenizer.json or spiece.model)"
+            )
+
+
+def _resolve(path: str | os.PathLike, sub: str) -> str:
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise WanLoadError(f"Wan model path {str(p)!r} is a file; expected a diffusers-format folder or a hub id")
+        _check_local(p, sub)
+        return str(p)
+    s = str(path)
+    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        raise WanLoadError(
+            f"Wan model path {s!r} does not exist (expected a local diffusers-format folder, a hub id like "
+            f"'Wan-AI/Wan2.1-T2V-1.3B-Diffusers', or 'tiny')"
+        )
+    return s
+
+
+def _from_pretrained(cls, path: str | os.PathLike, sub: str, **kwargs):
+    src = _resolve(path, sub)
+    try:
+        return cls.from_pretrained(src, subfolder=sub, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise WanLoadError(f"could not load {cls.__name__} from {src!r} (subfolder {sub!r}): {e}") from None
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``requires_grad_(False)`` and ``eval()``; returns the module."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def load_transformer(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, seed: int = 0):
+    """``WanTransformer3DModel`` from ``path/transformer`` (or the ``tiny`` preset), frozen."""
+    if str(path) == "tiny":
+        return freeze(build_tiny_transformer(seed=seed, dtype=dtype))
+    from diffusers import WanTransformer3DModel
+
+    return freeze(_from_pretrained(WanTransformer3DModel, path, "transformer", torch_dtype=_dtype(dtype)))
+
+
+def load_vae(path: str | os.PathLike, dtype: str | torch.dtype = torch.float32, seed: int = 0):
+    """``AutoencoderKLWan`` from ``path/vae`` (diffusers recommends fp32 for the Wan VAE), frozen."""
+    if str(path) == "tiny":
+        return freeze(build_tiny_vae(seed=seed + 1, dtype=dtype))
+    from diffusers import AutoencoderKLWan
+
+    return freeze(_from_pretrained(AutoencoderKLWan, path, "vae", torch_dtype=_dtype(dtype)))
+
+
+def load_text_encoder(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, seed: int = 0):
+    """-> ``(UMT5EncoderModel, tokenizer)`` from ``path/text_encoder`` and ``path/tokenizer``, frozen."""
+    if str(path) == "tiny":
+        enc, tok = build_tiny_text_encoder(seed=seed + 2, dtype=dtype)
+        return freeze(enc), tok
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    enc = _from_pretrained(UMT5EncoderModel, path, "text_encoder", dtype=_dtype(dtype))
+    src = _resolve(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        raise WanLoadError(f"could not load the tokenizer from {src!r} (subfolder 'tokenizer'): {e}") from None
+    return freeze(enc), tok
+
+
+def load_wan(
+    path: str | os.PathLike,
+    components: Sequence[str] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    dtype: str | torch.dtype = torch.bfloat16,
+    vae_dtype: str | torch.dtype = torch.float32,
+    seed: int = 0,
+) -> WanComponents:
+    """Load the requested Wan2.1 components, frozen, from a diffusers folder / hub id / ``"tiny"``.
+
+    ``transformer`` and ``text_encoder`` in ``dtype`` (bf16 by default), the VAE in ``vae_dtype``.
+    The tiny preset is seeded (``seed``) so two calls build identical models.
+    """
+    known = {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"}
+    bad = [c for c in components if c not in known]
+    if bad:
+        raise ValueError(f"load_wan: unknown components {bad}; expected a subset of {sorted(known)}")
+    out = WanComponents(source=str(path))
+    if "transformer" in components:
+        out.transformer = load_transformer(path, dtype, seed)
+    if "vae" in components:
+        out.vae = load_vae(path, vae_dtype, seed)
+    if "text_encoder" in components or "tokenizer" in components:
+        enc, tok = load_text_encoder(path, dtype, seed)
+        out.text_encoder = enc if "text_encoder" in components else None
+        out.tokenizer = tok
+    if "scheduler" in components:
+        if str(path) == "tiny":
+            out.scheduler = build_scheduler()
+        else:
+            from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+            src = _resolve(path, "scheduler")
+            try:
+                out.scheduler = UniPCMultistepScheduler.from_pretrained(src, subfolder="scheduler")
+            except (OSError, ValueError):
+                out.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler")
+    return out
+
+
+def make_pipeline(comps: WanComponents):
+    """A ``diffusers.WanPipeline`` over the given components (all five must be loaded)."""
+    from diffusers import WanPipeline
+
+    missing = [k for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(comps, k) is None]
+    if missing:
+        raise ValueError(f"make_pipeline: components {missing} were not loaded")
+    return WanPipeline(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae,
+                       scheduler=comps.scheduler, transformer=comps.transformer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backend, gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+_BACKEND_ALIASES = {"sdpa": "native", "torch": "native", "native": "native", "xformers": "xformers",
+                    "flash": "flash", "flex": "flex", "sage": "sage", "math": "_native_math"}
+
+
+def set_attention_backend(transformer, backend: str = "sdpa") -> str:
+    """Select the attention kernel through diffusers' attention dispatcher.
+
+    ``sdpa`` (alias ``native``) = ``torch.nn.functional.scaled_dot_product_attention`` (default);
+    ``xformers`` needs the xformers package; ``flash``/``sage``/``flex`` and any other
+    ``diffusers.models.attention_dispatch.AttentionBackendName`` value are passed through.
+    Returns the dispatcher name that was set.
+    """
+    name = _BACKEND_ALIASES.get(backend.lower(), backend.lower())
+    if name == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention backend 'xformers' requested but the xformers package is not installed; "
+                             "use 'sdpa' or install xformers")
+    try:
+        transformer.set_attention_backend(name)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise ValueError(f"attention backend {backend!r} (dispatcher name {name!r}) is not usable here: {e}") from None
+    return name
+
+
+def set_gradient_checkpointing(transformer, enabled: bool = True) -> None:
+    """Recompute each ``WanTransformerBlock`` in backward (diffusers' checkpointing switch)."""
+    if enabled:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    """Strip DDP / DeepSpeed / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "default") -> list[str]:
+    """Attach a peft LoRA adapter (``transformer.add_adapter``); returns the adapted module names.
+
+    Raises ``ValueError`` naming any target in ``spec.target_modules`` that matches no module.
+    Only the LoRA A/B weights get ``requires_grad=True`` (peft freezes the rest).
+    """
+    spec = spec or LoraSpec()
+    spec.validate()
+    model = _unwrap(transformer)
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in spec.target_modules if not any(_matches(n, t) for n in names)]
+    if unmatched:
+        linear_suffixes = sorted({n.split("blocks.0.", 1)[1] for n, m in model.named_modules()
+                                  if n.startswith("blocks.0.") and isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"LoRA target modules {unmatched} match no module of {type(model).__name__}; "
+            f"linear layers of a block are {linear_suffixes}"
+        )
+    model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+    adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")})
+    return adapted
+
+
+def lora_parameters(transformer) -> list[nn.Parameter]:
+    return [p for n, p in _unwrap(transformer).named_parameters() if "lora_" in n]
+
+
+def trainable_parameters(transformer) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters with ``requires_grad``: the LoRA A/B and the widening ``extra_weight``."""
+    return [(n, p) for n, p in _unwrap(transformer).named_parameters() if p.requires_grad]
+
+
+def lora_state_dict(transformer, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft state dict of the adapter, keys like ``blocks.0.attn1.to_q.lora_A.weight`` (no prefix)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(_unwrap(transformer), adapter_name=adapter_name)
+
+
+def _lora_spec_of(model, adapter_name: str) -> dict:
+    cfg = model.peft_config[adapter_name]
+    return {"rank": int(cfg.r), "alpha": float(cfg.lora_alpha), "dropout": float(cfg.lora_dropout),
+            "target_modules": sorted(cfg.target_modules), "use_rslora": bool(cfg.use_rslora)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase-2 input widening
+# ---------------------------------------------------------------------------------------------
+
+
+class WidenedConv3d(nn.Conv3d):
+    """The Wan patch embedding with ``extra_channels`` additional, zero-initialised input channels.
+
+    ``y = conv3d(x[:, :C], weight, bias) + conv3d(x[:, C:], extra_weight)`` with
+    ``weight [D, C, pt, ph, pw]`` the pretrained (frozen) kernel and ``extra_weight
+    [D, E, pt, ph, pw]`` (trainable, zeros at init). Input ``[B, C+E, T, H, W]``.
+    """
+
+    def __init__(self, base: nn.Conv3d, channel_names: Sequence[str]):
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, base.groups, base.bias is not None, base.padding_mode,
+                         device="meta")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.channel_names = tuple(channel_names)
+        self.base_in_channels = base.in_channels
+        e = len(self.channel_names)
+        self.extra_weight = nn.Parameter(torch.zeros(base.out_channels, e, *base.kernel_size,
+                                                     dtype=base.weight.dtype, device=base.weight.device))
+
+    def forward(self, x_B_Cin_T_H_W: torch.Tensor) -> torch.Tensor:
+        c, e = self.base_in_channels, self.extra_weight.shape[1]
+        if x_B_Cin_T_H_W.shape[1] != c + e:
+            raise ValueError(
+                f"widened patch embedding expects {c}+{e} input channels (latent + {list(self.channel_names)}), "
+                f"got {x_B_Cin_T_H_W.shape[1]}"
+            )
+        base = self._conv_forward(x_B_Cin_T_H_W[:, :c], self.weight, self.bias)
+        extra = F.conv3d(x_B_Cin_T_H_W[:, c:].to(self.extra_weight.dtype), self.extra_weight, None,
+                         self.stride, self.padding, self.dilation, self.groups)
+        return base + extra.to(base.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", extra_channels={list(self.channel_names)}"
+
+
+def widen_patch_embedding(transformer, channel_names: Sequence[str] = ("mask",), trainable: bool = True) -> WidenedConv3d:
+    """Replace ``transformer.patch_embedding`` with a ``WidenedConv3d`` taking ``len(channel_names)``
+    extra input channels (names from ``("mask", "confidence")``); the new weights start at zero so
+    the model output is unchanged until they train. Idempotent for the same names."""
+    channel_names = tuple(channel_names)
+    if not channel_names:
+        raise ValueError("widen_patch_embedding: channel_names is empty")
+    bad = [c for c in channel_names if c not in WIDENING_CHANNELS]
+    if bad or len(set(channel_names)) != len(channel_names):
+        raise ValueError(f"widen_patch_embedding: channel names {list(channel_names)} must be distinct values "
+                         f"from {list(WIDENING_CHANNELS)}")
+    model = _unwrap(transformer)
+    pe = model.patch_embedding
+    if isinstance(pe, WidenedConv3d):
+        if pe.channel_names != channel_names:
+            raise ValueError(f"patch_embedding is already widened with {list(pe.channel_names)}, "
+                             f"cannot widen again with {list(channel_names)}")
+        return pe
+    if not isinstance(pe, nn.Conv3d):
+        raise TypeError(f"expected transformer.patch_embedding to be nn.Conv3d, got {type(pe).__name__}")
+    new = WidenedConv3d(pe, channel_names)
+    new.extra_weight.requires_grad_(trainable)
+    model.patch_embedding = new
+    model._interpdiff_widening = {"channels": list(channel_names), "base_in_channels": int(pe.in_channels)}
+    return new
+
+
+def widening_of(transformer) -> dict | None:
+    """``{"channels": [...], "base_in_channels": C}`` when widened, else ``None``."""
+    pe = _unwrap(transformer).patch_embedding
+    if isinstance(pe, WidenedConv3d):
+        return {"channels": list(pe.channel_names), "base_in_channels": int(pe.base_in_channels)}
+    return None
+
+
+def extra_channels(
+    mask_B_T: torch.Tensor,
+    height: int,
+    width: int,
+    channel_names: Sequence[str] = ("mask",),
+    confidence_B_T: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-frame conditioning planes ``[B, E, T, H, W]`` for the widened patch embedding.
+
+    ``mask`` = 1 on keyframes, 0 elsewhere; ``confidence`` = the caller's anchor confidence
+    (``interpdiff.corruption.anchor_confidence``), required when named. Constant over H, W.
+    """
+    planes = []
+    for name in channel_names:
+        if name == "mask":
+            planes.append(mask_B_T.to(dtype))
+        elif name == "confidence":
+            if confidence_B_T is None:
+                raise ValueError("extra_channels: 'confidence' requested but confidence_B_T is None")
+            if confidence_B_T.shape != mask_B_T.shape:
+                raise ValueError(f"confidence_B_T shape {tuple(confidence_B_T.shape)} != mask_B_T {tuple(mask_B_T.shape)}")
+            planes.append(confidence_B_T.to(dtype))
+        else:
+            raise ValueError(f"unknown extra channel {name!r}; expected one of {list(WIDENING_CHANNELS)}")
+    p_B_E_T = torch.stack(planes, dim=1)
+    return p_B_E_T[..., None, None].expand(*p_B_E_T.shape, height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyframe temporal rotary positions (phase-1)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope_base_cls():
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    return WanRotaryPosEmbed
+
+
+class KeyframeRotaryPosEmbed(_rope_base_cls()):
+    """diffusers' ``WanRotaryPosEmbed`` whose temporal phase can be set per sample.
+
+    With ``frame_indices_B_K`` unset it is the parent unchanged (``[1, L, 1, Dh]`` cos/sin).
+    With it set (``[B, K]`` long, post-patch latent frame indices, one per frame of the input,
+    ``K == T / p_t``), token ``(k, h, w)`` of sample ``b`` gets the temporal rows
+    ``freqs[frame_indices_B_K[b, k]]`` of the very same frequency table, so the result equals the
+    parent evaluated on a ``max(idx)+1``-frame input and gathered at those frames
+    (``[B, L, 1, Dh]``; L = K * H/p_h * W/p_w in (t, h, w) order).
+    """
+
+    frame_indices_B_K: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        idx_B_K = self.frame_indices_B_K
+        if idx_B_K is None:
+            return super().forward(hidden_states)
+        batch, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        if idx_B_K.ndim != 2 or idx_B_K.shape[1] != ppf or idx_B_K.shape[0] not in (1, batch):
+            raise ValueError(
+                f"keyframe indices must be [B={batch}, K={ppf}] (one per latent frame after patching), "
+                f"got {tuple(idx_B_K.shape)}"
+            )
+        if idx_B_K.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"keyframe indices must be an integer tensor, got {idx_B_K.dtype}")
+        if int(idx_B_K.min()) < 0 or int(idx_B_K.max()) >= self.max_seq_len:
+            raise ValueError(f"keyframe indices must lie in [0, {self.max_seq_len}) (rope_max_seq_len), got "
+                             f"min {int(idx_B_K.min())}, max {int(idx_B_K.max())}")
+        idx_B_K = idx_B_K.to(self.freqs_cos.device).long().expand(batch, ppf)
+        split = [self.t_dim, self.h_dim, self.w_dim]
+        outs = []
+        for table in (self.freqs_cos, self.freqs_sin):
+            t_tab, h_tab, w_tab = table.split(split, dim=1)
+            f_t = t_tab[idx_B_K].view(batch, ppf, 1, 1, -1).expand(batch, ppf, pph, ppw, -1)
+            f_h = h_tab[:pph].view(1, 1, pph, 1, -1).expand(batch, ppf, pph, ppw, -1)
+            f_w = w_tab[:ppw].view(1, 1, 1, ppw, -1).expand(batch, ppf, pph, ppw, -1)
+            outs.append(torch.cat([f_t, f_h, f_w], dim=-1).reshape(batch, ppf * pph * ppw, 1, -1))
+        return outs[0], outs[1]
+
+
+def install_keyframe_rope(transformer) -> KeyframeRotaryPosEmbed:
+    """Swap ``transformer.rope`` for a ``KeyframeRotaryPosEmbed`` sharing its frequency buffers."""
+    model = _unwrap(transformer)
+    old = model.rope
+    if isinstance(old, KeyframeRotaryPosEmbed):
+        return old
+    new = KeyframeRotaryPosEmbed.__new__(KeyframeRotaryPosEmbed)
+    nn.Module.__init__(new)
+    for k in ("attention_head_dim", "patch_size", "max_seq_len", "t_dim", "h_dim", "w_dim"):
+        setattr(new, k, getattr(old, k))
+    new.register_buffer("freqs_cos", old.freqs_cos, persistent=False)
+    new.register_buffer("freqs_sin", old.freqs_sin, persistent=False)
+    model.rope = new
+    return new
+
+
+def _find_keyframe_rope(transformer) -> KeyframeRotaryPosEmbed:
+    model = _unwrap(transformer)
+    rope = getattr(model, "rope", None)
+    if isinstance(rope, KeyframeRotaryPosEmbed):
+        return rope
+    for m in model.modules():
+        if isinstance(m, KeyframeRotaryPosEmbed):
+            return m
+    raise ValueError("the transformer has no KeyframeRotaryPosEmbed; call install_keyframe_rope(transformer) first")
+
+
+@contextlib.contextmanager
+def keyframe_positions(transformer, frame_idx_B_K: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the transformer's temporal rotary phase of latent frame k of sample b is
+    that of frame ``frame_idx_B_K[b, k]``. ``None`` leaves the default (0..T-1) positions."""
+    if frame_idx_B_K is None:
+        yield
+        return
+    rope = _find_keyframe_rope(transformer)
+    prev = rope.frame_indices_B_K
+    rope.frame_indices_B_K = frame_idx_B_K
+    try:
+        yield
+    finally:
+        rope.frame_indices_B_K = prev
+
+
+def wan_forward(
+    transformer,
+    lat_B_C_T_H_W: torch.Tensor,
+    timestep_B: torch.Tensor,
+    emb_B_L_D: torch.Tensor,
+    frame_idx_B_K: torch.Tensor | None = None,
+    extra_B_E_T_H_W: torch.Tensor | None = None,
+    attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One transformer call for both phases -> velocity (or x0, per the caller's objective)
+    ``[B, C, T, H, W]``.
+
+    ``timestep_B`` is Wan's ``sigma * 1000`` (float). Phase-1 passes ``frame_idx_B_K`` (true
+    latent frame indices of the K keyframes, needs ``install_keyframe_rope``); phase-2 passes
+    ``extra_B_E_T_H_W`` (needs ``widen_patch_embedding``), concatenated after the latent channels.
+    Inputs are cast to the transformer's parameter dtype; the output keeps that dtype.
+    """
+    model = _unwrap(transformer)
+    dtype = model.patch_embedding.weight.dtype
+    x = lat_B_C_T_H_W.to(dtype)
+    if extra_B_E_T_H_W is not None:
+        if widening_of(model) is None:
+            raise ValueError("extra input channels given but the patch embedding is not widened; "
+                             "call widen_patch_embedding(transformer, names) first")
+        if extra_B_E_T_H_W.shape[0] != x.shape[0] or extra_B_E_T_H_W.shape[2:] != x.shape[2:]:
+            raise ValueError(f"extra channels {tuple(extra_B_E_T_H_W.shape)} do not match latents {tuple(x.shape)} "
+                             f"in B/T/H/W")
+        x = torch.cat([x, extra_B_E_T_H_W.to(dtype)], dim=1)
+    elif widening_of(model) is not None:
+        raise ValueError(f"the patch embedding is widened with {widening_of(model)['channels']} but no "
+                         f"extra_B_E_T_H_W was given")
+    with keyframe_positions(model, frame_idx_B_K):
+        out = transformer(hidden_states=x, timestep=timestep_B, encoder_hidden_states=emb_B_L_D.to(dtype),
+                          attention_kwargs=attention_kwargs, return_dict=False)[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load LoRA (+ widening)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_lora(
+    transformer,
+    out_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    comfy: bool = False,
+    extra_meta: dict | None = None,
+    is_main_process: bool = True,
+) -> Path:
+    """Write the adapter to ``out_dir`` (files replaced atomically):
+
+    * ``pytorch_lora_weights.safetensors``: diffusers format (``transformer.``-prefixed peft keys,
+      LoraConfig as adapter metadata), loadable by ``WanPipeline.load_lora_weights(out_dir)``;
+    * ``interpdiff_extra.safetensors``: ``patch_embedding.extra_weight`` when widened;
+    * ``interpdiff_lora.json``: LoRA spec, widening, code version, ``extra_meta``;
+    * with ``comfy=True`` also ``lora_comfy.safetensors`` (``diffusion_model.*`` kohya/ComfyUI keys).
+    """
+    from diffusers import WanPipeline
+    from safetensors.torch import save as st_save
+
+    out = Path(out_dir)
+    if not is_main_process:
+        return out
+    model = _unwrap(transformer)
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"save_lora: the transformer has no LoRA adapter {adapter_name!r} (call add_lora first)")
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
+    peft_meta = model.peft_config[adapter_name].to_dict()
+    for k, v in list(peft_meta.items()):
+        if isinstance(v, set):
+            peft_meta[k] = sorted(v)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
+        WanPipeline.save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=peft_meta,
+                                      safe_serialization=True)
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    spec = _lora_spec_of(model, adapter_name)
+    widening = widening_of(model)
+    if widening is not None:
+        w = model.patch_embedding.extra_weight.detach().to("cpu").contiguous()
+        atomic_write_bytes(out / EXTRA_WEIGHT_NAME, st_save({"patch_embedding.extra_weight": w},
+                                                            metadata={"format": "pt"}))
+    elif (out / EXTRA_WEIGHT_NAME).exists():
+        (out / EXTRA_WEIGHT_NAME).unlink()
+    if comfy:
+        atomic_write_bytes(out / "lora_comfy.safetensors",
+                           st_save(to_comfy_lora(sd, alpha=spec["alpha"]), metadata={"format": "pt"}))
+    meta = {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "lora": spec,
+        "widening": widening,
+        "keyframe_rope": isinstance(getattr(model, "rope", None), KeyframeRotaryPosEmbed),
+        "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()
+                               if not k.startswith("_")},
+        "code_version": code_version(),
+        "extra": extra_meta or {},
+    }
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def _read_meta(lora_dir: Path) -> dict:
+    p = lora_dir / META_NAME
+    if not p.is_file():
+        raise WanLoadError(f"LoRA folder {str(lora_dir)!r} has no {META_NAME!r} (expected a folder written by save_lora)")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise WanLoadError(f"{str(p)!r} is not valid JSON: {e}") from None
+    if meta.get("format") != META_FORMAT:
+        raise WanLoadError(f"{str(p)!r} is not an interpdiff LoRA description (format {meta.get('format')!r})")
+    return meta
+
+
+def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> dict:
+    """Rebuild what ``save_lora`` wrote on a base transformer: widening (+ its weights), keyframe
+    rope when it was installed, then the LoRA through diffusers' ``load_lora_adapter``.
+
+    ``trainable=True`` turns ``requires_grad`` on for the LoRA and widening weights (resume).
+    Returns the stored metadata.
+    """
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    d = Path(lora_dir)
+    if not d.is_dir():
+        raise WanLoadError(f"LoRA folder {str(d)!r} does not exist (expected a folder written by save_lora)")
+    if not (d / LORA_WEIGHT_NAME).is_file():
+        raise WanLoadError(f"LoRA folder {str(d)!r} lacks {LORA_WEIGHT_NAME!r}")
+    meta = _read_meta(d)
+    model = _unwrap(transformer)
+    cfg = meta.get("transformer_config", {})
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels"):
+        if key in cfg and key in model.config and cfg[key] != model.config[key]:
+            raise ValueError(f"LoRA {str(d)!r} was trained on a transformer with {key}={cfg[key]}, "
+                             f"this one has {key}={model.config[key]}")
+    widening = meta.get("widening")
+    if widening:
+        pe = widen_patch_embedding(model, widening["channels"], trainable=trainable)
+        if not (d / EXTRA_WEIGHT_NAME).is_file():
+            raise WanLoadError(f"LoRA folder {str(d)!r} records a widening {widening['channels']} but lacks "
+                               f"{EXTRA_WEIGHT_NAME!r}")
+        w = load_file(str(d / EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
+        if w.shape != pe.extra_weight.shape:
+            raise ValueError(f"{str(d / EXTRA_WEIGHT_NAME)!r}: extra_weight shape {tuple(w.shape)} != "
+                             f"expected {tuple(pe.extra_weight.shape)}")
+        with torch.no_grad():
+            pe.extra_weight.copy_(w.to(pe.extra_weight))
+    if meta.get("keyframe_rope"):
+        install_keyframe_rope(model)
+    sd, lmeta = WanPipeline.lora_state_dict(str(d), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
+    WanPipeline.load_lora_into_transformer(sd, transformer=model, adapter_name=adapter_name, metadata=lmeta)
+    if trainable:
+        for n, p in model.named_parameters():
+            if "lora_" in n and f".{adapter_name}." in n + ".":
+                p.requires_grad_(True)
+    return meta
+
+
+def load_lora_into_pipeline(pipe, lora_dir: str | os.PathLike, adapter_name: str = "default") -> dict:
+    """``pipe.load_lora_weights`` plus the widening/rope that the folder records."""
+    d = Path(lora_dir)
+    meta = _read_meta(d)
+    if meta.get("widening"):
+        return load_lora(pipe.transformer, d, adapter_name)
+    if meta.get("keyframe_rope"):
+        install_keyframe_rope(pipe.transformer)
+    pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+    return meta
+
+
+_COMFY_MAP = [
+    ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"),
+    ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+]
+
+
+def to_comfy_lora(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers/peft Wan LoRA keys -> original-Wan kohya/ComfyUI keys
+    (``diffusion_model.blocks.{i}.self_attn.q.lora_down.weight`` / ``lora_up.weight`` / ``alpha``).
+
+    The scale ``alpha / rank`` is carried by the ``alpha`` entries, which is how ComfyUI and
+    diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` read it. Keys outside the blocks'
+    attention/FFN projections raise ``ValueError`` (no equivalent in that format).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        key = k[len("transformer."):] if k.startswith("transformer.") else k
+        if not key.startswith("blocks."):
+            raise ValueError(f"to_comfy_lora: key {k!r} has no kohya/ComfyUI equivalent")
+        _, i, rest = key.split(".", 2)
+        for ours, theirs in _COMFY_MAP:
+            for ab, du in (("lora_A.weight", "lora_down.weight"), ("lora_B.weight", "lora_up.weight")):
+                if rest == f"{ours}.{ab}":
+                    out[f"diffusion_model.blocks.{i}.{theirs}.{du}"] = v
+                    if ab == "lora_A.weight":
+                        out[f"diffusion_model.blocks.{i}.{theirs}.alpha"] = torch.tensor(float(alpha))
+                    break
+            else:
+                continue
+            break
+        else:
+            raise ValueError(f"to_comfy_lora: key {k!r} has no kohya/ComfyUI equivalent")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen encoders
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], max_length: int = 512,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """UMT5 last hidden state ``emb_B_L_D``, ``L = max_length``, rows past each prompt's length
+    zeroed: the same rule as ``WanPipeline._get_t5_prompt_embeds`` (prompts cleaned the same way)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    prompts = [prompt_clean(p) for p in prompts]
+    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+    hid_B_L_D = text_encoder(ids, mask).last_hidden_state
+    seq_lens = mask.gt(0).sum(dim=1)
+    keep_B_L = torch.arange(max_length, device=device)[None, :] < seq_lens[:, None]
+    out = hid_B_L_D * keep_B_L[..., None].to(hid_B_L_D.dtype)
+    return out.to(dtype) if dtype is not None else out
+
+
+def latent_norm(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean_1_C_1_1_1, std_1_C_1_1_1)`` from the VAE config."""
+    c = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def vae_encode(vae, video_B_3_F_H_W: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pixels in ``[-1, 1]`` -> normalised latents ``(z - mean) / std``, ``[B, 16, 1+(F-1)/4, H/8, W/8]``
+    (posterior mode by default, as Wan training code does)."""
+    dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
+    dist = vae.encode(video_B_3_F_H_W.to(dev, dt)).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    mean, std = latent_norm(vae)
+    return ((z.float() - mean.to(dev)) / std.to(dev))
+
+
+@torch.no_grad()
+def vae_decode(vae, lat_B_C_T_H_W: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> pixels in ``[-1, 1]`` (clamped), ``[B, 3, F, H, W]``."""
+    dev, dt = next(vae.parameters()).device, next(vae.parameters()).dtype
+    mean, std = latent_norm(vae)
+    z = lat_B_C_T_H_W.float().to(dev) * std.to(dev) + mean.to(dev)
+    return vae.decode(z.to(dt)).sample.clamp(-1, 1)

@@ -1,0 +1,528 @@
+"""Video data: a streaming webdataset loader for Wan2.1 latent shards, and DiDeMo / folders of
+videos decoded with decord.
+
+Shard format (the Wan2.1-synthetic data set of TurboDiffusion; ``make_shards`` and
+``precompute_cache`` write the same)::
+
+    shard_000000.tar
+      {key}.latent.pt   torch.save of a bf16 tensor [C=16, T=21, H=60, W=104] (normalised VAE latents)
+      {key}.embed.pt    torch.save of a bf16 tensor [L=512, D=4096] (UMT5 output, zero past the prompt)
+      {key}.prompt.txt  UTF-8 prompt
+
+Loader pipeline (``LatentShardDataset``, a ``webdataset.DataPipeline``)::
+
+    shard source (per epoch shuffled list split rank-then-worker, or resampled per (rank, worker))
+      -> tarfile_to_samples -> shuffle buffer -> decode + check + crop -> batched(collate)
+
+``LatentLoader`` wraps it in a ``torch.utils.data.DataLoader`` (``batch_size=None``: batches are
+made in the workers), counts samples seen and samples skipped (summed over workers) and has a
+``state_dict`` for resume. Choices:
+
+* **Node/worker split** in epoch mode: the shard list (shuffled per epoch with ``seed + epoch``,
+  identically on every rank) is split ``shards[rank::world]`` and then ``[worker::num_workers]``,
+  so every shard is read by exactly one (rank, worker) per epoch. Fewer shards than ``world``
+  is an error (a rank would get no data and hang the collective ops).
+* **Resampled mode** draws shards with replacement from an RNG seeded by
+  ``(seed, rank, worker, resume_offset)``: an endless, rank/worker-distinct stream.
+* **Corrupt / incomplete samples** (unreadable tar member, missing ``latent.pt``/``embed.pt``/
+  ``prompt.txt``, a tensor that does not load, a wrong rank/shape/dtype) go to webdataset's
+  ``handler`` hook: counted, logged (the first few in full, then every 100th), skipped.
+* **Shapes**: ``latent_shape`` / ``embed_shape`` (``-1`` = any) are checked per sample; without
+  them the first good sample of each worker fixes the shape, so one odd sample cannot break
+  collation.
+* **Resume**: epoch mode is deterministic (seeded shard order, seeded shuffle buffer, in-order
+  DataLoader), so ``load_state_dict`` skips the batches already seen in the current epoch
+  (they are read and dropped: cost ~ one pass over that part). Resampled mode has no order to
+  restore; the stream is reseeded with the number of samples seen, so a resumed run does not
+  replay the samples it just trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LatentBatch",
+    "LatentDataConfig",
+    "ShardSource",
+    "LatentShardDataset",
+    "LatentLoader",
+    "SkipCounter",
+    "resolve_shards",
+    "decode_latent_sample",
+    "collate_latents",
+    "encode_latent_sample",
+    "crop_frames",
+    "dist_info",
+    "stable_seed",
+]
+
+REQUIRED_FIELDS = ("latent.pt", "embed.pt", "prompt.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s or s.startswith("pipe:")
+
+
+def resolve_shards(spec: str | Sequence[str]) -> list[str]:
+    """Expand a shard specification into a list of shard paths/URLs.
+
+    ``spec`` is a list, or a string of entries separated by ``::`` (webdataset's separator) or
+    ``,`` outside braces. Each entry is brace-expanded (``shard_{000000..000099}.tar``); local
+    entries are then glob-expanded (``data/*/shard_*.tar``) and must exist; URLs (``http://``,
+    ``s3://``, ``pipe:...``) are kept as they are. Raises ``FileNotFoundError`` naming every
+    entry that matches no file.
+    """
+    import braceexpand
+
+    if isinstance(spec, (str, os.PathLike)):
+        entries = _split_spec(str(spec))
+    else:
+        entries = [str(s) for s in spec]
+    entries = [e.strip() for e in entries if e.strip()]
+    if not entries:
+        raise FileNotFoundError(f"shard spec {spec!r} is empty (expected a glob, brace pattern, list or URL)")
+    out: list[str] = []
+    missing: list[str] = []
+    for entry in entries:
+        for item in braceexpand.braceexpand(entry):
+            if _is_url(item):
+                out.append(item)
+                continue
+            item = os.path.expanduser(item)
+            if glob.has_magic(item):
+                hits = sorted(glob.glob(item))
+                if not hits:
+                    missing.append(item)
+                out.extend(hits)
+            elif os.path.isfile(item):
+                out.append(item)
+            elif os.path.isdir(item):
+                hits = sorted(glob.glob(os.path.join(item, "*.tar")))
+                if not hits:
+                    missing.append(item + "/*.tar")
+                out.extend(hits)
+            else:
+                missing.append(item)
+    if missing:
+        shown = missing[:5] + (["..."] if len(missing) > 5 else [])
+        raise FileNotFoundError(f"shard spec {spec!r}: no shard found for {shown} (expected .tar files)")
+    return out
+
+
+def _split_spec(s: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if s.startswith("::", i) and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def stable_seed(*parts) -> int:
+    """A seed from ints/strings that is the same in every process and run (unlike ``hash``)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments when given (>= 0), else torch.distributed, else the
+    ``RANK``/``WORLD_SIZE`` environment variables, else ``(0, 1)``."""
+    if rank is not None and rank >= 0 and world_size is not None and world_size > 0:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ShardSource(torch.utils.data.IterableDataset):
+    """First pipeline stage: yields ``{"url": shard}`` for this (rank, worker).
+
+    Epoch mode: ``shuffle(shards, seed + epoch)[rank::world][worker::num_workers]`` once.
+    Resampled: endless uniform draws, RNG seeded by ``(seed, rank, worker, offset)``.
+    """
+
+    def __init__(self, shards: list[str], rank: int, world_size: int, resampled: bool, seed: int = 0,
+                 shuffle_shards: bool = True):
+        super().__init__()
+        if not shards:
+            raise FileNotFoundError("ShardSource: empty shard list")
+        if not resampled and len(shards) < world_size:
+            raise ValueError(f"{len(shards)} shards cannot be split over {world_size} ranks in epoch mode "
+                             f"(each rank needs at least one); use more shards or resampled=True")
+        self.shards = list(shards)
+        self.rank, self.world_size = rank, world_size
+        self.resampled = resampled
+        self.seed = seed
+        self.shuffle_shards = shuffle_shards
+        self.epoch = 0
+        self.offset = 0  # resampled mode: reseeds after resume
+
+    def shards_for(self, worker: int, num_workers: int) -> list[str]:
+        """Epoch-mode shard list of one (rank, worker) for the current epoch."""
+        order = list(self.shards)
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_info()
+        if self.resampled:
+            rng = random.Random(stable_seed(self.seed, self.rank, worker, self.offset, "shards"))
+            while True:
+                yield {"url": self.shards[rng.randrange(len(self.shards))]}
+        else:
+            for url in self.shards_for(worker, num_workers):
+                yield {"url": url}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """A webdataset ``handler``: counts and logs the exception, returns True (= skip, continue)."""
+
+    def __init__(self, where: str = "", log_first: int = 5, log_every: int = 100):
+        self.count = 0
+        self.where = where
+        self.log_first, self.log_every = log_first, log_every
+        self.last_error = ""
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        self.last_error = f"{type(exn).__name__}: {exn}"
+        if self.count <= self.log_first or self.count % self.log_every == 0:
+            log.warning("skipping corrupt/incomplete sample #%d %s: %s", self.count, self.where, self.last_error)
+        return True
+
+
+class LatentBatch(NamedTuple):
+    """One batch: latents ``[B, C, T, H, W]`` and text embeddings ``[B, L, D]`` (bf16 as stored),
+    prompts and sample keys (lists of B strings), latent frame offset of each crop ``[B]``, and
+    worker statistics ``{"rank", "worker", "skipped", "samples"}`` (cumulative in that worker)."""
+
+    lat_B_C_T_H_W: torch.Tensor
+    emb_B_L_D: torch.Tensor
+    prompts: list
+    keys: list
+    frame_offset_B: torch.Tensor
+    stats: dict
+
+
+def _load_tensor(data: bytes, name: str) -> torch.Tensor:
+    t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_shape(t: torch.Tensor, expected: Sequence[int] | None, name: str, key: str) -> None:
+    if expected is None:
+        return
+    if t.ndim != len(expected) or any(e not in (-1, s) for e, s in zip(expected, t.shape)):
+        raise ValueError(f"sample {key!r}: {name} has shape {tuple(t.shape)}, expected {list(expected)} (-1 = any)")
+
+
+def decode_latent_sample(sample: dict, latent_shape: Sequence[int] | None = None,
+                         embed_shape: Sequence[int] | None = None) -> dict:
+    """Raw webdataset sample (bytes per suffix) -> ``{"key", "latent", "embed", "prompt", "url"}``.
+    Raises ``KeyError``/``ValueError``/``RuntimeError`` for an incomplete or corrupt sample."""
+    key = sample.get("__key__", "?")
+    missing = [f for f in REQUIRED_FIELDS if f not in sample]
+    if missing:
+        raise KeyError(f"sample {key!r} in {sample.get('__url__')!r} lacks {missing} "
+                       f"(has {sorted(k for k in sample if not k.startswith('__'))})")
+    lat = _load_tensor(sample["latent.pt"], f"{key}.latent.pt")
+    emb = _load_tensor(sample["embed.pt"], f"{key}.embed.pt")
+    if lat.ndim != 4:
+        raise ValueError(f"sample {key!r}: latent has shape {tuple(lat.shape)}, expected [C, T, H, W]")
+    if emb.ndim != 2:
+        raise ValueError(f"sample {key!r}: embed has shape {tuple(emb.shape)}, expected [L, D]")
+    _check_shape(lat, latent_shape, "latent", key)
+    _check_shape(emb, embed_shape, "embed", key)
+    if not lat.is_floating_point() or not emb.is_floating_point():
+        raise ValueError(f"sample {key!r}: latent/embed must be floating point, got {lat.dtype}/{emb.dtype}")
+    prompt = sample["prompt.txt"]
+    prompt = prompt.decode("utf-8") if isinstance(prompt, (bytes, bytearray)) else str(prompt)
+    return {"key": key, "latent": lat, "embed": emb, "prompt": prompt.strip(), "url": sample.get("__url__", "")}
+
+
+def crop_frames(lat_C_T_H_W: torch.Tensor, num_frames: int, mode: str, rng: random.Random) -> tuple[torch.Tensor, int]:
+    """Crop ``num_frames`` latent frames (``0`` = keep all): ``random`` offset, ``start`` or
+    ``center``. Returns ``(crop, offset)``. A clip shorter than ``num_frames`` is an error."""
+    t = lat_C_T_H_W.shape[1]
+    if num_frames <= 0 or num_frames == t:
+        return lat_C_T_H_W, 0
+    if num_frames > t:
+        raise ValueError(f"crop of {num_frames} latent frames requested but the sample has only {t}")
+    if mode == "random":
+        off = rng.randint(0, t - num_frames)
+    elif mode == "start":
+        off = 0
+    elif mode == "center":
+        off = (t - num_frames) // 2
+    else:
+        raise ValueError(f"crop mode {mode!r} is not one of 'random', 'start', 'center'")
+    return lat_C_T_H_W[:, off : off + num_frames], off
+
+
+def collate_latents(samples: list[dict], stats: dict | None = None) -> LatentBatch:
+    return LatentBatch(
+        lat_B_C_T_H_W=torch.stack([s["latent"] for s in samples]),
+        emb_B_L_D=torch.stack([s["embed"] for s in samples]),
+        prompts=[s["prompt"] for s in samples],
+        keys=[s["key"] for s in samples],
+        frame_offset_B=torch.tensor([s.get("frame_offset", 0) for s in samples], dtype=torch.long),
+        stats=dict(stats or {}),
+    )
+
+
+def encode_latent_sample(key: str, lat_C_T_H_W: torch.Tensor, emb_L_D: torch.Tensor, prompt: str) -> dict:
+    """-> a webdataset sample dict (bytes per suffix) in the shard format; ``key`` must not
+    contain ``.`` (webdataset splits the member name at the first dot)."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+
+    def ser(t: torch.Tensor) -> bytes:
+        buf = io.BytesIO()
+        torch.save(t.detach().to("cpu").contiguous().clone(), buf)
+        return buf.getvalue()
+
+    return {"__key__": key, "latent.pt": ser(lat_C_T_H_W), "embed.pt": ser(emb_L_D),
+            "prompt.txt": prompt.encode("utf-8")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, dataset, loader
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentDataConfig:
+    """Streaming latent-shard loader settings (the ``data`` section of a video training config)."""
+
+    shards: str = "???"  # glob / brace pattern / comma or '::' separated list / URLs
+    batch_size: int = 1
+    num_workers: int = 2
+    resampled: bool = True  # endless resampling (multi-node training) vs. one pass per epoch
+    shuffle_buffer: int = 64  # samples held for shuffling (0/1 = no sample shuffle)
+    shuffle_initial: int = 16  # samples buffered before the first one is yielded
+    shuffle_shards: bool = True  # epoch mode: shuffle the shard order every epoch
+    seed: int = 0
+    crop_frames: int = 0  # latent frames per sample (0 = all)
+    crop_mode: str = "random"  # random | start | center
+    latent_shape: list[int] | None = None  # e.g. [16, 21, 60, 104]; -1 = any
+    embed_shape: list[int] | None = None  # e.g. [512, 4096]
+    partial_batches: bool = False  # epoch mode: yield the last, smaller batch of each worker
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    rank: int = -1  # -1: from torch.distributed / RANK env
+    world_size: int = -1
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.crop_mode not in ("random", "start", "center"):
+            raise ValueError(f"data.crop_mode {self.crop_mode!r} is not one of random, start, center")
+        if self.crop_frames < 0:
+            raise ValueError(f"data.crop_frames must be >= 0, got {self.crop_frames}")
+
+
+class LatentShardDataset(torch.utils.data.IterableDataset):
+    """Iterable of ``LatentBatch`` for this rank and (inside a DataLoader) this worker."""
+
+    def __init__(self, cfg: LatentDataConfig, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.urls = resolve_shards(cfg.shards)
+        r, w = dist_info(cfg.rank if rank is None else rank, cfg.world_size if world_size is None else world_size)
+        self.rank, self.world_size = r, w
+        self.source = ShardSource(self.urls, r, w, cfg.resampled, cfg.seed, cfg.shuffle_shards)
+
+    @property
+    def epoch(self) -> int:
+        return self.source.epoch
+
+    @epoch.setter
+    def epoch(self, e: int) -> None:
+        self.source.epoch = e
+
+    def _samples(self, worker: int, counter: SkipCounter) -> Iterator[dict]:
+        import webdataset as wds
+
+        cfg = self.cfg
+        seed_tuple = (cfg.seed, self.rank, worker, self.source.epoch, self.source.offset)
+        rng = random.Random(stable_seed(*seed_tuple, "crop"))
+        stages: list[Any] = [self.source, wds.tarfile_to_samples(handler=counter)]
+        if cfg.shuffle_buffer > 1:
+            stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_initial, cfg.shuffle_buffer),
+                                      rng=random.Random(stable_seed(*seed_tuple, "shuffle"))))
+        ref_shapes: dict[str, tuple] = {}
+
+        def decode(sample: dict) -> dict:
+            out = decode_latent_sample(sample, cfg.latent_shape, cfg.embed_shape)
+            for name in ("latent", "embed"):
+                shp = tuple(out[name].shape)
+                ref = ref_shapes.setdefault(name, shp)
+                if shp != ref:
+                    raise ValueError(f"sample {out['key']!r}: {name} shape {shp} differs from this stream's {ref}; "
+                                     f"set data.{name}_shape to make the expected shape explicit")
+            out["latent"], out["frame_offset"] = crop_frames(out["latent"], cfg.crop_frames, cfg.crop_mode, rng)
+            return out
+
+        stages.append(wds.map(decode, handler=counter))
+        return iter(wds.DataPipeline(*stages))
+
+    def __iter__(self) -> Iterator[LatentBatch]:
+        worker, _ = _worker_info()
+        counter = SkipCounter(where=f"(rank {self.rank}, worker {worker})")
+        batch: list[dict] = []
+        n = 0
+        for s in self._samples(worker, counter):
+            batch.append(s)
+            n += 1
+            if len(batch) == self.cfg.batch_size:
+                yield collate_latents(batch, {"rank": self.rank, "worker": worker, "skipped": counter.count,
+                                              "samples": n, "last_error": counter.last_error})
+                batch = []
+        if batch and self.cfg.partial_batches:
+            yield collate_latents(batch, {"rank": self.rank, "worker": worker, "skipped": counter.count,
+                                          "samples": n, "last_error": counter.last_error})
+        if counter.count:
+            log.warning("rank %d worker %d: skipped %d corrupt/incomplete samples this pass (last: %s)",
+                        self.rank, worker, counter.count, counter.last_error)
+
+
+class LatentLoader:
+    """DataLoader over ``LatentShardDataset`` with sample/skip accounting and resume state.
+
+    ``for batch in loader`` runs one epoch (epoch mode) or forever (resampled mode).
+    ``loader.skipped`` sums the skip counts reported by all workers; ``state_dict()`` /
+    ``load_state_dict()`` carry ``{epoch, samples_seen, samples_in_epoch, skipped}``.
+    """
+
+    def __init__(self, cfg: LatentDataConfig, rank: int | None = None, world_size: int | None = None):
+        self.cfg = cfg
+        self.dataset = LatentShardDataset(cfg, rank, world_size)
+        self.samples_seen = 0
+        self.samples_in_epoch = 0
+        self._skip_batches = 0
+        self._skipped_done = 0  # skips of finished passes
+        self._skipped_now: dict[int, int] = {}
+
+    @property
+    def rank(self) -> int:
+        return self.dataset.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dataset.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped_done + sum(self._skipped_now.values())
+
+    def _dataloader(self) -> torch.utils.data.DataLoader:
+        kw: dict[str, Any] = {}
+        if self.cfg.num_workers > 0:
+            kw["prefetch_factor"] = self.cfg.prefetch_factor
+            kw["multiprocessing_context"] = "fork" if os.name == "posix" else None
+        return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                           pin_memory=self.cfg.pin_memory, persistent_workers=False, **kw)
+
+    def __iter__(self) -> Iterator[LatentBatch]:
+        self._skipped_now = {}
+        to_skip = self._skip_batches
+        self._skip_batches = 0
+        try:
+            for batch in self._dataloader():
+                self._skipped_now[int(batch.stats.get("worker", 0))] = int(batch.stats.get("skipped", 0))
+                b = batch.lat_B_C_T_H_W.shape[0]
+                if to_skip > 0:  # resume: batches already trained on in this epoch
+                    to_skip -= 1
+                    self.samples_in_epoch += b
+                    continue
+                self.samples_seen += b
+                self.samples_in_epoch += b
+                yield batch
+        finally:
+            self._skipped_done += sum(self._skipped_now.values())
+            self._skipped_now = {}
+        if not self.cfg.resampled:
+            self.dataset.epoch += 1
+            self.samples_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.dataset.epoch, "samples_seen": self.samples_seen,
+                "samples_in_epoch": self.samples_in_epoch, "skipped": self.skipped,
+                "resampled": self.cfg.resampled, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the data position (see the module docstring for what resume means per mode)."""
+        for k in ("epoch", "samples_seen", "samples_in_epoch"):
+            if k not in state:
+                raise KeyError(f"LatentLoader.load_state_dict: state lacks {k!r} (has {sorted(state)})")
+        self.dataset.epoch = int(state["epoch"])
+        self.samples_seen = int(state["samples_seen"])
+        self.samples_in_epoch = int(state["samples_in_epoch"])
+        self._skipped_done = int(state.get("skipped", 0))
+        if self.cfg.resampled:
+            self.dataset.source.offset = self.samples_seen
+        else:
+            if self.samples_in_epoch % self.cfg.batch_size:
+                raise ValueError(f"samples_in_epoch {self.samples_in_epoch} is not a multiple of batch_size "
+                                 f"{self.cfg.batch_size}")
+            self._skip_batches = self.samples_in_epoch // self.cfg.batch_size
+            self.samples_in_epoch = 0

@@ -1,0 +1,111 @@
+"""Write synthetic shards in the Wan2.1-synthetic latent format (see ``interpdiff.video.data``).
+
+    python -m interpdiff.video.make_shards out_dir=data/synth num_samples=64 samples_per_shard=16
+    python -m interpdiff.video.make_shards out_dir=/tmp/tiny num_samples=8 samples_per_shard=4 \
+        latent_shape=[16,5,4,6] embed_shape=[16,32]
+
+Each sample: ``{key}.latent.pt`` bf16 ``latent_shape`` (default ``[16, 21, 60, 104]``),
+``{key}.embed.pt`` bf16 ``embed_shape`` (default ``[512, 4096]``, zero past a random prompt
+length, like UMT5 output), ``{key}.prompt.txt``. Latents are temporally smooth (linear
+interpolation between a few random anchor frames plus small noise), so keyframe interpolation
+has something to do; they are not meant to decode to real video. Shards are
+``shard_000000.tar, ...``, each written to a temporary name and renamed; existing shards are
+overwritten. Everything is seeded (``seed``): the same command writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from interpdiff.config import parse_cli
+from interpdiff.io import atomic_write_bytes
+from interpdiff.video.data import encode_latent_sample
+
+_WORDS = ("a man woman dog cat bird car walks runs jumps across through the beach street park field "
+          "slowly quickly at sunset in the rain camera pans left right").split()
+
+
+@dataclass
+class MakeShardsConfig:
+    out_dir: str = "???"
+    num_samples: int = 64
+    samples_per_shard: int = 16
+    latent_shape: list[int] = field(default_factory=lambda: [16, 21, 60, 104])
+    embed_shape: list[int] = field(default_factory=lambda: [512, 4096])
+    anchors: int = 4  # random anchor frames per latent (smoothness)
+    noise: float = 0.1
+    seed: int = 0
+    start_index: int = 0  # first shard index (to append to an existing set)
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.samples_per_shard < 1:
+            raise ValueError(f"num_samples ({self.num_samples}) and samples_per_shard ({self.samples_per_shard}) "
+                             f"must be >= 1")
+        if len(self.latent_shape) != 4 or min(self.latent_shape) < 1:
+            raise ValueError(f"latent_shape must be [C, T, H, W] with positive sizes, got {self.latent_shape}")
+        if len(self.embed_shape) != 2 or min(self.embed_shape) < 1:
+            raise ValueError(f"embed_shape must be [L, D] with positive sizes, got {self.embed_shape}")
+
+
+def synthetic_sample(index: int, cfg: MakeShardsConfig) -> tuple[str, torch.Tensor, torch.Tensor, str]:
+    """-> ``(key, lat_C_T_H_W bf16, emb_L_D bf16, prompt)`` for sample ``index`` (seeded)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    c, t, h, w = cfg.latent_shape
+    k = max(2, min(cfg.anchors, t))
+    anchor_t = torch.linspace(0, t - 1, k)
+    anchors_K_C_H_W = torch.randn(k, c, h, w, generator=g)
+    pos = torch.arange(t, dtype=torch.float32)
+    right = torch.searchsorted(anchor_t, pos, right=True).clamp(1, k - 1)
+    left = right - 1
+    wgt = ((pos - anchor_t[left]) / (anchor_t[right] - anchor_t[left])).view(t, 1, 1, 1)
+    lat_T_C_H_W = anchors_K_C_H_W[left] * (1 - wgt) + anchors_K_C_H_W[right] * wgt
+    lat_T_C_H_W = lat_T_C_H_W + cfg.noise * torch.randn(t, c, h, w, generator=g)
+    lat = lat_T_C_H_W.permute(1, 0, 2, 3).contiguous().to(torch.bfloat16)
+    L, D = cfg.embed_shape
+    n_tok = int(torch.randint(1, L + 1, (1,), generator=g))
+    emb = torch.zeros(L, D, dtype=torch.bfloat16)
+    emb[:n_tok] = (0.1 * torch.randn(n_tok, D, generator=g)).to(torch.bfloat16)
+    rnd = random.Random(cfg.seed * 1_000_003 + index)
+    prompt = " ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(3, 12)))
+    return f"sample_{index:09d}", lat, emb, prompt
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """Write webdataset samples (dicts of bytes) to ``path`` atomically."""
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as tw:
+        for s in samples:
+            tw.write(s)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def make_shards(cfg: MakeShardsConfig) -> list[Path]:
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n_shards = -(-cfg.num_samples // cfg.samples_per_shard)
+    for s in range(n_shards):
+        lo, hi = s * cfg.samples_per_shard, min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
+        samples = [encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(lo, hi)]
+        paths.append(write_shard(out / f"shard_{cfg.start_index + s:06d}.tar", samples))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    cfg = parse_cli(MakeShardsConfig, sys.argv[1:] if argv is None else argv)
+    paths = make_shards(cfg)
+    print(f"wrote {cfg.num_samples} samples in {len(paths)} shards to {cfg.out_dir}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -245,13 +245,28 @@ def indices_to_mask(idx_B_K: torch.Tensor, T: int) -> torch.Tensor:
     return mask
 
 
+def keep_cost(cost_B_T_T: torch.Tensor, keep_B_T: torch.Tensor) -> torch.Tensor:
+    """``cost`` with ``+inf`` on every segment ``(i, j)`` holding a ``keep`` frame strictly inside.
+
+    A DP on it can only return keyframe sets that contain every ``keep`` frame (given enough
+    budget), so it solves "the best ``K``-set that keeps ``keep``" exactly.
+    """
+    cnt = keep_B_T.to(torch.int32).cumsum(1)  # kept frames in [0, t]
+    before = torch.cat([torch.zeros_like(cnt[:, :1]), cnt[:, :-1]], 1)  # kept frames in [0, t-1]
+    inside = before[:, None, :] - cnt[:, :, None]  # kept frames in (i, j) for j > i
+    return torch.where(inside > 0, torch.full_like(cost_B_T_T, math.inf), cost_B_T_T)
+
+
 def dp_select_levels(cost_B_T_T: torch.Tensor, budgets: Sequence[int], backend: str = "auto") -> torch.Tensor:
     """Nested per-level DP masks ``[B, S, T]`` for increasing ``budgets`` (``S = len(budgets)``).
 
-    Level 0 is the optimal ``budgets[0]``-set. Level ``s`` keeps level ``s-1`` and adds the
-    ``K_s - K_{s-1}`` indices of the optimal ``K_s``-set that it lacks, chosen greedily by the
-    cost they save (``nest_by_gain``); when level ``s-1`` is a subset of the optimal set (the
-    usual case), level ``s`` *is* the optimal set.
+    Level 0 is the optimal ``budgets[0]``-set. Level ``s`` is the optimal ``K_s``-set among the
+    sets that contain level ``s-1``: the same DP on the cost matrix with every segment that
+    jumps over a level-``(s-1)`` keyframe forbidden (``keep_cost``), so it keeps level ``s-1``
+    and adds the ``K_s - K_{s-1}`` indices that lower the total cost most *jointly*. When level
+    ``s-1`` is a subset of an unconstrained optimum, level ``s`` has the optimal cost. (Adding
+    only frames of the unconstrained optimum, greedily, can be far worse than uniform at high
+    budgets once the optimal sets stop being nested.)
     """
     _check_cost(cost_B_T_T, "dp_select_levels")
     B, T, _ = cost_B_T_T.shape
@@ -259,8 +274,10 @@ def dp_select_levels(cost_B_T_T: torch.Tensor, budgets: Sequence[int], backend: 
     masks = []
     prev = None
     for k in budgets:
-        idx, _ = dp_select(cost_B_T_T, k, backend=backend)
-        opt = indices_to_mask(idx, T)
-        prev = opt if prev is None else nest_by_gain(cost_B_T_T, prev, opt, k - int(prev[0].sum()))
+        if prev is None:
+            idx, _ = dp_select(cost_B_T_T, k, backend=backend)
+        else:
+            idx, _ = dp_select(keep_cost(cost_B_T_T, prev), k, backend=backend)
+        prev = indices_to_mask(idx, T)
         masks.append(prev)
     return torch.stack(masks, dim=1)

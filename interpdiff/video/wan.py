@@ -538,7 +538,12 @@ def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "def
             f"LoRA target modules {unmatched} match no module of {type(model).__name__}; "
             f"linear layers of a block are {linear_suffixes}"
         )
-    model.add_adapter(spec.to_peft(), adapter_name=adapter_name)
+    pe = model.patch_embedding
+    extra_trainable = isinstance(pe, WidenedConv3d) and pe.extra_weight.requires_grad
+    model.add_adapter(spec.to_peft(), adapter_name=adapter_name)  # peft freezes every non-LoRA weight ...
+    if extra_trainable:
+        pe.extra_weight.requires_grad_(True)  # ... so the widening weights are re-enabled
+    model.train(model.training)  # peft creates its lora_dropout modules in train mode; follow the model
     adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")})
     return adapted
 
@@ -920,6 +925,9 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
         install_keyframe_rope(model)
     sd, lmeta = WanPipeline.lora_state_dict(str(d), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
     WanPipeline.load_lora_into_transformer(sd, transformer=model, adapter_name=adapter_name, metadata=lmeta)
+    model.train(model.training)  # injected lora_dropout modules start in train mode; follow the model
+    if widening:
+        model.patch_embedding.extra_weight.requires_grad_(trainable)  # peft froze it while injecting
     if trainable:
         for n, p in model.named_parameters():
             if "lora_" in n and f".{adapter_name}." in n + ".":
@@ -928,14 +936,19 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
 
 
 def load_lora_into_pipeline(pipe, lora_dir: str | os.PathLike, adapter_name: str = "default") -> dict:
-    """``pipe.load_lora_weights`` plus the widening/rope that the folder records."""
+    """``pipe.load_lora_weights`` plus the widening/rope that the folder records, and the
+    transformer put back in eval mode: peft injects ``lora_dropout`` modules in train mode, so
+    after a bare ``load_lora_weights`` a LoRA trained with dropout > 0 would drop activations at
+    inference (``pipe.transformer.eval()`` fixes that; this function does it)."""
     d = Path(lora_dir)
     meta = _read_meta(d)
     if meta.get("widening"):
-        return load_lora(pipe.transformer, d, adapter_name)
-    if meta.get("keyframe_rope"):
-        install_keyframe_rope(pipe.transformer)
-    pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+        load_lora(pipe.transformer, d, adapter_name)
+    else:
+        if meta.get("keyframe_rope"):
+            install_keyframe_rope(pipe.transformer)
+        pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+    pipe.transformer.eval()
     return meta
 
 

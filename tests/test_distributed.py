@@ -1,0 +1,136 @@
+"""Multi-process runs of the shared loop on CPU (gloo): DDP via torchrun, DeepSpeed ZeRO-2 via
+``accelerate launch``.
+
+Reference: a one-process run with the same global batch. The toy task (``test_training``)
+keys each sample's noise on (seed, step, sample id), so 2 processes x batch 2 see exactly the
+samples and noise of 1 process x batch 4; with gradients averaged across ranks the weights after
+N steps must agree to fp32 rounding (the all-reduce sums in another order).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = [PY, "-m", "torch.distributed.run"]
+ACCELERATE = [PY, "-m", "accelerate.commands.launch"]
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from interpdiff.config import parse_cli
+    from interpdiff.training import TrainLoopConfig, train
+    from test_training import make_toy_spec
+
+    cfg = parse_cli(TrainLoopConfig, sys.argv[1:])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    spec = make_toy_spec(cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
+    res = train(cfg, spec)
+    acc = res.accelerator
+    report = {{"rank": rank, "num_processes": acc.num_processes, "process_index": acc.process_index,
+              "distributed_type": acc.distributed_type.value, "losses": res.losses}}
+    torch.save({{"adapter": {{k: v.detach().cpu().float() for k, v in spec.model.adapter.state_dict().items()}},
+                "report": report}}, os.path.join(cfg.run_dir, f"final_rank{{rank}}.pt"))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd, env, timeout=300):
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"command failed ({out.returncode}): {' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}")
+    return out
+
+
+ARGS = ["max_steps=4", "tracker=none", "log_every=1", "checkpoint_every=100", "seed=5", "optim.lr=0.05", "optim.kind=adamw"]
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    p = tmp_path_factory.mktemp("dist") / "toy_train.py"
+    p.write_text(SCRIPT.format(tests=str(REPO / "tests")))
+    return p
+
+
+@pytest.fixture(scope="module")
+def one_process(script, tmp_path_factory):
+    run = tmp_path_factory.mktemp("one")
+    _run([PY, str(script), f"run_dir={run}", "batch_size=4", *ARGS], _env())
+    return torch.load(run / "final_rank0.pt")
+
+
+def _check_equal(one, runs):
+    for r in runs:
+        assert r["report"]["num_processes"] == 2, r["report"]
+        for k, v in one["adapter"].items():
+            torch.testing.assert_close(r["adapter"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        # logged loss is the all-reduced mean: equal to the one-process batch mean
+        assert r["report"]["losses"] == pytest.approx(one["report"]["losses"], rel=1e-5)
+    assert {r["report"]["process_index"] for r in runs} == {0, 1}
+
+
+def test_two_process_ddp_equals_one_process(script, one_process, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script), f"run_dir={run}", "batch_size=2", *ARGS]
+    _run(cmd, _env())
+    runs = [torch.load(run / f"final_rank{r}.pt") for r in range(2)]
+    assert runs[0]["report"]["distributed_type"] == "MULTI_CPU"
+    _check_equal(one_process, runs)
+    # weights changed at all (the test cannot pass with a no-op optimizer)
+    assert not torch.allclose(runs[0]["adapter"]["weight"], _toy_initial_adapter())
+
+
+@pytest.mark.slow
+def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_process, tmp_path):
+    """``accelerate launch`` + DeepSpeed ZeRO-2 on 2 CPU processes: world size 2 on each rank
+    (the gloo fix in ``make_accelerator``), same weights as the one-process run, and a
+    checkpoint written by the engine (trainable weights + ZeRO shards, frozen base excluded)."""
+    run = tmp_path / "ds"
+    env = _env()
+    env["DS_ACCELERATOR"] = "cpu"
+    cmd = [
+        *ACCELERATE,
+        "--config_file", str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml"),
+        "--main_process_port", str(_free_port()),
+        str(script), f"run_dir={run}", "batch_size=2", *ARGS,
+    ]  # fmt: skip
+    _run(cmd, env)
+    runs = [torch.load(run / f"final_rank{r}.pt") for r in range(2)]
+    assert runs[0]["report"]["distributed_type"] == "DEEPSPEED"
+    _check_equal(one_process, runs)
+    ck = run / "checkpoints" / "step_00000004"
+    assert (ck / "trainable" / "adapter.pt").is_file()
+    assert (ck / "pytorch_model").is_dir()  # the engine's folder (model states + ZeRO optimizer shards)
+
+
+def _toy_initial_adapter() -> torch.Tensor:
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_training import Toy
+
+    return Toy().adapter.weight.detach()

@@ -31,6 +31,8 @@ class BackboneConfig:
     ``cond_mode``: ``cross`` = cross-attention from the time tokens to the maze tokens in every
     block; ``prefix`` = the maze tokens are prepended to the sequence of self-attention.
     ``enc_depth``: depth of the maze encoder (``maze.encoders.MazeEncoder``).
+    ``patch``: frames per token (DiT-style temporal patches, ``T % patch == 0``) for the refiner
+    and the baseline; phase-1 keyframes are irregular in time and always use 1.
     """
 
     d_model: int = 384
@@ -39,12 +41,15 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     cond_mode: str = "cross"
     enc_depth: int = 4
+    patch: int = 1  # consecutive frames per token for the full-sequence models (refiner, baseline)
 
     def validate(self, where: str) -> None:
         if self.d_model % self.heads != 0:
             raise ValueError(f"{where}.d_model={self.d_model} must be divisible by {where}.heads={self.heads}")
         if self.depth < 1 or self.enc_depth < 0:
             raise ValueError(f"{where}: depth must be >= 1 and enc_depth >= 0, got {self.depth}, {self.enc_depth}")
+        if self.patch < 1:
+            raise ValueError(f"{where}.patch={self.patch} must be >= 1")
         if self.cond_mode not in COND_MODES:
             raise ValueError(f"{where}.cond_mode={self.cond_mode!r} is not one of {COND_MODES}")
 
@@ -73,10 +78,12 @@ class OptimConfig:
 class Phase1Config:
     """Keyframe diffusion over the K_0 level-0 keypoints (flow matching, few Euler steps)."""
 
+    run_dir: str = "runs/maze/small/phase1"  # holds model.pt, config.yaml, model_metrics.csv
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy_mix: str = "dp:0.7,uniform:0.2,random:0.1"
     selector_weight: float = 0.2  # added to the mix (then renormalised) when a selector checkpoint exists
+    feat_diffs: str = "dphi"  # kp_feat segment costs: "dphi" (D_phi's predictions, train and sample) or "none" (zeros)
     density: str = "logit_normal"
     train_shift: float = 1.0
     sample_steps: int = 8
@@ -86,6 +93,8 @@ class Phase1Config:
         self.model.validate("phase1.model")
         self.optim.validate("phase1.optim")
         parse_policy_mix(self.policy_mix, PHASE1_POLICIES)
+        if self.feat_diffs not in ("dphi", "none"):
+            raise ValueError(f"phase1.feat_diffs={self.feat_diffs!r} is not one of ['dphi', 'none']")
         if self.density not in DENSITIES:
             raise ValueError(f"phase1.density={self.density!r} is not one of {DENSITIES}")
         if self.sample_steps < 1:
@@ -96,6 +105,7 @@ class Phase1Config:
 class Phase2Config:
     """Interpolation-level refiner R(x_s, s, M_s, cond) -> x0_hat (METHOD.md section 5)."""
 
+    run_dir: str = "runs/maze/small/phase2"  # holds model.pt, config.yaml, model_metrics.csv
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy_mix: str = "selector:0.3,uniform:0.2,random_nested:0.2,dp_precomputed:0.3"
@@ -122,6 +132,7 @@ class Phase2Config:
 class BaselineConfig:
     """Diffuser-style full-sequence flow-matching model over all T points."""
 
+    run_dir: str = "runs/maze/small/baseline"  # holds model.pt, config.yaml, model_metrics.csv
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     density: str = "logit_normal"
@@ -142,6 +153,7 @@ class BaselineConfig:
 class EvalConfig:
     """Open-loop and closed-loop evaluation (``python -m maze.evaluate``)."""
 
+    run_dir: str = "runs/maze/small"  # run root: evaluation JSON, report.md and figures go here
     split: str = "eval"
     n_open_loop: int = 512  # eval trajectories for the open-loop tables (first n of the split)
     batch_size: int = 128
@@ -191,3 +203,59 @@ class ModelSections:
     def validate(self) -> None:
         for sec in (self.phase1, self.phase2, self.baseline, self.eval):
             sec.validate()
+
+
+def load_maze_config(argv):
+    """``--config A.yaml [--config B.yaml ...] [key.sub=value ...]`` -> ``maze.config.MazeConfig``.
+
+    Several ``--config`` files are merged in order (e.g. part 1's ``configs/maze/small.yaml``
+    then the model overlay ``configs/maze/small_model.yaml``), then the overrides; unknown keys
+    and bad values raise ``interpdiff.config.ConfigError`` naming the file or override.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from interpdiff.config import ConfigError, _explain, load_config
+    from maze.config import MazeConfig
+
+    paths, overrides, args, i = [], [], list(argv), 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c"):
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a YAML path")
+            paths.append(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("--config="):
+            paths.append(a.split("=", 1)[1])
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option {a!r}; use --config PATH (repeatable) and key.sub=value overrides")
+        else:
+            overrides.append(a)
+        i += 1
+    if len(paths) <= 1:
+        return load_config(MazeConfig, paths[0] if paths else None, overrides)
+    from pathlib import Path
+
+    cfg = OmegaConf.structured(MazeConfig)
+    for p in paths:
+        if not Path(p).is_file():
+            raise ConfigError(f"config file {p!r} does not exist (expected a YAML file)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"config file {p!r}") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {ov!r}") from None
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from None
+    obj.validate()
+    return obj

@@ -16,7 +16,8 @@ Positions live in ``[0, 1]^2``; the diffusion models work in ``z = (x - 0.5) * 2
 has roughly unit scale against unit Gaussian noise.
 
 - ``KeypointDenoiser`` (phase-1): flow matching over the K_0 keyframe values. Input per token
-  ``[z_sigma (2), kp_feat (5), known (1)]``; endpoints are *known* (start/goal, clean values,
+  ``[z_sigma (2), kp_feat (5), known (1)]`` (the two segment-cost features enter as
+  ``log1p(1000 c)``: maze costs span 1e-4..1e-1); endpoints are *known* (start/goal, clean values,
   ``known = 1``) and clamped; output the velocity ``v = eps - z0``.
 - ``Refiner`` (phase-2): ``R(x_s, s, M_s, cond) -> x0_hat`` over all T points. Input per token
   ``[z_s (2), conf (1)]`` with ``conf = anchor_confidence(M_s)``; the level enters as a learned
@@ -133,20 +134,23 @@ class TrajBackbone(nn.Module):
     ``{occ [B,G,G], sdf [B,G,G], start [B,2], goal [B,2]}`` (normalised positions).
     """
 
-    def __init__(self, d_in: int, d_out: int, sizes: BackboneConfig):
+    def __init__(self, d_in: int, d_out: int, sizes: BackboneConfig, G: int):
         super().__init__()
         from maze.encoders import MazeEncoder
 
         d = sizes.d_model
         self.sizes = sizes
-        self.inp = nn.Linear(d_in, d)
-        self.encoder = MazeEncoder(d_model=d, depth=sizes.enc_depth)
+        self.G = G
+        self.patch = sizes.patch
+        self.inp = nn.Linear(d_in * self.patch, d)
+        self.encoder = MazeEncoder(d_model=d, depth=sizes.enc_depth, heads=sizes.heads, G=G)
         self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, d))
         cross = sizes.cond_mode == "cross"
         self.blocks = nn.ModuleList([Block(d, sizes.heads, sizes.mlp_ratio, cross) for _ in range(sizes.depth)])
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.out = nn.Linear(d, d_out)
+        self.d_out = d_out
+        self.out = nn.Linear(d, d_out * self.patch)
         for m in (self.ada_out[1], self.out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -164,8 +168,13 @@ class TrajBackbone(nn.Module):
         enc: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         mem_B_N_D, pooled_B_D = self.encode(cond) if enc is None else enc
-        d = self.sizes.d_model
-        h = self.inp(feat_B_L_F) + sinusoidal(t_idx_B_L.float(), d)  # (B, L, D)
+        d, p = self.sizes.d_model, self.patch
+        B, L0, Fi = feat_B_L_F.shape
+        if L0 % p:
+            raise ValueError(f"TrajBackbone: sequence length {L0} is not a multiple of patch={p}")
+        feat = feat_B_L_F.reshape(B, L0 // p, p * Fi)  # (B, L, p*F): p consecutive frames per token
+        t_tok = t_idx_B_L.float().reshape(B, L0 // p, p).mean(-1)  # token time = mean frame index
+        h = self.inp(feat) + sinusoidal(t_tok, d)  # (B, L, D)
         c = self.cond_proj(pooled_B_D) + extra_c_B_D  # (B, D)
         L = h.shape[1]
         if self.sizes.cond_mode == "prefix":
@@ -174,7 +183,7 @@ class TrajBackbone(nn.Module):
             h = blk(h, c, mem_B_N_D if self.sizes.cond_mode == "cross" else None)
         h = h[:, -L:]
         sh, sc = self.ada_out(c).chunk(2, dim=-1)
-        return self.out(modulate(self.norm_out(h), sh, sc))  # (B, L, O)
+        return self.out(modulate(self.norm_out(h), sh, sc)).reshape(B, L0, self.d_out)  # (B, L0, O)
 
 
 class KeypointDenoiser(nn.Module):
@@ -182,14 +191,18 @@ class KeypointDenoiser(nn.Module):
 
     kind = "phase1"
 
-    def __init__(self, sizes: BackboneConfig, T: int):
+    def __init__(self, sizes: BackboneConfig, T: int, G: int):
         super().__init__()
         self.T = T
-        self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1, 2, sizes)
+        if sizes.patch != 1:
+            raise ValueError(f"KeypointDenoiser: patch must be 1 (keyframes are irregular in time), got {sizes.patch}")
+        self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1, 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
 
     def forward(self, z_B_K_2, sigma_B, idx_B_K, kp_feat_B_K_5, known_B_K, cond, enc=None):
-        feat = torch.cat([z_B_K_2, kp_feat_B_K_5, known_B_K.float()[..., None]], dim=-1)
+        # gaps and t_norm are in [0, 1]; the segment costs (diffs) span decades -> log1p(1000 c)
+        f = torch.cat([kp_feat_B_K_5[..., :3], torch.log1p(1000.0 * kp_feat_B_K_5[..., 3:].clamp_min(0))], -1)
+        feat = torch.cat([z_B_K_2, f, known_B_K.float()[..., None]], dim=-1)
         return self.backbone(feat, idx_B_K, self.sigma_emb(sigma_B * 1000.0), cond, enc)
 
 
@@ -198,10 +211,10 @@ class FullSequenceDenoiser(nn.Module):
 
     kind = "baseline"
 
-    def __init__(self, sizes: BackboneConfig, T: int):
+    def __init__(self, sizes: BackboneConfig, T: int, G: int):
         super().__init__()
         self.T = T
-        self.backbone = TrajBackbone(3, 2, sizes)
+        self.backbone = TrajBackbone(3, 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
 
     def forward(self, z_B_T_2, sigma_B, known_B_T, cond, enc=None):
@@ -216,11 +229,11 @@ class Refiner(nn.Module):
 
     kind = "phase2"
 
-    def __init__(self, sizes: BackboneConfig, T: int, n_levels: int):
+    def __init__(self, sizes: BackboneConfig, T: int, G: int, n_levels: int):
         super().__init__()
         self.T = T
         self.n_levels = n_levels
-        self.backbone = TrajBackbone(3, 2, sizes)
+        self.backbone = TrajBackbone(3, 2, sizes, G)
         self.level_emb = nn.Embedding(n_levels, sizes.d_model)
         self.frac_emb = ScalarEmbed(sizes.d_model)
 
@@ -239,7 +252,7 @@ class Refiner(nn.Module):
 
 
 def model_meta(model: nn.Module) -> dict:
-    meta = {"kind": model.kind, "sizes": asdict(model.backbone.sizes), "T": model.T}
+    meta = {"kind": model.kind, "sizes": asdict(model.backbone.sizes), "T": model.T, "G": model.backbone.G}
     if isinstance(model, Refiner):
         meta["n_levels"] = model.n_levels
     return meta
@@ -252,10 +265,10 @@ def build_model(meta: dict) -> nn.Module:
         raise CheckpointError(f"model metadata kind={kind!r} is not one of {MODEL_KINDS}")
     sizes = from_dict(BackboneConfig, meta["sizes"])
     if kind == "phase1":
-        return KeypointDenoiser(sizes, int(meta["T"]))
+        return KeypointDenoiser(sizes, int(meta["T"]), int(meta["G"]))
     if kind == "baseline":
-        return FullSequenceDenoiser(sizes, int(meta["T"]))
-    return Refiner(sizes, int(meta["T"]), int(meta["n_levels"]))
+        return FullSequenceDenoiser(sizes, int(meta["T"]), int(meta["G"]))
+    return Refiner(sizes, int(meta["T"]), int(meta["G"]), int(meta["n_levels"]))
 
 
 def save_model(path, model: nn.Module, ema: nn.Module | None = None, extra_meta: dict | None = None, train_state=None):
@@ -275,7 +288,7 @@ def load_model(path, kind: str, use_ema: bool = True, map_location="cpu") -> tup
     Raises ``CheckpointError`` naming the path when it is missing, not a checkpoint, or holds
     another kind of model.
     """
-    ck = load_checkpoint(path, required_meta=("kind", "sizes", "T"), map_location=map_location)
+    ck = load_checkpoint(path, required_meta=("kind", "sizes", "T", "G"), map_location=map_location)
     meta = ck["meta"]
     if meta["kind"] != kind:
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta['kind']!r} model; expected {kind!r}")
@@ -287,3 +300,113 @@ def load_model(path, kind: str, use_ema: bool = True, map_location="cpu") -> tup
         raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit the sizes in its metadata: {e}") from None
     model.eval()
     return model, meta
+
+
+# --- the training loop the three trainers share ------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (``decay`` per step)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - self.decay)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict, desc: str, generator=None):
+    """AdamW + warm-up/cosine + grad clip + EMA; ``loss_fn(model, step) -> (loss, logs)``.
+
+    Writes ``ckpt_path`` (atomic, with sizes in the metadata) every ``ckpt_every`` steps and at
+    the end, and ``<ckpt stem>_metrics.csv`` (step, loss, lr, seconds). Resumes from
+    ``ckpt_path`` when it holds a train state with fewer steps than asked (model, EMA,
+    optimizer, step and RNG are restored). Returns the list of logged rows.
+    """
+    import csv
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    ckpt_path = Path(ckpt_path)
+    csv_path = ckpt_path.with_name(ckpt_path.stem + "_metrics.csv")
+    opt = torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    ema = EMA(model, optim_cfg.ema) if optim_cfg.ema > 0 else None
+    step0, rows = 0, []
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, required_meta=("kind", "sizes"))
+        ts = ck["state"].get("train_state")
+        if ts is not None and model_meta(model)["sizes"] == ck["meta"]["sizes"]:
+            model.load_state_dict(ck["state"]["model"])
+            if ema is not None and "ema" in ck["state"]:
+                ema.model.load_state_dict(ck["state"]["ema"])
+            opt.load_state_dict(ts["optimizer"])
+            step0 = int(ts["step"])
+            torch.set_rng_state(ts["rng"])
+            if generator is not None and "gen_rng" in ts:
+                generator.set_state(ts["gen_rng"])
+            rows = list(ts.get("rows", []))
+    total = optim_cfg.steps
+
+    def save(step):
+        ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "rows": rows}
+        if generator is not None:
+            ts["gen_rng"] = generator.get_state()
+        save_model(ckpt_path, model, ema.model if ema else None, {**extra_meta, "step": step}, train_state=ts)
+
+    model.train()
+    t0 = time.time()
+    run_loss, n_run = 0.0, 0
+    bar = tqdm(range(step0, total), desc=desc, initial=step0, total=total, dynamic_ncols=True, mininterval=2.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = optim_cfg.lr * lr_factor(step, optim_cfg.warmup, total)
+        loss, logs = loss_fn(model, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim_cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        run_loss += float(loss.detach())
+        n_run += 1
+        if (step + 1) % optim_cfg.log_every == 0 or step + 1 == total:
+            row = {"step": step + 1, "loss": run_loss / n_run, "lr": opt.param_groups[0]["lr"],
+                   "seconds": time.time() - t0, **{k: float(v) for k, v in logs.items()}}
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            run_loss, n_run = 0.0, 0
+        if (step + 1) % optim_cfg.ckpt_every == 0 and step + 1 < total:
+            save(step + 1)
+    save(total)
+    if rows:
+        from interpdiff.io import atomic_write_text
+        import io as _io
+
+        buf = _io.StringIO()
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(csv_path, buf.getvalue())
+    model.eval()
+    return rows

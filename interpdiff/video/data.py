@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "LatentBatch",
+    "WorkerStats",
     "LatentDataConfig",
     "ShardSource",
     "LatentShardDataset",
@@ -102,8 +103,10 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"shard spec {spec!r} is empty (expected a glob, brace pattern, list or URL)")
     out: list[str] = []
     missing: list[str] = []
+    n_items = 0
     for entry in entries:
         for item in braceexpand.braceexpand(entry):
+            n_items += 1
             if _is_url(item):
                 out.append(item)
                 continue
@@ -124,7 +127,8 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
                 missing.append(item)
     if missing:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])
-        raise FileNotFoundError(f"shard spec {spec!r}: no shard found for {shown} (expected .tar files)")
+        raise FileNotFoundError(f"shard spec {spec!r}: {len(missing)} of {n_items} entries match no shard: {shown} "
+                                f"(expected existing .tar files)")
     return out
 
 
@@ -239,6 +243,17 @@ class SkipCounter:
         if self.count <= self.log_first or self.count % self.log_every == 0:
             log.warning("skipping corrupt/incomplete sample #%d %s: %s", self.count, self.where, self.last_error)
         return True
+
+
+class WorkerStats(NamedTuple):
+    """Yielded by ``LatentShardDataset`` once at the end of each worker's pass (epoch mode), so
+    skips after the last batch are counted too; ``LatentLoader`` consumes it."""
+
+    rank: int
+    worker: int
+    skipped: int
+    samples: int
+    last_error: str
 
 
 class LatentBatch(NamedTuple):
@@ -376,7 +391,8 @@ class LatentDataConfig:
 
 
 class LatentShardDataset(torch.utils.data.IterableDataset):
-    """Iterable of ``LatentBatch`` for this rank and (inside a DataLoader) this worker."""
+    """Iterable of ``LatentBatch`` for this rank and (inside a DataLoader) this worker, followed by
+    one ``WorkerStats`` at the end of a pass (use ``LatentLoader``, which filters it out)."""
 
     def __init__(self, cfg: LatentDataConfig, rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -436,6 +452,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         if batch and self.cfg.partial_batches:
             yield collate_latents(batch, {"rank": self.rank, "worker": worker, "skipped": counter.count,
                                           "samples": n, "last_error": counter.last_error})
+        yield WorkerStats(self.rank, worker, counter.count, n, counter.last_error)
         if counter.count:
             log.warning("rank %d worker %d: skipped %d corrupt/incomplete samples this pass (last: %s)",
                         self.rank, worker, counter.count, counter.last_error)
@@ -488,6 +505,9 @@ class LatentLoader:
         self._skip_batches = 0
         try:
             for batch in self._dataloader():
+                if isinstance(batch, WorkerStats):
+                    self._skipped_now[batch.worker] = batch.skipped
+                    continue
                 self._skipped_now[int(batch.stats.get("worker", 0))] = int(batch.stats.get("skipped", 0))
                 b = batch.lat_B_C_T_H_W.shape[0]
                 if to_skip > 0:  # resume: batches already trained on in this epoch

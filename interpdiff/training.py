@@ -214,8 +214,9 @@ class TrainSpec:
 
     ``loss_fn(model, batch, step) -> (loss, metrics)``: ``batch`` is already on the device,
     ``step`` is the optimizer step the micro-batch contributes to (seeds per-sample randomness).
-    ``batches(epoch)`` yields this rank's micro-batches of one epoch, deterministically (resume
-    skips into it). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
+    ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch after skipping the
+    first ``skip`` of them (resume: the data position; a deterministic stream replays exactly,
+    an endless resampled stream may reseed instead). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
     and read the trainable weights only (LoRA + new channels). ``validate(model, step, folder,
     is_main)`` is called on every rank (ZeRO-3 forwards need all of them); only the main process
     should write. ``meta`` lands in ``meta.json`` of every checkpoint (model sizes to rebuild it).
@@ -223,7 +224,7 @@ class TrainSpec:
 
     model: nn.Module
     loss_fn: LossFn
-    batches: Callable[[int], Iterable[dict]]
+    batches: Callable[[int, int], Iterable[dict]]
     save_trainable: Callable[[nn.Module, Path], None]
     load_trainable: Callable[[nn.Module, Path], None]
     validate: Callable[[nn.Module, int, Path, bool], None] | None = None
@@ -548,11 +549,9 @@ def _micro_batches(spec: TrainSpec, state: TrainState) -> Iterator[dict]:
     empty_epochs = 0
     while True:
         n = 0
-        for i, batch in enumerate(spec.batches(state.epoch)):
-            if i < skip:
-                continue
+        for batch in spec.batches(state.epoch, skip):
             n += 1
-            state.batches_in_epoch = i + 1
+            state.batches_in_epoch = skip + n
             yield batch
         if n == 0 and skip == 0:
             empty_epochs += 1

@@ -61,10 +61,10 @@ def make_toy_spec(batch_size: int, rank: int = 0, world: int = 1, seed: int = 0)
     X = torch.randn(N_SAMPLES, D, generator=torch.Generator().manual_seed(1))
     W_true = torch.randn(D, D, generator=torch.Generator().manual_seed(2))
 
-    def batches(epoch):
+    def batches(epoch, skip):
         order = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(100 + epoch))
         per = world * batch_size
-        for i in range(N_SAMPLES // per):
+        for i in range(skip, N_SAMPLES // per):
             idx = order[i * per + rank * batch_size : i * per + (rank + 1) * batch_size]
             yield {"x": X[idx], "key": idx}
 

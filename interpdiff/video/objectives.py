@@ -1,0 +1,475 @@
+"""Phase-1 and phase-2 objectives for Wan2.1: one model specification, two losses.
+
+Both phases use the same plumbing (``build_transformer``: load Wan, LoRA, attention backend;
+``make_train_spec``: data stream, save/load of the trainable weights, validation) and differ
+only in what they do with a batch of clean latents ``x0 = lat_B_C_T_H_W``:
+
+**Phase 1 (keyframes)**, ``phase1_loss``: per sample, K latent-frame indices ``idx`` from the
+index-policy mix (endpoints 0 and T-1 always included), keyframe latents ``x0_k = x0[:, :, idx]``
+``[B, C, K, H, W]``, flow matching as Wan is trained::
+
+    x_sigma = (1 - sigma) x0_k + sigma eps,   v_hat = F(x_sigma, 1000 sigma, text; rope at idx)
+    loss    = mean (v_hat - (eps - x0_k))^2
+
+The temporal rotary phase of keyframe k is that of its true frame ``idx[k]``
+(``wan.keyframe_positions``), so the model sees the gaps between keyframes. The clip length is
+conditioned the same way: the last keyframe is always frame ``T-1``, so its rotary position
+carries T (Wan has no other length input; a separate length embedding would need new weights).
+
+**Phase 2 (refiner)**, ``phase2_loss``: per sample, a level ``s`` uniform in ``0..S-2`` (the
+last level has no missing frame), nested masks from the policy mix, and::
+
+    x_s    = I(x0, M_s) + sigma_s eps (1 - M_s)          (interpdiff.interpolate.interpolate_corrupt)
+    t_s    = 1000 * (1 - K_s / T)                         (level -> Wan timestep: the missing fraction)
+    v_hat  = F([x_s, planes(M_s)], t_s, text)             (widened patch embedding, zero-init)
+    x0_hat = x_s - (t_s / 1000) v_hat                     (Wan's own x0 parametrisation)
+    loss   = sum_w (x0_hat - x0)^2 / sum_w 1,   w = missing_weight on missing frames, keyframe_weight on keyframes
+
+Using Wan's velocity->x0 map with the level's "missing fraction" as flow time means the
+pretrained model starts as a plausible denoiser instead of an arbitrary regressor. The mask
+planes are built from ``M_s`` (``interpdiff.corruption.anchor_confidence``) exactly as the sampler
+(``interpdiff.video.pipeline.phase2_refine``) does.
+
+**Per-sample randomness** (policy, indices, level, flow time, noise) comes from
+``interpdiff.training.sample_generator(seed, step, key)`` on the CPU: independent of world size,
+batch split, device type and resume.
+
+Index/mask policies: ``uniform``, ``random`` (phase 1) / ``random_nested`` (phase 2), ``dp``
+(online DP on the ground-truth interpolation cost of the sample's own latents,
+``interpdiff.selection.segment_costs``: the maze-style teacher, exact and cheap at T <= 21),
+``dp_precomputed`` (a file ``{key: bool [T] (phase 1) or [S, T] (phase 2)}``, e.g. DP on the
+Wan-teacher cost), ``selector`` (needs a video selector network, which this repository does
+not have yet: a clear error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from interpdiff.config import ConfigError
+from interpdiff.corruption import anchor_confidence, level_sigmas
+from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas, shift_sigma
+from interpdiff.interpolate import interpolate_corrupt
+from interpdiff.masks import (
+    budget_schedule,
+    check_nested,
+    dp_nested_masks,
+    mask_to_indices,
+    parse_policy_mix,
+    random_nested_masks,
+    sample_policy,
+    uniform_nested_masks,
+)
+from interpdiff.selection import dp_select, indices_to_mask, segment_costs
+from interpdiff.training import TrainLoopConfig, TrainSpec, sample_generator
+from interpdiff.video import wan
+from interpdiff.video.data import LatentDataConfig
+
+PHASE1_POLICIES = ("uniform", "random", "dp", "dp_precomputed", "selector")
+PHASE2_POLICIES = ("uniform", "random_nested", "dp", "dp_precomputed", "selector")
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # diffusers folder, hub id (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or tiny
+    dtype: str = "auto"  # frozen base: auto = bf16 on CUDA, fp32 on CPU
+    attention: str = "sdpa"
+    lora: wan.LoraSpec = field(default_factory=wan.LoraSpec)
+    init_lora: str = ""  # start from this LoRA folder (save_lora format) instead of a fresh adapter
+    seed: int = 0  # tiny preset weights
+
+
+@dataclass
+class Phase1Config:
+    num_keyframes: int = 6  # K latent frames per sample (endpoints included)
+    index_policy: str = "uniform:0.4,random:0.3,dp:0.3"
+    dp_index_file: str = ""  # for dp_precomputed: torch file {key: bool [T]}
+    flow_density: str = "logit_normal"  # training flow-time density (interpdiff.flow.sample_sigmas)
+    flow_shift: float = 1.0  # shift applied to training flow times
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class Phase2Config:
+    k_min: int = 6  # level-0 budget (phase-1 keyframes)
+    n_levels: int = 4  # budgets = budget_schedule(T, k_min, n_levels), last = T
+    budgets: list[int] = field(default_factory=list)  # explicit budgets (override k_min/n_levels)
+    policy_mix: str = "uniform:0.3,random_nested:0.3,dp:0.4"
+    dp_mask_file: str = ""  # for dp_precomputed: torch file {key: bool [S, T]}
+    sigma_max: float = 0.1  # corruption noise on missing frames, level 0 ...
+    sigma_min: float = 0.01  # ... down to the second-to-last level (last level: 0)
+    channels: list[str] = field(default_factory=lambda: ["mask"])  # widened inputs: mask | confidence
+    confidence: str = "mask"  # anchor_confidence kind for the 'confidence' channel: mask | tent
+    missing_weight: float = 1.0
+    keyframe_weight: float = 0.0
+
+
+@dataclass
+class ValidationConfig:
+    num_samples: int = 2  # latents of the first batch used for validation
+    phase1_steps: int = 8
+    shift: float = 5.0
+    decode: bool = False  # VAE-decode and write mp4 (needs the VAE); else latent preview PNGs
+    fps: int = 16
+
+
+@dataclass
+class VideoTrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def validate(self) -> None:
+        self.train.validate()
+        try:
+            self.data.validate()
+            self.model.lora.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name, spec, allowed in (
+            ("phase1.index_policy", self.phase1.index_policy, PHASE1_POLICIES),
+            ("phase2.policy_mix", self.phase2.policy_mix, PHASE2_POLICIES),
+        ):
+            try:
+                parse_policy_mix(spec, allowed)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+        if self.phase1.num_keyframes < 2:
+            raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.phase1.num_keyframes}")
+        bad = [c for c in self.phase2.channels if c not in wan.WIDENING_CHANNELS]
+        if bad or not self.phase2.channels:
+            raise ConfigError(f"phase2.channels={list(self.phase2.channels)}: expected a non-empty subset of {list(wan.WIDENING_CHANNELS)}")
+        if self.phase2.confidence not in ("mask", "tent"):
+            raise ConfigError(f"phase2.confidence={self.phase2.confidence!r} is not one of ['mask', 'tent']")
+        if self.model.dtype not in ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16"):
+            raise ConfigError(f"model.dtype={self.model.dtype!r} is not one of auto, bf16, fp32, fp16")
+
+
+def base_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return wan._dtype(cfg.dtype)
+
+
+# --- one model specification -------------------------------------------------------------------
+
+
+def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = None, lora: bool = True):
+    """Frozen Wan transformer + (phase 1) keyframe rotary positions or (phase 2) the widened patch
+    embedding, + a trainable LoRA (fresh, or ``cfg.init_lora``). Raises ``ValueError`` naming a
+    LoRA target that matches no module before anything is moved to a GPU."""
+    tr = wan.load_transformer(cfg.path, dtype=base_dtype(cfg), seed=cfg.seed)
+    wan.set_attention_backend(tr, cfg.attention)
+    if phase == 1:
+        wan.install_keyframe_rope(tr)
+    elif phase == 2:
+        wan.widen_patch_embedding(tr, tuple((p2 or Phase2Config()).channels), trainable=True)
+    else:
+        raise ValueError(f"build_transformer: phase must be 1 or 2, got {phase}")
+    if lora:
+        if cfg.init_lora:
+            wan.load_lora(tr, cfg.init_lora, trainable=True)
+        else:
+            wan.add_lora(tr, cfg.lora)
+    return tr
+
+
+def model_meta(cfg: VideoTrainConfig, phase: int, transformer) -> dict:
+    """What a checkpoint needs to rebuild the model: base source, transformer config, LoRA, widening."""
+    m = wan._unwrap(transformer)
+    return {
+        "phase": phase,
+        "model_path": cfg.model.path,
+        "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.config).items() if not k.startswith("_")},
+        "lora": dataclasses.asdict(cfg.model.lora),
+        "widening": wan.widening_of(m),
+        "phase2_budgets_rule": {"k_min": cfg.phase2.k_min, "n_levels": cfg.phase2.n_levels, "budgets": list(cfg.phase2.budgets)},
+    }
+
+
+# --- per-sample index / mask policies ----------------------------------------------------------
+
+
+def _load_precomputed(path: str, what: str) -> dict:
+    if not path:
+        raise ConfigError(f"{what}: the policy mix uses dp_precomputed but no file is set")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}={path!r} does not exist (expected a torch file {{sample key: bool mask}})")
+    d = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or not d:
+        raise ConfigError(f"{what}={path!r}: expected a non-empty dict {{sample key: bool mask}}")
+    return d
+
+
+def _selector_unavailable(what: str):
+    raise ConfigError(
+        f"{what}: policy 'selector' needs a trained video keyframe selector, which this repository does not "
+        "provide yet; remove 'selector' from the mix"
+    )
+
+
+class KeyframePolicy:
+    """Per-sample keyframe masks for phase 1 (``budgets=[K]``) or nested stacks for phase 2."""
+
+    def __init__(self, mix: str, allowed: Sequence[str], precomputed: str, what: str):
+        self.mix = parse_policy_mix(mix, allowed)
+        self.what = what
+        if "selector" in self.mix:
+            _selector_unavailable(what)
+        self.table = _load_precomputed(precomputed, what) if "dp_precomputed" in self.mix else None
+        self.fallbacks = 0
+
+    def masks(self, x0_C_T_H_W: torch.Tensor, key: str, budgets: list[int], g: torch.Generator) -> tuple[torch.Tensor, str]:
+        """-> (nested masks ``[S, T]`` bool on CPU, policy name)."""
+        T = x0_C_T_H_W.shape[1]
+        policy = sample_policy(self.mix, generator=g)
+        if policy == "uniform":
+            m = uniform_nested_masks(1, T, budgets)[0]
+        elif policy in ("random", "random_nested"):
+            m = random_nested_masks(1, T, budgets, generator=g)[0]
+        elif policy == "dp":
+            cost = segment_costs(x0_C_T_H_W[None].float().cpu(), time_dim=2)
+            if len(budgets) == 1:
+                idx, _ = dp_select(cost, budgets[0], backend="torch")
+                m = indices_to_mask(idx, T)
+            else:
+                m = dp_nested_masks(cost, budgets, backend="torch")[0]
+        elif policy == "dp_precomputed":
+            stored = self.table.get(key)
+            want = (T,) if len(budgets) == 1 else (len(budgets), T)
+            if stored is None or tuple(stored.shape) != want or stored.dtype != torch.bool:
+                self.fallbacks += 1  # counted, reported in the metrics; uniform instead
+                m = uniform_nested_masks(1, T, budgets)[0]
+                policy = "uniform_fallback"
+            else:
+                m = stored.view(len(budgets), T)
+        else:  # pragma: no cover - parse_policy_mix restricts the names
+            raise ValueError(policy)
+        m = m.view(len(budgets), T)
+        check_nested(m[None], budgets)
+        return m, policy
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+def _keys(batch: dict) -> list[str]:
+    return [str(k) for k in batch["keys"]]
+
+
+def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: KeyframePolicy, seed: int):
+    """Flow-matching loss on K keyframe latents with true-index rotary positions (module docstring)."""
+    p1 = cfg.phase1
+    x0 = batch["lat"]  # (B, C, T, H, W)
+    emb = batch["emb"]  # (B, L, D)
+    B, C, T, H, W = x0.shape
+    K = p1.num_keyframes
+    if K > T:
+        raise ValueError(f"phase1.num_keyframes={K} exceeds the clip's {T} latent frames")
+    idx_rows, sig_rows, eps_rows, names = [], [], [], []
+    for b, key in enumerate(_keys(batch)):
+        g = sample_generator(seed, step, key)
+        m, name = policy.masks(x0[b].detach(), key, [K], g)
+        idx_rows.append(mask_to_indices(m))
+        sig_rows.append(sample_sigmas(1, p1.flow_density, p1.flow_shift, p1.logit_mean, p1.logit_std, generator=g))
+        eps_rows.append(torch.randn((C, K, H, W), generator=g))
+        names.append(name)
+    idx_B_K = torch.cat(idx_rows).to(x0.device)
+    sigma_B = torch.cat(sig_rows).to(x0.device)
+    eps = torch.stack(eps_rows).to(x0.device, torch.float32)
+    gather = idx_B_K[:, None, :, None, None].expand(B, C, K, H, W)
+    x0_k = torch.gather(x0.float(), 2, gather)  # (B, C, K, H, W)
+    x_t = flow_match_xt(x0_k, eps, sigma_B)
+    v_hat = wan.wan_forward(model, x_t, sigma_B * 1000.0, emb, frame_idx_B_K=idx_B_K)
+    loss = torch.mean((v_hat.float() - flow_match_target(x0_k, eps)) ** 2)
+    metrics = {"sigma_mean": float(sigma_B.mean()), "policy_fallbacks": float(policy.fallbacks)}
+    return loss, metrics
+
+
+def phase2_budgets(cfg: Phase2Config, T: int) -> list[int]:
+    if cfg.budgets:
+        b = [int(x) for x in cfg.budgets]
+        if b[-1] != T or any(y <= x for x, y in zip(b, b[1:])) or b[0] < 2:
+            raise ConfigError(f"phase2.budgets={b}: expected strictly increasing budgets from >= 2 up to T={T}")
+        return b
+    return budget_schedule(T, min(cfg.k_min, T), cfg.n_levels)
+
+
+def level_timestep(budgets: Sequence[int], s: torch.Tensor | int, T: int) -> torch.Tensor:
+    """Wan timestep of level ``s``: ``1000 * (1 - K_s / T)`` (the fraction of missing frames)."""
+    k = torch.as_tensor(list(budgets), dtype=torch.float32)[torch.as_tensor(s)]
+    return 1000.0 * (1.0 - k / T)
+
+
+def phase2_planes(mask_B_T: torch.Tensor, H: int, W: int, p2: Phase2Config, dtype=torch.float32) -> torch.Tensor:
+    """Extra input planes ``[B, E, T, H, W]`` from a level's mask (same in training and sampling)."""
+    conf = anchor_confidence(mask_B_T, p2.confidence) if "confidence" in p2.channels else None
+    return wan.extra_channels(mask_B_T, H, W, tuple(p2.channels), conf, dtype=dtype)
+
+
+def phase2_restore(model, x_s, mask_B_T, t_B, emb, p2: Phase2Config):
+    """``x0_hat = x_s - (t / 1000) * F([x_s, planes(M_s)], t, text)``."""
+    H, W = x_s.shape[-2:]
+    planes = phase2_planes(mask_B_T, H, W, p2, dtype=x_s.dtype)
+    v_hat = wan.wan_forward(model, x_s, t_B, emb, extra_B_E_T_H_W=planes)
+    return x_s.float() - (t_B.float() / 1000.0).view(-1, 1, 1, 1, 1) * v_hat.float()
+
+
+def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: KeyframePolicy, seed: int):
+    """Level-wise refiner loss on the clean latents (module docstring)."""
+    p2 = cfg.phase2
+    x0 = batch["lat"]
+    emb = batch["emb"]
+    B, C, T, H, W = x0.shape
+    budgets = phase2_budgets(p2, T)
+    S = len(budgets)
+    if S < 2:
+        raise ConfigError(f"phase2: need at least 2 levels, budgets are {budgets}")
+    sig = level_sigmas(S, p2.sigma_max, p2.sigma_min)
+    mask_rows, s_rows, eps_rows = [], [], []
+    for b, key in enumerate(_keys(batch)):
+        g = sample_generator(seed, step, key)
+        masks, _ = policy.masks(x0[b].detach(), key, budgets, g)
+        s = int(torch.randint(0, S - 1, (1,), generator=g))
+        mask_rows.append(masks[s])
+        s_rows.append(s)
+        eps_rows.append(torch.randn((C, T, H, W), generator=g))
+    mask_B_T = torch.stack(mask_rows).to(x0.device)
+    s_B = torch.tensor(s_rows)
+    sigma_B = sig[s_B].to(x0.device)
+    eps = torch.stack(eps_rows).to(x0.device, torch.float32)
+    x_s = interpolate_corrupt(x0.float(), mask_B_T, sigma_B, eps, time_dim=2)  # Triton on CUDA
+    t_B = level_timestep(budgets, s_B, T).to(x0.device)
+    x0_hat = phase2_restore(model, x_s, mask_B_T, t_B, emb, p2)
+    w_B_T = torch.where(mask_B_T, p2.keyframe_weight, p2.missing_weight).float()
+    w = w_B_T[:, None, :, None, None]
+    err = (x0_hat - x0.float()) ** 2
+    denom = (w.expand_as(err)).sum().clamp_min(1e-8)
+    loss = (err * w).sum() / denom
+    with torch.no_grad():
+        interp_err = (((x_s - x0.float()) ** 2) * w).sum() / denom
+    metrics = {"level_mean": float(s_B.float().mean()), "corrupt_mse": float(interp_err), "policy_fallbacks": float(policy.fallbacks)}
+    return loss, metrics
+
+
+# --- training spec ------------------------------------------------------------------------------
+
+
+def batch_to_dict(b) -> dict:
+    return {"lat": b.lat_B_C_T_H_W, "emb": b.emb_B_L_D, "keys": list(b.keys), "prompts": list(b.prompts)}
+
+
+def make_batches(cfg: VideoTrainConfig):
+    """``batches(epoch, skip)`` over a ``LatentLoader`` (resolves the shard pattern now: a missing
+    pattern fails here, before the model is built). Epoch mode skips exactly (reads and drops);
+    resampled mode reseeds its stream with the samples consumed (no replay, not bit-exact)."""
+    from interpdiff.video.data import LatentLoader, resolve_shards
+
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size)
+    try:
+        resolve_shards(data_cfg.shards)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.shards: {e}") from None
+    loader = LatentLoader(data_cfg)
+
+    def batches(epoch: int, skip: int):
+        n = skip * data_cfg.batch_size
+        loader.load_state_dict({"epoch": epoch, "samples_seen": n, "samples_in_epoch": n})
+        for b in loader:
+            yield batch_to_dict(b)
+
+    return batches, loader
+
+
+def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
+    """Everything ``interpdiff.training.train`` needs for phase 1 or 2 (cheap checks first)."""
+    batches, _ = make_batches(cfg)
+    if phase == 1:
+        policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file, "phase1.index_policy")
+    else:
+        policy = KeyframePolicy(cfg.phase2.policy_mix, PHASE2_POLICIES, cfg.phase2.dp_mask_file, "phase2.policy_mix")
+    try:
+        transformer = build_transformer(cfg.model, phase, cfg.phase2)
+    except ValueError as e:
+        if "LoRA target" in str(e):
+            raise ConfigError(f"model.lora.target_modules: {e}") from None
+        raise
+    seed = cfg.train.seed
+    loss_impl = phase1_loss if phase == 1 else phase2_loss
+
+    def loss_fn(model, batch, step):
+        return loss_impl(model, batch, step, cfg, policy, seed)
+
+    def save_trainable(model, folder: Path):
+        wan.save_lora(model, folder, extra_meta=lora_extra_meta(cfg, phase))
+
+    def load_trainable(model, folder: Path):
+        _load_trainable_into(model, folder)
+
+    from interpdiff.video.pipeline import make_validation
+
+    return TrainSpec(
+        model=transformer,
+        loss_fn=loss_fn,
+        batches=batches,
+        save_trainable=save_trainable,
+        load_trainable=load_trainable,
+        validate=make_validation(cfg, phase, batches),
+        batch_size=lambda b: int(b["lat"].shape[0]),
+        meta=model_meta(cfg, phase, transformer),
+        enable_gradient_checkpointing=lambda m: wan.set_gradient_checkpointing(m, True),
+    )
+
+
+def lora_extra_meta(cfg: VideoTrainConfig, phase: int) -> dict:
+    """Stored in the LoRA's ``interpdiff_lora.json`` so a sampler rebuilds the phase's settings
+    (budgets rule, level sigmas, mask channels; keyframe count) from the checkpoint alone."""
+    return {"phase": phase, "phase1": dataclasses.asdict(cfg.phase1), "phase2": dataclasses.asdict(cfg.phase2)}
+
+
+def _load_trainable_into(model, folder: Path) -> None:
+    """Copy the LoRA (+ widening) weights saved by ``save_lora`` into an already adapted model."""
+    from safetensors.torch import load_file
+
+    from interpdiff.io import CheckpointError
+
+    folder = Path(folder)
+    lora_file = folder / wan.LORA_WEIGHT_NAME
+    if not lora_file.is_file():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} lacks {wan.LORA_WEIGHT_NAME!r}")
+    m = wan._unwrap(model)
+    sd = load_file(str(lora_file))
+    own = dict(m.named_parameters())
+    n_loaded = 0
+    with torch.no_grad():
+        for k, v in sd.items():
+            name = k[len("transformer.") :] if k.startswith("transformer.") else k
+            # peft state-dict keys drop the adapter name: blocks.0.attn1.to_q.lora_A.weight
+            cand = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+            if cand not in own:
+                raise CheckpointError(f"{str(lora_file)!r}: key {k!r} has no parameter {cand!r} in the model")
+            own[cand].copy_(v.to(own[cand]))
+            n_loaded += 1
+        extra = folder / wan.EXTRA_WEIGHT_NAME
+        if wan.widening_of(m) is not None:
+            if not extra.is_file():
+                raise CheckpointError(f"checkpoint folder {str(folder)!r} lacks {wan.EXTRA_WEIGHT_NAME!r} (widened model)")
+            m.patch_embedding.extra_weight.copy_(load_file(str(extra))["patch_embedding.extra_weight"].to(m.patch_embedding.extra_weight))
+    n_lora = sum(1 for n in own if "lora_" in n)
+    if n_loaded != n_lora:
+        raise CheckpointError(f"{str(lora_file)!r} holds {n_loaded} LoRA tensors, the model has {n_lora}")

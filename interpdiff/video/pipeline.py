@@ -1,0 +1,371 @@
+"""Samplers: the two-phase pipeline (keyframes -> interpolation -> level-wise refinement) and the
+base Wan2.1 flow-matching sampler with classifier-free guidance, over the same transformer class.
+
+Two-phase, for latents ``[B, C, T, H, W]`` (``T = 1 + (frames - 1) / 4``)::
+
+    emb            = UMT5(prompt)                                 (wan.encode_prompts)
+    idx_B_K        = uniform keyframe indices (endpoints 0, T-1)   (or a selector, when one exists)
+    key_B_C_K_H_W  = Euler flow sampler, N steps, shift s, rope at idx   (phase1_sample)
+    x_0            = I(scatter(key), M_0) + sigma_0 eps (1 - M_0)  (level-0 input, as in training)
+    x_{s+1}        = TACoS step with x0_hat = phase-2 model(x_s, M_s)    (corruption.refine)
+    video          = VAE decode(x_S) -> mp4
+
+The level-0 masks ``M_0`` and the later nested masks are uniform (``masks.uniform_nested_masks``)
+with the budgets read from the phase-2 LoRA's metadata (the phase-2 config it was trained with),
+so the sampler's corruption, level timesteps and mask planes are those of training
+(``objectives.phase2_restore`` is shared). Optional sampling noise follows the training schedule
+(``noise='level'``: ``sigma_{s+1}`` on the frames still missing).
+
+Full (``--mode full``): Euler over ``sampling_sigmas(steps, shift)`` on all T frames, CFG
+``v = v_uncond + g (v_cond - v_uncond)`` with the negative prompt's embedding (Wan's default
+negative prompt when none is given). This is the same update rule diffusers'
+``FlowMatchEulerDiscreteScheduler`` applies, written out so both modes share one transformer call.
+
+Per-stage times are measured with ``torch.cuda.synchronize`` on CUDA (``StageTimer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from interpdiff.corruption import level_sigmas, refine
+from interpdiff.flow import sampling_sigmas
+from interpdiff.interpolate import interpolate
+from interpdiff.masks import mask_to_indices, uniform_nested_masks
+from interpdiff.video import wan
+
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage (CUDA-synchronised)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.times: dict[str, float] = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def latent_frames(num_frames: int) -> int:
+    """Pixel frames -> latent frames of the Wan VAE (temporal stride 4): ``1 + (F - 1) / 4``."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"num_frames={num_frames}: the Wan VAE needs 4k+1 frames (e.g. 81, 33, 17, 5)")
+    return 1 + (num_frames - 1) // 4
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32):
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+@torch.no_grad()
+def euler_flow_sample(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    steps: int,
+    shift: float,
+) -> torch.Tensor:
+    """``x <- x + (sigma_{i+1} - sigma_i) v(x, 1000 sigma_i)`` over ``sampling_sigmas(steps, shift)``."""
+    sig = sampling_sigmas(steps, shift)
+    x = x_T.float()
+    B = x.shape[0]
+    for i in range(steps):
+        t_B = torch.full((B,), float(sig[i]) * 1000.0, device=x.device)
+        v = velocity(x, t_B).float()
+        x = x + (float(sig[i + 1]) - float(sig[i])) * v
+    return x
+
+
+def _cfg_velocity(transformer, emb, neg_emb, guidance: float, **fwd):
+    def velocity(x, t_B):
+        v = wan.wan_forward(transformer, x, t_B, emb, **fwd).float()
+        if guidance == 1.0 or neg_emb is None:
+            return v
+        v_u = wan.wan_forward(transformer, x, t_B, neg_emb, **fwd).float()
+        return v_u + guidance * (v - v_u)
+
+    return velocity
+
+
+@torch.no_grad()
+def phase1_sample(
+    transformer,
+    emb_B_L_D: torch.Tensor,
+    idx_B_K: torch.Tensor,
+    chw: tuple[int, int, int],
+    steps: int,
+    shift: float = 5.0,
+    guidance: float = 1.0,
+    neg_emb_B_L_D: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Keyframe latents ``[B, C, K, H, W]`` at true frame indices ``idx_B_K`` (rope positions)."""
+    C, H, W = chw
+    B, K = idx_B_K.shape
+    x = _randn((B, C, K, H, W), generator, emb_B_L_D.device)
+    vel = _cfg_velocity(transformer, emb_B_L_D, neg_emb_B_L_D, guidance, frame_idx_B_K=idx_B_K)
+    return euler_flow_sample(vel, x, steps, shift)
+
+
+def scatter_keyframes(key_B_C_K_H_W: torch.Tensor, idx_B_K: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (``I(x, M)`` ``[B, C, T, H, W]`` with the keyframes at ``idx``, ``mask_B_T``)."""
+    B, C, K, H, W = key_B_C_K_H_W.shape
+    x = key_B_C_K_H_W.new_zeros(B, C, T, H, W)
+    x.scatter_(2, idx_B_K[:, None, :, None, None].expand(B, C, K, H, W), key_B_C_K_H_W)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    mask.scatter_(1, idx_B_K, True)
+    return interpolate(x, mask, time_dim=2), mask
+
+
+@dataclass
+class Phase2Settings:
+    """What the sampler needs from the phase-2 training config (stored in the LoRA metadata)."""
+
+    budgets: list[int]
+    sigma_max: float = 0.1
+    sigma_min: float = 0.01
+    channels: list[str] = field(default_factory=lambda: ["mask"])
+    confidence: str = "mask"
+    noise: str = "level"  # none | constant | level (sampling noise on missing frames)
+    noise_scale: float = 1.0
+
+    @classmethod
+    def from_phase2_config(cls, p2, T: int, **kw) -> "Phase2Settings":
+        from interpdiff.video.objectives import phase2_budgets
+
+        return cls(budgets=phase2_budgets(p2, T), sigma_max=p2.sigma_max, sigma_min=p2.sigma_min,
+                   channels=list(p2.channels), confidence=p2.confidence, **kw)
+
+
+@torch.no_grad()
+def phase2_refine(
+    transformer,
+    x_start_B_C_T_H_W: torch.Tensor,
+    masks_B_S_T: torch.Tensor,
+    emb_B_L_D: torch.Tensor,
+    st: Phase2Settings,
+    generator: torch.Generator | None = None,
+    init_noise: bool = True,
+) -> torch.Tensor:
+    """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)`` (``corruption.refine``)."""
+    from interpdiff.video.objectives import Phase2Config, level_timestep, phase2_restore
+
+    B, C, T, H, W = x_start_B_C_T_H_W.shape
+    S = masks_B_S_T.shape[1]
+    sig = level_sigmas(S, st.sigma_max, st.sigma_min)
+    p2 = Phase2Config(channels=list(st.channels), confidence=st.confidence)
+    x = x_start_B_C_T_H_W.float()
+    if init_noise and float(sig[0]) > 0:  # level-0 input as in training: noise on missing frames
+        miss = (~masks_B_S_T[:, 0]).float()[:, None, :, None, None]
+        x = x + float(sig[0]) * _randn(x.shape, generator, x.device) * miss
+
+    def restorer(x_s, s, mask_s, conf_s):
+        t_B = level_timestep(st.budgets, torch.full((B,), s, dtype=torch.long), T).to(x_s.device)
+        return phase2_restore(transformer, x_s, mask_s, t_B, emb_B_L_D, p2)
+
+    # refine draws sampling noise with ``generator`` on the tensor's device: use a device generator
+    dev_gen = None
+    if st.noise != "none" and generator is not None:
+        dev_gen = torch.Generator(device=x.device)
+        dev_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return refine(restorer, x, masks_B_S_T, time_dim=2, sigmas=sig, noise=st.noise, noise_scale=st.noise_scale,
+                  confidence=st.confidence, generator=dev_gen)
+
+
+@torch.no_grad()
+def two_phase_sample(
+    phase1_tr,
+    phase2_tr,
+    emb_B_L_D: torch.Tensor,
+    T: int,
+    hw: tuple[int, int],
+    st: Phase2Settings,
+    phase1_steps: int,
+    shift: float = 5.0,
+    guidance: float = 1.0,
+    neg_emb_B_L_D: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    timer: StageTimer | None = None,
+    idx_B_K: torch.Tensor | None = None,
+) -> dict:
+    """Phase 1 -> interpolation -> phase 2. Returns ``{"latents", "keyframes", "interpolated", "idx"}``."""
+    timer = timer or StageTimer(emb_B_L_D.device)
+    B = emb_B_L_D.shape[0]
+    H, W = hw
+    C = wan._unwrap(phase1_tr).config.in_channels
+    masks = uniform_nested_masks(B, T, st.budgets, device=emb_B_L_D.device)
+    if idx_B_K is None:
+        idx_B_K = mask_to_indices(masks[:, 0])
+    with timer.stage("phase1"):
+        key = phase1_sample(phase1_tr, emb_B_L_D, idx_B_K, (C, H, W), phase1_steps, shift, guidance, neg_emb_B_L_D, generator)
+    with timer.stage("interpolate"):
+        x0, m0 = scatter_keyframes(key, idx_B_K, T)
+    if not torch.equal(m0, masks[:, 0]):
+        raise ValueError("two_phase_sample: keyframe indices differ from the level-0 mask")
+    with timer.stage("phase2"):
+        out = phase2_refine(phase2_tr, x0, masks, emb_B_L_D, st, generator)
+    return {"latents": out, "keyframes": key, "interpolated": x0, "idx": idx_B_K, "masks": masks}
+
+
+@torch.no_grad()
+def full_sample(
+    transformer,
+    emb_B_L_D: torch.Tensor,
+    shape_CTHW: tuple[int, int, int, int],
+    steps: int,
+    shift: float = 5.0,
+    guidance: float = 5.0,
+    neg_emb_B_L_D: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Base Wan2.1 flow-matching sampler with CFG on all frames -> latents ``[B, C, T, H, W]``."""
+    B = emb_B_L_D.shape[0]
+    x = _randn((B, *shape_CTHW), generator, emb_B_L_D.device)
+    return euler_flow_sample(_cfg_velocity(transformer, emb_B_L_D, neg_emb_B_L_D, guidance), x, steps, shift)
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def video_to_uint8(video_B_3_F_H_W: torch.Tensor) -> np.ndarray:
+    """``[-1, 1]`` pixels -> ``uint8 [B, F, H, W, 3]``."""
+    v = ((video_B_3_F_H_W.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def write_mp4(path: str | Path, frames_F_H_W_3: np.ndarray, fps: int = 16) -> Path:
+    """H.264 mp4 through imageio-ffmpeg, written to a temp name then renamed."""
+    import os
+    import tempfile
+
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    F, H, W, _ = frames_F_H_W_3.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"write_mp4: H.264 (yuv420p) needs even height and width, got {H}x{W}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        imageio.mimwrite(tmp, list(frames_F_H_W_3), fps=fps, codec="libx264", macro_block_size=1,
+                         ffmpeg_params=["-pix_fmt", "yuv420p"])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def latent_preview(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path) -> Path:
+    """PNG grid: one row per ``(name, lat_C_T_H_W)``, one column per frame, channels 0-2 as RGB
+    (each row min-max normalised). For tiny runs where decoding means nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from interpdiff.io import atomic_write_bytes
+
+    T = max(r[1].shape[1] for r in rows)
+    fig, axes = plt.subplots(len(rows), T, figsize=(1.2 * T, 1.3 * len(rows)), squeeze=False)
+    for i, (name, lat) in enumerate(rows):
+        x = lat[:3].float().cpu()
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+        for t in range(T):
+            ax = axes[i, t]
+            ax.axis("off")
+            if t < x.shape[1]:
+                ax.imshow(x[:, t].permute(1, 2, 0).numpy(), interpolation="nearest")
+            if t == 0:
+                ax.set_title(name, fontsize=7, loc="left")
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --- validation during training ----------------------------------------------------------------
+
+
+def make_validation(cfg, phase: int, batches) -> Callable:
+    """``validate(model, step, folder, is_main)`` for ``TrainSpec``: on a fixed batch (the first of
+    epoch 0), phase 1 samples keyframes at uniform indices and compares them with the true ones;
+    phase 2 runs the oracle refinement (true keyframes at M_0, the sampler of ``phase2_refine``)
+    and reports the refined vs interpolated error (the refined output should not be worse).
+    Writes ``val_XXXXXXXX.png`` latent previews (or mp4s with ``validation.decode`` and a VAE) and
+    appends the numbers to ``validation/metrics.jsonl``."""
+    held: dict = {}
+    vcfg = cfg.validation
+
+    def validate(model, step: int, folder: Path, is_main: bool):
+        if "batch" not in held:
+            b = next(iter(batches(0, 0)))
+            n = min(vcfg.num_samples, b["lat"].shape[0])
+            held["batch"] = {"lat": b["lat"][:n], "emb": b["emb"][:n], "keys": b["keys"][:n]}
+        dev = next(model.parameters()).device
+        lat = held["batch"]["lat"].to(dev).float()
+        emb = held["batch"]["emb"].to(dev)
+        B, C, T, H, W = lat.shape
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        ctx = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            if phase == 1:
+                K = min(cfg.phase1.num_keyframes, T)
+                idx = mask_to_indices(uniform_nested_masks(B, T, [K], device=dev)[:, 0])
+                key = phase1_sample(model, emb, idx, (C, H, W), vcfg.phase1_steps, vcfg.shift, generator=g)
+                true = torch.gather(lat, 2, idx[:, None, :, None, None].expand(B, C, K, H, W))
+                metrics = {"step": step, "keyframe_mse": float(((key - true) ** 2).mean())}
+                rows = [("true keyframes", true[0]), ("sampled keyframes", key[0])]
+                video_lat = scatter_keyframes(key, idx, T)[0]
+            else:
+                st = Phase2Settings.from_phase2_config(cfg.phase2, T, noise="none")
+                masks = uniform_nested_masks(B, T, st.budgets, device=dev)
+                x0 = interpolate(lat, masks[:, 0], time_dim=2)
+                out = phase2_refine(model, x0, masks, emb, st, g, init_noise=False)
+                metrics = {"step": step, "interp_mse": float(((x0 - lat) ** 2).mean()),
+                           "refined_mse": float(((out - lat) ** 2).mean())}
+                rows = [("ground truth", lat[0]), ("interpolated", x0[0]), ("refined", out[0])]
+                video_lat = out
+        if not is_main:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if vcfg.decode:
+            if "vae" not in held:
+                held["vae"] = wan.load_vae(cfg.model.path).to(dev)
+            video = wan.vae_decode(held["vae"], video_lat)
+            for i, v in enumerate(video_to_uint8(video)):
+                write_mp4(folder / f"val_{step:08d}_{i}.mp4", v, fps=vcfg.fps)
+        else:
+            latent_preview(rows, folder / f"val_{step:08d}.png")
+
+    return validate

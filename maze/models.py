@@ -199,6 +199,10 @@ class KeypointDenoiser(nn.Module):
         self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1, 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
 
+    def encode(self, cond: dict):
+        """Maze tokens and pooled vector for ``cond`` (computed once per plan, passed as ``enc``)."""
+        return self.backbone.encode(cond)
+
     def forward(self, z_B_K_2, sigma_B, idx_B_K, kp_feat_B_K_5, known_B_K, cond, enc=None):
         # gaps and t_norm are in [0, 1]; the segment costs (diffs) span decades -> log1p(1000 c)
         f = torch.cat([kp_feat_B_K_5[..., :3], torch.log1p(1000.0 * kp_feat_B_K_5[..., 3:].clamp_min(0))], -1)
@@ -216,6 +220,10 @@ class FullSequenceDenoiser(nn.Module):
         self.T = T
         self.backbone = TrajBackbone(3, 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
+
+    def encode(self, cond: dict):
+        """Maze tokens and pooled vector for ``cond`` (computed once per plan, passed as ``enc``)."""
+        return self.backbone.encode(cond)
 
     def forward(self, z_B_T_2, sigma_B, known_B_T, cond, enc=None):
         B, T, _ = z_B_T_2.shape
@@ -236,6 +244,10 @@ class Refiner(nn.Module):
         self.backbone = TrajBackbone(3, 2, sizes, G)
         self.level_emb = nn.Embedding(n_levels, sizes.d_model)
         self.frac_emb = ScalarEmbed(sizes.d_model)
+
+    def encode(self, cond: dict):
+        """Maze tokens and pooled vector for ``cond`` (computed once per plan, passed as ``enc``)."""
+        return self.backbone.encode(cond)
 
     def forward(self, x_s_B_T_2, level_B, conf_B_T, cond, enc=None):
         B, T, _ = x_s_B_T_2.shape

@@ -68,7 +68,7 @@ def sample_keyframes(
     z_known = to_z(endpoint_values(idx_B_K, T, cond["start"], cond["goal"]))
     z = torch.randn(*idx_B_K.shape, 2, generator=generator, device=idx_B_K.device)
     z = torch.where(known[..., None], z_known, z)
-    enc = model.backbone.encode(cond)
+    enc = model.encode(cond)
     sig = sampling_sigmas(steps, shift, device=z.device)
     B = z.shape[0]
     for i in range(steps):
@@ -87,7 +87,7 @@ def sample_full(model, cond: dict, steps: int, shift: float = 1.0, generator=Non
     z_known = to_z(endpoint_values(idx, T, cond["start"], cond["goal"]))
     z = torch.randn(B, T, 2, generator=generator, device=cond["start"].device)
     z = torch.where(known[..., None], z_known, z)
-    enc = model.backbone.encode(cond)
+    enc = model.encode(cond)
     sig = sampling_sigmas(steps, shift, device=z.device)
     for i in range(steps):
         v = model(z, sig[i].expand(B), known, cond, enc)
@@ -122,7 +122,7 @@ def refine_levels(
 ):
     """Phase-2 over the levels with ``interpdiff.corruption.refine``; returns ``(x, [x_s], [x0_hat_s])``."""
     S = masks_B_S_T.shape[1]
-    enc = refiner.backbone.encode(cond)
+    enc = refiner.encode(cond)
     B = x_start_B_T_2.shape[0]
 
     def restorer(x, s, m, conf):

@@ -1,0 +1,164 @@
+"""Maze networks: checkpoint round trips (sizes from metadata), clear errors, config sections,
+the shared training loop (loss goes down, resume continues)."""
+
+import pytest
+import torch
+
+from interpdiff.config import ConfigError, load_config
+from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
+from maze.config_model import BackboneConfig, ModelSections, OptimConfig, load_maze_config
+from maze.models import (
+    FullSequenceDenoiser, KeypointDenoiser, Refiner, build_model, load_model, save_model, train_loop,
+)
+
+torch.set_num_threads(1)
+T, G = 32, 12
+
+
+def cond(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    occ = (torch.rand(B, G, G, generator=g) > 0.8).float()
+    return {"occ": occ, "sdf": torch.randn(B, G, G, generator=g), "start": torch.rand(B, 2, generator=g),
+            "goal": torch.rand(B, 2, generator=g)}
+
+
+def run(model, seed=0):
+    B = 3
+    g = torch.Generator().manual_seed(seed)
+    c = cond(B, seed)
+    if isinstance(model, KeypointDenoiser):
+        idx = torch.sort(torch.randperm(T, generator=g)[:5]).values.expand(B, 5)
+        return model(torch.randn(B, 5, 2, generator=g), torch.rand(B, generator=g), idx, torch.rand(B, 5, 5, generator=g),
+                     idx == 0, c)
+    if isinstance(model, FullSequenceDenoiser):
+        known = torch.zeros(B, T, dtype=torch.bool)
+        return model(torch.randn(B, T, 2, generator=g), torch.rand(B, generator=g), known, c)
+    return model(torch.rand(B, T, 2, generator=g), torch.tensor([0, 1, 2]), (torch.rand(B, T, generator=g) > 0.5).float(), c)
+
+
+def perturb(model):
+    """Zero-initialised outputs would make every model compare equal: randomise all weights."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+SIZES = [
+    BackboneConfig(d_model=32, depth=2, heads=4, enc_depth=1, cond_mode="cross", patch=1),
+    BackboneConfig(d_model=48, depth=1, heads=3, enc_depth=0, cond_mode="prefix", patch=4),
+]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=["cross", "prefix-patch4"])
+@pytest.mark.parametrize("kind", ["phase1", "phase2", "baseline"])
+def test_checkpoint_round_trip_rebuilds_same_model(tmp_path, kind, sizes):
+    torch.manual_seed(0)
+    if kind == "phase1":
+        sizes = BackboneConfig(**{**vars(sizes), "patch": 1})
+        model = KeypointDenoiser(sizes, T, G)
+    elif kind == "phase2":
+        model = Refiner(sizes, T, G, n_levels=4)
+    else:
+        model = FullSequenceDenoiser(sizes, T, G)
+    perturb(model).eval()
+    path = save_model(tmp_path / "model.pt", model, extra_meta={"budgets": [4, 8, 16, 32]})
+    loaded, meta = load_model(path, kind)  # sizes come from the file, not from the caller
+    assert meta["sizes"] == vars(sizes) and meta["T"] == T and meta["G"] == G
+    assert type(loaded) is type(model)
+    sd0, sd1 = model.state_dict(), loaded.state_dict()
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(model), atol=0, rtol=0)
+
+
+def test_ema_weights_preferred_and_model_weights_on_request(tmp_path):
+    torch.manual_seed(0)
+    m = perturb(Refiner(SIZES[0], T, G, 3))
+    ema = perturb(Refiner(SIZES[0], T, G, 3))
+    save_model(tmp_path / "m.pt", m, ema)
+    a, _ = load_model(tmp_path / "m.pt", "phase2")
+    b, _ = load_model(tmp_path / "m.pt", "phase2", use_ema=False)
+    assert torch.equal(a.level_emb.weight, ema.level_emb.weight)
+    assert torch.equal(b.level_emb.weight, m.level_emb.weight)
+
+
+def test_missing_wrong_kind_and_invalid_checkpoints_name_the_path(tmp_path):
+    missing = tmp_path / "nope" / "model.pt"
+    with pytest.raises(CheckpointError, match="nope/model.pt.*does not exist"):
+        load_model(missing, "phase1")
+    with pytest.raises(CheckpointError, match="is a folder.*model.pt"):
+        load_model(tmp_path, "phase1")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt.*could not be read"):
+        load_model(bad, "phase1")
+    m = Refiner(SIZES[0], T, G, 3)
+    save_model(tmp_path / "r.pt", m)
+    with pytest.raises(CheckpointError, match="r.pt.*'phase2' model; expected 'phase1'"):
+        load_model(tmp_path / "r.pt", "phase1")
+    # sizes in the metadata that do not fit the weights
+    ck = load_checkpoint(tmp_path / "r.pt")
+    ck["meta"]["sizes"]["d_model"] = 64
+    ck["meta"]["sizes"]["heads"] = 4
+    save_checkpoint(tmp_path / "r2.pt", ck["state"], ck["meta"])
+    with pytest.raises(CheckpointError, match="r2.pt.*do not fit"):
+        load_model(tmp_path / "r2.pt", "phase2")
+    with pytest.raises(CheckpointError, match="kind"):
+        build_model({"kind": "video"})
+
+
+def test_refiner_starts_as_identity_and_patch_must_divide_T():
+    torch.manual_seed(0)
+    r = Refiner(SIZES[1], T, G, 3)
+    x = torch.rand(3, T, 2)
+    out = r(x, torch.zeros(3), torch.zeros(3, T), cond(3))
+    torch.testing.assert_close(out, x, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="multiple of patch=4"):
+        FullSequenceDenoiser(SIZES[1], 30, G)(torch.rand(2, 30, 2), torch.rand(2), torch.zeros(2, 30, dtype=torch.bool), cond(2))
+    with pytest.raises(ValueError, match="patch must be 1"):
+        KeypointDenoiser(SIZES[1], T, G)
+
+
+def test_config_sections_validate_with_key_names(tmp_path):
+    with pytest.raises(ValueError, match="phase2.model.cond_mode='side'"):
+        load_config(ModelSections, None, ["phase2.model.cond_mode=side"])
+    with pytest.raises(ValueError, match="phase1.model.d_model=100 must be divisible by phase1.model.heads=6"):
+        load_config(ModelSections, None, ["phase1.model.d_model=100"])
+    with pytest.raises(ValueError, match="unknown policy 'dpp'"):
+        load_config(ModelSections, None, ["phase1.policy_mix=dpp:1"])
+    with pytest.raises(ConfigError, match="phase2.sigmax"):
+        load_config(ModelSections, None, ["phase2.sigmax=1"])
+    # two files merged in order, the overlay naming its own bad key
+    a = tmp_path / "a.yaml"
+    a.write_text("data:\n  T: 64\nphase1:\n  sample_steps: 3\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("phase1:\n  sample_steps: 5\n  model: {d_model: 32, heads: 4}\n")
+    cfg = load_maze_config(["--config", str(a), "--config", str(b), "phase2.sigma_max=0.05"])
+    assert (cfg.data.T, cfg.phase1.sample_steps, cfg.phase1.model.d_model, cfg.phase2.sigma_max) == (64, 5, 32, 0.05)
+    b.write_text("phase1:\n  sampel_steps: 5\n")
+    with pytest.raises(ConfigError, match="b.yaml.*sampel_steps"):
+        load_maze_config(["--config", str(a), "--config", str(b)])
+
+
+def test_train_loop_learns_and_resumes(tmp_path):
+    """A tiny refiner fits a fixed batch (loss falls 5x); a second call resumes at the saved step."""
+    torch.manual_seed(0)
+    r = Refiner(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4), T, G, 2)
+    x = torch.rand(8, T, 2)
+    target = (x + 0.05 * torch.sin(torch.arange(T) / 3.0)[None, :, None]).clamp(0, 1)
+    c = cond(8)
+
+    def loss_fn(model, step):
+        return ((model(x, torch.zeros(8), torch.zeros(8, T), c) - target) ** 2).mean() * 100, {}
+
+    oc = OptimConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, ema=0.0, log_every=10, ckpt_every=30)
+    rows = train_loop(r, loss_fn, oc, tmp_path / "model.pt", {}, "test")
+    assert rows[-1]["loss"] < rows[0]["loss"] / 5
+    assert load_checkpoint(tmp_path / "model.pt")["meta"]["step"] == 60
+    assert (tmp_path / "model_metrics.csv").read_text().startswith("step,loss,lr,seconds")
+    oc2 = OptimConfig(**{**vars(oc), "steps": 70})
+    r2 = Refiner(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4), T, G, 2)
+    rows2 = train_loop(r2, loss_fn, oc2, tmp_path / "model.pt", {}, "test")
+    assert [row["step"] for row in rows2] == [10, 20, 30, 40, 50, 60, 70]  # 6 old rows + 1 new
+    assert rows2[-1]["loss"] < rows[0]["loss"] / 5  # continued from the trained weights

@@ -326,10 +326,20 @@ def crop_frames(lat_C_T_H_W: torch.Tensor, num_frames: int, mode: str, rng: rand
     return lat_C_T_H_W[:, off : off + num_frames], off
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; inside a DataLoader worker the result is allocated in shared memory
+    directly (as ``default_collate`` does), so sending it to the main process costs no extra copy."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    ref = tensors[0]
+    out = torch.empty((len(tensors), *ref.shape), dtype=ref.dtype).share_memory_()
+    return torch.stack(tensors, out=out)
+
+
 def collate_latents(samples: list[dict], stats: dict | None = None) -> LatentBatch:
     return LatentBatch(
-        lat_B_C_T_H_W=torch.stack([s["latent"] for s in samples]),
-        emb_B_L_D=torch.stack([s["embed"] for s in samples]),
+        lat_B_C_T_H_W=_stack([s["latent"] for s in samples]),
+        emb_B_L_D=_stack([s["embed"] for s in samples]),
         prompts=[s["prompt"] for s in samples],
         keys=[s["key"] for s in samples],
         frame_offset_B=torch.tensor([s.get("frame_offset", 0) for s in samples], dtype=torch.long),

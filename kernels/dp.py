@@ -1,0 +1,205 @@
+"""Triton kernel for the batched keyframe DP (one program per sample).
+
+Recurrence (the torch reference is ``interpdiff.selection.dp_select_reference``)::
+
+    D[0, t] = 0 if t == 0 else +inf
+    D[r, t] = min_{s < t} D[r-1, s] + c[s, t],     back[r, t] = smallest argmin s
+    idx[K-1] = T-1,  idx[r-1] = back[r, idx[r]]     total = D[K-1, T-1]
+
+Entries ``c[s, t]`` with ``s >= t`` are never read (masked to ``+inf`` at the load). Sums and
+minima are the same fp32 operations as the reference, and the ``(value, s)`` reduction keeps the
+smallest ``s`` on ties, so indices and totals are bit-identical to it (NaN costs are not supported: the reference and the kernel may
+disagree on them).
+
+On chip (``T <= 128``): the program loads its sample's ``[T, T]`` cost tile into registers once
+(128 x 128 fp32 = 64 KB over 8 warps), so the cost matrix is read from HBM exactly once; each
+row is a parallel ``[s, t]`` add + min over ``s``. ``D`` stays in registers.
+
+Streaming (``T > 128``): the tile no longer fits; each row walks ``t`` in blocks of
+``BLOCK_T`` and ``s`` in blocks of ``BLOCK_S``, re-reading the cost (``K`` reads of the upper
+triangle, mostly from L2) and keeping ``D`` in a small per-sample global scratch
+(double-buffered rows).
+
+Back-pointers go to a global scratch ``[B, K, T]``, int8 when ``T <= 128`` (pointers are
+``< T <= 128``; half the traffic of int16) else int16 (``T <= 32768``); each row is one
+coalesced store, and the scratch of one sample is a few KB that stays in L2 for the
+backtracking, which runs in the same program after a CTA barrier (``K`` dependent scalar
+loads). One DP pass serves several budgets: row ``r`` of the table is the same for every
+budget ``K > r``, so ``dp_select_many_triton(cost, [K_0, ..., K_S])`` runs the rows once up to
+``max K`` and backtracks once per budget (what the nested per-level masks need).
+
+The kernel is decorated at import: import this module after setting ``TRITON_INTERPRET=1`` to
+run it on CPU tensors (tests); otherwise it needs CUDA tensors. Only ``tl`` builtins and this
+module's own ``@triton.jit`` helpers are called (not ``tl.min``/``tl.zeros``/``tl.cdiv``, which
+``triton.language.standard`` decorates when triton is imported and which then fail in the
+interpreter if triton was imported before ``TRITON_INTERPRET`` was set).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest padded T kept on chip: 128 x 128 fp32 = 64 KB of registers over 8 warps.
+MAX_ON_CHIP_T = 128
+# Streaming path block sizes: a [BLOCK_S, BLOCK_T] tile = 4096 fp32.
+STREAM_BLOCK_T = 128
+STREAM_BLOCK_S = 32
+
+
+# (min, index) with the smaller index on equal values: the combine function ``tl.min(...,
+# return_indices=True, return_indices_tie_break_left=True)`` uses, passed to the builtin
+# ``tl.reduce`` directly so that the interpreter recognises it and reduces with numpy instead of
+# calling it per element (and so that ``tl.min``, a standard-library ``@jit``, is not needed).
+_ARGMIN_LEFT = tl.standard._argmin_combine_tie_break_left
+
+
+@triton.jit
+def _dp_kernel(
+    c_ptr, back_ptr, dbuf_ptr, dlast_ptr, ks_ptr, offs_ptr, idx_ptr, tot_ptr,
+    T, k_max, n_k, n_idx,
+    scb, sci, scj,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ON_CHIP: tl.constexpr,
+):
+    """DP rows 1..k_max-1 for sample ``program_id(0)``, then backtracking for each budget."""
+    b = tl.program_id(0).to(tl.int64)
+    c_base = c_ptr + b * scb
+    back_base = back_ptr + b * k_max * T
+    dlast_base = dlast_ptr + b * k_max
+    inf = float("inf")
+
+    if ON_CHIP:
+        s = tl.arange(0, BLOCK_T)
+        t = tl.arange(0, BLOCK_T)
+        valid = (s[:, None] < t[None, :]) & (t[None, :] < T)
+        c = tl.load(c_base + s[:, None] * sci + t[None, :] * scj, mask=valid, other=inf).to(tl.float32)
+        D = tl.where(s == 0, 0.0, inf)
+        for r in range(1, k_max):
+            cand = D[:, None] + c
+            D, arg = tl.reduce((cand, tl.broadcast_to(s[:, None], cand.shape)), 0, _ARGMIN_LEFT)
+            tl.store(back_base + r * T + t, arg.to(back_ptr.dtype.element_ty), mask=t < T)
+            tl.store(dlast_base + r + t * 0, D, mask=t == T - 1)  # D[r, T-1]: one lane stores
+    else:
+        # D rows live in dbuf[b, 2, BLOCK_T * ceil(T / BLOCK_T)]; row r reads buffer (r-1)%2
+        n_pad = (T + BLOCK_T - 1) // BLOCK_T * BLOCK_T
+        dbuf_base = dbuf_ptr + b * 2 * n_pad
+        tt = tl.arange(0, BLOCK_T)
+        for t0 in range(0, n_pad, BLOCK_T):
+            tl.store(dbuf_base + t0 + tt, tl.where(t0 + tt == 0, 0.0, inf))
+        tl.debug_barrier()
+        for r in range(1, k_max):
+            src = dbuf_base + ((r - 1) % 2) * n_pad
+            dst = dbuf_base + (r % 2) * n_pad
+            for t0 in range(0, T, BLOCK_T):
+                t = t0 + tt
+                best = tl.full([BLOCK_T], inf, tl.float32)
+                best_s = tl.full([BLOCK_T], 0, tl.int32)
+                for s0 in range(0, t0 + BLOCK_T, BLOCK_S):  # only s < t matters: stop at the block's end
+                    sl = tl.arange(0, BLOCK_S)  # local index: what the reduction returns
+                    s = s0 + sl
+                    valid = (s[:, None] < t[None, :]) & (t[None, :] < T)
+                    c = tl.load(c_base + s[:, None] * sci + t[None, :] * scj, mask=valid, other=inf).to(tl.float32)
+                    d = tl.load(src + s, mask=s < T, other=inf)
+                    cand = d[:, None] + c
+                    m, a = tl.reduce((cand, tl.broadcast_to(sl[:, None], cand.shape)), 0, _ARGMIN_LEFT)
+                    take = m < best  # strict: an earlier s block keeps its (smaller) s on ties
+                    best = tl.where(take, m, best)
+                    best_s = tl.where(take, s0 + a, best_s)
+                tl.store(dst + t, best)
+                tl.store(back_base + r * T + t, best_s.to(back_ptr.dtype.element_ty), mask=t < T)
+                tl.store(dlast_base + r + t * 0, best, mask=t == T - 1)
+            tl.debug_barrier()  # row r fully written before row r+1 reads it
+
+    tl.debug_barrier()  # back-pointers and totals written by all threads before backtracking
+    for i in range(0, n_k):
+        k = tl.load(ks_ptr + i)
+        off = tl.load(offs_ptr + i)
+        out = idx_ptr + b * n_idx + off
+        tl.store(tot_ptr + b * n_k + i, tl.load(dlast_base + k - 1))
+        cur = (T - 1).to(tl.int64)  # current index, walked back row by row
+        tl.store(out + k - 1, cur)
+        for j in range(1, k):
+            r = k - j
+            cur = tl.load(back_base + r * T + cur).to(tl.int64)
+            tl.store(out + r - 1, cur)
+
+
+def _is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _check_inputs(cost: torch.Tensor, ks: list[int], op: str) -> None:
+    if not isinstance(cost, torch.Tensor) or cost.dim() != 3 or cost.shape[1] != cost.shape[2]:
+        raise ValueError(f"{op}: cost must be a [B, T, T] tensor, got {list(getattr(cost, 'shape', []))}")
+    if not cost.is_floating_point():
+        raise ValueError(f"{op}: cost must be a float tensor, got {cost.dtype}")
+    T = cost.shape[1]
+    if T > 32768:
+        raise ValueError(f"{op}: T={T} exceeds the int16 back-pointer range (32768); use backend='torch'")
+    if not ks:
+        raise ValueError(f"{op}: need at least one budget k")
+    for k in ks:
+        if not 2 <= k <= T:
+            raise ValueError(f"{op}: k must satisfy 2 <= k <= T={T} (both endpoints are keyframes), got k={k}")
+    if not cost.is_cuda and not _is_interpreted(_dp_kernel):
+        raise RuntimeError(
+            f"{op}: got a {cost.device.type} tensor but kernels.dp was compiled for CUDA; run on CUDA tensors, "
+            "or set TRITON_INTERPRET=1 before kernels.dp is first imported to use the Triton interpreter on CPU"
+        )
+
+
+def dp_select_many_triton(
+    cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Optimal index sets for several budgets from one DP pass.
+
+    Returns ``([idx_B_K for K in ks], total_B_N float32)`` where ``idx`` are sorted long indices
+    (``0`` first, ``T-1`` last) and ``total[:, i]`` is the minimal cost for ``ks[i]``; each
+    equals ``dp_select_reference(cost, ks[i])`` bit for bit.
+    """
+    ks = [int(k) for k in ks]
+    _check_inputs(cost_B_T_T, ks, "dp_select_triton")
+    B, T, _ = cost_B_T_T.shape
+    dev = cost_B_T_T.device
+    k_max = max(ks)
+    on_chip = T <= MAX_ON_CHIP_T
+    if on_chip:
+        block_t = block_s = max(16, triton.next_power_of_2(T))
+        nw = num_warps or (8 if block_t >= 128 else 4 if block_t >= 64 else 2 if block_t >= 32 else 1)
+        dbuf = torch.empty(1, dtype=torch.float32, device=dev)
+    else:
+        block_t, block_s = STREAM_BLOCK_T, STREAM_BLOCK_S
+        nw = num_warps or 4
+        n_pad = triton.cdiv(T, block_t) * block_t
+        dbuf = torch.empty(B, 2, n_pad, dtype=torch.float32, device=dev)
+    back = torch.empty(B, k_max, T, dtype=torch.int8 if T <= 128 else torch.int16, device=dev)
+    dlast = torch.empty(B, k_max, dtype=torch.float32, device=dev)
+    offs = [0]
+    for k in ks[:-1]:
+        offs.append(offs[-1] + k)
+    ks_t = torch.tensor(ks, dtype=torch.int32, device=dev)
+    offs_t = torch.tensor(offs, dtype=torch.int32, device=dev)
+    n_idx = sum(ks)
+    idx = torch.empty(B, n_idx, dtype=torch.long, device=dev)
+    tot = torch.empty(B, len(ks), dtype=torch.float32, device=dev)
+    if B > 0:
+        c = cost_B_T_T if cost_B_T_T.dtype == torch.float32 else cost_B_T_T.to(torch.float32)
+        _dp_kernel[(B,)](
+            c, back, dbuf, dlast, ks_t, offs_t, idx, tot,
+            T, k_max, len(ks), n_idx,
+            c.stride(0), c.stride(1), c.stride(2),
+            BLOCK_T=block_t, BLOCK_S=block_s, ON_CHIP=on_chip,
+            num_warps=nw,
+        )
+    return list(idx.split(ks, dim=1)), tot
+
+
+def dp_select_triton(cost_B_T_T: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx_B_K long, total_B float32)``, bit-identical to ``dp_select_reference(cost, k)``."""
+    idx, tot = dp_select_many_triton(cost_B_T_T, [int(k)])
+    return idx[0], tot[:, 0]

@@ -1,0 +1,350 @@
+"""Triton kernel for ``I(x, M)`` (masked linear interpolation in time), forward and backward.
+
+Formula (the torch reference is ``interpdiff.interpolate.interpolate_reference``): for sample
+``b``, frame ``t``, ``l(t)`` the nearest keyframe at or before ``t`` and ``r(t)`` the nearest at
+or after it::
+
+    out[b, t] = (1 - w) * x[b, l] + w * x[b, r],      w = (t - l) / (r - l)   (0 when l == r)
+
+with ``w`` and the products computed in the accumulation dtype (fp32; fp64 for fp64 inputs),
+the same operations in the same order as the reference; the output has ``x``'s dtype. With ``sigma`` ``[B]`` and ``eps``
+(``x``'s shape) it also adds the phase-2 corruption on the missing frames::
+
+    out[b, t] = round(I(x, M)[b, t]) + sigma[b] * eps[b, t] * (1 - M[b, t])     (in fp32)
+
+where ``round`` is the cast to ``x.dtype``, as ``interpdiff.interpolate.interpolate_corrupt``'s
+reference does it, so both paths give the same bits.
+
+Layout: any tensor with batch at dim 0 and time at ``time_dim`` is seen as ``[B, P, T, Q]``
+(``P`` = product of the dims between batch and time, ``Q`` = product of the dims after time):
+``[B, T, D]`` is ``P=1, Q=D``; Wan's ``[B, C, T, H, W]`` is ``P=C, Q=H*W``. Strides are passed
+to the kernel, so permuted or sliced views are read in place; only a layout whose ``P`` or
+``Q`` dims cannot be merged into one stride is copied first. The output is contiguous.
+
+Forward, one pass over memory: a program owns one ``(b, p)`` plane and a tile of ``BLOCK_Q``
+columns for *all* ``T`` frames. It loads the sample's mask row, computes ``l(t)`` and ``r(t)``
+for every frame with two prefix scans (max-scan of ``t`` where ``M``, min-scan reversed), and
+gathers ``x[l(t)]`` and ``x[r(t)]`` as two ``[BLOCK_T, BLOCK_Q]`` tiles. Only keyframe rows are
+addresses, so HBM reads are the keyframe rows (the repeated rows hit L1/L2), every output row is
+written once, and no ``[B, T, ...]`` temporary exists. All loads of a program are independent
+(no serial chain over keyframes), which is what keeps the memory system busy.
+
+Backward (``d out[t] / d x[l] = 1 - w``, ``d out[t] / d x[r] = w``): a program owns a
+``(b, p)`` plane and a ``BLOCK_Q`` tile and walks ``t`` once, keeping the gradient of the
+current left keyframe and of the next right keyframe in registers, so each ``grad_out`` row is
+read once and each ``grad_x`` row written once (zero on non-keyframes). ``eps`` gets
+``sigma * grad * (1 - M)`` when it requires grad; ``sigma`` gets none.
+
+The kernels are decorated at import: import this module after setting ``TRITON_INTERPRET=1``
+to run them on CPU tensors (tests); otherwise they need CUDA tensors. They call only
+``tl`` builtins and their own ``@triton.jit`` helpers, never the ``@jit`` functions of
+``triton.language.standard`` (``tl.zeros``, ``tl.min``, ``tl.cdiv``, ...): those are decorated
+when triton itself is imported, so they would not run in the interpreter if triton was imported
+before ``TRITON_INTERPRET`` was set.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest padded T one program holds in registers (the scans and the [BLOCK_T, BLOCK_Q] tile).
+MAX_BLOCK_T = 8192
+# Elements per forward tile: 4096 (16 KB of fp32 per operand) keeps two gathered operands and
+# the result in registers at 4 warps without spilling.
+TILE_ELEMS = 4096
+# Columns per backward program: a 1-D row tile; 1024 elements = 8 fp32 registers per thread.
+BWD_BLOCK_Q = 1024
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _interp_fwd_kernel(
+    x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
+    T, P, Q,
+    sxb, sxp, sxt, sxq,
+    seb, sep, set_, seq,
+    smb, smt,
+    BLOCK_T: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """out[b, p, t, q] = (1 - w) x[b, p, l(t), q] + w x[b, p, r(t), q] (+ noise), see module doc."""
+    pid_bp = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)  # int64 base offsets: B*P*T*Q may exceed 2**31
+    p = (pid_bp % P).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    t_ok = t < T
+    q_ok = q < Q
+
+    key = tl.load(m_ptr + b * smb + t * smt, mask=t_ok, other=0) != 0
+    left = tl.associative_scan(tl.where(key, t, -1), 0, _max_combine)
+    right = tl.associative_scan(tl.where(key, t, BLOCK_T), 0, _min_combine, reverse=True)
+    right = tl.minimum(right, T - 1)  # padded rows t >= T have no right keyframe; they are masked
+    # the reference's w: division of the integer offsets in the accumulation dtype
+    w = (t - left).to(ACC) / tl.maximum(right - left, 1).to(ACC)
+
+    io_ok = t_ok[:, None] & q_ok[None, :]
+    base = x_ptr + b * sxb + p * sxp + (q * sxq)[None, :]
+    xl = tl.load(base + (left * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
+    xr = tl.load(base + (right * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
+    w2 = w[:, None]
+    out = xl * (1 - w2) + xr * w2
+    if HAS_NOISE:
+        sig = tl.load(sig_ptr + b).to(tl.float32)
+        e = tl.load(eps_ptr + b * seb + p * sep + (t * set_)[:, None] + (q * seq)[None, :], mask=io_ok, other=0.0)
+        miss = tl.where(key, 0.0, 1.0)[:, None]
+        # round to x's dtype first, then add the noise in fp32 (the reference's order)
+        base_val = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        out = base_val + (sig * e.to(tl.float32)) * miss
+    row = (b * P + p) * T
+    tl.store(out_ptr + (row + t)[:, None] * Q + q[None, :], out.to(out_ptr.dtype.element_ty), mask=io_ok)
+
+
+@triton.jit
+def _interp_bwd_kernel(
+    g_ptr, m_ptr, gx_ptr,
+    T, P, Q,
+    sgb, sgp, sgt, sgq,
+    smb, smt,
+    BLOCK_Q: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """grad_x[l] += (1 - w_t) g[t], grad_x[r] += w_t g[t] over all t; 0 at non-keyframes."""
+    pid_bp = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    g_base = g_ptr + b * sgb + p * sgp + q * sgq
+    gx_base = gx_ptr + (b * P + p) * T * Q + q
+    # frame 0 is a keyframe: its accumulator starts with its own gradient (w = 0 there)
+    acc_l = tl.load(g_base, mask=q_ok, other=0.0).to(ACC)
+    zero = tl.full([BLOCK_Q], 0.0, ACC)
+    l = 0
+    for t in range(1, T):
+        if tl.load(m_ptr + b * smb + t * smt) != 0:
+            acc_r = tl.load(g_base + t * sgt, mask=q_ok, other=0.0).to(ACC)
+            span = (t - l).to(ACC)
+            for u in range(l + 1, t):
+                g = tl.load(g_base + u * sgt, mask=q_ok, other=0.0).to(ACC)
+                w = (u - l).to(ACC) / span
+                acc_l += (1 - w) * g
+                acc_r += w * g
+                tl.store(gx_base + u * Q, zero.to(gx_ptr.dtype.element_ty), mask=q_ok)
+            tl.store(gx_base + l * Q, acc_l.to(gx_ptr.dtype.element_ty), mask=q_ok)
+            acc_l = acc_r
+            l = t
+    tl.store(gx_base + l * Q, acc_l.to(gx_ptr.dtype.element_ty), mask=q_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _merge(sizes: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(numel, stride)`` of dims that can be walked with one stride, else ``None``."""
+    n = 1
+    for s in sizes:
+        n *= s
+    dims = [(sz, st) for sz, st in zip(sizes, strides) if sz != 1]
+    if not dims:
+        return n, 1
+    for (sz_hi, st_hi), (sz_lo, st_lo) in zip(dims, dims[1:]):
+        if st_hi != sz_lo * st_lo:
+            return None
+    return n, dims[-1][1]
+
+
+def _as_bptq(x: torch.Tensor, td: int) -> tuple[torch.Tensor, tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """View ``x`` as ``[B, P, T, Q]``: returns (tensor to read, sizes, strides); copies only if needed."""
+    for attempt in (x, None):
+        y = x if attempt is not None else x.contiguous()
+        P = _merge(tuple(y.shape[1:td]), tuple(y.stride()[1:td]))
+        Q = _merge(tuple(y.shape[td + 1 :]), tuple(y.stride()[td + 1 :]))
+        if P is not None and Q is not None:
+            sizes = (y.shape[0], P[0], y.shape[td], Q[0])
+            return y, sizes, (y.stride(0), P[1], y.stride(td), Q[1])
+    raise AssertionError("unreachable: a contiguous tensor always merges")
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _check_runnable(t: torch.Tensor, op: str) -> None:
+    if not t.is_cuda and not _is_interpreted(_interp_fwd_kernel):
+        raise RuntimeError(
+            f"{op}: got a {t.device.type} tensor but kernels.interpolate was compiled for CUDA; run on CUDA "
+            "tensors, or set TRITON_INTERPRET=1 before kernels.interpolate is first imported to use the "
+            "Triton interpreter on CPU"
+        )
+
+
+def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """Bool ``[B, T]`` mask from a mask or from sorted keyframe indices ``[B, K]`` (long)."""
+    if mask_or_idx.dtype == torch.bool:
+        if tuple(mask_or_idx.shape) != (B, T):
+            raise ValueError(f"interpolate_triton: mask must have shape [B, T] = [{B}, {T}], got {list(mask_or_idx.shape)}")
+        mask = mask_or_idx
+    elif not mask_or_idx.is_floating_point() and not mask_or_idx.is_complex():
+        idx = mask_or_idx
+        if idx.dim() != 2 or idx.shape[0] != B or idx.shape[1] < 2:
+            raise ValueError(f"interpolate_triton: keyframe indices must have shape [B={B}, K>=2], got {list(idx.shape)}")
+        if bool((idx[:, 1:] <= idx[:, :-1]).any()) or bool((idx[:, 0] != 0).any()) or bool((idx[:, -1] != T - 1).any()):
+            raise ValueError(f"interpolate_triton: keyframe indices must be strictly increasing from 0 to T-1={T - 1} per row")
+        mask = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
+        mask.scatter_(1, idx.long(), True)
+    else:
+        raise ValueError(f"interpolate_triton: mask must be bool [B, T] or integer indices [B, K], got {mask_or_idx.dtype}")
+    if not bool((mask[:, 0] & mask[:, -1]).all()):
+        raise ValueError("interpolate_triton: frames 0 and T-1 must be keyframes in every row")
+    return mask
+
+
+def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
+    block_t = triton.next_power_of_2(T)
+    block_q = max(1, min(triton.next_power_of_2(Q), TILE_ELEMS // block_t))
+    num_warps = max(1, min(8, (block_t * block_q) // 512))
+    return block_t, block_q, num_warps
+
+
+def _forward(x, mask, td, sigma=None, eps=None, block_q=None, num_warps=None):
+    xr, (B, P, T, Q), sx = _as_bptq(x, td)
+    if T > MAX_BLOCK_T:
+        raise ValueError(f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_t, bq, nw = _fwd_blocks(T, Q)
+    block_q = block_q or bq
+    num_warps = num_warps or nw
+    m8 = mask.view(torch.uint8)
+    if eps is not None:
+        er, _, se = _as_bptq(eps, td)
+        sig = sigma.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
+    grid = (B * P, triton.cdiv(Q, block_q))
+    _interp_fwd_kernel[grid](
+        xr, m8, er, sig, out,
+        T, P, Q,
+        *sx, *se,
+        m8.stride(0), m8.stride(1),
+        BLOCK_T=block_t, BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def _backward(g, mask, td, x_shape, x_dtype):
+    gr, (B, P, T, Q), sg = _as_bptq(g, td)
+    gx = torch.empty(x_shape, dtype=x_dtype, device=g.device)
+    if gx.numel() == 0:
+        return gx
+    block_q = max(1, min(triton.next_power_of_2(Q), BWD_BLOCK_Q))
+    m8 = mask.view(torch.uint8)
+    grid = (B * P, triton.cdiv(Q, block_q))
+    _interp_bwd_kernel[grid](
+        gr, m8, gx,
+        T, P, Q,
+        *sg,
+        m8.stride(0), m8.stride(1),
+        BLOCK_Q=block_q, ACC=_acc_dtype(x_dtype),
+        num_warps=max(1, min(8, block_q // 256)),
+    )
+    return gx
+
+
+class InterpolateFunction(torch.autograd.Function):
+    """``I(x, M) (+ sigma * eps * (1 - M))`` with the scatter-to-neighbours backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask, time_dim, sigma, eps):
+        ctx.save_for_backward(mask, sigma)
+        ctx.time_dim = time_dim
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.eps_meta = None if eps is None else (eps.shape, eps.dtype)
+        return _forward(x, mask, time_dim, sigma, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mask, sigma = ctx.saved_tensors
+        td = ctx.time_dim
+        grad_x = grad_eps = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _backward(grad_out, mask, td, *ctx.x_meta)
+        if ctx.eps_meta is not None and ctx.needs_input_grad[4]:
+            B, T = mask.shape
+            nd = len(ctx.eps_meta[0])
+            miss = (~mask).to(torch.float32).view([B] + [1] * (td - 1) + [T] + [1] * (nd - td - 1))
+            sig = sigma.view([B] + [1] * (nd - 1))
+            grad_eps = (grad_out.to(torch.float32) * sig * miss).to(ctx.eps_meta[1])
+        return grad_x, None, None, None, grad_eps
+
+
+def interpolate_triton(
+    x: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    time_dim: int = 1,
+    sigma: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``I(x, M)``, or the fused ``I(x, M) + sigma * eps * (1 - M)`` when ``sigma``/``eps`` are given.
+
+    Args:
+        x: float16/bfloat16/float32/float64, batch at dim 0, time at ``time_dim``
+            (``[B, T, D]``, ``[B, C, T, H, W]`` with ``time_dim=2``, ...); any strides.
+        mask_B_T: bool ``[B, T]`` with frames 0 and ``T-1`` set, or sorted keyframe indices
+            ``[B, K]`` (integer) starting at 0 and ending at ``T-1``.
+        sigma: ``[B]`` noise level per sample (float32), with ``eps`` of ``x``'s shape.
+    Returns a contiguous tensor of ``x``'s shape and dtype. Differentiable in ``x`` (and ``eps``).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise ValueError(f"interpolate_triton: x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 2:
+        raise ValueError(f"interpolate_triton: x needs a batch and a time dim, got shape {list(x.shape)}")
+    td = time_dim % x.dim()
+    if td == 0:
+        raise ValueError("interpolate_triton: time_dim cannot be the batch dimension 0")
+    _check_runnable(x, "interpolate_triton")
+    B, T = x.shape[0], x.shape[td]
+    if mask_B_T.device != x.device:
+        raise ValueError(f"interpolate_triton: mask is on {mask_B_T.device} but x is on {x.device}")
+    mask = _mask_from(mask_B_T, B, T)
+    if (sigma is None) != (eps is None):
+        raise ValueError("interpolate_triton: give both sigma and eps (fused corruption) or neither")
+    if eps is not None:
+        if eps.shape != x.shape or eps.device != x.device or eps.dtype not in _FLOATS:
+            raise ValueError(
+                f"interpolate_triton: eps must be a float tensor of x's shape {list(x.shape)} on {x.device}, "
+                f"got {list(eps.shape)} {eps.dtype} on {eps.device}"
+            )
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(B)
+        if sigma.numel() != B:
+            raise ValueError(f"interpolate_triton: sigma must be a float or [B]={B} values, got {sigma.numel()}")
+        sigma = sigma.contiguous()
+    return InterpolateFunction.apply(x, mask, td, sigma, eps)

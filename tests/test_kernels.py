@@ -1,0 +1,516 @@
+"""Triton kernels (``kernels/``) against the torch references and brute force.
+
+CPU: every kernel runs under the Triton interpreter. ``@triton.jit`` picks interpreter or
+compiler when the kernel module is *imported* (``triton.knobs.runtime.interpret``, read from
+``TRITON_INTERPRET`` at decoration time), so the ``K`` fixture imports fresh copies of
+``kernels.interpolate`` / ``kernels.dp`` inside ``triton.knobs.runtime.scope()`` with the knob
+on, and puts the previous modules back afterwards: the tests do not depend on who imported
+triton or the kernels first, and leave no interpreter state behind for other test files.
+
+The interpreter emulates a CUDA program in numpy: fp32 arithmetic matches torch's CPU ops
+exactly, but its casts to bf16/fp16 truncate where CUDA and torch round to nearest, so low
+precision results are compared within one ulp (``finfo.eps * |expected|``).
+
+Compile check: the kernels are also compiled for sm_90 (PTX + ptxas, no GPU needed), which
+catches what the lenient interpreter accepts but the compiler rejects, and asserts no spills.
+
+GPU tests (``-m gpu``) repeat the comparisons at the benchmark sizes with compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import triton
+from interpdiff.interpolate import interpolate, interpolate_corrupt, interpolate_reference
+from interpdiff.selection import dp_select, dp_select_levels, dp_select_reference
+
+MODS = ("kernels.interpolate", "kernels.dp")
+
+
+def _import_kernels(interpret: bool):
+    """Fresh ``kernels.interpolate`` and ``kernels.dp`` decorated in the requested mode."""
+    import kernels
+
+    saved = {n: sys.modules.pop(n, None) for n in MODS}
+    saved_attr = {n: getattr(kernels, n.split(".")[1], None) for n in MODS}
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        mods = [importlib.import_module(n) for n in MODS]
+    for n in MODS:  # the caller decides how long they stay installed
+        sys.modules.pop(n, None)
+
+    def install():
+        for n, m in zip(MODS, mods):
+            sys.modules[n] = m
+            setattr(kernels, n.split(".")[1], m)
+
+    def restore():
+        for n in MODS:
+            sys.modules.pop(n, None)
+            if saved[n] is not None:
+                sys.modules[n] = saved[n]
+            attr = n.split(".")[1]
+            if saved_attr[n] is not None:
+                setattr(kernels, attr, saved_attr[n])
+            elif hasattr(kernels, attr):
+                delattr(kernels, attr)
+
+    return SimpleNamespace(interp=mods[0], dp=mods[1], install=install, restore=restore)
+
+
+@pytest.fixture(scope="module")
+def K():
+    """Interpreted kernels, installed in ``sys.modules`` with ``TRITON_INTERPRET=1`` for the module."""
+    k = _import_kernels(interpret=True)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = True  # also sets TRITON_INTERPRET=1 for the dispatch check
+        k.install()
+        try:
+            yield k
+        finally:
+            k.restore()
+
+
+@pytest.fixture(scope="module")
+def KG():
+    """Compiled (CUDA) kernels."""
+    k = _import_kernels(interpret=False)
+    k.install()
+    try:
+        yield k
+    finally:
+        k.restore()
+
+
+def _masks(B: int, T: int, kind: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        m = torch.rand(B, T, generator=g) < 0.35
+    elif kind == "k2":
+        m = torch.zeros(B, T, dtype=torch.bool)
+    elif kind == "all":
+        m = torch.ones(B, T, dtype=torch.bool)
+    elif kind == "adjacent":  # runs of neighbouring keyframes next to long gaps
+        m = torch.zeros(B, T, dtype=torch.bool)
+        m[:, 1] = m[:, T // 2] = m[:, T // 2 + 1] = m[:, T - 2] = True
+    else:
+        raise ValueError(kind)
+    m[:, 0] = m[:, -1] = True
+    return m
+
+
+def assert_ulp_close(
+    actual: torch.Tensor, expected: torch.Tensor, n_ulp: int = 1, scale: torch.Tensor | None = None
+) -> None:
+    """``|actual - expected| <= n_ulp * eps(dtype) * scale`` with ``scale = |expected|`` by default.
+
+    ``scale`` is for results rounded more than once (the sum of the magnitudes rounded at each step).
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    fi = torch.finfo(actual.dtype)
+    a, e = actual.double(), expected.double()
+    scale = e.abs() if scale is None else scale.double()
+    bound = n_ulp * fi.eps * scale + fi.tiny
+    bad = (a - e).abs() > bound
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} elements beyond {n_ulp} ulp ({actual.dtype}); first at {where}: "
+            f"actual {a[bad][:5].tolist()} expected {e[bad][:5].tolist()}"
+        )
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32/fp64: the kernel does the reference's operations in the same order, so the bits agree."""
+    if actual.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    else:
+        assert_ulp_close(actual, expected)
+
+
+# ------------------------------------------------------------------------------ interpolation
+
+
+@pytest.mark.parametrize("kind", ["random", "k2", "all", "adjacent"])
+@pytest.mark.parametrize(
+    "shape,td",
+    [((3, 9, 5), 1), ((2, 3, 7, 5, 3), 2), ((2, 11), 1), ((2, 4, 6), 2)],
+    ids=["B_T_D", "B_C_T_H_W", "B_T", "B_D_T"],
+)
+def test_interpolate_forward_masks_layouts(K, shape, td, kind):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    m = _masks(shape[0], shape[td], kind)
+    assert_same(K.interp.interpolate_triton(x, m, td), interpolate_reference(x, m, td))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_interpolate_forward_dtypes(K, dtype):
+    x = (torch.randn(2, 3, 9, 4, 3, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    m = _masks(2, 9, "random", seed=3)
+    out = K.interp.interpolate_triton(x, m, 2)
+    assert out.dtype == dtype
+    assert_same(out, interpolate_reference(x, m, 2))
+
+
+def test_interpolate_odd_sizes_multi_tile(K, monkeypatch):
+    """T=13 (padded to 16) and Q=37 over 5 column tiles of 8, the last one partial."""
+    monkeypatch.setattr(K.interp, "TILE_ELEMS", 128)
+    x = torch.randn(3, 13, 37, generator=torch.Generator().manual_seed(4))
+    m = _masks(3, 13, "random", seed=5)
+    assert K.interp._fwd_blocks(13, 37)[:2] == (16, 8)
+    assert_same(K.interp.interpolate_triton(x, m, 1), interpolate_reference(x, m, 1))
+
+
+def test_interpolate_non_contiguous(K):
+    g = torch.Generator().manual_seed(6)
+    m = _masks(2, 7, "random", seed=7)
+    # Wan latents stored [B, T, C, H, W] and viewed as [B, C, T, H, W]: read in place by strides
+    x_perm = torch.randn(2, 7, 3, 4, 5, generator=g).movedim(1, 2)
+    # a column slice: Q dims merge with stride 2
+    x_slice = torch.randn(2, 3, 7, 4, 10, generator=g)[..., ::2]
+    # P dims that cannot merge (swapped): copied first
+    x_swap = torch.randn(2, 4, 3, 7, 5, generator=g).transpose(1, 2)
+    # column-major mask
+    m_cm = m.t().contiguous().t()
+    for x in (x_perm, x_slice, x_swap):
+        assert not x.is_contiguous()
+        td = 2 if x.dim() == 5 and x is not x_swap else 3
+        mm = m_cm
+        assert_same(K.interp.interpolate_triton(x, mm, td), interpolate_reference(x, m, td))
+    assert K.interp._merge((4, 5), (10, 2)) == (20, 2) and K.interp._merge((3, 4), (5, 15)) is None
+
+
+def test_interpolate_accepts_sorted_indices(K):
+    x = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(8))
+    idx = torch.tensor([[0, 3, 7], [0, 1, 7]])
+    m = torch.zeros(2, 8, dtype=torch.bool).scatter_(1, idx, True)
+    assert_same(K.interp.interpolate_triton(x, idx, 1), interpolate_reference(x, m, 1))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        K.interp.interpolate_triton(x, torch.tensor([[0, 3, 3, 7], [0, 1, 2, 7]]), 1)
+
+
+def test_interpolate_bad_inputs_are_clear_errors(K):
+    x = torch.randn(2, 5, 3)
+    m = _masks(2, 5, "random")
+    with pytest.raises(ValueError, match="frames 0 and T-1"):
+        K.interp.interpolate_triton(x, m & torch.tensor([True, True, True, True, False]), 1)
+    with pytest.raises(ValueError, match=r"shape \[B, T\] = \[2, 5\]"):
+        K.interp.interpolate_triton(x, m[:, :4], 1)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32/float64"):
+        K.interp.interpolate_triton(x.long(), m, 1)
+    with pytest.raises(ValueError, match="both sigma and eps"):
+        K.interp.interpolate_triton(x, m, 1, sigma=torch.ones(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpolate_fused_corruption(K, dtype):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 2, 9, 5, generator=g).to(dtype)
+    eps = torch.randn(3, 2, 9, 5, generator=g).to(dtype)
+    m = _masks(3, 9, "random", seed=10)
+    sigma = torch.tensor([0.0, 0.5, 2.0])
+    got = K.interp.interpolate_triton(x, m, 2, sigma=sigma, eps=eps)
+    ref = interpolate_corrupt(x, m, sigma, eps, time_dim=2, backend="torch")
+    if dtype == torch.float32:
+        assert_same(got, ref)
+    else:  # rounded twice (I(x, M) to bf16, then the sum): one ulp at each step
+        assert_ulp_close(got, ref, 1, scale=interpolate_reference(x, m, 2).abs().float() + ref.abs().float())
+    # keyframes carry no noise: exactly x there
+    key = m[:, None, :, None].expand_as(x)
+    assert torch.equal(got[key], x[key])
+    # the public entry with a scalar sigma goes through the kernel (TRITON_INTERPRET is on)
+    got, ref = interpolate_corrupt(x, m, 0.7, eps, 2, "triton"), interpolate_corrupt(x, m, 0.7, eps, 2, "torch")
+    if dtype == torch.float32:
+        assert_same(got, ref)
+    else:
+        assert_ulp_close(got, ref, 1, scale=interpolate_reference(x, m, 2).abs().float() + ref.abs().float())
+
+
+@pytest.mark.parametrize("kind", ["random", "adjacent", "k2"])
+def test_interpolate_backward_matches_reference_autograd(K, kind):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 11, 6, generator=g)
+    gout = torch.randn(2, 3, 11, 6, generator=g)
+    m = _masks(2, 11, kind, seed=12)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    (K.interp.interpolate_triton(xa, m, 2) * gout).sum().backward()
+    (interpolate_reference(xb, m, 2) * gout).sum().backward()
+    # summation order differs from autograd's scatter-add: fp32 rounding-level differences
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    for b in range(2):  # non-keyframes get exactly zero gradient
+        assert torch.all(xa.grad[b][:, ~m[b]] == 0)
+
+
+def test_interpolate_backward_bf16_and_non_contiguous_grad(K):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 9, 3, 5, generator=g).movedim(1, 2)  # non-contiguous [B, C, T, D]
+    gout = torch.randn(2, 3, 9, 5, generator=g)
+    m = _masks(2, 9, "random", seed=14)
+    xa = x.to(torch.bfloat16).detach().requires_grad_(True)
+    out = K.interp.interpolate_triton(xa, m, 2)
+    out.backward(gout.to(torch.bfloat16).transpose(0, 1).contiguous().transpose(0, 1))  # strided grad
+    xr = x.to(torch.bfloat16).float().requires_grad_(True)  # reference in fp32 on the same values
+    interpolate_reference(xr, m, 2).backward(gout.to(torch.bfloat16).float())
+    # the kernel accumulates in fp32 and rounds once; the fp32 reference rounded to bf16 is the target
+    assert_ulp_close(xa.grad, xr.grad.to(torch.bfloat16), n_ulp=2)
+
+
+def test_interpolate_fused_eps_gradient(K):
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 8, 4, generator=g)
+    eps = torch.randn(2, 8, 4, generator=g)
+    m = _masks(2, 8, "random", seed=16)
+    sigma = torch.tensor([0.3, 1.5])
+    xa, ea = x.clone().requires_grad_(True), eps.clone().requires_grad_(True)
+    xb, eb = x.clone().requires_grad_(True), eps.clone().requires_grad_(True)
+    gout = torch.randn(2, 8, 4, generator=g)
+    (K.interp.interpolate_triton(xa, m, 1, sigma=sigma, eps=ea) * gout).sum().backward()
+    (interpolate_corrupt(xb, m, sigma, eb, 1, backend="torch") * gout).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ea.grad, eb.grad, rtol=0, atol=0)
+
+
+def test_interpolate_gradcheck_fp64(K):
+    x = torch.randn(2, 1, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(17), requires_grad=True)
+    m = _masks(2, 6, "random", seed=18)
+    assert torch.autograd.gradcheck(lambda v: K.interp.interpolate_triton(v, m, 2), (x,), eps=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def test_dispatch_forced_triton_runs_kernel_under_interpreter(K, monkeypatch):
+    x = torch.randn(2, 9, 3)
+    m = _masks(2, 9, "random", seed=19)
+    calls = []
+    real = K.interp.interpolate_triton
+    monkeypatch.setattr(K.interp, "interpolate_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert_same(interpolate(x, m, 1, backend="triton"), interpolate_reference(x, m, 1))
+    assert calls == [1]
+    # auto on CPU takes the reference, even with the interpreter on
+    interpolate(x, m, 1, backend="auto")
+    assert calls == [1]
+    c = torch.rand(3, 8, 8)
+    real_dp = K.dp.dp_select_triton
+    monkeypatch.setattr(K.dp, "dp_select_triton", lambda *a: calls.append(2) or real_dp(*a))
+    for got, ref in zip(dp_select(c, 4, backend="triton"), dp_select_reference(c, 4)):
+        assert torch.equal(got, ref)
+    dp_select(c, 4, backend="auto")
+    assert calls == [1, 2]
+
+
+def test_dispatch_forced_triton_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        interpolate(torch.randn(2, 5, 3), _masks(2, 5, "random"), backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        dp_select(torch.rand(2, 5, 5), 3, backend="triton")
+
+
+def test_compiled_kernels_on_cpu_tensors_are_a_clear_error():
+    """Kernels imported without the interpreter, called directly with CPU tensors."""
+    k = _import_kernels(interpret=False)
+    assert type(k.interp._interp_fwd_kernel).__name__ == "JITFunction"
+    with pytest.raises(RuntimeError, match="compiled for CUDA.*TRITON_INTERPRET=1"):
+        k.interp.interpolate_triton(torch.randn(2, 5, 3), _masks(2, 5, "random"), 1)
+    with pytest.raises(RuntimeError, match="compiled for CUDA.*TRITON_INTERPRET=1"):
+        k.dp.dp_select_triton(torch.rand(2, 5, 5), 3)
+
+
+# ------------------------------------------------------------------------------ DP
+
+
+def _brute_force(cost_T_T: torch.Tensor, k: int) -> tuple[list[int], float]:
+    """All k-sets with both endpoints: the minimum, ties to the smallest last interior index, then earlier."""
+    T = cost_T_T.shape[0]
+    best = None
+    for mid in itertools.combinations(range(1, T - 1), k - 2):
+        idx = (0, *mid, T - 1)
+        tot = sum(float(cost_T_T[a, b]) for a, b in zip(idx, idx[1:]))
+        key = (tot, tuple(reversed(idx)))
+        if best is None or key < best[0]:
+            best = (key, idx)
+    return list(best[1]), best[0][0]
+
+
+def test_dp_brute_force_with_ties(K):
+    """Integer costs in {0, 1, 2}: many optimal sets; kernel and reference pick the documented one."""
+    T = 9
+    c = torch.randint(0, 3, (6, T, T), generator=torch.Generator().manual_seed(20)).float()
+    for k in (2, 3, 5, T):
+        idx, tot = K.dp.dp_select_triton(c, k)
+        ref_idx, ref_tot = dp_select_reference(c, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(tot, ref_tot)
+        for b in range(c.shape[0]):
+            bf_idx, bf_tot = _brute_force(c[b], k)
+            assert idx[b].tolist() == bf_idx and float(tot[b]) == bf_tot
+
+
+@pytest.mark.parametrize("T", [2, 5, 17, 33])
+def test_dp_matches_reference_bitwise(K, T):
+    g = torch.Generator().manual_seed(T)
+    c = torch.rand(4, T, T, generator=g) * 10
+    c = c.masked_fill(~torch.ones(T, T, dtype=torch.bool).triu(1), float("nan"))  # i >= j is ignored
+    for k in sorted({2, min(3, T), max(2, (T + 1) // 2), T}):
+        idx, tot = K.dp.dp_select_triton(c, k)
+        ref_idx, ref_tot = dp_select_reference(c, k)
+        assert idx.dtype == torch.long and tot.dtype == torch.float32
+        assert torch.equal(idx, ref_idx), (T, k)
+        assert torch.equal(tot, ref_tot), (T, k)
+
+
+def test_dp_non_contiguous_fp64_and_inf(K):
+    T = 10
+    g = torch.Generator().manual_seed(21)
+    c64 = (torch.rand(3, T, T, generator=g, dtype=torch.float64) * 5).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not c64.is_contiguous()
+    c64[0, 0, T - 1] = math.inf  # some forbidden segments (finite alternatives remain)
+    c64[1, :, 5] = math.inf
+    for k in (2, 4, 7):
+        for got, ref in zip(K.dp.dp_select_triton(c64, k), dp_select_reference(c64, k)):
+            assert torch.equal(got, ref), k
+
+
+def test_dp_streaming_path_large_T_logic(K, monkeypatch):
+    """The T > 128 path (cost re-read per row in [BLOCK_S, BLOCK_T] tiles) at a small T by lowering the limits."""
+    monkeypatch.setattr(K.dp, "MAX_ON_CHIP_T", 4)
+    monkeypatch.setattr(K.dp, "STREAM_BLOCK_T", 8)
+    monkeypatch.setattr(K.dp, "STREAM_BLOCK_S", 4)
+    T = 19
+    c = torch.randint(0, 4, (3, T, T), generator=torch.Generator().manual_seed(22)).float()  # ties across s blocks
+    for k in (2, 5):
+        for got, ref in zip(K.dp.dp_select_triton(c, k), dp_select_reference(c, k)):
+            assert torch.equal(got, ref), k
+
+
+def test_dp_many_budgets_one_pass_and_levels(K):
+    T = 12
+    c = torch.rand(5, T, T, generator=torch.Generator().manual_seed(23))
+    ks = [2, 4, 7, 12]
+    idxs, tot = K.dp.dp_select_many_triton(c, ks)
+    assert tot.shape == (5, 4)
+    for i, k in enumerate(ks):
+        ref_idx, ref_tot = dp_select_reference(c, k)
+        assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot)
+    assert torch.equal(dp_select_levels(c, [3, 6, 12], backend="triton"), dp_select_levels(c, [3, 6, 12], backend="torch"))
+
+
+def test_dp_bad_inputs_are_clear_errors(K):
+    with pytest.raises(ValueError, match=r"2 <= k <= T=5"):
+        K.dp.dp_select_triton(torch.rand(2, 5, 5), 6)
+    with pytest.raises(ValueError, match=r"\[B, T, T\]"):
+        K.dp.dp_select_triton(torch.rand(2, 5, 4), 3)
+    with pytest.raises(ValueError, match="float"):
+        K.dp.dp_select_triton(torch.ones(2, 5, 5, dtype=torch.long), 3)
+
+
+# ------------------------------------------------------------------------------ compile (no GPU)
+
+
+def _ptxas_info(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stderr
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter accepts programs the compiler rejects; compile each variant to SASS here (no GPU)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is not installed")
+    import triton.language as tl
+
+    k = _import_kernels(interpret=False)
+    fwd = {n: "i32" for n in "T P Q sxb sxp sxt sxq seb sep set_ seq smb smt".split()}
+    fwd.update(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16")
+    fwd.update({n: "constexpr" for n in ("BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC")})
+    bwd = {n: "i32" for n in "T P Q sgb sgp sgt sgq smb smt".split()}
+    bwd.update(g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16", BLOCK_Q="constexpr", ACC="constexpr")
+    dp = {n: "i32" for n in "T k_max n_k n_idx scb sci scj".split()}
+    dp.update(c_ptr="*fp32", back_ptr="*i8", dbuf_ptr="*fp32", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32")
+    dp.update(idx_ptr="*i64", tot_ptr="*fp32", BLOCK_T="constexpr", BLOCK_S="constexpr", ON_CHIP="constexpr")
+    bt, bq, nw = k.interp._fwd_blocks(21, 60 * 104)  # Wan latent size
+    infos = [
+        _ptxas_info(k.interp._interp_fwd_kernel, fwd, dict(BLOCK_T=bt, BLOCK_Q=bq, HAS_NOISE=True, ACC=tl.float32), nw),
+        _ptxas_info(k.interp._interp_bwd_kernel, bwd, dict(BLOCK_Q=1024, ACC=tl.float32), 4),
+        _ptxas_info(k.dp._dp_kernel, dp, dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
+        _ptxas_info(k.dp._dp_kernel, dict(dp, back_ptr="*i16"), dict(BLOCK_T=128, BLOCK_S=32, ON_CHIP=False), 4),
+    ]
+    for info in infos:
+        assert "0 bytes spill stores" in info and "0 bytes spill loads" in info, info
+
+
+# ------------------------------------------------------------------------------ GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_interpolate_wan_size(KG, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 16, 21, 60, 104, device="cuda", generator=g).to(dtype)
+    m = _masks(8, 21, "random").cuda()
+    out = KG.interp.interpolate_triton(x, m, 2)
+    # FMA contraction on the GPU may move the last fp32 bit before the final rounding
+    assert_ulp_close(out, interpolate_reference(x, m, 2), n_ulp=1)
+    eps = torch.randn_like(x)
+    sig = torch.rand(8, device="cuda")
+    assert_ulp_close(
+        KG.interp.interpolate_triton(x, m, 2, sigma=sig, eps=eps), interpolate_corrupt(x, m, sig, eps, 2, "torch"), 2
+    )
+    xa = x.detach().float().requires_grad_(True)
+    xb = x.detach().float().requires_grad_(True)
+    gout = torch.randn(x.shape, device="cuda", generator=g)
+    KG.interp.interpolate_triton(xa, m, 2).backward(gout)
+    interpolate_reference(xb, m, 2).backward(gout)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "k2", "all", "adjacent"])
+def test_gpu_interpolate_maze_size_and_layouts(KG, kind):
+    x = torch.randn(4096, 128, 2, device="cuda")
+    m = _masks(4096, 128, kind).cuda()
+    assert_ulp_close(KG.interp.interpolate_triton(x, m, 1), interpolate_reference(x, m, 1), n_ulp=1)
+    xp = torch.randn(4, 21, 16, 30, 52, device="cuda").movedim(1, 2)  # non-contiguous Wan view
+    mp = _masks(4, 21, kind).cuda()
+    assert_ulp_close(KG.interp.interpolate_triton(xp, mp, 2), interpolate_reference(xp, mp, 2), n_ulp=1)
+    xd = torch.randn(2, 1, 9, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: KG.interp.interpolate_triton(v, _masks(2, 9, kind).cuda(), 2), (xd,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,ks", [(4096, 128, [8, 16, 32]), (4096, 21, [2, 6, 21]), (64, 300, [2, 16])])
+def test_gpu_dp_bitwise(KG, B, T, ks):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    c = torch.rand(B, T, T, device="cuda", generator=g)
+    ci = torch.randint(0, 3, (B, T, T), device="cuda", generator=g).float()  # ties
+    for cost in (c, ci):
+        idxs, tot = KG.dp.dp_select_many_triton(cost, ks)
+        for i, k in enumerate(ks):
+            ref_idx, ref_tot = dp_select_reference(cost, k)
+            assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k)

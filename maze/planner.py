@@ -224,7 +224,7 @@ class Planner:
 
     # ------------------------------------------------------------------ public API (world frame)
     def condition(self, maze: str, start, goal, n: int = 1) -> tuple[dict, object]:
-        from maze.mazes import MAZE_NAMES, collides, get_maze, to_norm
+        from maze.mazes import MAZE_NAMES, get_maze, to_norm, wall_distance
 
         if maze not in MAZE_NAMES:
             raise ValueError(f"Planner.plan: maze={maze!r} is not one of {list(MAZE_NAMES)}")
@@ -235,7 +235,7 @@ class Planner:
             if a.shape != (2,) or not np.isfinite(a).all():
                 raise ValueError(f"Planner.plan: {name} must be a finite (x, y) world position, got {p!r}")
             u = to_norm(a, m)
-            if bool(collides(u[None], m, 0.0)[0]):
+            if float(wall_distance(u[None], m)[0]) <= 0.0:
                 raise ValueError(f"Planner.plan: {name}={tuple(a)} lies inside a wall of {maze!r}")
             pts[name] = torch.tensor(u, dtype=torch.float32)[None].expand(n, 2)
         occ = torch.tensor(m.occ)[None].expand(n, -1, -1)

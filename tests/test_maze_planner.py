@@ -1,0 +1,156 @@
+"""Planner API, evaluation metrics and sampling cost.
+
+- ``Planner.from_checkpoint``: missing folder / stage file -> errors naming the path and the
+  trainer that writes it; plans in the PointMaze world frame start and end at the given
+  start/goal for every method;
+- evaluation metrics against hand-computed cases (a segment through a wall, a path in one cell);
+- FLOPs of the baseline sample = steps x the FLOPs of one forward (counted separately);
+- closed loop: the PD follower drives the real PointMaze agent along a hand-made plan to the goal.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from interpdiff.io import CheckpointError
+from maze.config_model import BackboneConfig
+from maze.models import FullSequenceDenoiser, KeypointDenoiser, Refiner, save_model
+from maze.planner import Planner
+
+torch.set_num_threads(1)
+T, G = 32, 12
+BUDGETS = [4, 8, 16, 32]
+SZ = BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=1)
+SZ4 = BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("run")
+    save_model(root / "phase1" / "model.pt", KeypointDenoiser(SZ, T, G),
+               extra_meta={"budgets": BUDGETS, "feat_diffs": "none", "config": {"sample_steps": 3, "sample_shift": 1.0}})
+    save_model(root / "phase2" / "model.pt", Refiner(SZ4, T, G, len(BUDGETS)),
+               extra_meta={"budgets": BUDGETS, "sigma_max": 0.02, "sigma_min": 0.002, "confidence": "mask",
+                           "config": {"sample_noise": "none"}})
+    save_model(root / "baseline" / "model.pt", FullSequenceDenoiser(SZ4, T, G), extra_meta={"config": {"sample_steps": 5}})
+    return root
+
+
+def test_missing_run_and_stage_files_are_named(tmp_path, run_dir):
+    with pytest.raises(CheckpointError, match="run folder .*nothing.* does not exist"):
+        Planner.from_checkpoint(tmp_path / "nothing")
+    (tmp_path / "r" / "phase1").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"phase1 checkpoint .*r/phase1/model.pt.* does not exist .*maze.train_phase1"):
+        Planner.from_checkpoint(tmp_path / "r")
+    p = Planner.from_checkpoint(run_dir, require=("baseline",), paths={"phase1": tmp_path / "x", "phase2": tmp_path / "y"})
+    with pytest.raises(CheckpointError, match="phase-1 checkpoint"):
+        p.plan("umaze", (-1.0, -1.0), (1.0, 1.0), method="two_phase")
+    (tmp_path / "bad" / "phase1").mkdir(parents=True)
+    (tmp_path / "bad" / "phase1" / "model.pt").write_text("garbage")
+    with pytest.raises(CheckpointError, match="bad/phase1/model.pt.*could not be read"):
+        Planner.from_checkpoint(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("method", ["two_phase", "interp_only", "full"])
+def test_plans_are_world_frame_and_hit_start_and_goal(run_dir, method):
+    from maze.mazes import get_maze, to_norm
+
+    p = Planner.from_checkpoint(run_dir)
+    assert (p.settings.phase1_steps, p.settings.baseline_steps, p.budgets) == (3, 5, BUDGETS)
+    start, goal = np.array([-1.0, 1.0]), np.array([-1.2, -1.0])  # U-maze: top-left and bottom-left cells
+    plans = p.plan("umaze", start, goal, n=3, method=method, seed=0)
+    assert plans.shape == (3, T, 2) and plans.dtype == np.float64
+    np.testing.assert_allclose(plans[:, 0], np.broadcast_to(start, (3, 2)), atol=1e-5)
+    np.testing.assert_allclose(plans[:, -1], np.broadcast_to(goal, (3, 2)), atol=1e-5)
+    u = to_norm(plans, get_maze("umaze"))
+    assert u.min() >= 0 and u.max() <= 1
+    again = p.plan("umaze", start, goal, n=3, method=method, seed=0)
+    np.testing.assert_array_equal(plans, again)  # seeded
+
+
+def test_bad_plan_arguments(run_dir):
+    p = Planner.from_checkpoint(run_dir)
+    with pytest.raises(ValueError, match="maze='hedge'"):
+        p.plan("hedge", (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="start=.*inside a wall of 'umaze'"):
+        p.plan("umaze", (0.0, 0.0), (-1.0, 1.0))  # U-maze centre cell is a wall
+    with pytest.raises(ValueError, match="method="):
+        p.plan("umaze", (-1.0, 1.0), (-1.0, -1.0), method="ddim")
+    with pytest.raises(ValueError, match="goal must be"):
+        p.plan("umaze", (-1.0, 1.0), (1.0, 2.0, 3.0))
+
+
+def test_flops_and_nfe_are_counted_honestly(run_dir):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maze.evaluate import sampling_cost
+
+    p = Planner.from_checkpoint(run_dir)
+    cond, _ = p.condition("medium", (-2.5, 2.0), (2.5, -2.0), 1)
+
+    class One:  # data stand-in with one row
+        def tensors(self, rows):
+            return {k: v.clone() for k, v in cond.items()}
+
+    full = sampling_cost(p, One(), "full", repeats=1)
+    assert full["nfe"] == {"baseline": 5}
+    # independent count: one baseline forward (encoder included), times the 5 steps
+    z = torch.zeros(1, T, 2)
+    known = torch.zeros(1, T, dtype=torch.bool)
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            p.baseline(z, torch.ones(1), known, cond)
+    with FlopCounterMode(display=False) as fe:
+        with torch.no_grad():
+            p.baseline.encode(cond)
+    one_fwd, enc = fc.get_total_flops(), fe.get_total_flops()
+    assert full["flops"] == 5 * (one_fwd - enc) + enc  # encoder cached across the steps
+    two = sampling_cost(p, One(), "two_phase", repeats=1)
+    assert two["nfe"] == {"phase1": 3, "phase2": 3}
+    assert two["flops"] > 0 and two["wall_s"] > 0
+
+
+def test_open_loop_metrics_hand_cases():
+    from maze.evaluate import plan_metrics, shortest_length_world
+    from maze.mazes import get_maze, to_norm
+
+    m = get_maze("umaze")
+    # U-maze (world): free cells y=+1 row x in [-1,1], y=0 only x=+1, y=-1 row x in [-1, 1]
+    a, b = np.array([-1.0, 1.0]), np.array([-1.0, -1.0])
+    through = to_norm(np.stack([a + (b - a) * t for t in np.linspace(0, 1, 9)]), m)[None]  # crosses the centre wall
+    around_w = np.concatenate([np.linspace(a, [1.0, 1.0], 6), np.linspace([1.0, 1.0], [1.0, -1.0], 6)[1:],
+                               np.linspace([1.0, -1.0], b, 6)[1:]])
+    around = to_norm(around_w, m)[None]
+    short = np.array([shortest_length_world(m, around[0, 0], around[0, -1])])
+    np.testing.assert_allclose(short, [6.0], atol=1e-9)  # start/goal at cell centres: 6 cell moves
+    r = plan_metrics(through, through, [m], through[:, -1], 0.1, short)
+    assert r["collision"] == 1.0 and r["crossings"] == 1.0 and r["mse"] == 0.0 and r["goal_err"] == 0.0
+    assert r["len_ratio"] == pytest.approx(2.0 / 6.0)
+    r = plan_metrics(around, through[:, :1].repeat(16, 1), [m], around[:, -1], 0.1, short)
+    assert r["collision"] == 0.0 and r["crossings"] == 0.0 and r["len_ratio"] == pytest.approx(1.0)
+    same_cell = shortest_length_world(m, to_norm(np.array([-1.2, 1.1]), m), to_norm(np.array([-0.9, 0.8]), m))
+    assert same_cell == pytest.approx(np.hypot(0.3, 0.3))
+
+
+def test_pd_follower_reaches_goal_in_pointmaze():
+    """The U-maze detour plan, followed by the PD controller in the real env, reaches the goal;
+    random actions from the same start do not (an independent sanity check of the rollout)."""
+    from maze.evaluate import PlanFollower, make_eval_env, rollout
+    from maze.mazes import get_maze
+
+    m = get_maze("umaze")
+    env = make_eval_env(m)
+    obs, _ = env.reset(seed=0, options={"reset_cell": np.array([1, 1]), "goal_cell": np.array([3, 1])})
+    start, goal = obs["achieved_goal"].copy(), obs["desired_goal"].copy()
+    plan = np.concatenate([np.linspace(start, [1.0, 1.0], 20), np.linspace([1.0, 1.0], [1.0, -1.0], 20),
+                           np.linspace([1.0, -1.0], goal, 20)])
+
+    env_reset = env.reset
+    env.reset = lambda seed=None, options=None: env_reset(seed=0, options={"reset_cell": np.array([1, 1]), "goal_cell": np.array([3, 1])})
+    R, ok, d = rollout(env, 0, PlanFollower(plan, goal, 10.0, 1.0, 0.5).act, 300, 0.45)
+    assert ok and d < 0.45 and R > 50
+    rng = np.random.default_rng(0)
+    R0, ok0, _ = rollout(env, 0, lambda p, v: rng.uniform(-1, 1, 2), 300, 0.45)
+    assert not ok0 and R0 == 0
+    env.close()

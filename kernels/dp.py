@@ -12,7 +12,7 @@ smallest ``s`` on ties, so indices and totals are bit-identical to it (NaN costs
 disagree on them).
 
 On chip (``T <= 128``): the program loads its sample's ``[T, T]`` cost tile into registers once
-(128 x 128 fp32 = 64 KB over 8 warps), so the cost matrix is read from HBM exactly once; each
+(128 x 128 fp32 = 64 KB over 4 warps), so the cost matrix is read from HBM exactly once; each
 row is a parallel ``[s, t]`` add + min over ``s``. ``D`` stays in registers.
 
 Streaming (``T > 128``): the tile no longer fits; each row walks ``t`` in blocks of
@@ -22,9 +22,10 @@ triangle, mostly from L2) and keeping ``D`` in a small per-sample global scratch
 
 Back-pointers go to a global scratch ``[B, K, T]``, int8 when ``T <= 128`` (pointers are
 ``< T <= 128``; half the traffic of int16) else int16 (``T <= 32768``); each row is one
-coalesced store, and the scratch of one sample is a few KB that stays in L2 for the
-backtracking, which runs in the same program after a CTA barrier (``K`` dependent scalar
-loads). One DP pass serves several budgets: row ``r`` of the table is the same for every
+coalesced store. Backtracking is a second, tiny kernel with one *thread* per sample: it is a
+chain of ``K`` dependent loads, and run inside the DP program that chain (``K`` x L2 latency)
+would be paid once per wave of resident samples; across samples the chains overlap, so the
+whole batch backtracks in about ``K`` load latencies. One DP pass serves several budgets: row ``r`` of the table is the same for every
 budget ``K > r``, so ``dp_select_many_triton(cost, [K_0, ..., K_S])`` runs the rows once up to
 ``max K`` and backtracks once per budget (what the nested per-level masks need).
 
@@ -43,11 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest padded T kept on chip: 128 x 128 fp32 = 64 KB of registers over 8 warps.
+# Largest padded T kept on chip: 128 x 128 fp32 = 64 KB of registers over 4 warps (no spills at sm_90).
 MAX_ON_CHIP_T = 128
 # Streaming path block sizes: a [BLOCK_S, BLOCK_T] tile = 4096 fp32.
 STREAM_BLOCK_T = 128
 STREAM_BLOCK_S = 32
+# Samples per backtracking program (one per thread): the K dependent loads of all samples overlap.
+BACKTRACK_BLOCK_B = 128
 
 
 # (min, index) with the smaller index on equal values: the combine function ``tl.min(...,
@@ -59,14 +62,14 @@ _ARGMIN_LEFT = tl.standard._argmin_combine_tie_break_left
 
 @triton.jit
 def _dp_kernel(
-    c_ptr, back_ptr, dbuf_ptr, dlast_ptr, ks_ptr, offs_ptr, idx_ptr, tot_ptr,
-    T, k_max, n_k, n_idx,
+    c_ptr, back_ptr, dbuf_ptr, dlast_ptr,
+    T, k_max,
     scb, sci, scj,
     BLOCK_T: tl.constexpr,
     BLOCK_S: tl.constexpr,
     ON_CHIP: tl.constexpr,
 ):
-    """DP rows 1..k_max-1 for sample ``program_id(0)``, then backtracking for each budget."""
+    """DP rows 1..k_max-1 for sample ``program_id(0)``: back-pointers and ``D[r, T-1]`` to scratch."""
     b = tl.program_id(0).to(tl.int64)
     c_base = c_ptr + b * scb
     back_base = back_ptr + b * k_max * T
@@ -115,18 +118,28 @@ def _dp_kernel(
                 tl.store(dlast_base + r + t * 0, best, mask=t == T - 1)
             tl.debug_barrier()  # row r fully written before row r+1 reads it
 
-    tl.debug_barrier()  # back-pointers and totals written by all threads before backtracking
+
+
+@triton.jit
+def _backtrack_kernel(
+    back_ptr, dlast_ptr, ks_ptr, offs_ptr, idx_ptr, tot_ptr,
+    B, T, k_max, n_k, n_idx,
+    BLOCK_B: tl.constexpr,
+):
+    """``idx[K-1] = T-1, idx[r-1] = back[r, idx[r]]`` for ``BLOCK_B`` samples at once, every budget."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = b < B
+    b = b.to(tl.int64)
     for i in range(0, n_k):
         k = tl.load(ks_ptr + i)
-        off = tl.load(offs_ptr + i)
-        out = idx_ptr + b * n_idx + off
-        tl.store(tot_ptr + b * n_k + i, tl.load(dlast_base + k - 1))
-        cur = (T - 1).to(tl.int64)  # current index, walked back row by row
-        tl.store(out + k - 1, cur)
+        out = idx_ptr + b * n_idx + tl.load(offs_ptr + i)
+        tl.store(tot_ptr + b * n_k + i, tl.load(dlast_ptr + b * k_max + k - 1, mask=ok), mask=ok)
+        cur = tl.full([BLOCK_B], 0, tl.int64) + (T - 1)
+        tl.store(out + k - 1, cur, mask=ok)
         for j in range(1, k):
             r = k - j
-            cur = tl.load(back_base + r * T + cur).to(tl.int64)
-            tl.store(out + r - 1, cur)
+            cur = tl.load(back_ptr + (b * k_max + r) * T + cur, mask=ok, other=0).to(tl.int64)
+            tl.store(out + r - 1, cur, mask=ok)
 
 
 def _is_interpreted(kernel) -> bool:
@@ -170,7 +183,9 @@ def dp_select_many_triton(
     on_chip = T <= MAX_ON_CHIP_T
     if on_chip:
         block_t = block_s = max(16, triton.next_power_of_2(T))
-        nw = num_warps or (8 if block_t >= 128 else 4 if block_t >= 64 else 2 if block_t >= 32 else 1)
+        # 4 warps at T=128: 128 fp32 of the tile per thread, reduced mostly in-thread (4-way across
+        # warps); more warps trade registers for cross-warp reduction steps on every row
+        nw = num_warps or max(1, min(4, block_t * block_t // 2048))
         dbuf = torch.empty(1, dtype=torch.float32, device=dev)
     else:
         block_t, block_s = STREAM_BLOCK_T, STREAM_BLOCK_S
@@ -190,11 +205,17 @@ def dp_select_many_triton(
     if B > 0:
         c = cost_B_T_T if cost_B_T_T.dtype == torch.float32 else cost_B_T_T.to(torch.float32)
         _dp_kernel[(B,)](
-            c, back, dbuf, dlast, ks_t, offs_t, idx, tot,
-            T, k_max, len(ks), n_idx,
+            c, back, dbuf, dlast,
+            T, k_max,
             c.stride(0), c.stride(1), c.stride(2),
             BLOCK_T=block_t, BLOCK_S=block_s, ON_CHIP=on_chip,
             num_warps=nw,
+        )
+        _backtrack_kernel[(triton.cdiv(B, BACKTRACK_BLOCK_B),)](
+            back, dlast, ks_t, offs_t, idx, tot,
+            B, T, k_max, len(ks), n_idx,
+            BLOCK_B=BACKTRACK_BLOCK_B,
+            num_warps=4,
         )
     return list(idx.split(ks, dim=1)), tot
 

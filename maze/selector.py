@@ -1,0 +1,116 @@
+"""Level-conditioned keyframe selector: keyframe logits per time index from the condition only.
+
+``Selector(T, budgets, d_model, enc_depth, heads, depth)``::
+
+    logits_B_T   = sel(occ, sdf, start, goal, level_B)          # level_B = K_s / T
+    logits_B_S_T = sel.level_logits(occ, sdf, start, goal)      # every level of the schedule
+    mask_B_S_T   = sel.nested_masks(occ, sdf, start, goal)      # nested, endpoints set
+
+Architecture (METHOD.md sections 3 and 6): a ``MazeEncoder`` (occupancy/SDF cell tokens with the
+start/goal heatmaps, a start/goal token, a goal-distance token) gives tokens and a pooled
+vector; ``T`` time queries are biased by the pooled vector and by the level scalar
+``K_s / T`` (Fourier features), then read the maze through spatial cross-attention
+(``maze.common.TimeQueryDecoder``); a linear head gives one logit per frame.
+
+Nested masks: level 0 takes the top ``K_0 - 2`` interior frames by the level-0 logits, level s
+keeps level s-1 and adds the top ``K_s - K_{s-1}`` new frames by the level-s logits
+(``interpdiff.masks.selector_nested_masks``). With ``nms_radius_scale = r > 0`` the picks of
+a level are made greedily instead, skipping frames closer than ``r (T-1)/(K_s-1)`` to a chosen
+keyframe (non-maximum suppression; rows where every free frame is suppressed fall back to plain
+order); the picks are then handed to ``selector_nested_masks`` as rank logits, so both decoders
+share its nesting and endpoint guarantees. NMS is the remedy for the failure mode of
+METHOD.md section 6 (neighbouring frames of one peak all win and leave long gaps elsewhere).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from interpdiff.interpolate import neighbours
+from interpdiff.io import CheckpointError, load_checkpoint
+from interpdiff.masks import selector_nested_masks
+from interpdiff.selection import check_budgets
+from maze.common import TimeQueryDecoder
+from maze.encoders import MazeEncoder
+
+SELECTOR_KIND = "maze-selector"
+
+
+class Selector(nn.Module):
+    def __init__(self, T: int, budgets: Sequence[int], d_model: int = 128, enc_depth: int = 2, heads: int = 4, depth: int = 2,
+                 G: int = 12, nms_radius_scale: float = 0.0):
+        super().__init__()
+        self.T = T
+        self.budgets = check_budgets(budgets, T, "Selector")
+        self.nms_radius_scale = float(nms_radius_scale)
+        self.sizes = {"T": T, "budgets": self.budgets, "d_model": d_model, "enc_depth": enc_depth, "heads": heads, "depth": depth,
+                      "G": G, "nms_radius_scale": self.nms_radius_scale}
+        self.encoder = MazeEncoder(d_model, enc_depth, heads, G)
+        self.decoder = TimeQueryDecoder(T, d_model, heads, depth, level_cond=True)
+        self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
+
+    def forward(self, occ, sdf, start, goal, level_B, enc=None) -> torch.Tensor:
+        """Logits ``[B, T]`` at level ``K_s / T = level_B``; ``enc`` = precomputed encoder output."""
+        tokens, pooled = self.encoder(occ, sdf, start, goal) if enc is None else enc
+        return self.head(self.decoder(tokens, pooled, level_B)).squeeze(-1)
+
+    def level_logits(self, occ, sdf, start, goal) -> torch.Tensor:
+        """Logits ``[B, S, T]`` for every budget (the encoder runs once)."""
+        tokens, pooled = self.encoder(occ, sdf, start, goal)
+        B, S = occ.shape[0], len(self.budgets)
+        lv = torch.tensor([k / self.T for k in self.budgets], device=occ.device).repeat_interleave(B)
+        tok = tokens.repeat(S, 1, 1)
+        pool = pooled.repeat(S, 1)
+        return self(occ, sdf, start, goal, lv, enc=(tok, pool)).view(S, B, self.T).transpose(0, 1)
+
+    @torch.no_grad()
+    def nested_masks(self, occ, sdf, start, goal, nms_radius_scale: float | None = None) -> torch.Tensor:
+        r = self.nms_radius_scale if nms_radius_scale is None else nms_radius_scale
+        return decode_nested(self.level_logits(occ, sdf, start, goal), self.budgets, r)
+
+
+def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius_scale: float = 0.0) -> torch.Tensor:
+    """Nested masks ``[B, S, T]`` from per-level logits (module doc); ``0`` = plain top-k."""
+    if nms_radius_scale <= 0:
+        return selector_nested_masks(logits_B_S_T, budgets)
+    B, S, T = logits_B_S_T.shape
+    budgets = check_budgets(budgets, T, "decode_nested")
+    rows = torch.arange(B, device=logits_B_S_T.device)
+    t = torch.arange(T, device=logits_B_S_T.device).expand(B, T)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=logits_B_S_T.device)
+    mask[:, 0] = mask[:, -1] = True
+    rank = torch.full_like(logits_B_S_T, -1e9, dtype=torch.float32)
+    have = 2
+    neg = torch.tensor(-torch.inf, device=logits_B_S_T.device)
+    for s, k in enumerate(budgets):
+        n_add = k - have
+        radius = nms_radius_scale * (T - 1) / (k - 1)
+        score = logits_B_S_T[:, s].float()
+        for a in range(n_add):
+            left, right, _ = neighbours(mask)
+            dist = torch.minimum(t - left, right - t).float()
+            sc = torch.where(~mask & (dist >= radius), score, neg)
+            none = torch.isinf(sc).all(1, keepdim=True)
+            sc = torch.where(none, torch.where(~mask, score, neg), sc)
+            pick = sc.argmax(1)
+            mask[rows, pick] = True
+            rank[rows, s, pick] = float(n_add - a)
+        have = k
+    return selector_nested_masks(rank, budgets)
+
+
+def build_selector(sizes: dict) -> Selector:
+    return Selector(**{k: sizes[k] for k in ("T", "budgets", "d_model", "enc_depth", "heads", "depth", "G", "nms_radius_scale")})
+
+
+def load_selector(path, map_location="cpu") -> Selector:
+    """Rebuild the selector from a ``model.pt`` written by ``maze.train_selector`` (sizes from metadata)."""
+    ck = load_checkpoint(path, required_meta=["kind", "sizes"], map_location=map_location)
+    if ck["meta"]["kind"] != SELECTOR_KIND:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a {ck['meta']['kind']!r} checkpoint, expected {SELECTOR_KIND!r} (maze.train_selector)")
+    model = build_selector(ck["meta"]["sizes"])
+    model.load_state_dict(ck["state"]["model"])
+    return model.eval()

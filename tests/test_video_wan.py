@@ -340,3 +340,30 @@ def test_attention_backend_switch():
             wan.set_attention_backend(c.transformer, "xformers")
     with pytest.raises(ValueError, match="bogus"):
         wan.set_attention_backend(c.transformer, "bogus")
+
+
+def test_bf16_model_trains_fp32_adapter_and_widening(tmp_path):
+    c = wan.load_wan("tiny", components=("transformer",))  # bf16, as for the real checkpoints
+    wan.widen_patch_embedding(c.transformer, ("mask", "confidence"))
+    wan.add_lora(c.transformer, wan.LoraSpec(rank=4, alpha=4))
+    params = wan.trainable_parameters(c.transformer)
+    assert params and {p.dtype for _, p in params} == {torch.float32}
+    assert c.transformer.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.bfloat16
+    lat, ts, emb = _inputs()
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    extra = wan.extra_channels(mask, 4, 4, ("mask", "confidence"), confidence_B_T=torch.rand(2, 3))
+    c.transformer.train()
+    out = wan.wan_forward(c.transformer, lat, ts, emb, extra_B_E_T_H_W=extra)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in params)
+    _perturb_lora(c.transformer)
+    with torch.no_grad():
+        c.transformer.patch_embedding.extra_weight.normal_()
+    c.transformer.eval()
+    ref = wan.wan_forward(c.transformer, lat, ts, emb, extra_B_E_T_H_W=extra)
+    wan.save_lora(c.transformer, tmp_path / "lora")
+    fresh = wan.load_wan("tiny", components=("transformer",)).transformer
+    wan.load_lora(fresh, tmp_path / "lora", trainable=True)
+    assert {p.dtype for _, p in wan.trainable_parameters(fresh)} == {torch.float32}
+    assert torch.equal(wan.wan_forward(fresh, lat, ts, emb, extra_B_E_T_H_W=extra), ref)

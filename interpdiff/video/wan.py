@@ -520,11 +520,15 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "default") -> list[str]:
+def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "default",
+             trainable_dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Attach a peft LoRA adapter (``transformer.add_adapter``); returns the adapted module names.
 
     Raises ``ValueError`` naming any target in ``spec.target_modules`` that matches no module.
-    Only the LoRA A/B weights get ``requires_grad=True`` (peft freezes the rest).
+    Only the LoRA A/B weights (and widening weights, if any) get ``requires_grad=True`` (peft
+    freezes the rest). ``trainable_dtype`` (fp32 by default, ``None`` = leave) upcasts the
+    trainable weights of a bf16 model, as diffusers' ``cast_training_params`` does, so the
+    optimizer updates fp32 master weights; peft casts activations to the LoRA weight dtype.
     """
     spec = spec or LoraSpec()
     spec.validate()
@@ -544,6 +548,10 @@ def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "def
     if extra_trainable:
         pe.extra_weight.requires_grad_(True)  # ... so the widening weights are re-enabled
     model.train(model.training)  # peft creates its lora_dropout modules in train mode; follow the model
+    if trainable_dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(trainable_dtype)
     adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")})
     return adapted
 
@@ -887,12 +895,16 @@ def _read_meta(lora_dir: Path) -> dict:
     return meta
 
 
-def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> dict:
+def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "default", trainable: bool = False,
+              lora_dtype: torch.dtype | None = torch.float32) -> dict:
     """Rebuild what ``save_lora`` wrote on a base transformer: widening (+ its weights), keyframe
     rope when it was installed, then the LoRA through diffusers' ``load_lora_adapter``.
 
     ``trainable=True`` turns ``requires_grad`` on for the LoRA and widening weights (resume).
-    Returns the stored metadata.
+    ``lora_dtype`` (fp32 by default, as ``add_lora`` trains them) is the dtype the LoRA and
+    widening weights are kept in, with the stored values copied exactly (diffusers' loader
+    creates them in the model's dtype, which would round fp32 weights to bf16); ``None`` keeps
+    diffusers' behaviour. Returns the stored metadata.
     """
     from diffusers import WanPipeline
     from safetensors.torch import load_file
@@ -924,10 +936,24 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
     if meta.get("keyframe_rope"):
         install_keyframe_rope(model)
     sd, lmeta = WanPipeline.lora_state_dict(str(d), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
-    WanPipeline.load_lora_into_transformer(sd, transformer=model, adapter_name=adapter_name, metadata=lmeta)
+    WanPipeline.load_lora_into_transformer(dict(sd), transformer=model, adapter_name=adapter_name, metadata=lmeta)
     model.train(model.training)  # injected lora_dropout modules start in train mode; follow the model
     if widening:
         model.patch_embedding.extra_weight.requires_grad_(trainable)  # peft froze it while injecting
+    if lora_dtype is not None:
+        params = dict(model.named_parameters())
+        for k, v in sd.items():
+            name = k[len("transformer."):] if k.startswith("transformer.") else k
+            for ab in (".lora_A.", ".lora_B."):
+                name = name.replace(ab, f"{ab}{adapter_name}.")
+            if name not in params:
+                raise KeyError(f"{str(d / LORA_WEIGHT_NAME)!r}: key {k!r} has no parameter {name!r} in the model")
+            params[name].data = v.to(device=params[name].device, dtype=lora_dtype).clone()
+        if widening:
+            pe = model.patch_embedding
+            pe.extra_weight.data = pe.extra_weight.data.to(lora_dtype)
+            w = load_file(str(d / EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
+            pe.extra_weight.data.copy_(w.to(lora_dtype))
     if trainable:
         for n, p in model.named_parameters():
             if "lora_" in n and f".{adapter_name}." in n + ".":

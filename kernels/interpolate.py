@@ -107,7 +107,9 @@ def _interp_fwd_kernel(
     out = xl * (1 - w2) + xr * w2
     if HAS_NOISE:
         sig = tl.load(sig_ptr + b).to(tl.float32)
-        e = tl.load(eps_ptr + b * seb + p * sep + (t * set_)[:, None] + (q * seq)[None, :], mask=io_ok, other=0.0)
+        # eps is read on the missing frames only (keyframe rows get no noise)
+        e_ok = io_ok & (~key)[:, None]
+        e = tl.load(eps_ptr + b * seb + p * sep + (t * set_)[:, None] + (q * seq)[None, :], mask=e_ok, other=0.0)
         miss = tl.where(key, 0.0, 1.0)[:, None]
         # round to x's dtype first, then add the noise in fp32 (the reference's order)
         base_val = out.to(out_ptr.dtype.element_ty).to(tl.float32)

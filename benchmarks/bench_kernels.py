@@ -1,0 +1,398 @@
+"""Triton kernels vs their torch references: masked interpolation and the batched keyframe DP.
+
+    .venv/bin/python benchmarks/bench_kernels.py                                  # CUDA, issue sizes
+    .venv/bin/python benchmarks/bench_kernels.py sweep=true json_out=k.json md_out=k.md
+    .venv/bin/python benchmarks/bench_kernels.py --cpu-smoke                      # CPU, interpreter
+
+Every number is measured in the same run on the same device and printed with the device name,
+date and commit:
+
+* **copy bandwidth**: ``dst.copy_(src)`` of a tensor as large as the operand (bytes read +
+  bytes written per second), the practical ceiling of a memory-bound kernel;
+* **interpolation** ``I(x, M)`` at Wan2.1 latent size (``B=8, C=16, T=21, H=60, W=104`` bf16,
+  time at dim 2, ``K in {2, 6, 11}`` random keyframes per sample) and maze size
+  (``B=4096, T=128, D=2`` fp32): forward, fused phase-2 corruption, forward+backward. ``GB/s``
+  counts the minimal HBM traffic (keyframe rows read, every row written; plus ``eps`` on the
+  missing frames for the fused op; for the backward, the gradient read and written), the same
+  byte count for the kernel and for the torch reference; ``of copy`` is that rate over the copy
+  bandwidth measured at the same size;
+* **DP** at ``B=4096, T=128, K in {8, 16, 32}`` and ``T=21, K=6``: the kernel, the torch
+  reference (``dp_select_reference``, vectorised over the batch) and a numpy loop over samples
+  (run on ``numpy_samples`` samples and scaled linearly to ``B``), and the fraction of the
+  bound "read the cost matrices once at copy bandwidth" (``bytes(cost) / copy_bw``) that the
+  kernel reaches.
+
+GPU times are ``triton.testing.do_bench`` medians (L2 flushed before each repetition; 20/80 %
+quantiles in the JSON). Each kernel result is checked against its reference before it is
+timed. ``sweep=true`` also times the kernels' block-size / warp-count options, so one device
+run shows whether the defaults are the best choice. ``--cpu-smoke`` runs the same code on tiny
+shapes under ``TRITON_INTERPRET=1`` with a wall-clock timer: it checks the script and the
+kernels end to end, its times say nothing about performance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+# the interpreter must be on before the kernel modules are imported (their @triton.jit decides)
+if "--cpu-smoke" in sys.argv or "cpu_smoke=true" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+
+from interpdiff.config import parse_cli, to_dict  # noqa: E402
+from interpdiff.interpolate import interpolate_corrupt, interpolate_reference  # noqa: E402
+from interpdiff.io import atomic_write_text, code_version  # noqa: E402
+from interpdiff.selection import dp_select_reference  # noqa: E402
+from kernels import dp as kdp  # noqa: E402
+from kernels import interpolate as kint  # noqa: E402
+
+
+@dataclass
+class BenchKernelsConfig:
+    cpu_smoke: bool = False  # tiny shapes on CPU under the Triton interpreter (checks, not speed)
+    sweep: bool = False  # also time block-size / warp options of both kernels
+    numpy_samples: int = 256  # samples the numpy DP loop runs on (scaled to B)
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    json_out: str = ""
+    md_out: str = ""
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+class Timer:
+    """Median time in ms of ``fn()``: ``do_bench`` on CUDA, wall clock on CPU (smoke only)."""
+
+    def __init__(self, cuda: bool, warmup_ms: int, rep_ms: int):
+        self.cuda, self.warmup_ms, self.rep_ms = cuda, warmup_ms, rep_ms
+
+    def __call__(self, fn) -> dict:
+        if self.cuda:
+            q = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+        fn()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return {"ms": statistics.median(ts), "ms_p20": min(ts), "ms_p80": max(ts)}
+
+
+def copy_bandwidth(timer: Timer, nbytes: int, device) -> dict:
+    """GB/s of ``dst.copy_(src)`` for ``nbytes`` (read + write counted)."""
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    moved = 2 * src.numel() * 4
+    return {"bytes": moved, **t, "GBps": moved / (t["ms"] * 1e-3) / 1e9}
+
+
+# ------------------------------------------------------------------------------ interpolation
+
+
+def random_masks(B: int, T: int, K: int, device, gen: torch.Generator) -> torch.Tensor:
+    """``K`` keyframes per row (both endpoints + ``K-2`` random interior frames)."""
+    m = torch.zeros(B, T, dtype=torch.bool)
+    if K > 2:
+        mid = torch.rand(B, T - 2, generator=gen).argsort(dim=1)[:, : K - 2] + 1
+        m.scatter_(1, mid, True)
+    m[:, 0] = m[:, -1] = True
+    return m.to(device)
+
+
+def _check_close(a: torch.Tensor, b: torch.Tensor, what: str, ulps: int = 1, scale: torch.Tensor | None = None) -> None:
+    """Within ``ulps`` ulp of ``scale`` (default ``|b|``): rounding-order and cast differences only."""
+    fi = torch.finfo(a.dtype)
+    err = (a.double() - b.double()).abs()
+    scale = b.double().abs() if scale is None else scale.double()
+    bound = ulps * fi.eps * scale + fi.tiny
+    if bool((err > bound).any()):
+        raise AssertionError(f"{what}: kernel differs from the reference by {float(err.max()):.3g} (> {ulps} ulp)")
+
+
+def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict]:
+    rows = []
+    copies: dict[int, dict] = {}
+    for case in cases:
+        shape, td, dtype = tuple(case["shape"]), case["time_dim"], case["dtype"]
+        B, T = shape[0], shape[td]
+        x = torch.randn(shape, generator=gen).to(dtype).to(device)
+        eps = torch.randn(shape, generator=gen).to(dtype).to(device)
+        sigma = torch.rand(B, generator=gen).to(device)
+        nbytes = x.numel() * x.element_size()
+        if nbytes not in copies:
+            copies[nbytes] = copy_bandwidth(timer, nbytes, device)
+        copy = copies[nbytes]
+        for K in case["ks"]:
+            m = random_masks(B, T, K, device, gen)
+            _check_close(kint.interpolate_triton(x, m, td), interpolate_reference(x, m, td), f"interpolate {shape} K={K}")
+            ref_c = interpolate_corrupt(x, m, sigma, eps, td, backend="torch")
+            _check_close(  # rounded twice (I(x, M) to x's dtype, then the sum): one ulp at each step
+                kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c, f"interpolate_corrupt {shape} K={K}",
+                scale=interpolate_reference(x, m, td).double().abs() + ref_c.double().abs(),
+            )
+            frac_key = K / T
+            ops = {
+                "forward": (
+                    lambda: kint.interpolate_triton(x, m, td),
+                    lambda: interpolate_reference(x, m, td),
+                    nbytes * (1 + frac_key),
+                ),
+                "fused corruption": (
+                    lambda: kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps),
+                    lambda: interpolate_corrupt(x, m, sigma, eps, td, backend="torch"),
+                    2 * nbytes,  # keyframe rows of x + missing rows of eps (= one x), every row written
+                ),
+            }
+            if case.get("backward"):
+                xg = x.detach().requires_grad_(True)
+                g = torch.randn(shape, generator=gen).to(dtype).to(device)
+
+                def kfb():
+                    return torch.autograd.grad(kint.interpolate_triton(xg, m, td), xg, g)
+
+                def rfb():
+                    return torch.autograd.grad(interpolate_reference(xg, m, td), xg, g)
+
+                # forward (keyframes read, all written) + backward (grad read, grad_x written)
+                ops["forward+backward"] = (kfb, rfb, nbytes * (1 + frac_key) + 2 * nbytes)
+            for op, (kfn, rfn, moved) in ops.items():
+                tk, tr = timer(kfn), timer(rfn)
+                gbps = moved / (tk["ms"] * 1e-3) / 1e9
+                rows.append({
+                    "case": case["name"], "op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                    "K": K, "bytes": int(moved), "triton": tk, "torch": tr, "GBps": gbps,
+                    "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
+                })
+    return rows
+
+
+# ------------------------------------------------------------------------------ DP
+
+
+def dp_numpy(cost_T_T: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """One sample, numpy: the per-sample loop a script would write (vectorised over ``t`` only)."""
+    T = cost_T_T.shape[0]
+    c = np.where(np.triu(np.ones((T, T), dtype=bool), 1), cost_T_T.astype(np.float32), np.float32(np.inf))
+    D = np.full(T, np.inf, dtype=np.float32)
+    D[0] = 0.0
+    back = np.zeros((k, T), dtype=np.int64)
+    for r in range(1, k):
+        cand = D[:, None] + c
+        back[r] = cand.argmin(axis=0)
+        D = cand.min(axis=0)
+    idx = np.empty(k, dtype=np.int64)
+    idx[-1] = T - 1
+    for r in range(k - 1, 0, -1):
+        idx[r - 1] = back[r, idx[r]]
+    return idx, float(D[T - 1])
+
+
+def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -> list[dict]:
+    rows = []
+    for case in cases:
+        B, T = case["B"], case["T"]
+        cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
+        cost_bytes = cost.numel() * 4
+        copy = copy_bandwidth(timer, cost_bytes, device)
+        t_bound_ms = cost_bytes / (copy["GBps"] * 1e9) * 1e3  # read once at copy bandwidth
+        n_np = min(B, numpy_samples)
+        cost_np = cost[:n_np].cpu().numpy()
+        for K in case["ks"]:
+            idx, tot = kdp.dp_select_triton(cost, K)
+            ref_idx, ref_tot = dp_select_reference(cost, K)
+            if not (torch.equal(idx, ref_idx) and torch.equal(tot, ref_tot)):
+                raise AssertionError(f"dp B={B} T={T} K={K}: kernel differs from dp_select_reference")
+            np_idx, np_tot = dp_numpy(cost_np[0], K)
+            if not np.array_equal(np_idx, ref_idx[0].cpu().numpy()):
+                raise AssertionError(f"dp T={T} K={K}: numpy loop differs from dp_select_reference")
+            tk = timer(lambda: kdp.dp_select_triton(cost, K))
+            tr = timer(lambda: dp_select_reference(cost, K))
+            t0 = time.perf_counter()
+            for b in range(n_np):
+                dp_numpy(cost_np[b], K)
+            np_ms = (time.perf_counter() - t0) * 1e3 * B / n_np
+            rows.append({
+                "B": B, "T": T, "K": K, "cost_bytes": cost_bytes, "triton": tk, "torch": tr,
+                "numpy_ms": np_ms, "numpy_samples": n_np, "speedup_torch": tr["ms"] / tk["ms"],
+                "speedup_numpy": np_ms / tk["ms"], "copy_GBps": copy["GBps"], "bound_ms": t_bound_ms,
+                "of_bound": t_bound_ms / tk["ms"],
+            })
+    return rows
+
+
+# ------------------------------------------------------------------------------ sweep
+
+
+def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
+    """Block sizes / warp counts around the defaults (best first)."""
+    shape, td, K = tuple(interp_case["shape"]), interp_case["time_dim"], interp_case["ks"][0]
+    x = torch.randn(shape, generator=gen).to(interp_case["dtype"]).to(device)
+    m = random_masks(shape[0], shape[td], K, device, gen)
+    ref = interpolate_reference(x, m, td)
+    block_t = triton.next_power_of_2(shape[td])
+    out: dict = {"interpolate": [], "dp": []}
+    for bq in (16, 32, 64, 128, 256, 512):
+        for nw in (1, 2, 4, 8, 16):
+            if block_t * bq > 16384 or block_t * bq < 32 * nw:
+                continue
+            _check_close(kint._forward(x, m, td, block_q=bq, num_warps=nw), ref, f"sweep interpolate BLOCK_Q={bq}")
+            t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw))
+            out["interpolate"].append({"BLOCK_T": block_t, "BLOCK_Q": bq, "num_warps": nw, **t})
+    out["interpolate"].sort(key=lambda r: r["ms"])
+    out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), kint._fwd_blocks(shape[td], _inner(shape, td))))
+    B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
+    cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
+    ref_idx, _ = dp_select_reference(cost, K)
+    for nw in (1, 2, 4, 8, 16):
+        idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw)
+        if not torch.equal(idx[0], ref_idx):
+            raise AssertionError(f"sweep dp num_warps={nw}: differs from the reference")
+        out["dp"].append({"B": B, "T": T, "K": K, "num_warps": nw, **timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw))})
+    out["dp"].sort(key=lambda r: r["ms"])
+    return out
+
+
+def _inner(shape, td) -> int:
+    q = 1
+    for s in shape[td + 1 :]:
+        q *= s
+    return q
+
+
+def compiled_kernel_info() -> list[dict]:
+    """Registers / spills of every compiled variant (CUDA only; empty under the interpreter)."""
+    info = []
+    for name, fn in [("interp_fwd", kint._interp_fwd_kernel), ("interp_bwd", kint._interp_bwd_kernel),
+                     ("dp", kdp._dp_kernel), ("dp_backtrack", kdp._backtrack_kernel)]:
+        for dev_cache in getattr(fn, "device_caches", {}).values():
+            try:
+                kernels = dev_cache[0].values()
+            except Exception:  # layout of triton's cache differs: report nothing rather than fail
+                continue
+            for k in kernels:
+                meta = getattr(k, "metadata", None)
+                info.append({
+                    "kernel": name, "num_warps": getattr(meta, "num_warps", None),
+                    "n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
+                    "shared": getattr(meta, "shared", None),
+                })
+    return info
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def targets(interp_rows: list[dict], dp_rows: list[dict]) -> list[dict]:
+    """The issue's acceptance checks, with the measured value next to each target."""
+    out = []
+    for r in interp_rows:
+        if r["case"] == "wan" and r["op"] == "forward":
+            out.append({"check": f"interp fwd Wan K={r['K']}: >= 75% of copy bandwidth", "value": r["of_copy"],
+                        "target": 0.75, "met": r["of_copy"] >= 0.75})
+            out.append({"check": f"interp fwd Wan K={r['K']}: >= 3x torch reference", "value": r["speedup"],
+                        "target": 3.0, "met": r["speedup"] >= 3.0})
+    for r in dp_rows:
+        if r["T"] == 128 and r["K"] == 16:
+            out.append({"check": "DP B=4096 T=128 K=16: >= 10x torch reference", "value": r["speedup_torch"],
+                        "target": 10.0, "met": r["speedup_torch"] >= 10.0})
+            out.append({"check": "DP B=4096 T=128 K=16: >= 100x numpy loop", "value": r["speedup_numpy"],
+                        "target": 100.0, "met": r["speedup_numpy"] >= 100.0})
+    return out
+
+
+def markdown(res: dict) -> str:
+    L = [f"Device: **{res['device']}**, {res['date']}, commit `{res['commit']}`, torch {res['torch']}, "
+         f"triton {res['triton']}{' (CPU smoke: Triton interpreter, times are not performance)' if res['cpu_smoke'] else ''}", ""]
+    L += ["| interpolation | op | K | triton ms | GB/s | copy GB/s | of copy | torch ms | speedup |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["interpolate"]:
+        L.append(f"| {r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['op']} | {r['K']} | "
+                 f"{r['triton']['ms']:.4f} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['of_copy']:.0%} | "
+                 f"{r['torch']['ms']:.4f} | {r['speedup']:.1f}x |")
+    L += ["", "| DP | K | triton ms | torch ms | vs torch | numpy ms (scaled) | vs numpy | bound ms | of bound |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["dp"]:
+        L.append(f"| B={r['B']} T={r['T']} | {r['K']} | {r['triton']['ms']:.4f} | {r['torch']['ms']:.3f} | "
+                 f"{r['speedup_torch']:.1f}x | {r['numpy_ms']:.1f} | {r['speedup_numpy']:.0f}x | "
+                 f"{r['bound_ms']:.4f} | {r['of_bound']:.0%} |")
+    if res["targets"]:
+        L += ["", "| acceptance check | measured | met |", "|---|---:|:-:|"]
+        for t in res["targets"]:
+            L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
+    if res.get("sweep"):
+        L += ["", "Sweep (best first): interpolation " + ", ".join(
+            f"BLOCK_Q={r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms" for r in res["sweep"]["interpolate"][:5])
+              + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
+            f"w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["cpu_smoke=true" if a == "--cpu-smoke" else a for a in argv]
+    cfg = parse_cli(BenchKernelsConfig, argv)
+    torch.set_num_threads(1)
+    cuda = torch.cuda.is_available() and not cfg.cpu_smoke
+    if not cuda and not cfg.cpu_smoke:
+        raise SystemExit("bench_kernels: no CUDA device; run with --cpu-smoke to check the script on CPU")
+    if cfg.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("bench_kernels: --cpu-smoke needs TRITON_INTERPRET=1 before the kernels are imported")
+    device = torch.device("cuda" if cuda else "cpu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    timer = Timer(cuda, cfg.warmup_ms, cfg.rep_ms)
+    if cuda:
+        interp_cases = [
+            {"name": "wan", "shape": [8, 16, 21, 60, 104], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 6, 11],
+             "backward": True},
+            {"name": "maze", "shape": [4096, 128, 2], "time_dim": 1, "dtype": torch.float32, "ks": [8, 16, 32]},
+        ]
+        dp_cases = [{"B": 4096, "T": 128, "ks": [8, 16, 32]}, {"B": 4096, "T": 21, "ks": [6]}]
+    else:
+        interp_cases = [
+            {"name": "wan", "shape": [2, 3, 7, 4, 5], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 3], "backward": True},
+            {"name": "maze", "shape": [4, 16, 2], "time_dim": 1, "dtype": torch.float32, "ks": [4]},
+        ]
+        dp_cases = [{"B": 4, "T": 16, "ks": [4]}, {"B": 4, "T": 21, "ks": [6]}]
+    res = {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": code_version(), "torch": torch.__version__, "triton": triton.__version__,
+        "cpu_smoke": cfg.cpu_smoke, "config": to_dict(cfg),
+    }
+    res["interpolate"] = bench_interpolate(timer, interp_cases, device, gen)
+    res["dp"] = bench_dp(timer, dp_cases, cfg.numpy_samples, device, gen)
+    res["targets"] = targets(res["interpolate"], res["dp"]) if cuda else []
+    if cfg.sweep:
+        wan = {**interp_cases[0], "ks": [6 if cuda else 3]}
+        res["sweep"] = sweep(timer, wan, {**dp_cases[0], "ks": [16 if cuda else 4]}, device, gen)
+    res["compiled"] = compiled_kernel_info() if cuda else []
+    md = markdown(res)
+    print(md)
+    if cfg.json_out:
+        atomic_write_text(cfg.json_out, json.dumps(res, indent=1, default=str))
+    if cfg.md_out:
+        atomic_write_text(cfg.md_out, md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

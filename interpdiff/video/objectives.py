@@ -184,7 +184,11 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
         if cfg.init_lora:
             wan.load_lora(tr, cfg.init_lora, trainable=True)
         else:
-            wan.add_lora(tr, cfg.lora)
+            # peft draws the LoRA A init from the global RNG: seed it so every run (and rank) of
+            # the same config starts from the same adapter, whatever ran before in the process
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                wan.add_lora(tr, cfg.lora)
     return tr
 
 

@@ -41,6 +41,14 @@ from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import mask_to_indices, uniform_nested_masks
 from interpdiff.video import wan
+from interpdiff.video.objectives import (
+    ModelConfig,
+    Phase2Config,
+    base_dtype,
+    level_timestep,
+    phase2_budgets,
+    phase2_restore,
+)
 
 WAN_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -156,8 +164,6 @@ class Phase2Settings:
 
     @classmethod
     def from_phase2_config(cls, p2, T: int, **kw) -> "Phase2Settings":
-        from interpdiff.video.objectives import phase2_budgets
-
         return cls(budgets=phase2_budgets(p2, T), sigma_max=p2.sigma_max, sigma_min=p2.sigma_min,
                    channels=list(p2.channels), confidence=p2.confidence, **kw)
 
@@ -173,8 +179,6 @@ def phase2_refine(
     init_noise: bool = True,
 ) -> torch.Tensor:
     """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)`` (``corruption.refine``)."""
-    from interpdiff.video.objectives import Phase2Config, level_timestep, phase2_restore
-
     B, C, T, H, W = x_start_B_C_T_H_W.shape
     S = masks_B_S_T.shape[1]
     sig = level_sigmas(S, st.sigma_max, st.sigma_min)
@@ -274,7 +278,8 @@ def write_mp4(path: str | Path, frames_F_H_W_3: np.ndarray, fps: int = 16) -> Pa
     os.close(fd)
     try:
         imageio.mimwrite(tmp, list(frames_F_H_W_3), fps=fps, codec="libx264", macro_block_size=1,
-                         ffmpeg_params=["-pix_fmt", "yuv420p"])
+                         pixelformat="yuv420p")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -369,3 +374,181 @@ def make_validation(cfg, phase: int, batches) -> Callable:
             latent_preview(rows, folder / f"val_{step:08d}.png")
 
     return validate
+
+
+# --- sample.py: config and driver ---------------------------------------------------------------
+
+MODES = ("two_phase", "full")
+
+
+@dataclass
+class SampleConfig:
+    """``sample.py`` settings. LoRA folders are ``save_lora`` folders (a training checkpoint's
+    ``trainable/``); an empty ``phase1_lora`` / ``phase2_lora`` runs the base weights with the
+    phase's structure (keyframe rope / zero-initialised mask channels), e.g. for timing."""
+
+    model_path: str = "tiny"
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU (VAE always fp32)
+    attention: str = "sdpa"
+    mode: str = "two_phase"  # two_phase | full
+    phase1_lora: str = ""
+    phase2_lora: str = ""
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str = ""  # one prompt per line (added after ``prompts``)
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    num_frames: int = 81  # pixel frames, 4k+1
+    height: int = 480
+    width: int = 832
+    phase1_steps: int = 8
+    phase1_guidance: float = 5.0
+    full_steps: int = 50
+    guidance: float = 5.0  # CFG scale of --mode full
+    shift: float = 5.0
+    phase2_noise: str = "level"  # none | constant | level
+    seed: int = 0
+    batch_size: int = 1
+    text_max_length: int = 512
+    out_dir: str = "samples"
+    fps: int = 16
+    phase2: Phase2Config = field(default_factory=Phase2Config)  # used when phase2_lora is empty
+
+    def validate(self) -> None:
+        from interpdiff.config import ConfigError
+
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
+        try:
+            latent_frames(self.num_frames)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.height % 16 or self.width % 16:
+            raise ConfigError(f"height={self.height}, width={self.width}: both must be multiples of 16 (VAE 8 x patch 2)")
+        if self.batch_size < 1 or self.phase1_steps < 1 or self.full_steps < 1:
+            raise ConfigError("batch_size, phase1_steps and full_steps must be >= 1")
+        if self.phase2_noise not in ("none", "constant", "level"):
+            raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
+
+
+def read_prompts(cfg: SampleConfig) -> list[str]:
+    from interpdiff.config import ConfigError
+
+    prompts = [p for p in cfg.prompts if p.strip()]
+    if cfg.prompts_file:
+        p = Path(cfg.prompts_file)
+        if not p.is_file():
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} does not exist (expected a text file, one prompt per line)")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: set prompts=[...] or prompts_file=PATH")
+    return prompts
+
+
+def _slug(text: str, n: int = 40) -> str:
+    import re
+
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
+
+
+def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
+    """From the phase-2 LoRA's metadata (what it was trained with), else ``cfg.phase2``."""
+    from interpdiff.config import from_dict
+
+    p2 = cfg.phase2
+    if cfg.phase2_lora:
+        meta = wan._read_meta(Path(cfg.phase2_lora))
+        stored = (meta.get("extra") or {}).get("phase2")
+        if stored:
+            p2 = from_dict(Phase2Config, stored)
+    return Phase2Settings.from_phase2_config(p2, T, noise=cfg.phase2_noise)
+
+
+def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Settings | None = None):
+    dtype = base_dtype(ModelConfig(dtype=cfg.dtype))
+    tr = wan.load_transformer(cfg.model_path, dtype=dtype)
+    wan.set_attention_backend(tr, cfg.attention)
+    lora = cfg.phase1_lora if phase == 1 else cfg.phase2_lora
+    if phase == 1:
+        wan.install_keyframe_rope(tr)
+    elif phase == 2 and not lora:
+        wan.widen_patch_embedding(tr, tuple(st.channels), trainable=False)
+    if lora:
+        meta = wan.load_lora(tr, lora)
+        want = (meta.get("extra") or {}).get("phase")
+        if want is not None and int(want) != phase:
+            from interpdiff.config import ConfigError
+
+            raise ConfigError(f"phase{phase}_lora={lora!r} was trained for phase {want}")
+    return tr.to(device).eval()
+
+
+def check_sample_inputs(cfg: SampleConfig) -> list[str]:
+    """Everything that can fail cheaply, before any model is loaded."""
+    prompts = read_prompts(cfg)
+    for name in ("phase1_lora", "phase2_lora"):
+        path = getattr(cfg, name)
+        if path and cfg.mode == "two_phase":
+            d = Path(path)
+            if not (d / wan.LORA_WEIGHT_NAME).is_file():
+                raise wan.WanLoadError(f"{name}={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora folder, "
+                                       "e.g. runs/p1/checkpoints/step_00001000/trainable)")
+            wan._read_meta(d)
+    if cfg.model_path != "tiny":
+        wan._resolve(cfg.model_path, "transformer")
+    return prompts
+
+
+def run_sampling(cfg: SampleConfig, log=print) -> dict:
+    """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s}}``."""
+    prompts = check_sample_inputs(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    T = latent_frames(cfg.num_frames)
+    H, W = cfg.height // 8, cfg.width // 8
+    timer = StageTimer(device)
+    st = _phase2_settings(cfg, T) if cfg.mode == "two_phase" else None
+    dtype = base_dtype(ModelConfig(dtype=cfg.dtype))
+    with timer.stage("load"):
+        enc, tok = wan.load_text_encoder(cfg.model_path, dtype=dtype)
+        enc = enc.to(device)
+    with timer.stage("text_encoder"):
+        emb_all = wan.encode_prompts(enc, tok, prompts, max_length=cfg.text_max_length)
+        guid = cfg.phase1_guidance if cfg.mode == "two_phase" else cfg.guidance
+        neg = wan.encode_prompts(enc, tok, [cfg.negative_prompt], max_length=cfg.text_max_length) if guid != 1.0 else None
+    del enc
+    with timer.stage("load"):
+        if cfg.mode == "two_phase":
+            tr1 = load_phase_transformer(cfg, 1, device)
+            tr2 = load_phase_transformer(cfg, 2, device, st)
+        else:
+            tr = wan.load_transformer(cfg.model_path, dtype=dtype).to(device).eval()
+            wan.set_attention_backend(tr, cfg.attention)
+        vae = wan.load_vae(cfg.model_path).to(device)
+    out_dir = Path(cfg.out_dir)
+    videos = []
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        emb = emb_all[start : start + len(chunk)].to(device)
+        neg_b = neg.expand(len(chunk), -1, -1).to(device) if neg is not None else None
+        g = torch.Generator().manual_seed(cfg.seed + start)
+        with ctx:
+            if cfg.mode == "two_phase":
+                res = two_phase_sample(tr1, tr2, emb, T, (H, W), st, cfg.phase1_steps, cfg.shift, cfg.phase1_guidance,
+                                       neg_b, g, timer)
+                lat = res["latents"]
+            else:
+                C = wan._unwrap(tr).config.in_channels
+                with timer.stage("full"):
+                    lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
+        with timer.stage("vae_decode"):
+            video = wan.vae_decode(vae, lat)
+        with timer.stage("write"):
+            for i, frames in enumerate(video_to_uint8(video)):
+                idx = start + i
+                videos.append(write_mp4(out_dir / f"{idx:03d}_{cfg.mode}_{_slug(prompts[idx])}.mp4", frames, fps=cfg.fps))
+    times = dict(timer.times)
+    log("stage times (s): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+    from interpdiff.io import atomic_write_text
+
+    atomic_write_text(out_dir / f"times_{cfg.mode}.json", json.dumps({"times": times, "videos": [str(v) for v in videos],
+                                                                       "prompts": prompts, "T": T, "H": H, "W": W}, indent=1))
+    return {"videos": videos, "times": times}

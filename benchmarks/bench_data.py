@@ -8,10 +8,12 @@ Generates ``num_samples`` synthetic samples in the Wan2.1-synthetic format (late
 a temporary folder (deleted afterwards), reads every file once to put it in the page cache, then
 times one full epoch per setting:
 
-* ``raw tar bytes``: ``tarfile`` streaming read of every member (the I/O + tar floor);
+* ``raw tar bytes``: ``tarfile`` streaming (``r|``) read of every member, no decoding;
 * ``tarfile + torch.load``: a plain loop that also deserialises the tensors (no webdataset);
-* ``LatentLoader wN``: the training loader (webdataset pipeline, shuffle buffer, decode, shape
-  checks, collation) with N DataLoader workers, batch size ``batch_size``.
+* ``wds.WebDataset + load``: webdataset's own streaming reader + ``torch.load`` (no shuffle);
+* ``LatentLoader wN``: the training loader (seekable local tar reader, webdataset grouping,
+  shuffle buffer, decode, shape checks, collation) with N DataLoader workers, batch size
+  ``batch_size``.
 
 Ratios are against ``tarfile + torch.load`` measured in the same run. Numbers are for hot page
 cache on this machine; cold network/disk streaming is bounded by the storage instead.
@@ -73,6 +75,19 @@ def _epoch_raw(paths: list[Path], load: bool) -> tuple[int, int]:
     return n, nbytes
 
 
+def _epoch_wds(pattern: str) -> tuple[int, int]:
+    """Plain webdataset: WebDataset(streaming tar reader) + torch.load of both tensors."""
+    import webdataset as wds
+
+    n, nbytes = 0, 0
+    for s in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
+        for k in ("latent.pt", "embed.pt"):
+            nbytes += len(s[k])
+            torch.load(io.BytesIO(s[k]), weights_only=True)
+        n += 1
+    return n, nbytes
+
+
 def _epoch_loader(cfg: LatentDataConfig) -> tuple[int, int]:
     loader = LatentLoader(cfg)
     n, nbytes = 0, 0
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         results: dict[str, dict] = {}
         results["raw tar bytes"] = _best(lambda: _epoch_raw(paths, load=False), cfg.repeats)
         results["tarfile + torch.load"] = _best(lambda: _epoch_raw(paths, load=True), cfg.repeats)
+        results["wds.WebDataset + load"] = _best(
+            lambda: _epoch_wds(str(tmp / f"shard_{{000000..{len(paths) - 1:06d}}}.tar")), cfg.repeats)
         for w in cfg.workers:
             dcfg = LatentDataConfig(shards=str(tmp / "shard_*.tar"), batch_size=cfg.batch_size, num_workers=w,
                                     resampled=False, shuffle_buffer=cfg.shuffle_buffer,

@@ -228,6 +228,48 @@ class ShardSource(torch.utils.data.IterableDataset):
 # ---------------------------------------------------------------------------------------------
 
 
+def _tar_members(sources: Iterator[dict], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """``{"url"}`` -> ``{"fname", "data", "__url__"}`` per regular member, ``{}`` after each shard.
+
+    Local files are opened seekable (``tarfile`` mode ``r:``): each member is one ``read`` of its
+    size instead of webdataset's streaming reader, which pulls 10 KiB records through Python
+    (~820 calls per 8.4 MB sample; measured 1.9x the streaming speed in bench_data). URLs
+    (``http://``, ``s3://``, ``pipe:``) use webdataset's streaming opener. Errors go to
+    ``handler`` (count + skip the rest of that shard)."""
+    import tarfile
+
+    from webdataset.tariterators import tar_file_expander, url_opener
+
+    for src in sources:
+        url = src["url"]
+        if _is_url(url) or not os.path.isfile(url):
+            yield from tar_file_expander(url_opener([dict(src)], handler=handler), handler=handler)
+            continue
+        try:
+            with tarfile.open(url, mode="r:") as tf:
+                for m in tf:
+                    if not m.isreg() or m.name.startswith("__"):
+                        continue
+                    yield {"fname": m.name, "data": tf.extractfile(m).read(), "__url__": url}
+                    tf.members = []  # do not keep every TarInfo of the shard
+        except Exception as exn:  # truncated / corrupt shard: keep what was read, count, go on
+            exn.args = exn.args + (url,)
+            if not handler(exn):
+                return
+        yield {}
+
+
+def tar_samples(handler: Callable[[BaseException], bool]):
+    """Pipeline stage: shard dicts -> samples ``{"__key__", "__url__", "<suffix>": bytes}``
+    (webdataset's ``group_by_keys`` on ``_tar_members``)."""
+    from webdataset.tariterators import group_by_keys
+
+    def stage(src):
+        return group_by_keys(_tar_members(src, handler), handler=handler)
+
+    return stage
+
+
 class SkipCounter:
     """A webdataset ``handler``: counts and logs the exception, returns True (= skip, continue)."""
 
@@ -332,7 +374,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
         return torch.stack(tensors)
     ref = tensors[0]
-    out = torch.empty((len(tensors), *ref.shape), dtype=ref.dtype).share_memory_()
+    storage = ref._typed_storage()._new_shared(len(tensors) * ref.numel(), device=ref.device)
+    out = ref.new(storage).resize_(len(tensors), *ref.shape)
     return torch.stack(tensors, out=out)
 
 
@@ -427,7 +470,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         cfg = self.cfg
         seed_tuple = (cfg.seed, self.rank, worker, self.source.epoch, self.source.offset)
         rng = random.Random(stable_seed(*seed_tuple, "crop"))
-        stages: list[Any] = [self.source, wds.tarfile_to_samples(handler=counter)]
+        stages: list[Any] = [self.source, tar_samples(handler=counter)]
         if cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_initial, cfg.shuffle_buffer),
                                       rng=random.Random(stable_seed(*seed_tuple, "shuffle"))))

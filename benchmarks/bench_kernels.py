@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_kernels.py                                  # CUDA, issue sizes
     .venv/bin/python benchmarks/bench_kernels.py sweep=true json_out=k.json md_out=k.md
     .venv/bin/python benchmarks/bench_kernels.py --cpu-smoke                      # CPU, interpreter
+    ncu -k regex:_kernel python benchmarks/bench_kernels.py profile_only=true     # one launch each
+    bash benchmarks/run_device.sh                                                 # the device check
 
 Every number is measured in the same run on the same device and printed with the device name,
 date and commit:
@@ -66,6 +68,7 @@ from kernels import interpolate as kint  # noqa: E402
 class BenchKernelsConfig:
     cpu_smoke: bool = False  # tiny shapes on CPU under the Triton interpreter (checks, not speed)
     sweep: bool = False  # also time block-size / warp options of both kernels
+    profile_only: bool = False  # one launch of each main kernel at the issue sizes (run under ncu), no timing
     numpy_samples: int = 256  # samples the numpy DP loop runs on (scaled to B)
     warmup_ms: int = 25
     rep_ms: int = 100
@@ -298,6 +301,27 @@ def compiled_kernel_info() -> list[dict]:
     return info
 
 
+def profile_launches(device, gen, cuda: bool) -> dict:
+    """One launch each of the forward (Wan, K=6), backward (Wan, K=6) and DP (T=128, K=16) kernels.
+
+    Meant for ``ncu -k regex:_kernel python benchmarks/bench_kernels.py profile_only=true``: the
+    first launch of each shape compiles, the second is the one to read.
+    """
+    wan = [8, 16, 21, 60, 104] if cuda else [2, 3, 7, 4, 5]
+    x = torch.randn(wan, generator=gen).to(torch.bfloat16).to(device).requires_grad_(True)
+    m = random_masks(wan[0], wan[2], 6 if cuda else 3, device, gen)
+    B, T, K = (4096, 128, 16) if cuda else (4, 16, 4)
+    cost = torch.rand(B, T, T, generator=gen).to(device)
+    for _ in range(2):
+        y = kint.interpolate_triton(x, m, 2)
+        y.backward(torch.ones_like(y))
+        kdp.dp_select_triton(cost, K)
+    if cuda:
+        torch.cuda.synchronize()
+    print("profile_only: launched interp fwd/bwd (Wan, K=6) and DP (B=4096, T=128, K=16) twice each")
+    return {"profile_only": True}
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -358,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench_kernels: --cpu-smoke needs TRITON_INTERPRET=1 before the kernels are imported")
     device = torch.device("cuda" if cuda else "cpu")
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.profile_only:
+        return profile_launches(device, gen, cuda)
     timer = Timer(cuda, cfg.warmup_ms, cfg.rep_ms)
     if cuda:
         interp_cases = [

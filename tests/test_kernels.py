@@ -3,8 +3,8 @@
 CPU: every kernel runs under the Triton interpreter. ``@triton.jit`` picks interpreter or
 compiler when the kernel module is *imported* (``triton.knobs.runtime.interpret``, read from
 ``TRITON_INTERPRET`` at decoration time), so the ``K`` fixture imports fresh copies of
-``kernels.interpolate`` / ``kernels.dp`` inside ``triton.knobs.runtime.scope()`` with the knob
-on, and puts the previous modules back afterwards: the tests do not depend on who imported
+``kernels.interpolate`` / ``kernels.dp`` with ``TRITON_INTERPRET=1`` (and triton's knob unpinned),
+and puts the previous modules and environment back afterwards: the tests do not depend on who imported
 triton or the kernels first, and leave no interpreter state behind for other test files.
 
 The interpreter emulates a CUDA program in numpy: fp32 arithmetic matches torch's CPU ops
@@ -19,6 +19,7 @@ GPU tests (``-m gpu``) repeat the comparisons at the benchmark sizes with compil
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -38,14 +39,31 @@ from interpdiff.selection import dp_select, dp_select_levels, dp_select_referenc
 MODS = ("kernels.interpolate", "kernels.dp")
 
 
+@contextlib.contextmanager
+def _interpret_mode(flag: bool):
+    """``TRITON_INTERPRET`` (and triton's knob, if pinned) set to ``flag`` inside; restored after."""
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    pinned = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if flag else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        if pinned is not None:
+            knobs.__dict__["interpret"] = pinned
+
+
 def _import_kernels(interpret: bool):
     """Fresh ``kernels.interpolate`` and ``kernels.dp`` decorated in the requested mode."""
     import kernels
 
     saved = {n: sys.modules.pop(n, None) for n in MODS}
     saved_attr = {n: getattr(kernels, n.split(".")[1], None) for n in MODS}
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
+    with _interpret_mode(interpret):
         mods = [importlib.import_module(n) for n in MODS]
     for n in MODS:  # the caller decides how long they stay installed
         sys.modules.pop(n, None)
@@ -73,8 +91,7 @@ def _import_kernels(interpret: bool):
 def K():
     """Interpreted kernels, installed in ``sys.modules`` with ``TRITON_INTERPRET=1`` for the module."""
     k = _import_kernels(interpret=True)
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = True  # also sets TRITON_INTERPRET=1 for the dispatch check
+    with _interpret_mode(True):  # TRITON_INTERPRET=1 also for the dispatch checks
         k.install()
         try:
             yield k

@@ -212,3 +212,15 @@ def test_sample_bad_inputs(tmp_path, no_model):
         sample.main([f"out_dir={tmp_path}"])
     with pytest.raises(wan.WanLoadError, match="phase1_lora"):
         sample.main(["prompts=[x]", f"phase1_lora={tmp_path / 'nope'}", "num_frames=17", "height=32", "width=64"])
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "wan1.3b_phase1", "wan1.3b_phase2", "wan14b_phase2"])
+def test_shipped_configs_load(name):
+    from interpdiff.config import load_config
+    from interpdiff.video.objectives import VideoTrainConfig, phase2_budgets
+
+    cfg = load_config(VideoTrainConfig, REPO / "configs" / "video" / f"{name}.yaml", ["data.shards=x.tar"])
+    budgets = phase2_budgets(cfg.phase2, 21)
+    assert budgets[-1] == 21 and budgets[0] == min(cfg.phase2.k_min, 21)
+    if name != "tiny_cpu":
+        assert cfg.data.latent_shape == [16, 21, 60, 104] and cfg.train.gradient_checkpointing

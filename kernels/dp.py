@@ -166,6 +166,20 @@ def _check_inputs(cost: torch.Tensor, ks: list[int], op: str) -> None:
         )
 
 
+_BUDGETS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _budget_tensors(ks: tuple[int, ...], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Budgets and their offsets in the packed index output, on ``dev`` (cached: no copy per call)."""
+    key = (ks, str(dev))
+    if key not in _BUDGETS:
+        offs = [0]
+        for k in ks[:-1]:
+            offs.append(offs[-1] + k)
+        _BUDGETS[key] = (torch.tensor(ks, dtype=torch.int32, device=dev), torch.tensor(offs, dtype=torch.int32, device=dev))
+    return _BUDGETS[key]
+
+
 def dp_select_many_triton(
     cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -194,11 +208,7 @@ def dp_select_many_triton(
         dbuf = torch.empty(B, 2, n_pad, dtype=torch.float32, device=dev)
     back = torch.empty(B, k_max, T, dtype=torch.int8 if T <= 128 else torch.int16, device=dev)
     dlast = torch.empty(B, k_max, dtype=torch.float32, device=dev)
-    offs = [0]
-    for k in ks[:-1]:
-        offs.append(offs[-1] + k)
-    ks_t = torch.tensor(ks, dtype=torch.int32, device=dev)
-    offs_t = torch.tensor(offs, dtype=torch.int32, device=dev)
+    ks_t, offs_t = _budget_tensors(tuple(ks), dev)
     n_idx = sum(ks)
     idx = torch.empty(B, n_idx, dtype=torch.long, device=dev)
     tot = torch.empty(B, len(ks), dtype=torch.float32, device=dev)

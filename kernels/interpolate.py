@@ -92,7 +92,8 @@ def _interp_fwd_kernel(
     t_ok = t < T
     q_ok = q < Q
 
-    key = tl.load(m_ptr + b * smb + t * smt, mask=t_ok, other=0) != 0
+    # frames 0 and T-1 are keyframes by definition (also when an unchecked mask says otherwise)
+    key = (tl.load(m_ptr + b * smb + t * smt, mask=t_ok, other=0) != 0) | (t == 0) | (t == T - 1)
     left = tl.associative_scan(tl.where(key, t, -1), 0, _max_combine)
     right = tl.associative_scan(tl.where(key, t, BLOCK_T), 0, _min_combine, reverse=True)
     right = tl.minimum(right, T - 1)  # padded rows t >= T have no right keyframe; they are masked
@@ -141,7 +142,7 @@ def _interp_bwd_kernel(
     zero = tl.full([BLOCK_Q], 0.0, ACC)
     l = 0
     for t in range(1, T):
-        if tl.load(m_ptr + b * smb + t * smt) != 0:
+        if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
             acc_r = tl.load(g_base + t * sgt, mask=q_ok, other=0.0).to(ACC)
             span = (t - l).to(ACC)
             for u in range(l + 1, t):
@@ -204,8 +205,13 @@ def _check_runnable(t: torch.Tensor, op: str) -> None:
         )
 
 
-def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """Bool ``[B, T]`` mask from a mask or from sorted keyframe indices ``[B, K]`` (long)."""
+def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.Tensor:
+    """Bool ``[B, T]`` mask from a mask or from sorted keyframe indices ``[B, K]`` (integer).
+
+    The value checks (endpoints set, indices increasing) read the tensor on the host, a device
+    sync; ``check=False`` skips them (the kernel treats frames 0 and ``T-1`` as keyframes
+    whatever the mask says, so a bad mask never reads out of bounds).
+    """
     if mask_or_idx.dtype == torch.bool:
         if tuple(mask_or_idx.shape) != (B, T):
             raise ValueError(f"interpolate_triton: mask must have shape [B, T] = [{B}, {T}], got {list(mask_or_idx.shape)}")
@@ -214,13 +220,13 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
         idx = mask_or_idx
         if idx.dim() != 2 or idx.shape[0] != B or idx.shape[1] < 2:
             raise ValueError(f"interpolate_triton: keyframe indices must have shape [B={B}, K>=2], got {list(idx.shape)}")
-        if bool((idx[:, 1:] <= idx[:, :-1]).any()) or bool((idx[:, 0] != 0).any()) or bool((idx[:, -1] != T - 1).any()):
+        if check and (bool((idx[:, 1:] <= idx[:, :-1]).any()) or bool((idx[:, 0] != 0).any()) or bool((idx[:, -1] != T - 1).any())):
             raise ValueError(f"interpolate_triton: keyframe indices must be strictly increasing from 0 to T-1={T - 1} per row")
         mask = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
-        mask.scatter_(1, idx.long(), True)
+        mask.scatter_(1, idx.long().clamp(0, T - 1), True)
     else:
         raise ValueError(f"interpolate_triton: mask must be bool [B, T] or integer indices [B, K], got {mask_or_idx.dtype}")
-    if not bool((mask[:, 0] & mask[:, -1]).all()):
+    if check and not bool((mask[:, 0] & mask[:, -1]).all()):
         raise ValueError("interpolate_triton: frames 0 and T-1 must be keyframes in every row")
     return mask
 
@@ -312,6 +318,8 @@ def interpolate_triton(
     time_dim: int = 1,
     sigma: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """``I(x, M)``, or the fused ``I(x, M) + sigma * eps * (1 - M)`` when ``sigma``/``eps`` are given.
 
@@ -321,6 +329,10 @@ def interpolate_triton(
         mask_B_T: bool ``[B, T]`` with frames 0 and ``T-1`` set, or sorted keyframe indices
             ``[B, K]`` (integer) starting at 0 and ending at ``T-1``.
         sigma: ``[B]`` noise level per sample (float32), with ``eps`` of ``x``'s shape.
+        check: verify the mask's values (endpoints set; increasing indices) on the host. That is a
+            device sync; ``interpdiff.interpolate`` has already checked, and ``check=False`` keeps
+            the call asynchronous (CUDA graphs, benchmarks): frames 0 and ``T-1`` are then
+            keyframes whatever the mask says.
     Returns a contiguous tensor of ``x``'s shape and dtype. Differentiable in ``x`` (and ``eps``).
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
@@ -334,7 +346,7 @@ def interpolate_triton(
     B, T = x.shape[0], x.shape[td]
     if mask_B_T.device != x.device:
         raise ValueError(f"interpolate_triton: mask is on {mask_B_T.device} but x is on {x.device}")
-    mask = _mask_from(mask_B_T, B, T)
+    mask = _mask_from(mask_B_T, B, T, check)
     if (sigma is None) != (eps is None):
         raise ValueError("interpolate_triton: give both sigma and eps (fused corruption) or neither")
     if eps is not None:

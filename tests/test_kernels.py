@@ -230,6 +230,20 @@ def test_interpolate_bad_inputs_are_clear_errors(K):
         K.interp.interpolate_triton(x, m, 1, sigma=torch.ones(2))
 
 
+def test_interpolate_unchecked_mask_treats_endpoints_as_keyframes(K):
+    """``check=False`` (no host sync): a mask missing an endpoint reads in bounds, as if it were set."""
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 9, 3, generator=g)
+    m = _masks(2, 9, "random", seed=25)
+    bad = m.clone()
+    bad[0, 0] = bad[1, -1] = False
+    assert_same(K.interp.interpolate_triton(x, bad, 1, check=False), interpolate_reference(x, m, 1))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    K.interp.interpolate_triton(xa, bad, 1, check=False).sum().backward()
+    interpolate_reference(xb, m, 1).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpolate_fused_corruption(K, dtype):
     g = torch.Generator().manual_seed(9)

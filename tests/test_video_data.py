@@ -317,3 +317,7 @@ def test_precompute_cache_tiny_writes_shards_the_loader_reads(tmp_path):
     counts2 = precompute_main(args)
     assert counts2["skipped_shards"] == 1 and (out / "shard_000000.tar").stat().st_mtime_ns == mtime
     assert json.loads((out / "cache_meta.json").read_text())["counts"] == counts2
+    # two processes split the shards: rank 1 of 2 owns shard 1 only (all its videos are bad)
+    counts_r1 = precompute_main(args + [f"out_dir={tmp_path / 'cache2'}", "rank=1", "world_size=2"])
+    assert counts_r1 == {"items": 4, "shards": 1, "written": 0, "skipped_shards": 0, "samples": 0, "skipped_videos": 2}
+    assert (tmp_path / "cache2" / "cache_meta_rank001.json").is_file()

@@ -299,7 +299,7 @@ def test_keyframe_rope_with_gaps_equals_longer_sequence_gathered():
         wan.wan_forward(c.transformer, lat, ts, emb, frame_idx_B_K=idx[:, :2])
 
 
-def test_keyframe_rope_survives_lora_and_checkpointing():
+def test_keyframe_rope_survives_lora_and_checkpointing(tmp_path):
     c = _components()
     wan.install_keyframe_rope(c.transformer)
     wan.add_lora(c.transformer, wan.LoraSpec(rank=2, alpha=2))
@@ -321,6 +321,14 @@ def test_keyframe_rope_survives_lora_and_checkpointing():
     torch.testing.assert_close(out1, out0)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b)
+    # the LoRA folder records the keyframe rope; load_lora re-installs it on a plain model
+    c.transformer.eval()
+    wan.save_lora(c.transformer, tmp_path / "lora")
+    fresh = _components().transformer
+    assert json.loads((tmp_path / "lora" / wan.META_NAME).read_text())["keyframe_rope"] is True
+    wan.load_lora(fresh, tmp_path / "lora")
+    assert isinstance(fresh.rope, wan.KeyframeRotaryPosEmbed)
+    torch.testing.assert_close(wan.wan_forward(fresh, lat, ts, emb, frame_idx_B_K=idx), out0, atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------- attention

@@ -15,12 +15,18 @@ Shard ``s`` holds annotation items ``[s * samples_per_shard, (s+1) * samples_per
 are skipped (resume after a crash; each shard is written to a temp name and renamed, so a shard
 that exists is complete). Missing/unreadable videos are skipped and counted; the shard then holds
 fewer samples. ``cache_meta.json`` records the config, the counts and the code version.
+
+Several processes (``torchrun --nproc-per-node 8 -m interpdiff.video.precompute_cache ...``)
+split the shards ``s % world_size == rank`` (rank/world from the arguments, torch.distributed or
+``RANK``/``WORLD_SIZE``), each on ``cuda:LOCAL_RANK``, each writing ``cache_meta_rankNNN.json``;
+no collective op is needed, so ranks may finish at different times.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +35,7 @@ import torch
 
 from interpdiff.config import parse_cli, to_dict
 from interpdiff.io import atomic_write_text, code_version
-from interpdiff.video.data import encode_latent_sample
+from interpdiff.video.data import dist_info, encode_latent_sample
 from interpdiff.video.didemo import ClipSpec, VideoClipDataset, collate_clips, load_annotations
 from interpdiff.video.make_shards import write_shard
 
@@ -48,7 +54,9 @@ class PrecomputeConfig:
     num_workers: int = 2  # decoding workers
     max_length: int = 512  # text tokens (Wan: 512)
     max_items: int = 0  # 0 = all
-    device: str = "cuda"
+    device: str = "cuda"  # with several processes (torchrun / accelerate launch): cuda:LOCAL_RANK
+    rank: int = -1  # -1: from torch.distributed / RANK env; shards s with s % world_size == rank are ours
+    world_size: int = -1
     text_dtype: str = "bfloat16"
     vae_dtype: str = "float32"
     seed: int = 0
@@ -66,8 +74,8 @@ def _shard_path(out: Path, s: int) -> Path:
 
 def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     """Run the cache step; ``comps`` (a ``WanComponents`` with vae/text_encoder/tokenizer) may be
-    passed to reuse loaded models. Returns counts ``{items, shards, written, skipped_shards,
-    samples, skipped_videos}``."""
+    passed to reuse loaded models. Returns this rank's counts ``{items (all), shards (this rank's),
+    written, skipped_shards (already on disk), samples, skipped_videos}``."""
     from tqdm.auto import tqdm
 
     from interpdiff.video import wan
@@ -79,11 +87,16 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     if cfg.max_items > 0:
         items = items[: cfg.max_items]
     n_shards = -(-len(items) // cfg.samples_per_shard)
-    todo = [s for s in range(n_shards) if not _shard_path(out, s).is_file()]
-    counts = {"items": len(items), "shards": n_shards, "written": 0, "skipped_shards": n_shards - len(todo),
+    rank, world = dist_info(cfg.rank, cfg.world_size)
+    mine = [s for s in range(n_shards) if s % world == rank]
+    todo = [s for s in mine if not _shard_path(out, s).is_file()]
+    counts = {"items": len(items), "shards": len(mine), "written": 0, "skipped_shards": len(mine) - len(todo),
               "samples": 0, "skipped_videos": 0}
     if todo:
-        device = torch.device(cfg.device if (cfg.device != "cuda" or torch.cuda.is_available()) else "cpu")
+        if cfg.device == "cuda" and torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        else:
+            device = torch.device(cfg.device if cfg.device != "cuda" else "cpu")
         if comps is None:
             comps = wan.load_wan(cfg.model, components=("vae", "text_encoder", "tokenizer"), dtype=cfg.text_dtype,
                                  vae_dtype=cfg.vae_dtype)
@@ -114,8 +127,9 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             counts["written"] += 1 if samples else 0
             counts["samples"] += len(samples)
         bar.close()
-    meta = {"config": to_dict(cfg), "counts": counts, "code_version": code_version()}
-    atomic_write_text(out / "cache_meta.json", json.dumps(meta, indent=2))
+    meta = {"config": to_dict(cfg), "counts": counts, "rank": rank, "world_size": world, "code_version": code_version()}
+    name = "cache_meta.json" if world == 1 else f"cache_meta_rank{rank:03d}.json"
+    atomic_write_text(out / name, json.dumps(meta, indent=2))
     log.info("precompute_cache: %s", counts)
     return counts
 

@@ -195,41 +195,6 @@ def dp_select(cost_B_T_T: torch.Tensor, k: int, backend: str = "auto") -> tuple[
     return dp_select_reference(cost_B_T_T, int(k))
 
 
-def split_gain(cost_B_T_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """``c[l, r] - c[l, m] - c[m, r]`` for every non-keyframe ``m`` (``-inf`` at keyframes).
-
-    The cost saved by adding ``m`` to the keyframes, ``l``/``r`` its current neighbours.
-    """
-    from interpdiff.interpolate import neighbours
-
-    left, right, _ = neighbours(mask_B_T)
-    B, T = mask_B_T.shape
-    m = torch.arange(T, device=mask_B_T.device).expand(B, T)
-    flat = cost_B_T_T.reshape(B, T * T)
-    c_lr = flat.gather(1, left * T + right)
-    c_lm = flat.gather(1, left * T + m)
-    c_mr = flat.gather(1, m * T + right)
-    gain = c_lr - c_lm - c_mr
-    return torch.where(mask_B_T, torch.full_like(gain, -math.inf), gain)
-
-
-def nest_by_gain(cost_B_T_T: torch.Tensor, prev_B_T: torch.Tensor, cand_B_T: torch.Tensor, n_add: int) -> torch.Tensor:
-    """Add ``n_add`` of the candidate frames to ``prev`` greedily, largest cost saving first.
-
-    Ties go to the smaller index. Every row must hold at least ``n_add`` candidates outside
-    ``prev``.
-    """
-    mask = prev_B_T.clone()
-    cand = cand_B_T & ~prev_B_T
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    for _ in range(n_add):
-        gain = split_gain(cost_B_T_T, mask)
-        gain = torch.where(cand & ~mask, gain, torch.full_like(gain, -math.inf))
-        pick = gain.argmax(dim=1)  # first max on ties
-        mask[rows, pick] = True
-    return mask
-
-
 def check_budgets(budgets: Sequence[int], T: int, op: str) -> list[int]:
     b = [int(v) for v in budgets]
     if not b or any(x >= y for x, y in zip(b, b[1:])):

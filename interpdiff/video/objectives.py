@@ -247,7 +247,7 @@ class KeyframePolicy:
         elif policy in ("random", "random_nested"):
             m = random_nested_masks(1, T, budgets, generator=g)[0]
         elif policy == "dp":
-            cost = segment_costs(x0_C_T_H_W[None].float().cpu(), time_dim=2)
+            cost = segment_costs(x0_C_T_H_W[None].float(), time_dim=2).cpu()  # on x0's device; DP on CPU
             if len(budgets) == 1:
                 idx, _ = dp_select(cost, budgets[0], backend="torch")
                 m = indices_to_mask(idx, T)

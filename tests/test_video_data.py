@@ -174,6 +174,17 @@ def test_epoch_mode_needs_a_shard_per_rank_and_resampled_streams_differ(tmp_path
         firsts.append([next(it).keys[0] for _ in range(12)])
     assert firsts[0] != firsts[1]
     assert loader.samples_seen == 12  # endless: stopped by the consumer
+    # a second iteration continues with a fresh stream (reseeded by samples seen), and a loader
+    # resumed from the state draws the same stream as that second iteration
+    state = loader.state_dict()
+    it2 = iter(loader)
+    second = [next(it2).keys[0] for _ in range(12)]
+    assert second != firsts[1]
+    resumed = vdata.LatentLoader(_cfg(d / "shard_*.tar", resampled=True, rank=1, world_size=2, batch_size=1,
+                                      shuffle_buffer=0))
+    resumed.load_state_dict(state)
+    it3 = iter(resumed)
+    assert [next(it3).keys[0] for _ in range(12)] == second
 
 
 def test_crop_frames(tmp_path):

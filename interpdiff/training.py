@@ -372,6 +372,11 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
         else:
             cpu = True
     log_with = None if cfg.tracker == "none" else cfg.tracker
+    if cfg.tracker == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.tracker=wandb needs the wandb package (pip install wandb); or use tensorboard")
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=mp,

@@ -1,8 +1,10 @@
 """Shared pieces of the cond-only maze networks (D_phi, selector) and their small training loop.
 
 - ``TimeQueryDecoder``: ``T`` time queries that read the maze condition. Query ``t`` starts as
-  ``e_t + W_p pooled (+ W_l level)``, i.e. the encoder's *pooled* output (and the level scalar
-  ``K_s / T`` for the selector) is a bias on every time query, then ``depth`` pre-norm blocks of
+  ``e_t + F(prior_t) + W_p pooled (+ W_l level)``, i.e. the encoder's *pooled* output (and the
+  level scalar ``K_s / T`` for the selector) is a bias on every time query, and ``prior_t`` is
+  the condition-only path prior of frame ``t`` (``maze.encoders.path_prior``: a position on the
+  shortest grid path, its direction and the nearness of a turn), then ``depth`` pre-norm blocks of
   self-attention over time, cross-attention to the maze tokens (``MazeEncoder``) and an MLP
   (``nn.TransformerDecoderLayer``). METHOD.md section 6: without the pooled bias a selector
   learned a condition-blind prior.
@@ -31,7 +33,7 @@ from maze.encoders import FourierFeatures
 
 
 class TimeQueryDecoder(nn.Module):
-    """``(tokens_B_N_D, pooled_B_D, level_B | None) -> h_B_T_D`` (module doc)."""
+    """``(tokens_B_N_D, pooled_B_D, prior_B_T_5, level_B | None) -> h_B_T_D`` (module doc)."""
 
     def __init__(self, T: int, d_model: int, heads: int, depth: int, level_cond: bool):
         super().__init__()
@@ -40,14 +42,15 @@ class TimeQueryDecoder(nn.Module):
         self.t_ff = FourierFeatures(1, d_model, n_freq=6)
         self.cond_bias = nn.Linear(d_model, d_model)
         self.level_bias = FourierFeatures(1, d_model, n_freq=4) if level_cond else None
+        self.prior_in = FourierFeatures(5, d_model, n_freq=5)
         layer = nn.TransformerDecoderLayer(d_model, heads, 4 * d_model, 0.0, activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerDecoder(layer, depth)
         self.norm = nn.LayerNorm(d_model)
         self.register_buffer("t_norm", torch.linspace(0, 1, T)[:, None], persistent=False)
 
-    def forward(self, tokens_B_N_D, pooled_B_D, level_B=None):
+    def forward(self, tokens_B_N_D, pooled_B_D, prior_B_T_5, level_B=None):
         q = self.t_emb + self.t_ff(self.t_norm)  # (T, D)
-        q = q[None] + self.cond_bias(pooled_B_D)[:, None]  # (B, T, D)
+        q = q[None] + self.cond_bias(pooled_B_D)[:, None] + self.prior_in(prior_B_T_5)  # (B, T, D)
         if self.level_cond:
             if level_B is None:
                 raise ValueError("TimeQueryDecoder: a level-conditioned decoder needs level_B (K_s / T)")

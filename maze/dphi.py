@@ -5,7 +5,9 @@
 
 - the condition: ``MazeEncoder`` tokens (occupancy/SDF cells + start/goal heatmaps, start/goal
   token, goal-distance token) and its pooled vector, which includes start and goal;
-- the segment's endpoints ``i/(T-1)``, ``j/(T-1)`` and its gap ``(j-i)/(T-1)``.
+- the segment's endpoints ``i/(T-1)``, ``j/(T-1)`` and its gap ``(j-i)/(T-1)``;
+- per time index, the condition-only path prior ``maze.encoders.path_prior`` (where frame t
+  would be on the shortest grid path, its direction, nearness of a turn) on the time queries.
 
 It is noise-agnostic (the maze teacher is the ground truth; the "level" of the maze is the
 keyframe budget, which a cost does not depend on). Factorised for speed: a
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 from interpdiff.io import CheckpointError, load_checkpoint
 from maze.common import TimeQueryDecoder, cond_inputs
-from maze.encoders import FourierFeatures, MazeEncoder
+from maze.encoders import FourierFeatures, MazeEncoder, path_prior
 
 DPHI_KIND = "maze-dphi"
 
@@ -54,7 +56,7 @@ class DPhi(nn.Module):
     def time_features(self, occ, sdf, start, goal) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A h_B_T_D, B h_B_T_D)``: per-time features for the pair head."""
         tokens, pooled = self.encoder(occ, sdf, start, goal)
-        h = self.decoder(tokens, pooled)
+        h = self.decoder(tokens, pooled, path_prior(occ, start, goal, self.T))
         return self.a(h), self.b(h)
 
     def pair_logits(self, ha_B_T_D, hb_B_T_D, i_B_P, j_B_P) -> torch.Tensor:

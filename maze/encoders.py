@@ -13,7 +13,8 @@ Tokens:
   a start heatmap and a goal heatmap (Gaussians of std ``heat_std`` cells at the start/goal,
   so the positions are seen spatially), and the goal-distance field (4-connected geodesic
   distance from every free cell to the goal cell, ``/ G``, 0 in walls); plus a learned 2-D
-  position embedding of the cell;
+  position embedding of the cell and Fourier features of its centre ``(u, v)`` (so that
+  queries carrying a position, e.g. ``path_prior``, can attend to the cells around it);
 - a **start/goal token**: Fourier features of ``(start, goal, goal - start)``;
 - a **goal-distance token**: the geodesic cell distance from the start cell to the goal cell and
   the Euclidean start-goal distance (both normalised by ``G`` / 1), Fourier features.
@@ -72,6 +73,72 @@ def heatmap(p_B_2: torch.Tensor, G: int, std_cells: float) -> torch.Tensor:
     return torch.exp(-(du + dv) / (2 * (std_cells / G) ** 2))
 
 
+@torch.no_grad()
+def path_prior(occ_B_G_G: torch.Tensor, start_B_2: torch.Tensor, goal_B_2: torch.Tensor, T: int, corner_width: float = 0.03) -> torch.Tensor:
+    """A condition-only guess of the trajectory: ``[B, T, 5]`` = ``(u, v, tangent_u, tangent_v, corner)``.
+
+    The 4-connected shortest cell path from the start cell to the goal cell (steepest descent on
+    ``geodesic_distance``; ties go to the first of up/down/left/right) gives the polyline
+    ``start -> centres of the intermediate cells -> goal`` (the waypoints of the data's
+    controller). Frame ``t`` is placed at arc length ``t / (T-1)`` of it; ``tangent`` is the unit
+    direction of its polyline piece and ``corner = exp(-(d / corner_width)^2)`` with ``d`` the
+    arc-length distance (as a fraction of the path) to the nearest turning vertex (0 if none).
+    Time is not arc length (the agent accelerates, brakes and turns), so this is a prior for the
+    time queries, not a prediction; an unreachable goal gives a straight start-goal line.
+    """
+    B, G, _ = occ_B_G_G.shape
+    dev = occ_B_G_G.device
+    start, goal = start_B_2.float(), goal_B_2.float()
+    gc, sc = cell_of(goal, G), cell_of(start, G)
+    dist = geodesic_distance(occ_B_G_G, gc)
+    dpad = F.pad(dist, (1, 1, 1, 1), value=math.inf)
+    rows = torch.arange(B, device=dev)
+    moves = torch.tensor([[-1, 0], [1, 0], [0, -1], [0, 1]], device=dev)
+    cur = sc.clone()
+    cells = [cur]
+    for _ in range(G * G):
+        done = (cur == gc).all(1) | ~torch.isfinite(dist[rows, cur[:, 0], cur[:, 1]])
+        if bool(done.all()):
+            break
+        nb = cur[:, None, :] + moves[None]  # (B, 4, 2)
+        dn = dpad[rows[:, None], nb[..., 0] + 1, nb[..., 1] + 1]  # (B, 4)
+        step = moves[dn.argmin(1)]
+        cur = torch.where(done[:, None], cur, cur + step)
+        cells.append(cur)
+    path = torch.stack(cells, 1)  # (B, L, 2) (row, col), padded by repeating the goal cell
+    ctr = torch.stack([(path[..., 1] + 0.5) / G, (path[..., 0] + 0.5) / G], -1)  # (B, L, 2) (u, v)
+    L = ctr.shape[1]
+    is_goal = (path == gc[:, None]).all(-1)
+    # vertices: start, intermediate cell centres, then the goal (repeated as padding)
+    verts = torch.where(is_goal[..., None], goal[:, None], ctr)
+    verts = torch.cat([start[:, None], verts[:, 1:] if L > 1 else goal[:, None]], 1)
+    verts[:, -1] = goal
+    seg = verts[:, 1:] - verts[:, :-1]  # (B, L-1, 2)
+    seg_len = seg.norm(dim=-1)
+    cum = torch.cat([torch.zeros(B, 1, device=dev), seg_len.cumsum(1)], 1)  # (B, L)
+    total = cum[:, -1:].clamp_min(1e-9)
+    s_t = torch.linspace(0, 1, T, device=dev)[None] * total  # (B, T)
+    k = torch.searchsorted(cum[:, 1:].contiguous(), s_t.contiguous(), right=False).clamp(max=seg.shape[1] - 1)  # piece index
+    l0 = cum.gather(1, k)
+    ln = seg_len.gather(1, k).clamp_min(1e-9)
+    w = ((s_t - l0) / ln).clamp(0, 1)[..., None]
+    v0 = verts.gather(1, k[..., None].expand(-1, -1, 2))
+    v1 = verts.gather(1, (k + 1)[..., None].expand(-1, -1, 2))
+    pos = v0 * (1 - w) + v1 * w
+    tangent = (v1 - v0) / ln[..., None]
+    tangent = torch.where(seg_len.gather(1, k)[..., None] > 1e-9, tangent, torch.zeros_like(tangent))
+    # turning vertices: interior vertices whose in/out directions differ
+    u = seg / seg_len.clamp_min(1e-9)[..., None]
+    turn = ((u[:, 1:] * u[:, :-1]).sum(-1) < 0.5) & (seg_len[:, 1:] > 1e-9) & (seg_len[:, :-1] > 1e-9)  # (B, L-2)
+    s_corner = torch.where(turn, cum[:, 1:-1], torch.full_like(cum[:, 1:-1], math.inf))
+    if s_corner.shape[1] == 0:
+        corner = torch.zeros(B, T, device=dev)
+    else:
+        d = ((s_t[..., None] - s_corner[:, None]).abs().amin(-1)) / total
+        corner = torch.exp(-((d / corner_width) ** 2))
+    return torch.cat([pos, tangent, corner[..., None]], -1)
+
+
 class FourierFeatures(nn.Module):
     """``x -> [x, sin(2^k pi x), cos(2^k pi x)]_{k < n_freq}`` then a 2-layer MLP to ``d``."""
 
@@ -98,6 +165,10 @@ class MazeEncoder(nn.Module):
         self.d_model, self.depth, self.heads, self.G, self.heat_std = d_model, depth, heads, G, heat_std
         self.cell_in = nn.Sequential(nn.Linear(self.N_CH, d_model), nn.GELU(), nn.Linear(d_model, d_model))
         self.pos_emb = nn.Parameter(torch.randn(G * G, d_model) * 0.02)
+        self.cell_xy = FourierFeatures(2, d_model, n_freq=4)  # fixed (u, v) of the cell centre -> matches spatial queries
+        ctr = (torch.arange(G, dtype=torch.float32) + 0.5) / G
+        vv, uu = torch.meshgrid(ctr, ctr, indexing="ij")
+        self.register_buffer("cell_uv", torch.stack([uu, vv], -1).reshape(G * G, 2), persistent=False)
         self.sg_tok = FourierFeatures(6, d_model)
         self.dist_tok = FourierFeatures(2, d_model, n_freq=4)
         self.type_emb = nn.Parameter(torch.randn(3, d_model) * 0.02)  # cell, start/goal, distance
@@ -135,7 +206,7 @@ class MazeEncoder(nn.Module):
 
     def forward(self, occ_B_G_G, sdf_B_G_G, start_B_2, goal_B_2):
         chans, scal = self.features(occ_B_G_G.float(), sdf_B_G_G.float(), start_B_2.float(), goal_B_2.float())
-        cells = self.cell_in(chans) + self.pos_emb + self.type_emb[0]  # (B, G*G, D)
+        cells = self.cell_in(chans) + self.pos_emb + self.cell_xy(self.cell_uv) + self.type_emb[0]  # (B, G*G, D)
         sg = self.sg_tok(torch.cat([start_B_2, goal_B_2, goal_B_2 - start_B_2], -1).float()) + self.type_emb[1]  # (B, D)
         dt = self.dist_tok(scal) + self.type_emb[2]  # (B, D)
         x = torch.cat([cells, sg[:, None], dt[:, None]], 1)  # (B, N, D)

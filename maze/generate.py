@@ -9,8 +9,9 @@ the D4RL maze2d data sets were made:
 
 1. a goal cell is drawn uniformly among the free cells other than the agent's, the goal point is
    its centre plus uniform noise of ``goal_noise`` cells per axis;
-2. the 4-connected shortest cell path (``maze.mazes.shortest_path``) gives waypoints at the cell
-   centres, the last one being the goal point;
+2. the 4-connected shortest cell path on the unified grid (``maze.mazes.shortest_path``, the
+   same path ``maze.encoders.path_prior`` reconstructs from the condition) gives waypoints at
+   the cell centres, the last one being the goal point;
 3. PD control toward the current waypoint, ``a = clip(p_gain (w - x) + d_gain v + N(0,
    action_noise^2), -1, 1)``; the waypoint advances within ``waypoint_tol`` of it;
 4. the segment ends when the agent is within ``goal_tol`` of the goal; then a new goal is drawn
@@ -35,8 +36,8 @@ import numpy as np
 from interpdiff.config import parse_cli, to_dict
 from interpdiff.io import atomic_write_text
 from maze.config import DataConfig, MazeConfig
-from maze.data import FORMAT, VERSION, MazeSplit, concat_splits, save_split, segments_to_split
-from maze.mazes import Maze, collides, get_maze, shortest_path, unified_size
+from maze.data import FORMAT, VERSION, MazeSplit, concat_splits, resample, save_split, segments_to_split
+from maze.mazes import Maze, collides, get_maze, shortest_path, to_norm, to_world, unified_size
 
 
 def make_env(maze: Maze):
@@ -68,8 +69,10 @@ class WaypointController:
         self.waypoints: list[np.ndarray] = []
 
     def plan(self, pos_world: np.ndarray, goal_world: np.ndarray) -> None:
-        path = shortest_path(self.maze.grid_H_W, _world_cell(self.maze, pos_world), _world_cell(self.maze, goal_world))
-        self.waypoints = [_cell_center_world(self.maze, rc) for rc in path[1:-1]] + [goal_world]
+        """Shortest path on the unified grid (the one ``path_prior`` uses, same tie-breaking)."""
+        m = self.maze
+        path = shortest_path(m, m.cell_of(to_norm(pos_world, m)), m.cell_of(to_norm(goal_world, m)))
+        self.waypoints = [to_world(m.cell_center_norm(np.array(rc)), m) for rc in path[1:-1]] + [goal_world]
 
     def act(self, pos: np.ndarray, vel: np.ndarray) -> np.ndarray:
         while len(self.waypoints) > 1 and np.linalg.norm(self.waypoints[0] - pos) < self.cfg.waypoint_tol:
@@ -126,9 +129,6 @@ def rollout_segments(maze: Maze, cfg: DataConfig, n_segments: int, seed: int, pr
         if len(seg) < cfg.min_segment_steps:
             stats["too_short"] += 1
             continue
-        from maze.data import resample
-        from maze.mazes import to_norm
-
         stored = resample(to_norm(seg, unified), cfg.T)
         if bool(collides(stored, unified, r_norm).any()):
             stats["collision"] += 1

@@ -33,7 +33,6 @@ centre (so a free cell next to a wall has 0.5 = the distance from its centre to 
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -293,10 +292,12 @@ def bfs_distance(occ_G_G: np.ndarray, goal_rc) -> np.ndarray:
 
 
 def shortest_path(maze_or_occ, start_rc, goal_rc) -> list[tuple[int, int]]:
-    """Shortest 4-connected cell path ``[start, ..., goal]`` (A* with Manhattan heuristic).
+    """Shortest 4-connected cell path ``[start, ..., goal]`` on a grid (``1`` = wall).
 
-    Ties are broken towards the first neighbour in (up, down, left, right) order of the grid
-    index, so the result is deterministic. Raises when a cell is a wall or no path exists.
+    Steepest descent on ``bfs_distance`` to the goal; among equally short next cells the first
+    of (row-1, row+1, col-1, col+1) wins. ``maze.encoders.path_prior`` breaks ties the same
+    way on the same (unified) grid, so the data's controller and the condition-only prior follow
+    the same path. Raises when a cell is a wall / outside the grid or no path exists.
     """
     occ = (maze_or_occ.occ if isinstance(maze_or_occ, Maze) else np.asarray(maze_or_occ)) > 0.5
     s = (int(start_rc[0]), int(start_rc[1]))
@@ -304,27 +305,16 @@ def shortest_path(maze_or_occ, start_rc, goal_rc) -> list[tuple[int, int]]:
     for name, rc in (("start", s), ("goal", g)):
         if not (0 <= rc[0] < occ.shape[0] and 0 <= rc[1] < occ.shape[1]) or occ[rc]:
             raise ValueError(f"shortest_path: {name} cell {rc} is outside the grid or a wall")
-    h = lambda rc: abs(rc[0] - g[0]) + abs(rc[1] - g[1])  # noqa: E731
-    openq = [(h(s), 0, s)]
-    came: dict = {s: None}
-    cost = {s: 0}
-    while openq:
-        _, d, cur = heapq.heappop(openq)
-        if cur == g:
-            break
-        if d > cost[cur]:
-            continue
-        for dr, dc in _NB4:
-            nb = (cur[0] + dr, cur[1] + dc)
-            if 0 <= nb[0] < occ.shape[0] and 0 <= nb[1] < occ.shape[1] and not occ[nb]:
-                nd = d + 1
-                if nd < cost.get(nb, math.inf):
-                    cost[nb] = nd
-                    came[nb] = cur
-                    heapq.heappush(openq, (nd + h(nb), nd, nb))
-    if g not in came:
+    dist = bfs_distance(occ, g)
+    if not np.isfinite(dist[s]):
         raise ValueError(f"shortest_path: no path from {s} to {g}")
-    path = [g]
-    while path[-1] != s:
-        path.append(came[path[-1]])
-    return path[::-1]
+    path = [s]
+    while path[-1] != g:
+        r, c = path[-1]
+        best = None
+        for dr, dc in _NB4:
+            rr, cc = r + dr, c + dc
+            if 0 <= rr < occ.shape[0] and 0 <= cc < occ.shape[1] and (best is None or dist[rr, cc] < dist[best]):
+                best = (rr, cc)
+        path.append(best)
+    return path

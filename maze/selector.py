@@ -9,7 +9,8 @@
 Architecture (METHOD.md sections 3 and 6): a ``MazeEncoder`` (occupancy/SDF cell tokens with the
 start/goal heatmaps, a start/goal token, a goal-distance token) gives tokens and a pooled
 vector; ``T`` time queries are biased by the pooled vector and by the level scalar
-``K_s / T`` (Fourier features), then read the maze through spatial cross-attention
+``K_s / T`` (Fourier features) and carry the condition-only path prior of their frame
+(``maze.encoders.path_prior``), then read the maze through spatial cross-attention
 (``maze.common.TimeQueryDecoder``); a linear head gives one logit per frame.
 
 Nested masks: level 0 takes the top ``K_0 - 2`` interior frames by the level-0 logits, level s
@@ -34,7 +35,7 @@ from interpdiff.io import CheckpointError, load_checkpoint
 from interpdiff.masks import selector_nested_masks
 from interpdiff.selection import check_budgets
 from maze.common import TimeQueryDecoder
-from maze.encoders import MazeEncoder
+from maze.encoders import MazeEncoder, path_prior
 
 SELECTOR_KIND = "maze-selector"
 
@@ -53,18 +54,20 @@ class Selector(nn.Module):
         self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
 
     def forward(self, occ, sdf, start, goal, level_B, enc=None) -> torch.Tensor:
-        """Logits ``[B, T]`` at level ``K_s / T = level_B``; ``enc`` = precomputed encoder output."""
-        tokens, pooled = self.encoder(occ, sdf, start, goal) if enc is None else enc
-        return self.head(self.decoder(tokens, pooled, level_B)).squeeze(-1)
+        """Logits ``[B, T]`` at level ``K_s / T = level_B``; ``enc`` = precomputed (tokens, pooled, prior)."""
+        if enc is None:
+            enc = (*self.encoder(occ, sdf, start, goal), path_prior(occ, start, goal, self.T))
+        tokens, pooled, prior = enc
+        return self.head(self.decoder(tokens, pooled, prior, level_B)).squeeze(-1)
 
     def level_logits(self, occ, sdf, start, goal) -> torch.Tensor:
         """Logits ``[B, S, T]`` for every budget (the encoder runs once)."""
         tokens, pooled = self.encoder(occ, sdf, start, goal)
+        prior = path_prior(occ, start, goal, self.T)
         B, S = occ.shape[0], len(self.budgets)
         lv = torch.tensor([k / self.T for k in self.budgets], device=occ.device).repeat_interleave(B)
-        tok = tokens.repeat(S, 1, 1)
-        pool = pooled.repeat(S, 1)
-        return self(occ, sdf, start, goal, lv, enc=(tok, pool)).view(S, B, self.T).transpose(0, 1)
+        enc = (tokens.repeat(S, 1, 1), pooled.repeat(S, 1), prior.repeat(S, 1, 1))
+        return self(occ, sdf, start, goal, lv, enc=enc).view(S, B, self.T).transpose(0, 1)
 
     @torch.no_grad()
     def nested_masks(self, occ, sdf, start, goal, nms_radius_scale: float | None = None) -> torch.Tensor:

@@ -44,13 +44,10 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
-import math
 import os
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch

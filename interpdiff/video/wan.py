@@ -43,7 +43,6 @@ Design choices (written down because the method spec is silent on them):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "EXTRA_WEIGHT_NAME",
     "META_NAME",
+    "WIDENING_CHANNELS",
     "WanLoadError",
     "LoraSpec",
     "WanComponents",

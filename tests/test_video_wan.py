@@ -375,3 +375,30 @@ def test_bf16_model_trains_fp32_adapter_and_widening(tmp_path):
     wan.load_lora(fresh, tmp_path / "lora", trainable=True)
     assert {p.dtype for _, p in wan.trainable_parameters(fresh)} == {torch.float32}
     assert torch.equal(wan.wan_forward(fresh, lat, ts, emb, extra_B_E_T_H_W=extra), ref)
+
+
+def test_real_1p3b_config_on_meta_device_lora_targets_and_widening():
+    """The defaults fit the real Wan2.1-T2V-1.3B layout (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        m = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+                                  text_dim=4096, freq_dim=256)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e9 - 1.419) < 0.001
+    names = wan.add_lora(m, wan.LoraSpec(rank=32, alpha=32), trainable_dtype=None)
+    assert len(names) == 30 * 10
+    # rank-32 LoRA: per block 8 attention projections 1536->1536 and FFN 1536->8960->1536
+    per_block = 8 * 32 * (1536 + 1536) + 2 * 32 * (1536 + 8960)
+    assert sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) == 30 * per_block
+    pe = wan.widen_patch_embedding(m, ("mask", "confidence"))
+    assert tuple(pe.extra_weight.shape) == (1536, 2, 1, 2, 2)
+
+
+def test_keyframe_rope_at_real_size_matches_diffusers():
+    """Head dim 128 (t/h/w = 44/42/42), latent 21 x 60 x 104 (32,760 tokens), K = 6 keyframes."""
+    rope = wan.KeyframeRotaryPosEmbed(128, (1, 2, 2), 1024)
+    idx = torch.tensor([[0, 3, 7, 12, 16, 20]])
+    rope.frame_indices_B_K = idx
+    cos, sin = rope(torch.zeros(1, 16, 6, 60, 104))
+    ref_cos, ref_sin = WanRotaryPosEmbed(128, (1, 2, 2), 1024)(torch.zeros(1, 16, 21, 60, 104))
+    per_frame = 30 * 52
+    rows = torch.cat([torch.arange(f * per_frame, (f + 1) * per_frame) for f in idx[0].tolist()])
+    assert torch.equal(cos[0], ref_cos[0, rows]) and torch.equal(sin[0], ref_sin[0, rows])

@@ -253,15 +253,18 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
     x = torch.randn(shape, generator=gen).to(interp_case["dtype"]).to(device)
     m = random_masks(shape[0], shape[td], K, device, gen)
     ref = interpolate_reference(x, m, td)
-    block_t = triton.next_power_of_2(shape[td])
+    t_pad = triton.next_power_of_2(shape[td])
     out: dict = {"interpolate": [], "dp": []}
-    for bq in (16, 32, 64, 128, 256, 512):
-        for nw in (1, 2, 4, 8, 16):
-            if block_t * bq > 16384 or block_t * bq < 32 * nw:
-                continue
-            _check_close(kint._forward(x, m, td, block_q=bq, num_warps=nw), ref, f"sweep interpolate BLOCK_Q={bq}")
-            t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw))
-            out["interpolate"].append({"BLOCK_T": block_t, "BLOCK_Q": bq, "num_warps": nw, **t})
+    for bt in sorted({min(t_pad, v) for v in (4, 8, 16, 32)} | {t_pad}):
+        for bq in (64, 128, 256, 512):
+            for nw in (2, 4, 8):
+                per_thread = bt * bq // (32 * nw)
+                if not 4 <= per_thread <= 32:  # outside this range: too little work or register spills
+                    continue
+                got = kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw)
+                _check_close(got, ref, f"sweep interpolate BLOCK_T={bt} BLOCK_Q={bq} num_warps={nw}")
+                t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw))
+                out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
     out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), kint._fwd_blocks(shape[td], _inner(shape, td))))
     B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
@@ -366,7 +369,7 @@ def markdown(res: dict) -> str:
             L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
     if res.get("sweep"):
         L += ["", "Sweep (best first): interpolation " + ", ".join(
-            f"BLOCK_Q={r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms" for r in res["sweep"]["interpolate"][:5])
+            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms" for r in res["sweep"]["interpolate"][:5])
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
             f"w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
     return "\n".join(L) + "\n"

@@ -21,10 +21,11 @@ Layout: any tensor with batch at dim 0 and time at ``time_dim`` is seen as ``[B,
 to the kernel, so permuted or sliced views are read in place; only a layout whose ``P`` or
 ``Q`` dims cannot be merged into one stride is copied first. The output is contiguous.
 
-Forward, one pass over memory: a program owns one ``(b, p)`` plane and a tile of ``BLOCK_Q``
-columns for *all* ``T`` frames. It loads the sample's mask row, computes ``l(t)`` and ``r(t)``
-for every frame with two prefix scans (max-scan of ``t`` where ``M``, min-scan reversed), and
-gathers ``x[l(t)]`` and ``x[r(t)]`` as two ``[BLOCK_T, BLOCK_Q]`` tiles. Only keyframe rows are
+Forward, one pass over memory: a program owns a ``[BLOCK_T, BLOCK_Q]`` tile (frames x columns)
+of one ``(b, p)`` plane. It loads the sample's mask row and computes ``l(t)`` and ``r(t)`` for its
+frames: with two prefix scans (max-scan of ``t`` where ``M``, min-scan reversed) when the tile
+holds all ``T`` frames, else by comparing its frames with the whole row. It then gathers
+``x[l(t)]`` and ``x[r(t)]`` as two ``[BLOCK_T, BLOCK_Q]`` tiles. Only keyframe rows are
 addresses, so HBM reads are the keyframe rows (the repeated rows hit L1/L2), every output row is
 written once, and no ``[B, T, ...]`` temporary exists. All loads of a program are independent
 (no serial chain over keyframes), which is what keeps the memory system busy.
@@ -60,6 +61,13 @@ BWD_BLOCK_Q = 1024
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# max / min combine functions of triton's standard library, passed to the builtin ``tl.reduce``:
+# the interpreter recognises them and reduces with numpy (and ``tl.max``/``tl.min`` are
+# standard-library ``@jit`` functions, unusable in the interpreter if triton was imported first)
+_ELEMENTWISE_MAX = tl.standard._elementwise_max
+_ELEMENTWISE_MIN = tl.standard._elementwise_min
+
+
 @triton.jit
 def _max_combine(a, b):
     return tl.maximum(a, b)
@@ -77,6 +85,7 @@ def _interp_fwd_kernel(
     sxb, sxp, sxt, sxq,
     seb, sep, set_, seq,
     smb, smt,
+    T_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     HAS_NOISE: tl.constexpr,
@@ -84,18 +93,30 @@ def _interp_fwd_kernel(
 ):
     """out[b, p, t, q] = (1 - w) x[b, p, l(t), q] + w x[b, p, r(t), q] (+ noise), see module doc."""
     pid_bp = tl.program_id(0)
-    pid_q = tl.program_id(1)
+    pid_t = tl.program_id(1)
+    pid_q = tl.program_id(2)
     b = (pid_bp // P).to(tl.int64)  # int64 base offsets: B*P*T*Q may exceed 2**31
     p = (pid_bp % P).to(tl.int64)
-    t = tl.arange(0, BLOCK_T)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     t_ok = t < T
     q_ok = q < Q
 
     # frames 0 and T-1 are keyframes by definition (also when an unchecked mask says otherwise)
     key = (tl.load(m_ptr + b * smb + t * smt, mask=t_ok, other=0) != 0) | (t == 0) | (t == T - 1)
-    left = tl.associative_scan(tl.where(key, t, -1), 0, _max_combine)
-    right = tl.associative_scan(tl.where(key, t, BLOCK_T), 0, _min_combine, reverse=True)
+    if BLOCK_T == T_PAD:
+        # the tile holds every frame: prefix max / reversed prefix min of the keyframe indices
+        left = tl.associative_scan(tl.where(key, t, -1), 0, _max_combine)
+        right = tl.associative_scan(tl.where(key, t, T_PAD), 0, _min_combine, reverse=True)
+    else:
+        # a tile of frames: compare with the whole mask row ([BLOCK_T, T_PAD], cheap next to the
+        # [BLOCK_T, BLOCK_Q] data tile; used when Q is large)
+        s = tl.arange(0, T_PAD)
+        ks = (tl.load(m_ptr + b * smb + s * smt, mask=s < T, other=0) != 0) | (s == 0) | (s == T - 1)
+        ks = ks[None, :]
+        sb = tl.broadcast_to(s[None, :], (BLOCK_T, T_PAD))
+        left = tl.reduce(tl.where(ks & (sb <= t[:, None]), sb, -1), 1, _ELEMENTWISE_MAX)
+        right = tl.reduce(tl.where(ks & (sb >= t[:, None]), sb, T_PAD), 1, _ELEMENTWISE_MIN)
     right = tl.minimum(right, T - 1)  # padded rows t >= T have no right keyframe; they are masked
     # the reference's w: division of the integer offsets in the accumulation dtype
     w = (t - left).to(ACC) / tl.maximum(right - left, 1).to(ACC)
@@ -232,35 +253,50 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 
 
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
-    block_t = triton.next_power_of_2(T)
-    block_q = max(1, min(triton.next_power_of_2(Q), TILE_ELEMS // block_t))
+    """Default ``(BLOCK_T, BLOCK_Q, num_warps)`` of the forward kernel.
+
+    Large ``Q`` (video latents, ``Q = H*W``): tiles of 8 frames x 256 columns (2048 elements, 16
+    per thread over 4 warps): few padded frames (T=21 -> 24 rows) and small register use, so
+    many programs are resident per SM to keep loads in flight. Small ``Q`` (maze ``[B, T, 2]``):
+    one tile holds every frame (the scans are cheaper than the comparisons there). The bench's
+    sweep times the alternatives.
+    """
+    t_pad = triton.next_power_of_2(T)
+    if Q >= 64 and t_pad <= 256:
+        block_t = min(t_pad, 8)
+        block_q = min(triton.next_power_of_2(Q), 256)
+    else:
+        block_t = t_pad
+        block_q = max(1, min(triton.next_power_of_2(Q), TILE_ELEMS // block_t))
     num_warps = max(1, min(8, (block_t * block_q) // 512))
     return block_t, block_q, num_warps
 
 
-def _forward(x, mask, td, sigma=None, eps=None, block_q=None, num_warps=None):
+def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
     if T > MAX_BLOCK_T:
         raise ValueError(f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'")
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_t, bq, nw = _fwd_blocks(T, Q)
-    block_q = block_q or bq
-    num_warps = num_warps or nw
+    bt, bq, nw = _fwd_blocks(T, Q)
+    block_t, block_q, num_warps = block_t or bt, block_q or bq, num_warps or nw
+    t_pad = triton.next_power_of_2(T)
+    if block_t > t_pad or t_pad % block_t:
+        raise ValueError(f"interpolate_triton: BLOCK_T={block_t} must be a power of two <= {t_pad}")
     m8 = mask.view(torch.uint8)
     if eps is not None:
         er, _, se = _as_bptq(eps, td)
         sig = sigma.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
-    grid = (B * P, triton.cdiv(Q, block_q))
+    grid = (B * P, triton.cdiv(T, block_t), triton.cdiv(Q, block_q))
     _interp_fwd_kernel[grid](
         xr, m8, er, sig, out,
         T, P, Q,
         *sx, *se,
         m8.stride(0), m8.stride(1),
-        BLOCK_T=block_t, BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
+        T_PAD=t_pad, BLOCK_T=block_t, BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
         num_warps=num_warps,
     )
     return out

@@ -58,33 +58,33 @@ def _interpret_mode(flag: bool):
 
 
 def _import_kernels(interpret: bool):
-    """Fresh ``kernels.interpolate`` and ``kernels.dp`` decorated in the requested mode."""
+    """Fresh ``kernels.interpolate`` and ``kernels.dp`` decorated in the requested mode.
+
+    ``sys.modules`` is left as it was; ``install()`` puts the fresh modules there (so that the
+    dispatch in ``interpdiff`` finds them) and ``restore()`` puts the previous ones back.
+    """
     import kernels
 
-    saved = {n: sys.modules.pop(n, None) for n in MODS}
-    saved_attr = {n: getattr(kernels, n.split(".")[1], None) for n in MODS}
-    with _interpret_mode(interpret):
-        mods = [importlib.import_module(n) for n in MODS]
-    for n in MODS:  # the caller decides how long they stay installed
-        sys.modules.pop(n, None)
-
-    def install():
-        for n, m in zip(MODS, mods):
-            sys.modules[n] = m
-            setattr(kernels, n.split(".")[1], m)
-
-    def restore():
-        for n in MODS:
-            sys.modules.pop(n, None)
-            if saved[n] is not None:
-                sys.modules[n] = saved[n]
+    def put(modules: dict) -> None:
+        for n, m in modules.items():
             attr = n.split(".")[1]
-            if saved_attr[n] is not None:
-                setattr(kernels, attr, saved_attr[n])
+            sys.modules.pop(n, None)
+            if m is not None:
+                sys.modules[n] = m
+                setattr(kernels, attr, m)
             elif hasattr(kernels, attr):
                 delattr(kernels, attr)
 
-    return SimpleNamespace(interp=mods[0], dp=mods[1], install=install, restore=restore)
+    saved = {n: sys.modules.get(n) for n in MODS}
+    put({n: None for n in MODS})
+    try:
+        with _interpret_mode(interpret):
+            fresh = {n: importlib.import_module(n) for n in MODS}
+    finally:
+        put(saved)
+    return SimpleNamespace(
+        interp=fresh[MODS[0]], dp=fresh[MODS[1]], install=lambda: put(fresh), restore=lambda: put(saved)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,36 @@ def test_interpolate_odd_sizes_multi_tile(K, monkeypatch):
     m = _masks(3, 13, "random", seed=5)
     assert K.interp._fwd_blocks(13, 37)[:2] == (16, 8)
     assert_same(K.interp.interpolate_triton(x, m, 1), interpolate_reference(x, m, 1))
+
+
+@pytest.mark.parametrize("block_t,block_q", [(4, 16), (16, 8)])
+def test_interpolate_frame_tiles(K, block_t, block_q):
+    """Tiles of frames (nearest keyframes by comparison with the whole row) and the full-T scan, with
+    partial last tiles in both T=13 and Q=37; plain and fused; fp32 and bf16."""
+    g = torch.Generator().manual_seed(26)
+    x = torch.randn(2, 1, 13, 37, generator=g)
+    eps = torch.randn(2, 1, 13, 37, generator=g)
+    sigma = torch.tensor([0.2, 3.0])
+    for kind in ("random", "adjacent"):
+        m = _masks(2, 13, kind, seed=27)
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, ed = x.to(dtype), eps.to(dtype)
+            out = K.interp._forward(xd, m, 2, block_t=block_t, block_q=block_q, num_warps=2)
+            assert_same(out, interpolate_reference(xd, m, 2))
+            fused = K.interp._forward(xd, m, 2, sigma, ed, block_t=block_t, block_q=block_q, num_warps=2)
+            ref = interpolate_corrupt(xd, m, sigma, ed, 2, backend="torch")
+            if dtype == torch.float32:
+                assert_same(fused, ref)
+            else:
+                assert_ulp_close(fused, ref, 1, scale=interpolate_reference(xd, m, 2).abs().float() + ref.abs().float())
+    with pytest.raises(ValueError, match="BLOCK_T=32 must be a power of two <= 16"):
+        K.interp._forward(x, m, 2, block_t=32)
+
+
+def test_interpolate_default_blocks():
+    k = _import_kernels(interpret=True)
+    assert k.interp._fwd_blocks(21, 60 * 104) == (8, 256, 4)  # Wan: frame tiles
+    assert k.interp._fwd_blocks(128, 2) == (128, 2, 1)  # maze: the whole sequence per program
 
 
 def test_interpolate_non_contiguous(K):
@@ -481,7 +511,7 @@ def test_kernels_compile_for_sm90_without_spills():
     k = _import_kernels(interpret=False)
     fwd = {n: "i32" for n in "T P Q sxb sxp sxt sxq seb sep set_ seq smb smt".split()}
     fwd.update(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16")
-    fwd.update({n: "constexpr" for n in ("BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC")})
+    fwd.update({n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC")})
     bwd = {n: "i32" for n in "T P Q sgb sgp sgt sgq smb smt".split()}
     bwd.update(g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16", BLOCK_Q="constexpr", ACC="constexpr")
     dp = {n: "i32" for n in "T k_max scb sci scj".split()}
@@ -492,7 +522,9 @@ def test_kernels_compile_for_sm90_without_spills():
     bt.update(BLOCK_B="constexpr")
     blk_t, blk_q, nw = k.interp._fwd_blocks(21, 60 * 104)  # Wan latent size
     infos = [
-        _ptxas_info(k.interp._interp_fwd_kernel, fwd, dict(BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32), nw),
+        _ptxas_info(k.interp._interp_fwd_kernel, fwd, dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32), nw),
+        _ptxas_info(k.interp._interp_fwd_kernel, dict(fwd, x_ptr="*fp32", out_ptr="*fp32", eps_ptr="*fp32"),
+                    dict(T_PAD=128, BLOCK_T=128, BLOCK_Q=2, HAS_NOISE=False, ACC=tl.float32), 1),
         _ptxas_info(k.interp._interp_bwd_kernel, bwd, dict(BLOCK_Q=1024, ACC=tl.float32), 4),
         _ptxas_info(k.dp._dp_kernel, dp, dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
         _ptxas_info(k.dp._dp_kernel, dict(dp, back_ptr="*i16"), dict(BLOCK_T=128, BLOCK_S=32, ON_CHIP=False), 4),

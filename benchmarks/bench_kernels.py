@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_kernels.py sweep=true json_out=k.json md_out=k.md
     .venv/bin/python benchmarks/bench_kernels.py --cpu-smoke                      # CPU, interpreter
     ncu -k regex:_kernel python benchmarks/bench_kernels.py profile_only=true     # one launch each
+    .venv/bin/python benchmarks/bench_kernels.py static_report=true               # sm_90 regs/occupancy, no GPU
     bash benchmarks/run_device.sh                                                 # the device check
 
 Every number is measured in the same run on the same device and printed with the device name,
@@ -69,6 +70,7 @@ class BenchKernelsConfig:
     cpu_smoke: bool = False  # tiny shapes on CPU under the Triton interpreter (checks, not speed)
     sweep: bool = False  # also time block-size / warp options of both kernels
     profile_only: bool = False  # one launch of each main kernel at the issue sizes (run under ncu), no timing
+    static_report: bool = False  # compile the default variants for sm_90 (no GPU needed): registers, spills, occupancy
     numpy_samples: int = 256  # samples the numpy DP loop runs on (scaled to B)
     warmup_ms: int = 25
     rep_ms: int = 100
@@ -327,6 +329,94 @@ def profile_launches(device, gen, cuda: bool) -> dict:
     return {"profile_only": True}
 
 
+def static_report(cfg: BenchKernelsConfig) -> dict:
+    """Registers, spills, barriers and the resulting occupancy of each default kernel variant at sm_90.
+
+    Compiles PTX with triton and assembles it with triton's bundled ``ptxas`` (no GPU needed).
+    Occupancy is the register-limited bound ``min(64 warps, 65536 / (regs * 32 * warps))`` per SM.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+    def sig(names: str, **types) -> dict:
+        out = {}
+        for n in names.split():
+            out[n] = types.get(n, "i32")
+        return out
+
+    fwd_names = "x_ptr m_ptr eps_ptr sig_ptr out_ptr T P Q sxb sxp sxt sxq seb sep set_ seq smb smt T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC"
+    const = {n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC", "BLOCK_S", "ON_CHIP", "BLOCK_B")}
+    # strides equal to 1 are specialised by the JIT (constexpr), multiples of 16 get the divisibility hint
+    bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16", sxq="constexpr", seq="constexpr",
+                smt="constexpr", **const)
+    fp32 = dict(bf16, x_ptr="*fp32", eps_ptr="*fp32", out_ptr="*fp32")
+    div16 = ["x_ptr", "m_ptr", "eps_ptr", "sig_ptr", "out_ptr", "Q", "sxb", "sxp", "sxt", "seb", "sep", "set_", "smb"]
+    wan_bt, wan_bq, wan_nw = kint._fwd_blocks(21, 60 * 104)
+    maze_bt, maze_bq, maze_nw = kint._fwd_blocks(128, 2)
+    ones = dict(sxq=1, seq=1, smt=1)
+    variants = [
+        ("interp fwd, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
+         dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=False, ACC=tl.float32), wan_nw),
+        ("interp fwd+corruption, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
+         dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=True, ACC=tl.float32), wan_nw),
+        ("interp fwd, maze fp32", kint._interp_fwd_kernel, sig(fwd_names, **fp32), ["x_ptr", "m_ptr", "out_ptr", "sxb", "smb"],
+         dict(ones, T_PAD=128, BLOCK_T=maze_bt, BLOCK_Q=maze_bq, HAS_NOISE=False, ACC=tl.float32), maze_nw),
+        ("interp bwd, Wan bf16", kint._interp_bwd_kernel,
+         sig("g_ptr m_ptr gx_ptr T P Q sgb sgp sgt sgq smb smt BLOCK_Q ACC", g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16",
+             sgq="constexpr", smt="constexpr", **const), ["g_ptr", "m_ptr", "gx_ptr", "Q", "sgb", "sgp", "sgt", "smb"],
+         dict(sgq=1, smt=1, BLOCK_Q=kint.BWD_BLOCK_Q, ACC=tl.float32), 4),
+        ("dp on chip, T=128", kdp._dp_kernel,
+         sig("c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP", c_ptr="*fp32", back_ptr="*i8",
+             dbuf_ptr="*fp32", dlast_ptr="*fp32", **const), ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
+         dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
+        ("dp streaming, T>128", kdp._dp_kernel,
+         sig("c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP", c_ptr="*fp32", back_ptr="*i16",
+             dbuf_ptr="*fp32", dlast_ptr="*fp32", **const), ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
+         dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
+        ("dp backtrack", kdp._backtrack_kernel,
+         sig("back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B", back_ptr="*i8", dlast_ptr="*fp32",
+             ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64", tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
+         dict(BLOCK_B=kdp.BACKTRACK_BLOCK_B), 4),
+    ]
+    rows = []
+    for name, fn, signature, div, consts, nw in variants:
+        names = list(signature)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.ptx")
+            with open(path, "w") as f:
+                f.write(compiled.asm["ptx"])
+            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull], capture_output=True, text=True).stderr
+        regs = int(re.search(r"Used (\d+) registers", info).group(1))
+        spills = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+        warps = min(64, (65536 // (regs * 32 * nw)) * nw)
+        rows.append({"kernel": name, "config": {k: str(v) for k, v in consts.items() if k.isupper()}, "num_warps": nw,
+                     "regs": regs, "spill_bytes": spills, "bar_sync": compiled.asm["ptx"].count("bar.sync"),
+                     "warps_per_SM": warps, "occupancy": warps / 64})
+    L = [f"Static sm_90 compile report (triton {triton.__version__}, ptxas from triton; no GPU)", "",
+         "| kernel | config | warps | regs | spill B | bar.sync | warps/SM (reg-limited) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cfg_s = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        L.append(f"| {r['kernel']} | {cfg_s} | {r['num_warps']} | {r['regs']} | {r['spill_bytes']} | {r['bar_sync']} | "
+                 f"{r['warps_per_SM']} ({r['occupancy']:.0%}) |")
+    md = "\n".join(L) + "\n"
+    print(md)
+    if cfg.json_out:
+        atomic_write_text(cfg.json_out, json.dumps({"static_report": rows}, indent=1))
+    if cfg.md_out:
+        atomic_write_text(cfg.md_out, md)
+    return {"static_report": rows}
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -381,8 +471,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(BenchKernelsConfig, argv)
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and not cfg.cpu_smoke
-    if not cuda and not cfg.cpu_smoke:
+    if not cuda and not cfg.cpu_smoke and not cfg.static_report:
         raise SystemExit("bench_kernels: no CUDA device; run with --cpu-smoke to check the script on CPU")
+    if cfg.static_report:
+        return static_report(cfg)
     if cfg.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("bench_kernels: --cpu-smoke needs TRITON_INTERPRET=1 before the kernels are imported")
     device = torch.device("cuda" if cuda else "cpu")

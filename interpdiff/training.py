@@ -672,6 +672,10 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         if ema is not None:
             ema.update()
         step_loss = acc.reduce(loss_sum / n_micro, reduction="mean")
+        if extra_sums:  # the task's metrics, averaged over micro-batches and ranks like the loss
+            names = sorted(extra_sums)
+            vec = acc.reduce(torch.tensor([extra_sums[k] for k in names], device=device, dtype=torch.float64), "mean")
+            extra_sums = dict(zip(names, vec.tolist()))
         global_samples = int(acc.reduce(torch.tensor(samples_since, device=device), reduction="sum"))
         state.samples_seen += global_samples
         losses.append(float(step_loss))

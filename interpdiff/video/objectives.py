@@ -23,7 +23,7 @@ last level has no missing frame), nested masks from the policy mix, and::
     t_s    = 1000 * (1 - K_s / T)                         (level -> Wan timestep: the missing fraction)
     v_hat  = F([x_s, planes(M_s)], t_s, text)             (widened patch embedding, zero-init)
     x0_hat = x_s - (t_s / 1000) v_hat                     (Wan's own x0 parametrisation)
-    loss   = sum_w (x0_hat - x0)^2 / sum_w 1,   w = missing_weight on missing frames, keyframe_weight on keyframes
+    loss   = mean_b [ sum_w (x0_hat - x0)^2 / sum_w 1 ],  w = missing_weight on missing frames, keyframe_weight on keyframes
 
 Using Wan's velocity->x0 map with the level's "missing fraction" as flow time means the
 pretrained model starts as a plausible denoiser instead of an arbitrary regressor. The mask
@@ -360,13 +360,15 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     x_s = interpolate_corrupt(x0.float(), mask_B_T, sigma_B, eps, time_dim=2)  # Triton on CUDA
     t_B = level_timestep(budgets, s_B, T).to(x0.device)
     x0_hat = phase2_restore(model, x_s, mask_B_T, t_B, emb, p2)
+    # per-sample weighted mean, then the batch mean: a sample's weight does not depend on how many
+    # frames the other samples of its micro-batch miss, so the loss is the same for any batch split
     w_B_T = torch.where(mask_B_T, p2.keyframe_weight, p2.missing_weight).float()
     w = w_B_T[:, None, :, None, None]
+    denom_B = (w_B_T.sum(1) * C * H * W).clamp_min(1e-8)
     err = (x0_hat - x0.float()) ** 2
-    denom = (w.expand_as(err)).sum().clamp_min(1e-8)
-    loss = (err * w).sum() / denom
+    loss = ((err * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
     with torch.no_grad():
-        interp_err = (((x_s - x0.float()) ** 2) * w).sum() / denom
+        interp_err = ((((x_s - x0.float()) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
     metrics = {"level_mean": float(s_B.float().mean()), "corrupt_mse": float(interp_err), "policy_fallbacks": float(policy.fallbacks)}
     return loss, metrics
 

@@ -7,8 +7,9 @@ or after it::
     out[b, t] = (1 - w) * x[b, l] + w * x[b, r],      w = (t - l) / (r - l)   (0 when l == r)
 
 with ``w`` and the products computed in the accumulation dtype (fp32; fp64 for fp64 inputs),
-the same operations in the same order as the reference; the output has ``x``'s dtype. With ``sigma`` ``[B]`` and ``eps``
-(``x``'s shape) it also adds the phase-2 corruption on the missing frames::
+the same operations in the same order as the reference; the output has ``x``'s dtype. With
+``sigma`` ``[B]`` and ``eps`` (``x``'s shape) it also adds the phase-2 corruption on the
+missing frames::
 
     out[b, t] = round(I(x, M)[b, t]) + sigma[b] * eps[b, t] * (1 - M[b, t])     (in fp32)
 
@@ -26,8 +27,8 @@ of one ``(b, p)`` plane. It loads the sample's mask row and computes ``l(t)`` an
 frames: with two prefix scans (max-scan of ``t`` where ``M``, min-scan reversed) when the tile
 holds all ``T`` frames, else by comparing its frames with the whole row. It then gathers
 ``x[l(t)]`` and ``x[r(t)]`` as two ``[BLOCK_T, BLOCK_Q]`` tiles. Only keyframe rows are
-addresses, so HBM reads are the keyframe rows (the repeated rows hit L1/L2), every output row is
-written once, and no ``[B, T, ...]`` temporary exists. All loads of a program are independent
+addressed, so HBM reads are the keyframe rows (the repeated rows hit L1/L2), every output row
+is written once, and no ``[B, T, ...]`` temporary exists. All loads of a program are independent
 (no serial chain over keyframes), which is what keeps the memory system busy.
 
 Backward (``d out[t] / d x[l] = 1 - w``, ``d out[t] / d x[r] = w``): a program owns a
@@ -37,11 +38,12 @@ read once and each ``grad_x`` row written once (zero on non-keyframes). ``eps`` 
 ``sigma * grad * (1 - M)`` when it requires grad; ``sigma`` gets none.
 
 The kernels are decorated at import: import this module after setting ``TRITON_INTERPRET=1``
-to run them on CPU tensors (tests); otherwise they need CUDA tensors. They call only
-``tl`` builtins and their own ``@triton.jit`` helpers, never the ``@jit`` functions of
-``triton.language.standard`` (``tl.zeros``, ``tl.min``, ``tl.cdiv``, ...): those are decorated
+to run them on CPU tensors (tests); otherwise they need CUDA tensors. They call only ``tl``
+builtins and their own ``@triton.jit`` helpers, not the ``@jit`` functions of
+``triton.language.standard`` (``tl.zeros``, ``tl.max``, ``tl.cdiv``, ...): those are decorated
 when triton itself is imported, so they would not run in the interpreter if triton was imported
-before ``TRITON_INTERPRET`` was set.
+before ``TRITON_INTERPRET`` was set. (The standard max/min *combine* functions are handed to
+``tl.reduce``; the interpreter recognises them and reduces with numpy without calling them.)
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ import triton.language as tl
 
 # Largest padded T one program holds in registers (the scans and the [BLOCK_T, BLOCK_Q] tile).
 MAX_BLOCK_T = 8192
-# Elements per forward tile: 4096 (16 KB of fp32 per operand) keeps two gathered operands and
-# the result in registers at 4 warps without spilling.
+# Elements per forward tile when one tile holds all T frames (small Q): 4096 (16 KB of fp32 per
+# operand) keeps two gathered operands and the result in registers at 8 warps without spilling.
 TILE_ELEMS = 4096
-# Columns per backward program: a 1-D row tile; 1024 elements = 8 fp32 registers per thread.
+# Columns per backward program: a 1-D row tile; 1024 elements = 8 fp32 registers per thread at 4 warps.
 BWD_BLOCK_Q = 1024
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

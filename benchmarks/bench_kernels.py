@@ -148,7 +148,8 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
         copy = copies[nbytes]
         for K in case["ks"]:
             m = random_masks(B, T, K, device, gen)
-            _check_close(kint.interpolate_triton(x, m, td), interpolate_reference(x, m, td), f"interpolate {shape} K={K}")
+            ref = interpolate_reference(x, m, td)
+            _check_close(kint.interpolate_triton(x, m, td), ref, f"interpolate {shape} K={K}")
             ref_c = interpolate_corrupt(x, m, sigma, eps, td, backend="torch")
             _check_close(  # rounded twice (I(x, M) to x's dtype, then the sum): one ulp at each step
                 kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c, f"interpolate_corrupt {shape} K={K}",
@@ -268,7 +269,8 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                 t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw))
                 out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
-    out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), kint._fwd_blocks(shape[td], _inner(shape, td))))
+    default = kint._fwd_blocks(shape[td], _inner(shape, td))
+    out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))
     B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
     cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
     ref_idx, _ = dp_select_reference(cost, K)
@@ -276,7 +278,8 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
         idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw)
         if not torch.equal(idx[0], ref_idx):
             raise AssertionError(f"sweep dp num_warps={nw}: differs from the reference")
-        out["dp"].append({"B": B, "T": T, "K": K, "num_warps": nw, **timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw))})
+        t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw))
+        out["dp"].append({"B": B, "T": T, "K": K, "num_warps": nw, **t})
     out["dp"].sort(key=lambda r: r["ms"])
     return out
 
@@ -351,11 +354,14 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
             out[n] = types.get(n, "i32")
         return out
 
-    fwd_names = "x_ptr m_ptr eps_ptr sig_ptr out_ptr T P Q sxb sxp sxt sxq seb sep set_ seq smb smt T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC"
-    const = {n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC", "BLOCK_S", "ON_CHIP", "BLOCK_B")}
+    fwd_names = ("x_ptr m_ptr eps_ptr sig_ptr out_ptr T P Q sxb sxp sxt sxq seb sep set_ seq smb smt "
+                 "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC")
+    dp_names = "c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP"
+    bt_names = "back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B"
+    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC BLOCK_S ON_CHIP BLOCK_B".split()}
     # strides equal to 1 are specialised by the JIT (constexpr), multiples of 16 get the divisibility hint
-    bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16", sxq="constexpr", seq="constexpr",
-                smt="constexpr", **const)
+    bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16",
+                sxq="constexpr", seq="constexpr", smt="constexpr", **const)
     fp32 = dict(bf16, x_ptr="*fp32", eps_ptr="*fp32", out_ptr="*fp32")
     div16 = ["x_ptr", "m_ptr", "eps_ptr", "sig_ptr", "out_ptr", "Q", "sxb", "sxp", "sxt", "seb", "sep", "set_", "smb"]
     wan_bt, wan_bq, wan_nw = kint._fwd_blocks(21, 60 * 104)
@@ -366,23 +372,24 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
          dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=False, ACC=tl.float32), wan_nw),
         ("interp fwd+corruption, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
          dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=True, ACC=tl.float32), wan_nw),
-        ("interp fwd, maze fp32", kint._interp_fwd_kernel, sig(fwd_names, **fp32), ["x_ptr", "m_ptr", "out_ptr", "sxb", "smb"],
+        ("interp fwd, maze fp32", kint._interp_fwd_kernel, sig(fwd_names, **fp32),
+         ["x_ptr", "m_ptr", "out_ptr", "sxb", "smb"],
          dict(ones, T_PAD=128, BLOCK_T=maze_bt, BLOCK_Q=maze_bq, HAS_NOISE=False, ACC=tl.float32), maze_nw),
         ("interp bwd, Wan bf16", kint._interp_bwd_kernel,
          sig("g_ptr m_ptr gx_ptr T P Q sgb sgp sgt sgq smb smt BLOCK_Q ACC", g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16",
              sgq="constexpr", smt="constexpr", **const), ["g_ptr", "m_ptr", "gx_ptr", "Q", "sgb", "sgp", "sgt", "smb"],
          dict(sgq=1, smt=1, BLOCK_Q=kint.BWD_BLOCK_Q, ACC=tl.float32), 4),
         ("dp on chip, T=128", kdp._dp_kernel,
-         sig("c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP", c_ptr="*fp32", back_ptr="*i8",
-             dbuf_ptr="*fp32", dlast_ptr="*fp32", **const), ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
+         sig(dp_names, c_ptr="*fp32", back_ptr="*i8", dbuf_ptr="*fp32", dlast_ptr="*fp32", **const),
+         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
          dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
         ("dp streaming, T>128", kdp._dp_kernel,
-         sig("c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP", c_ptr="*fp32", back_ptr="*i16",
-             dbuf_ptr="*fp32", dlast_ptr="*fp32", **const), ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
+         sig(dp_names, c_ptr="*fp32", back_ptr="*i16", dbuf_ptr="*fp32", dlast_ptr="*fp32", **const),
+         ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
          dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
         ("dp backtrack", kdp._backtrack_kernel,
-         sig("back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B", back_ptr="*i8", dlast_ptr="*fp32",
-             ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64", tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
+         sig(bt_names, back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64",
+             tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
          dict(BLOCK_B=kdp.BACKTRACK_BLOCK_B), 4),
     ]
     rows = []
@@ -395,7 +402,8 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
             path = os.path.join(d, "k.ptx")
             with open(path, "w") as f:
                 f.write(compiled.asm["ptx"])
-            info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull], capture_output=True, text=True).stderr
+            cmd = [ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull]
+            info = subprocess.run(cmd, capture_output=True, text=True).stderr
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         spills = int(re.search(r"(\d+) bytes spill stores", info).group(1))
         warps = min(64, (65536 // (regs * 32 * nw)) * nw)
@@ -403,7 +411,8 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
                      "regs": regs, "spill_bytes": spills, "bar_sync": compiled.asm["ptx"].count("bar.sync"),
                      "warps_per_SM": warps, "occupancy": warps / 64})
     L = [f"Static sm_90 compile report (triton {triton.__version__}, ptxas from triton; no GPU)", "",
-         "| kernel | config | warps | regs | spill B | bar.sync | warps/SM (reg-limited) |", "|---|---|---:|---:|---:|---:|---:|"]
+         "| kernel | config | warps | regs | spill B | bar.sync | warps/SM (reg-limited) |",
+         "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         cfg_s = " ".join(f"{k}={v}" for k, v in r["config"].items())
         L.append(f"| {r['kernel']} | {cfg_s} | {r['num_warps']} | {r['regs']} | {r['spill_bytes']} | {r['bar_sync']} | "
@@ -439,8 +448,9 @@ def targets(interp_rows: list[dict], dp_rows: list[dict]) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
+    smoke = " (CPU smoke: Triton interpreter, times are not performance)" if res["cpu_smoke"] else ""
     L = [f"Device: **{res['device']}**, {res['date']}, commit `{res['commit']}`, torch {res['torch']}, "
-         f"triton {res['triton']}{' (CPU smoke: Triton interpreter, times are not performance)' if res['cpu_smoke'] else ''}", ""]
+         f"triton {res['triton']}{smoke}", ""]
     L += ["| interpolation | op | K | triton ms | GB/s | copy GB/s | of copy | torch ms | speedup |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["interpolate"]:
@@ -459,7 +469,8 @@ def markdown(res: dict) -> str:
             L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
     if res.get("sweep"):
         L += ["", "Sweep (best first): interpolation " + ", ".join(
-            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms" for r in res["sweep"]["interpolate"][:5])
+            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms"
+            for r in res["sweep"]["interpolate"][:5])
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
             f"w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
     return "\n".join(L) + "\n"
@@ -491,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
         dp_cases = [{"B": 4096, "T": 128, "ks": [8, 16, 32]}, {"B": 4096, "T": 21, "ks": [6]}]
     else:
         interp_cases = [
-            {"name": "wan", "shape": [2, 3, 7, 4, 5], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 3], "backward": True},
+            {"name": "wan", "shape": [2, 3, 7, 4, 5], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 3],
+             "backward": True},
             {"name": "maze", "shape": [4, 16, 2], "time_dim": 1, "dtype": torch.float32, "ks": [4]},
         ]
         dp_cases = [{"B": 4, "T": 16, "ks": [4]}, {"B": 4, "T": 21, "ks": [6]}]

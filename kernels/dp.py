@@ -8,8 +8,8 @@ Recurrence (the torch reference is ``interpdiff.selection.dp_select_reference``)
 
 Entries ``c[s, t]`` with ``s >= t`` are never read (masked to ``+inf`` at the load). Sums and
 minima are the same fp32 operations as the reference, and the ``(value, s)`` reduction keeps the
-smallest ``s`` on ties, so indices and totals are bit-identical to it (NaN costs are not supported: the reference and the kernel may
-disagree on them).
+smallest ``s`` on ties, so indices and totals are bit-identical to it (NaN costs are not
+supported: the reference and the kernel may disagree on them).
 
 On chip (``T <= 128``): the program loads its sample's ``[T, T]`` cost tile into registers once
 (128 x 128 fp32 = 64 KB over 4 warps), so the cost matrix is read from HBM exactly once; each
@@ -25,15 +25,18 @@ Back-pointers go to a global scratch ``[B, K, T]``, int8 when ``T <= 128`` (poin
 coalesced store. Backtracking is a second, tiny kernel with one *thread* per sample: it is a
 chain of ``K`` dependent loads, and run inside the DP program that chain (``K`` x L2 latency)
 would be paid once per wave of resident samples; across samples the chains overlap, so the
-whole batch backtracks in about ``K`` load latencies. One DP pass serves several budgets: row ``r`` of the table is the same for every
-budget ``K > r``, so ``dp_select_many_triton(cost, [K_0, ..., K_S])`` runs the rows once up to
+whole batch backtracks in about ``K`` load latencies.
+
+One DP pass serves several budgets: row ``r`` of the table is the same for every budget
+``K > r``, so ``dp_select_many_triton(cost, [K_0, ..., K_S])`` runs the rows once up to
 ``max K`` and backtracks once per budget (what the nested per-level masks need).
 
 The kernel is decorated at import: import this module after setting ``TRITON_INTERPRET=1`` to
-run it on CPU tensors (tests); otherwise it needs CUDA tensors. Only ``tl`` builtins and this
-module's own ``@triton.jit`` helpers are called (not ``tl.min``/``tl.zeros``/``tl.cdiv``, which
-``triton.language.standard`` decorates when triton is imported and which then fail in the
-interpreter if triton was imported before ``TRITON_INTERPRET`` was set).
+run it on CPU tensors (tests); otherwise it needs CUDA tensors. Only ``tl`` builtins are called
+(not ``tl.min``/``tl.zeros``/``tl.cdiv``, which ``triton.language.standard`` decorates when
+triton is imported and which then fail in the interpreter if triton was imported before
+``TRITON_INTERPRET`` was set); the standard argmin *combine* function is handed to
+``tl.reduce``, where the interpreter recognises it and reduces with numpy.
 """
 
 from __future__ import annotations
@@ -182,7 +185,8 @@ def _budget_tensors(ks: tuple[int, ...], dev: torch.device) -> tuple[torch.Tenso
         offs = [0]
         for k in ks[:-1]:
             offs.append(offs[-1] + k)
-        _BUDGETS[key] = (torch.tensor(ks, dtype=torch.int32, device=dev), torch.tensor(offs, dtype=torch.int32, device=dev))
+        as_i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+        _BUDGETS[key] = (as_i32(list(ks)), as_i32(offs))
     return _BUDGETS[key]
 
 

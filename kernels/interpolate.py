@@ -237,18 +237,27 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
     """
     if mask_or_idx.dtype == torch.bool:
         if tuple(mask_or_idx.shape) != (B, T):
-            raise ValueError(f"interpolate_triton: mask must have shape [B, T] = [{B}, {T}], got {list(mask_or_idx.shape)}")
+            raise ValueError(
+                f"interpolate_triton: mask must have shape [B, T] = [{B}, {T}], got {list(mask_or_idx.shape)}"
+            )
         mask = mask_or_idx
     elif not mask_or_idx.is_floating_point() and not mask_or_idx.is_complex():
         idx = mask_or_idx
         if idx.dim() != 2 or idx.shape[0] != B or idx.shape[1] < 2:
-            raise ValueError(f"interpolate_triton: keyframe indices must have shape [B={B}, K>=2], got {list(idx.shape)}")
-        if check and (bool((idx[:, 1:] <= idx[:, :-1]).any()) or bool((idx[:, 0] != 0).any()) or bool((idx[:, -1] != T - 1).any())):
-            raise ValueError(f"interpolate_triton: keyframe indices must be strictly increasing from 0 to T-1={T - 1} per row")
+            raise ValueError(
+                f"interpolate_triton: keyframe indices must have shape [B={B}, K>=2], got {list(idx.shape)}"
+            )
+        bad = (idx[:, 1:] <= idx[:, :-1]).any() | (idx[:, 0] != 0).any() | (idx[:, -1] != T - 1).any()
+        if check and bool(bad):
+            raise ValueError(
+                f"interpolate_triton: keyframe indices must be strictly increasing from 0 to T-1={T - 1} per row"
+            )
         mask = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
         mask.scatter_(1, idx.long().clamp(0, T - 1), True)
     else:
-        raise ValueError(f"interpolate_triton: mask must be bool [B, T] or integer indices [B, K], got {mask_or_idx.dtype}")
+        raise ValueError(
+            f"interpolate_triton: mask must be bool [B, T] or integer indices [B, K], got {mask_or_idx.dtype}"
+        )
     if check and not bool((mask[:, 0] & mask[:, -1]).all()):
         raise ValueError("interpolate_triton: frames 0 and T-1 must be keyframes in every row")
     return mask
@@ -277,7 +286,9 @@ def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
 def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
     if T > MAX_BLOCK_T:
-        raise ValueError(f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'")
+        raise ValueError(
+            f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'"
+        )
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -374,7 +385,8 @@ def interpolate_triton(
     Returns a contiguous tensor of ``x``'s shape and dtype. Differentiable in ``x`` (and ``eps``).
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
-        raise ValueError(f"interpolate_triton: x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
+        got = getattr(x, "dtype", type(x))
+        raise ValueError(f"interpolate_triton: x must be a float16/bfloat16/float32/float64 tensor, got {got}")
     if x.dim() < 2:
         raise ValueError(f"interpolate_triton: x needs a batch and a time dim, got shape {list(x.shape)}")
     td = time_dim % x.dim()

@@ -465,7 +465,8 @@ def test_dp_many_budgets_one_pass_and_levels(K):
     for i, k in enumerate(ks):
         ref_idx, ref_tot = dp_select_reference(c, k)
         assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot)
-    assert torch.equal(dp_select_levels(c, [3, 6, 12], backend="triton"), dp_select_levels(c, [3, 6, 12], backend="torch"))
+    levels = [3, 6, 12]
+    assert torch.equal(dp_select_levels(c, levels, backend="triton"), dp_select_levels(c, levels, backend="torch"))
 
 
 def test_dp_bad_inputs_are_clear_errors(K):
@@ -522,7 +523,10 @@ def test_kernels_compile_for_sm90_without_spills():
     bt.update(BLOCK_B="constexpr")
     blk_t, blk_q, nw = k.interp._fwd_blocks(21, 60 * 104)  # Wan latent size
     infos = [
-        _ptxas_info(k.interp._interp_fwd_kernel, fwd, dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32), nw),
+        _ptxas_info(
+            k.interp._interp_fwd_kernel, fwd,
+            dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32), nw,
+        ),
         _ptxas_info(k.interp._interp_fwd_kernel, dict(fwd, x_ptr="*fp32", out_ptr="*fp32", eps_ptr="*fp32"),
                     dict(T_PAD=128, BLOCK_T=128, BLOCK_Q=2, HAS_NOISE=False, ACC=tl.float32), 1),
         _ptxas_info(k.interp._interp_bwd_kernel, bwd, dict(BLOCK_Q=1024, ACC=tl.float32), 4),

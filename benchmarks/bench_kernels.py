@@ -510,7 +510,9 @@ def main(argv: list[str] | None = None) -> dict:
     res = {
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": code_version(), "torch": torch.__version__, "triton": triton.__version__,
+        # a device machine gets the working tree without .git: the caller passes the commit
+        "commit": os.environ.get("INTERPDIFF_COMMIT") or code_version(), "torch": torch.__version__,
+        "triton": triton.__version__,
         "cpu_smoke": cfg.cpu_smoke, "config": to_dict(cfg),
     }
     res["interpolate"] = bench_interpolate(timer, interp_cases, device, gen)

@@ -7,8 +7,9 @@
 # The device image has torch + triton but not omegaconf (interpdiff.config needs it; PyYAML is
 # there). From the repo root on the dev machine, once:
 #     .venv/bin/python -m pip download --no-deps --only-binary=:all: omegaconf==2.4.0 -d .whl
-# then one device call:
-#     run(command="bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=540)
+# then one device call (the tree travels without .git: pass the commit, from `git describe
+# --always --dirty=+dirty` here, so that the results name it):
+#     run(command="INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=540)
 # Locally on any CUDA box: OUT=runs/device bash benchmarks/run_device.sh
 set -uo pipefail
 OUT=${OUT:-runs/device_kernels}
@@ -31,7 +32,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
     date -u
-    git rev-parse HEAD 2>/dev/null || echo "no git"
+    echo "commit: ${INTERPDIFF_COMMIT:-$(git describe --always --dirty=+dirty 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
     $PY -c "import torch, triton; p = torch.cuda.get_device_properties(0); print('torch', torch.__version__, 'triton', triton.__version__, p.name, p.multi_processor_count, 'SMs')"
 } >"$OUT/env.txt" 2>&1

@@ -68,7 +68,8 @@ def _run(cmd, env, timeout=300):
     return out
 
 
-ARGS = ["max_steps=4", "tracker=none", "log_every=1", "checkpoint_every=100", "seed=5", "optim.lr=0.05", "optim.kind=adamw"]
+ARGS = ["max_steps=4", "tracker=none", "log_every=1", "checkpoint_every=100", "seed=5", "optim.lr=0.05", "optim.kind=adamw",
+        "optim.warmup_steps=2", "optim.schedule=cosine", "ema_decay=0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_two_process_ddp_equals_one_process(script, one_process, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_process, tmp_path):
-    """``accelerate launch`` + DeepSpeed ZeRO-2 on 2 CPU processes: world size 2 on each rank
+    """``accelerate launch`` + DeepSpeed ZeRO-2 on 2 CPU processes with gradient accumulation
+    (the engine accumulates and steps the LR schedule): world size 2 on each rank
     (the gloo fix in ``make_accelerator``), same weights as the one-process run, and a
     checkpoint written by the engine (trainable weights + ZeRO shards, frozen base excluded)."""
     run = tmp_path / "ds"
@@ -118,8 +120,8 @@ def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_pr
         *ACCELERATE,
         "--config_file", str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml"),
         "--main_process_port", str(_free_port()),
-        str(script), f"run_dir={run}", "batch_size=2", *ARGS,
-    ]  # fmt: skip
+        str(script), f"run_dir={run}", "batch_size=1", "grad_accum=2", *ARGS,
+    ]  # fmt: skip  (2 ranks x batch 1 x 2 accumulation steps = the one-process batch of 4)
     _run(cmd, env)
     runs = [torch.load(run / f"final_rank{r}.pt") for r in range(2)]
     assert runs[0]["report"]["distributed_type"] == "DEEPSPEED"

@@ -596,3 +596,26 @@ def test_gpu_dp_bitwise(KG, B, T, ks):
         for i, k in enumerate(ks):
             ref_idx, ref_tot = dp_select_reference(cost, k)
             assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k)
+
+
+# ------------------------------------------------------------------------------ benchmark script
+
+
+@pytest.mark.slow
+def test_bench_kernels_cpu_smoke(tmp_path):
+    """``bench_kernels.py --cpu-smoke`` runs end to end (its own result checks included) and writes its JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--cpu-smoke", "numpy_samples=2",
+         f"json_out={out}"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["cpu_smoke"] and data["device"].startswith("CPU")
+    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward"}
+    assert [(r["T"], r["K"]) for r in data["dp"]] == [(16, 4), (21, 6)]

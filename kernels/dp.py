@@ -207,8 +207,8 @@ def dp_select_many_triton(
     on_chip = T <= MAX_ON_CHIP_T
     if on_chip:
         block_t = block_s = max(16, triton.next_power_of_2(T))
-        # 4 warps at T=128: 128 fp32 of the tile per thread, reduced mostly in-thread (4-way across
-        # warps); more warps trade registers for cross-warp reduction steps on every row
+        # 4 warps at T=128: one column t per thread (128 fp32 of the tile), so the min over s is
+        # in-thread; more warps split s across warps (fewer registers, a cross-warp step per row)
         nw = num_warps or max(1, min(4, block_t * block_t // 2048))
         dbuf = torch.empty(1, dtype=torch.float32, device=dev)
     else:

@@ -19,7 +19,8 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
   a resumed run equals an uninterrupted one without replaying any RNG stream.
 - **Checkpoints** every ``checkpoint_every`` steps through ``Accelerator.save_state`` with
   registered pre-hooks: the save hook writes only the trainable weights (``spec.save_trainable``,
-  LoRA in diffusers format + widened input channels) and drops the full model from what
+  LoRA in diffusers format + widened input channels; with an EMA also ``trainable_ema/``, the
+  averaged weights in the same format, ready for sampling) and drops the full model from what
   Accelerate would write; the load hook loads them back. Optimizer, LR scheduler, grad scaler,
   RNG states (per rank), EMA and the ``TrainState`` (step, samples, data position) are saved by
   Accelerate (``register_for_checkpointing``). Under DeepSpeed the engine writes model +
@@ -67,6 +68,7 @@ from interpdiff.io import CheckpointError, atomic_write_text, code_version
 CKPT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 TRAINABLE_DIR = "trainable"
+EMA_DIR = "trainable_ema"
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("auto", "adamw", "adamw_fused", "adamw_8bit")
 SCHEDULES = ("constant", "cosine")
@@ -493,8 +495,9 @@ class MetricsWriter:
 # --- checkpointing -----------------------------------------------------------------------------
 
 
-def _register_hooks(acc, spec: TrainSpec) -> None:
-    """Save/load pre-hooks: trainable weights only, in the checkpoint's ``trainable/`` folder."""
+def _register_hooks(acc, spec: TrainSpec, ema: EMA | None = None) -> None:
+    """Save/load pre-hooks: trainable weights only, in the checkpoint's ``trainable/`` folder
+    (and, with an EMA, its weights in the same format in ``trainable_ema/``, ready to sample)."""
 
     def save_hook(models, weights, output_dir):
         unwrapped = acc.unwrap_model(models[0]) if models else spec.model
@@ -502,6 +505,9 @@ def _register_hooks(acc, spec: TrainSpec) -> None:
         with gathered(params, acc):
             if acc.is_main_process:
                 spec.save_trainable(unwrapped, Path(output_dir) / TRAINABLE_DIR)
+                if ema is not None:
+                    with ema.swapped_in():
+                        spec.save_trainable(unwrapped, Path(output_dir) / EMA_DIR)
         weights.clear()  # the frozen base is rebuilt from its source, never saved per checkpoint
 
     def load_hook(models, input_dir):
@@ -618,7 +624,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         ds_cfg["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds_cfg["gradient_clipping"] = max(cfg.optim.grad_clip, 0.0)  # the engine clips; ours is skipped
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    _register_hooks(acc, spec)
+    _register_hooks(acc, spec, ema)
     acc.register_for_checkpointing(state)
     if ema is not None:
         acc.register_for_checkpointing(ema)
@@ -701,6 +707,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         n_micro = 0
         extra_sums = {}
         samples_since = 0
+        t_pause = time.perf_counter()
         if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
             save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
         if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
@@ -710,6 +717,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                     stack.enter_context(ema.swapped_in())
                 spec.validate(unwrapped, state.step, run_dir / "validation", acc.is_main_process)
             model.train()
+        t_last += time.perf_counter() - t_pause  # step time and samples/s exclude checkpoints and validation
     bar.close()
     if cfg.tracker != "none":
         acc.end_training()

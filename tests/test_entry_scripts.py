@@ -81,7 +81,8 @@ def test_phase1_overfits_one_batch(shards, tmp_path):
     step (seeded per sample and step), so the per-step losses differ only by what was learned.
     The tiny model cannot reach 0 (its 24-dim hidden state cannot carry the 64-dim patch noise),
     hence a margin rather than a floor."""
-    res = _overfit(train_phase1, shards, tmp_path / "p1", 1e-2, "phase1.index_policy=uniform:1")
+    res = _overfit(train_phase1, shards, tmp_path / "p1", 1e-2, "phase1.index_policy=uniform:1",
+                   "train.validate_every=40", "validation.decode=true")
     ctl = _overfit(train_phase1, shards, tmp_path / "c1", 1e-9, "phase1.index_policy=uniform:1")
     L, C = res.losses, ctl.losses
     assert len(L) == 40 and L[0] == pytest.approx(C[0], rel=1e-6)
@@ -90,6 +91,11 @@ def test_phase1_overfits_one_batch(shards, tmp_path):
     lora = tmp_path / "p1" / "checkpoints" / "step_00000040" / "trainable"
     meta = wan._read_meta(lora)
     assert meta["keyframe_rope"] and meta["widening"] is None and meta["extra"]["phase"] == 1
+    # validation with the (tiny) VAE: one mp4 per validation sample, 9 latent frames -> 33 frames
+    import imageio.v2 as imageio
+
+    vids = sorted((tmp_path / "p1" / "validation").glob("val_00000040_*.mp4"))
+    assert len(vids) == 2 and len([f for f in imageio.get_reader(str(vids[0]))]) == 33
     # diffusers' LoRA format: transformer.-prefixed peft keys
     from safetensors.torch import load_file
 

@@ -179,6 +179,11 @@ def test_loss_falls_checkpoint_layout_and_rotation(tmp_path):
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run" / "checkpoints").iterdir())
     saved = torch.load(ckpts[-1] / "trainable" / "adapter.pt")
     assert torch.equal(saved["weight"], model.adapter.weight.detach())
+    # trainable_ema/ holds the EMA shadow in the same format (and the live weights were restored)
+    ema = torch.load(ckpts[-1] / "custom_checkpoint_1.pkl", weights_only=False)
+    saved_ema = torch.load(ckpts[-1] / "trainable_ema" / "adapter.pt")
+    assert torch.equal(saved_ema["weight"], ema["shadow"]["adapter.weight"])
+    assert not torch.equal(saved_ema["weight"], saved["weight"])
     st = json.loads((ckpts[-1] / "train_state.json").read_text())
     assert st["step"] == 12 and st["samples_seen"] == 48
     meta = json.loads((ckpts[-1] / "meta.json").read_text())

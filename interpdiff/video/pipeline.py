@@ -391,6 +391,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU (VAE always fp32)
     attention: str = "sdpa"
     mode: str = "two_phase"  # two_phase | full
+    keyframe_source: str = "uniform"  # uniform (level-0 budget of phase 2); selector: not available yet
     phase1_lora: str = ""
     phase2_lora: str = ""
     prompts: list[str] = field(default_factory=list)
@@ -425,6 +426,11 @@ class SampleConfig:
             raise ConfigError(f"height={self.height}, width={self.width}: both must be multiples of 16 (VAE 8 x patch 2)")
         if self.batch_size < 1 or self.phase1_steps < 1 or self.full_steps < 1:
             raise ConfigError("batch_size, phase1_steps and full_steps must be >= 1")
+        if self.keyframe_source != "uniform":
+            raise ConfigError(
+                f"keyframe_source={self.keyframe_source!r}: only 'uniform' is available (no video keyframe selector "
+                "has been trained in this repository yet)"
+            )
         if self.phase2_noise not in ("none", "constant", "level"):
             raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
 

@@ -96,7 +96,7 @@ def interpolate(x: torch.Tensor, mask: torch.Tensor, time_dim: int = 1, backend:
     if use_triton(backend, x, "interpolate"):
         from kernels.interpolate import interpolate_triton
 
-        return interpolate_triton(x, mask, time_dim=td)
+        return interpolate_triton(x, mask, time_dim=td, check=False)  # validated above
     return interpolate_reference(x, mask, td)
 
 
@@ -124,7 +124,7 @@ def interpolate_corrupt(
     if use_triton(backend, x, "interpolate_corrupt"):
         from kernels.interpolate import interpolate_triton
 
-        return interpolate_triton(x, mask, time_dim=td, sigma=sigma_B, eps=eps)
+        return interpolate_triton(x, mask, time_dim=td, sigma=sigma_B, eps=eps, check=False)
     base = interpolate_reference(x, mask, td)
     shape = [B] + [1] * (x.dim() - 1)
     miss = (~mask).to(torch.float32)

@@ -220,8 +220,8 @@ class TrainSpec:
     first ``skip`` of them (resume: the data position; a deterministic stream replays exactly,
     an endless resampled stream may reseed instead). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
     and read the trainable weights only (LoRA + new channels). ``validate(model, step, folder,
-    is_main)`` is called on every rank (ZeRO-3 forwards need all of them); only the main process
-    should write. ``meta`` lands in ``meta.json`` of every checkpoint (model sizes to rebuild it).
+    is_main)`` runs on the main process (on every rank under ZeRO-3, whose forwards need all of
+    them; then only ``is_main`` should write). ``meta`` lands in ``meta.json`` of every checkpoint (model sizes to rebuild it).
     """
 
     model: nn.Module
@@ -711,12 +711,15 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
             save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
         if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
-            model.eval()
-            with contextlib.ExitStack() as stack:
-                if ema is not None:
-                    stack.enter_context(ema.swapped_in())
-                spec.validate(unwrapped, state.step, run_dir / "validation", acc.is_main_process)
-            model.train()
+            # ZeRO-3 forwards need every rank; otherwise only the main process validates
+            if acc.is_main_process or _zero_stage(acc) == 3:
+                model.eval()
+                with contextlib.ExitStack() as stack:
+                    if ema is not None:
+                        stack.enter_context(ema.swapped_in())
+                    spec.validate(unwrapped, state.step, run_dir / "validation", acc.is_main_process)
+                model.train()
+            acc.wait_for_everyone()
         t_last += time.perf_counter() - t_pause  # step time and samples/s exclude checkpoints and validation
     bar.close()
     if cfg.tracker != "none":

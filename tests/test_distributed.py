@@ -131,6 +131,26 @@ def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_pr
     assert (ck / "pytorch_model").is_dir()  # the engine's folder (model states + ZeRO optimizer shards)
 
 
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_zero2_resume_equals_uninterrupted(script, one_process, tmp_path):
+    """ZeRO-2 run stopped after step 2 and resumed (engine module + optimizer shards, LR schedule,
+    EMA, RNG, data position) ends with the weights of the uninterrupted one-process run."""
+    run = tmp_path / "ds_resume"
+    env = _env()
+    env["DS_ACCELERATOR"] = "cpu"
+    base = [*ACCELERATE, "--config_file", str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml")]
+    args = [str(script), f"run_dir={run}", "batch_size=1", "grad_accum=2", "checkpoint_every=2", *ARGS]
+    _run([*base, "--main_process_port", str(_free_port()), *args, "stop_at_step=2"], env)
+    assert (run / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
+    _run([*base, "--main_process_port", str(_free_port()), *args, "resume=latest"], env)
+    runs = [torch.load(run / f"final_rank{r}.pt") for r in range(2)]
+    for r in runs:
+        for k, v in one_process["adapter"].items():
+            torch.testing.assert_close(r["adapter"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        assert r["report"]["losses"] == pytest.approx(one_process["report"]["losses"][2:], rel=1e-5)
+
+
 def _toy_initial_adapter() -> torch.Tensor:
     sys.path.insert(0, str(REPO / "tests"))
     from test_training import Toy

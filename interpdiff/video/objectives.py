@@ -45,17 +45,15 @@ not have yet: a clear error).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
 
 from interpdiff.config import ConfigError
 from interpdiff.corruption import anchor_confidence, level_sigmas
-from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas, shift_sigma
+from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas
 from interpdiff.interpolate import interpolate_corrupt
 from interpdiff.masks import (
     budget_schedule,
@@ -86,7 +84,8 @@ class ModelConfig:
     attention: str = "sdpa"
     lora: wan.LoraSpec = field(default_factory=wan.LoraSpec)
     init_lora: str = ""  # start from this LoRA folder (save_lora format) instead of a fresh adapter
-    seed: int = 0  # tiny preset weights
+    seed: int = 0  # tiny preset weights and the LoRA init
+    compile: bool = False  # regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks)
 
 
 @dataclass
@@ -189,6 +188,8 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 wan.add_lora(tr, cfg.lora)
+    if cfg.compile:
+        tr.compile_repeated_blocks(fullgraph=True)
     return tr
 
 

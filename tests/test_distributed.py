@@ -151,6 +151,26 @@ def test_accelerate_deepspeed_zero2_resume_equals_uninterrupted(script, one_proc
         assert r["report"]["losses"] == pytest.approx(one_process["report"]["losses"][2:], rel=1e-5)
 
 
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_zero3_cpu_equals_one_process(script, one_process, tmp_path):
+    """ZeRO-3 (partitioned parameters) on 2 CPU processes: the trainable weights gathered into the
+    checkpoint equal the one-process run's; an EMA is refused with a clear message."""
+    env = _env()
+    env["DS_ACCELERATOR"] = "cpu"
+    base = [*ACCELERATE, "--config_file", str(REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml")]
+    run = tmp_path / "z3"
+    out = subprocess.run([*base, "--main_process_port", str(_free_port()), str(script), f"run_dir={run}_ema",
+                          "batch_size=2", *ARGS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "not supported with ZeRO-3" in out.stderr
+    _run([*base, "--main_process_port", str(_free_port()), str(script), f"run_dir={run}", "batch_size=2", *ARGS,
+          "ema_decay=0"], env)
+    got = torch.load(run / "checkpoints" / "step_00000004" / "trainable" / "adapter.pt")
+    for k, v in one_process["adapter"].items():
+        torch.testing.assert_close(got[k].float(), v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert (run / "checkpoints" / "step_00000004" / "pytorch_model").is_dir()
+
+
 def _toy_initial_adapter() -> torch.Tensor:
     sys.path.insert(0, str(REPO / "tests"))
     from test_training import Toy

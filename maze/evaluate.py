@@ -7,7 +7,7 @@ Reads the checkpoints under the stage run folders (``phase1.run_dir``, ``phase2.
 ``baseline.run_dir``, ``dphi.run_dir``, ``selector.run_dir``) and writes
 ``<eval.run_dir>/eval.json`` and ``<eval.run_dir>/eval_samples.npz`` (plans for the figures).
 
-**Open loop** (first ``eval.n_open_loop`` trajectories of the eval split; positions in the
+**Open loop** (``eval.n_open_loop`` eval-split trajectories, round-robin over mazes; positions in the
 normalised frame, distances reported in world units where stated):
 
 - methods: ``interp`` (phase-1 keyframes + linear interpolation), ``refined`` (two-phase),
@@ -16,7 +16,8 @@ normalised frame, distances reported in world units where stated):
 - ``collision``: fraction of plans with at least one point closer than the agent radius
   (``eval.agent_radius``, world) to a wall; ``collision_pts``: fraction of points;
 - ``crossings``: fraction of plans with a segment between consecutive points that passes
-  through a wall (radius 0, ``maze.mazes.segment_crosses_wall``), ``crossings_per_plan``;
+  through a wall (radius 0, checked every 0.1 cell along the segment,
+  ``maze.mazes.segment_crosses_wall``), ``crossings_per_plan``;
 - ``mse``: ``mean_t ||x_t - x*_t||^2`` to the ground truth (normalised units);
 - ``goal_err``: ``||x_{T-1} - goal||`` (world);
 - ``len_ratio``: plan length / shortest path length, the latter the polyline start -> centres of
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interpdiff.corruption import anchor_confidence
 from interpdiff.interpolate import interpolate
 from interpdiff.io import atomic_write_bytes, atomic_write_text
 from interpdiff.masks import gap_stats
@@ -86,7 +88,7 @@ def plan_metrics(plans_N_T_2: np.ndarray, gt_N_T_2: np.ndarray, mazes: list, goa
         m, p = mazes[n], plans_N_T_2[n]
         c = collides(p, m, m.radius_norm(radius_world))
         coll_pts[n], coll[n] = c.mean(), c.any()
-        cross[n] = segment_crosses_wall(p[:-1], p[1:], m, radius=1e-9).sum()
+        cross[n] = segment_crosses_wall(p[:-1], p[1:], m, radius=1e-9, step=0.1 / m.G).sum()
         w = to_world(p, m)
         goal_err[n] = np.linalg.norm(w[-1] - to_world(goal_N_2[n], m))
         length[n] = np.linalg.norm(np.diff(w, axis=0), axis=-1).sum()
@@ -102,16 +104,28 @@ def plan_metrics(plans_N_T_2: np.ndarray, gt_N_T_2: np.ndarray, mazes: list, goa
     }
 
 
+def balanced_rows(maze_id: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` rows taken round-robin over mazes (every maze represented), sorted."""
+    per = [list(np.flatnonzero(maze_id == m)) for m in np.unique(maze_id)]
+    out = []
+    while len(out) < min(n, len(maze_id)):
+        for p in per:
+            if p and len(out) < n:
+                out.append(p.pop(0))
+    return np.sort(np.array(out, dtype=np.int64))
+
+
+@torch.no_grad()
 def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tuple[dict, dict]:
     """Open-loop tables (module doc) and a dict of arrays for the figures."""
     from maze.data import maze_objects
 
     ec = cfg.eval
-    n = min(ec.n_open_loop, data.N)
     mz = maze_objects(data, flip_y=cfg.data.flip_y)
-    rows = np.arange(n)
+    rows = balanced_rows(data.maze_id, ec.n_open_loop)
+    n = len(rows)
     mazes = [mz[i] for i in data.maze_id[rows]]
-    short = np.array([shortest_length_world(mazes[i], data.start[i], data.goal[i]) for i in range(n)])
+    short = np.array([shortest_length_world(mazes[j], data.start[i], data.goal[i]) for j, i in enumerate(rows)])
     S = len(planner.budgets) if planner.budgets else 0
     keys = ["interp", "refined", "oracle_interp", "oracle_refined", "full"]
     out = {k: [] for k in keys}
@@ -137,8 +151,6 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
                 lv["refined"][s].append(r["x0_hats"][s])
                 m_s = masks[:, s]
                 xi = interpolate(x0, m_s)  # teacher-forced oracle input at level s
-                from interpdiff.corruption import anchor_confidence
-
                 conf = anchor_confidence(m_s, planner.settings.confidence)
                 xr = planner.refiner(xi, torch.full((B,), s), conf, cond)
                 if planner.settings.pos_clip:
@@ -147,20 +159,25 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
                 lv["oracle_refined"][s].append(xr)
         if planner.baseline is not None:
             out["full"].append(planner.sample(cond, "full", generator=generator)["plan"])
-    gt = data.pos[:n]
-    goal = data.goal[:n]
+    gt = data.pos[rows]
+    goal = data.goal[rows]
+    mid = data.maze_id[rows]
     res: dict = {"n": int(n), "radius_world": radius_world, "methods": {}, "levels": {}}
-    arrays = {"gt": gt, "maze_id": data.maze_id[:n], "start": data.start[:n], "goal": goal}
+    arrays = {"gt": gt, "maze_id": mid, "start": data.start[rows], "goal": goal, "rows": rows}
     res["methods"]["ground_truth"] = plan_metrics(gt, gt, mazes, goal, radius_world, short)
+    res["methods"]["ground_truth"]["per_maze"] = {
+        name: plan_metrics(gt[mid == i], gt[mid == i], [mz[i]] * int((mid == i).sum()), goal[mid == i], radius_world, short[mid == i])
+        for i, name in enumerate(data.maze_names) if (mid == i).any()
+    }
     for k, v in out.items():
         if v:
             a = torch.cat(v).numpy()
             arrays[k] = a
             res["methods"][k] = plan_metrics(a, gt, mazes, goal, radius_world, short)
             res["methods"][k]["per_maze"] = {
-                name: plan_metrics(a[data.maze_id[:n] == i], gt[data.maze_id[:n] == i], [mz[i]] * int((data.maze_id[:n] == i).sum()),
-                                   goal[data.maze_id[:n] == i], radius_world, short[data.maze_id[:n] == i])
-                for i, name in enumerate(data.maze_names) if (data.maze_id[:n] == i).any()
+                name: plan_metrics(a[mid == i], gt[mid == i], [mz[i]] * int((mid == i).sum()), goal[mid == i], radius_world,
+                                   short[mid == i])
+                for i, name in enumerate(data.maze_names) if (mid == i).any()
             }
     if have_two:
         for k, per in lv.items():
@@ -175,7 +192,7 @@ def gap_table(planner: Planner, data, n: int) -> dict:
     """Gap statistics per level for the selector, uniform, random and DP policies (eval split)."""
     from maze.sampler import policy_masks
 
-    rows = np.arange(min(n, data.N))
+    rows = balanced_rows(data.maze_id, n)
     b = data.tensors(rows)
     cond = {k: b[k] for k in ("occ", "sdf", "start", "goal")}
     gen = torch.Generator().manual_seed(0)
@@ -230,7 +247,6 @@ def rollout(env, seed: int, policy, horizon: int, success_dist: float) -> tuple[
 
 def closed_loop(planner: Planner, cfg, generator) -> dict:
     from maze.config import DataConfig
-    from maze.generate import WaypointController
     from maze.mazes import get_maze, to_norm, to_world
 
     ec = cfg.eval
@@ -297,6 +313,7 @@ def _expert(maze, dc, start, goal):
 # ----------------------------------------------------------------------------- cost
 
 
+@torch.no_grad()
 def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 

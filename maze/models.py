@@ -88,11 +88,16 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d, 2 * d)
         self.o = nn.Linear(d, d)
 
-    def forward(self, x_B_L_D: torch.Tensor, mem_B_N_D: torch.Tensor | None = None) -> torch.Tensor:
+    def memory_kv(self, mem_B_N_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, h, N, Dh)`` of a memory (cached across sampling steps)."""
+        B, N, D = mem_B_N_D.shape
+        k, v = self.kv(mem_B_N_D).view(B, N, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x_B_L_D: torch.Tensor, mem_B_N_D: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         B, L, D = x_B_L_D.shape
-        src = x_B_L_D if mem_B_N_D is None else mem_B_N_D
         q = self.q(x_B_L_D).view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, h, L, Dh)
-        k, v = self.kv(src).view(B, src.shape[1], 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # (B, h, N, Dh)
+        k, v = kv if kv is not None else self.memory_kv(x_B_L_D if mem_B_N_D is None else mem_B_N_D)  # (B, h, N, Dh)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).reshape(B, L, D))
 
@@ -119,11 +124,11 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, h_B_L_D: torch.Tensor, c_B_D: torch.Tensor, mem_B_N_D: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h_B_L_D: torch.Tensor, c_B_D: torch.Tensor, mem_B_N_D: torch.Tensor | None, mem_kv=None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c_B_D).chunk(6, dim=-1)
         h = h_B_L_D + g1[:, None] * self.attn(modulate(self.norm1(h_B_L_D), sh1, sc1))
-        if self.cross and mem_B_N_D is not None:
-            h = h + self.xattn(self.norm_x(h), mem_B_N_D)
+        if self.cross and (mem_B_N_D is not None or mem_kv is not None):
+            h = h + self.xattn(self.norm_x(h), mem_B_N_D, kv=mem_kv)
         return h + g2[:, None] * self.mlp(modulate(self.norm2(h), sh2, sc2))
 
 
@@ -155,9 +160,15 @@ class TrajBackbone(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def encode(self, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maze tokens ``[B, N, D]`` and pooled ``[B, D]`` (cache them across sampling steps)."""
-        return self.encoder(cond["occ"], cond["sdf"], cond["start"], cond["goal"])
+    def encode(self, cond: dict) -> tuple:
+        """``(tokens [B, N, D], pooled [B, D], per-block cross-attention K/V or None)``.
+
+        Everything here depends on the condition only, so samplers compute it once per plan and
+        pass it as ``enc`` to every step (like caching a text encoder's cross-attention K/V).
+        """
+        tokens, pooled = self.encoder(cond["occ"], cond["sdf"], cond["start"], cond["goal"])
+        kv = [blk.xattn.memory_kv(tokens) for blk in self.blocks] if self.sizes.cond_mode == "cross" else None
+        return tokens, pooled, kv
 
     def forward(
         self,
@@ -167,7 +178,7 @@ class TrajBackbone(nn.Module):
         cond: dict,
         enc: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        mem_B_N_D, pooled_B_D = self.encode(cond) if enc is None else enc
+        mem_B_N_D, pooled_B_D, mem_kv = self.encode(cond) if enc is None else enc
         d, p = self.sizes.d_model, self.patch
         B, L0, Fi = feat_B_L_F.shape
         if L0 % p:
@@ -179,8 +190,9 @@ class TrajBackbone(nn.Module):
         L = h.shape[1]
         if self.sizes.cond_mode == "prefix":
             h = torch.cat([mem_B_N_D, h], dim=1)
-        for blk in self.blocks:
-            h = blk(h, c, mem_B_N_D if self.sizes.cond_mode == "cross" else None)
+        cross = self.sizes.cond_mode == "cross"
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, c, mem_B_N_D if cross else None, mem_kv[i] if cross else None)
         h = h[:, -L:]
         sh, sc = self.ada_out(c).chunk(2, dim=-1)
         return self.out(modulate(self.norm_out(h), sh, sc)).reshape(B, L0, self.d_out)  # (B, L0, O)

@@ -150,4 +150,8 @@ def fit(
             save_checkpoint(last, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}, m)
             save_checkpoint(run_dir / "model.pt", {"model": model.state_dict()}, m)
     bar.close()
+    if not evaluation and eval_fn is not None:  # resumed a finished run: evaluate only
+        model.eval()
+        with torch.no_grad():
+            evaluation = eval_fn()
     return evaluation

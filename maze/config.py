@@ -29,7 +29,7 @@ class DataConfig:
     """PointMaze goal-reaching data (``maze.generate``).
 
     World units: ``goal_tol``, ``waypoint_tol``, ``goal_noise`` (fraction of a cell),
-    ``agent_radius``. The eval split uses seed ``seed + eval_seed_offset``.
+    ``agent_radius``; ``stop_speed`` in world units per second. The eval split uses seed ``seed + eval_seed_offset``.
     """
 
     root: str = "data/maze/small"
@@ -46,6 +46,7 @@ class DataConfig:
     action_noise: float = 0.1  # std of Gaussian action noise before clipping
     waypoint_tol: float = 0.2
     goal_tol: float = 0.1
+    stop_speed: float = 0.3  # world units / s; a goal counts as reached once the agent is this slow
     goal_noise: float = 0.25
     max_segment_steps: int = 1500
     min_segment_steps: int = 24
@@ -154,7 +155,7 @@ class SelectorConfig:
     run_dir: str = "runs/maze/small/selector"
     net: NetConfig = field(default_factory=NetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    soft_label_sigma: float = 0.0
+    soft_label_sigma: float = 2.0
     nms_radius_scale: float = 0.0
     eval_samples: int = 300
 

@@ -52,11 +52,13 @@ class DPhi(nn.Module):
         self.register_buffer("log_eps", torch.tensor(float(log_eps)))
         self.register_buffer("log_mean", torch.tensor(float(log_mean)))
         self.register_buffer("log_std", torch.tensor(float(log_std)))
+        # time warp of the path prior (maze.encoders.mean_arc_fraction of the training data)
+        self.register_buffer("arc_frac", torch.linspace(0, 1, T))
 
     def time_features(self, occ, sdf, start, goal) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A h_B_T_D, B h_B_T_D)``: per-time features for the pair head."""
         tokens, pooled = self.encoder(occ, sdf, start, goal)
-        h = self.decoder(tokens, pooled, path_prior(occ, start, goal, self.T))
+        h = self.decoder(tokens, pooled, path_prior(occ, start, goal, self.T, arc_frac_T=self.arc_frac))
         return self.a(h), self.b(h)
 
     def pair_logits(self, ha_B_T_D, hb_B_T_D, i_B_P, j_B_P) -> torch.Tensor:

@@ -74,16 +74,33 @@ def heatmap(p_B_2: torch.Tensor, G: int, std_cells: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def path_prior(occ_B_G_G: torch.Tensor, start_B_2: torch.Tensor, goal_B_2: torch.Tensor, T: int, corner_width: float = 0.03) -> torch.Tensor:
+def mean_arc_fraction(pos_N_T_2) -> torch.Tensor:
+    """Mean over trajectories of the arc-length fraction covered by frame ``t`` (``[T]``, 0 -> 1).
+
+    The time warp of ``path_prior``: frame ``t`` of a typical trajectory is this far along its
+    path (slower at the start and the end, where the agent accelerates and settles).
+    """
+    x = torch.as_tensor(pos_N_T_2, dtype=torch.float64)
+    seg = (x[:, 1:] - x[:, :-1]).norm(dim=-1)
+    arc = torch.cat([torch.zeros(x.shape[0], 1, dtype=x.dtype), seg.cumsum(1)], 1)
+    arc = arc / arc[:, -1:].clamp_min(1e-12)
+    m = arc.mean(0).cummax(0).values
+    m[0], m[-1] = 0.0, 1.0
+    return m.float()
+
+
+def path_prior(occ_B_G_G: torch.Tensor, start_B_2: torch.Tensor, goal_B_2: torch.Tensor, T: int, corner_width: float = 0.03,
+               arc_frac_T: torch.Tensor | None = None) -> torch.Tensor:
     """A condition-only guess of the trajectory: ``[B, T, 5]`` = ``(u, v, tangent_u, tangent_v, corner)``.
 
     The 4-connected shortest cell path from the start cell to the goal cell (steepest descent on
     ``geodesic_distance``; ties go to the first of up/down/left/right) gives the polyline
     ``start -> centres of the intermediate cells -> goal`` (the waypoints of the data's
-    controller). Frame ``t`` is placed at arc length ``t / (T-1)`` of it; ``tangent`` is the unit
+    controller). Frame ``t`` is placed at arc-length fraction ``arc_frac_T[t]`` of it (default
+    ``t / (T-1)``; models pass ``mean_arc_fraction`` of their training data); ``tangent`` is the unit
     direction of its polyline piece and ``corner = exp(-(d / corner_width)^2)`` with ``d`` the
     arc-length distance (as a fraction of the path) to the nearest turning vertex (0 if none).
-    Time is not arc length (the agent accelerates, brakes and turns), so this is a prior for the
+    Time is not exactly a fixed warp of arc length (turns, noise), so this is a prior for the
     time queries, not a prediction; an unreachable goal gives a straight start-goal line.
     """
     B, G, _ = occ_B_G_G.shape
@@ -117,7 +134,8 @@ def path_prior(occ_B_G_G: torch.Tensor, start_B_2: torch.Tensor, goal_B_2: torch
     seg_len = seg.norm(dim=-1)
     cum = torch.cat([torch.zeros(B, 1, device=dev), seg_len.cumsum(1)], 1)  # (B, L)
     total = cum[:, -1:].clamp_min(1e-9)
-    s_t = torch.linspace(0, 1, T, device=dev)[None] * total  # (B, T)
+    frac = torch.linspace(0, 1, T, device=dev) if arc_frac_T is None else arc_frac_T.to(dev).float()
+    s_t = frac[None] * total  # (B, T)
     k = torch.searchsorted(cum[:, 1:].contiguous(), s_t.contiguous(), right=False).clamp(max=seg.shape[1] - 1)  # piece index
     l0 = cum.gather(1, k)
     ln = seg_len.gather(1, k).clamp_min(1e-9)

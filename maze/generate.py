@@ -14,8 +14,12 @@ the D4RL maze2d data sets were made:
    the cell centres, the last one being the goal point;
 3. PD control toward the current waypoint, ``a = clip(p_gain (w - x) + d_gain v + N(0,
    action_noise^2), -1, 1)``; the waypoint advances within ``waypoint_tol`` of it;
-4. the segment ends when the agent is within ``goal_tol`` of the goal; then a new goal is drawn
-   from where the agent is (so segments start with the previous velocity, as in maze2d).
+4. the segment ends when the agent is within ``goal_tol`` of the goal and slower than
+   ``stop_speed`` (it settles at the goal); then a new goal is drawn from where the agent is.
+   Settling makes every segment start from (near) rest, like the first one of an episode, so
+   a segment's timing depends on its start, goal and maze only (plus the action noise), which
+   is what a condition-only selector can learn; ``stop_speed = inf`` gives maze2d-style
+   fly-through goals.
 
 Each segment (the agent's positions from goal assignment to arrival) is resampled uniformly in
 time to ``T`` frames and converted to the normalised frame. Segments shorter than
@@ -116,7 +120,7 @@ def rollout_segments(maze: Maze, cfg: DataConfig, n_segments: int, seed: int, pr
             o, *_ = env.step(ctrl.act(obs[:2], obs[2:4]))
             obs = o["observation"]
             traj.append(obs[:2].copy())
-            if np.linalg.norm(obs[:2] - goal) <= cfg.goal_tol:
+            if np.linalg.norm(obs[:2] - goal) <= cfg.goal_tol and np.linalg.norm(obs[2:4]) <= cfg.stop_speed:
                 reached = True
                 break
         stats["env_steps"] += len(traj) - 1

@@ -52,18 +52,20 @@ class Selector(nn.Module):
         self.encoder = MazeEncoder(d_model, enc_depth, heads, G)
         self.decoder = TimeQueryDecoder(T, d_model, heads, depth, level_cond=True)
         self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        # time warp of the path prior (maze.encoders.mean_arc_fraction of the training data)
+        self.register_buffer("arc_frac", torch.linspace(0, 1, T))
 
     def forward(self, occ, sdf, start, goal, level_B, enc=None) -> torch.Tensor:
         """Logits ``[B, T]`` at level ``K_s / T = level_B``; ``enc`` = precomputed (tokens, pooled, prior)."""
         if enc is None:
-            enc = (*self.encoder(occ, sdf, start, goal), path_prior(occ, start, goal, self.T))
+            enc = (*self.encoder(occ, sdf, start, goal), path_prior(occ, start, goal, self.T, arc_frac_T=self.arc_frac))
         tokens, pooled, prior = enc
         return self.head(self.decoder(tokens, pooled, prior, level_B)).squeeze(-1)
 
     def level_logits(self, occ, sdf, start, goal) -> torch.Tensor:
         """Logits ``[B, S, T]`` for every budget (the encoder runs once)."""
         tokens, pooled = self.encoder(occ, sdf, start, goal)
-        prior = path_prior(occ, start, goal, self.T)
+        prior = path_prior(occ, start, goal, self.T, arc_frac_T=self.arc_frac)
         B, S = occ.shape[0], len(self.budgets)
         lv = torch.tensor([k / self.T for k in self.budgets], device=occ.device).repeat_interleave(B)
         enc = (tokens.repeat(S, 1, 1), pooled.repeat(S, 1), prior.repeat(S, 1, 1))

@@ -36,6 +36,7 @@ from interpdiff.config import parse_cli, save_config, to_dict
 from interpdiff.io import atomic_write_text
 from interpdiff.selection import kl_scale, segment_costs
 from maze.common import cond_inputs, fit, interp_error
+from maze.encoders import mean_arc_fraction
 from maze.config import MazeConfig
 from maze.data import MazeSplit, load_split
 from maze.dphi import DPHI_KIND, DPhi
@@ -86,12 +87,13 @@ def target_stats(pos_N_T_2: np.ndarray, scale: float, log_eps_rel: float, n: int
 
 
 def eval_dphi(model: DPhi, data: MazeSplit, budgets: list[int], scale: float, n: int, batch: int = 64) -> dict:
+    dev = next(model.parameters()).device
     """Rank correlation and DP-with-D_phi vs DP-with-true interpolation error (module doc)."""
     idx = np.arange(min(n, data.N))
     errs_true, errs_hat, rhos, maze = [], [], [], []
     for b0 in range(0, len(idx), batch):
         rows = idx[b0 : b0 + batch]
-        b = data.tensors(rows)
+        b = data.tensors(rows, device=dev)
         x = b["pos"]
         c_true = segment_costs(x, scale=scale)
         c_hat = model.cost_matrix(*cond_inputs(b))
@@ -103,7 +105,7 @@ def eval_dphi(model: DPhi, data: MazeSplit, budgets: list[int], scale: float, n:
         errs_true.append(torch.stack([interp_error(x, m_true[:, s]) for s in range(len(budgets))], 1))
         errs_hat.append(torch.stack([interp_error(x, m_hat[:, s]) for s in range(len(budgets))], 1))
         maze.append(b["maze_id"])
-    et, eh, rho, mz = torch.cat(errs_true), torch.cat(errs_hat), torch.cat(rhos), torch.cat(maze)
+    et, eh, rho, mz = (torch.cat(v).cpu() for v in (errs_true, errs_hat, rhos, maze))
 
     def summary(sel):
         out = {"n": int(sel.sum()), "spearman": float(rho[sel].mean()), "levels": []}
@@ -138,7 +140,9 @@ def main(cfg: MazeConfig) -> dict:
     scale = kl_scale(**kc.snr_kwargs())
     log_eps, mu, std = target_stats(train.pos, scale, pc.log_eps_rel)
     net = pc.net
-    model = DPhi(T, net.d_model, net.enc_depth, net.heads, net.depth, train.G, log_eps, mu, std)
+    dev = torch.device(pc.train.device)
+    model = DPhi(T, net.d_model, net.enc_depth, net.heads, net.depth, train.G, log_eps, mu, std).to(dev)
+    model.arc_frac.copy_(mean_arc_fraction(train.pos))
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -146,9 +150,10 @@ def main(cfg: MazeConfig) -> dict:
 
     def loss_fn(gen):
         rows = torch.randint(0, train.N, (pc.train.batch_size,), generator=gen).numpy()
-        b = train.tensors(rows)
+        b = train.tensors(rows, device=dev)
         c = segment_costs(b["pos"], scale=scale)  # (B, T, T)
         i, j = sample_pairs(len(rows), T, pc.pairs_per_sample, gen, None if kp is None else kp[rows])
+        i, j = i.to(dev), j.to(dev)
         tgt = torch.log(c.reshape(len(rows), T * T).gather(1, i * T + j).double() + math.exp(log_eps)).float()
         pred = model.pair_logits(*model.time_features(*cond_inputs(b)), i, j)
         loss = ((pred - (tgt - mu) / std) ** 2).mean()

@@ -1,7 +1,7 @@
 """Train and evaluate the level-conditioned keyframe selector.
 
     python -m maze.train_selector --config configs/maze/small.yaml
-    python -m maze.train_selector --config configs/maze/small.yaml selector.nms_radius_scale=0 selector.run_dir=runs/maze/sel_topk
+    python -m maze.train_selector --config configs/maze/small.yaml selector.nms_radius_scale=0.4   # finished run: re-evaluate only
 
 Needs ``keyframes_train.npz`` / ``keyframes_eval.npz`` (``python -m maze.prepare_keyframes``).
 Each step draws a batch and ONE level ``s`` (uniform over the levels with ``K_s < T``) and
@@ -39,6 +39,7 @@ from interpdiff.config import parse_cli, save_config, to_dict
 from interpdiff.io import atomic_write_text
 from interpdiff.masks import gap_stats, mask_to_indices, random_nested_masks, uniform_nested_masks
 from maze.common import cond_inputs, fit, interp_error
+from maze.encoders import mean_arc_fraction
 from maze.config import MazeConfig
 from maze.data import MazeDataError, MazeSplit, load_split
 from maze.selector import SELECTOR_KIND, Selector
@@ -49,7 +50,7 @@ def soft_labels(mask_B_T: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return mask_B_T.float()
     T = mask_B_T.shape[1]
-    t = torch.arange(T, dtype=torch.float32)
+    t = torch.arange(T, dtype=torch.float32, device=mask_B_T.device)
     d2 = (t[:, None] - t[None, :]) ** 2  # (T, T)
     bump = torch.exp(-d2 / (2 * sigma**2))  # (T frame, T key)
     return (bump[None] * mask_B_T[:, None, :].float()).amax(-1)
@@ -77,10 +78,11 @@ def eval_selector(model: Selector, data: MazeSplit, n: int, nms_radius_scale: fl
     if list(data.budgets) != list(budgets):
         raise MazeDataError(f"eval_selector: data budgets {data.budgets} differ from the selector's {budgets}")
     idx = np.arange(min(n, data.N))
+    dev = next(model.parameters()).device
     sel = []
     for b0 in range(0, len(idx), batch):
-        b = data.tensors(idx[b0 : b0 + batch])
-        sel.append(model.nested_masks(*cond_inputs(b), nms_radius_scale=nms_radius_scale))
+        b = data.tensors(idx[b0 : b0 + batch], device=dev)
+        sel.append(model.nested_masks(*cond_inputs(b), nms_radius_scale=nms_radius_scale).cpu())
     sel = torch.cat(sel)  # (n, S, T)
     b = data.tensors(idx)
     x, dp, mz = b["pos"], b["kp_mask"], b["maze_id"]
@@ -137,7 +139,9 @@ def main(cfg: MazeConfig) -> dict:
     evals = load_split(dc.root, "eval", keyframes=True)
     T, budgets = train.T, list(train.budgets)
     net = sc.net
-    model = Selector(T, budgets, net.d_model, net.enc_depth, net.heads, net.depth, train.G, sc.nms_radius_scale)
+    dev = torch.device(sc.train.device)
+    model = Selector(T, budgets, net.d_model, net.enc_depth, net.heads, net.depth, train.G, sc.nms_radius_scale).to(dev)
+    model.arc_frac.copy_(mean_arc_fraction(train.pos))
     run_dir = Path(sc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -147,14 +151,14 @@ def main(cfg: MazeConfig) -> dict:
     def loss_fn(gen):
         rows = torch.randint(0, train.N, (sc.train.batch_size,), generator=gen).numpy()
         s = trainable[int(torch.randint(0, len(trainable), (1,), generator=gen))]
-        b = train.tensors(rows)
-        level = torch.full((len(rows),), budgets[s] / T)
+        b = train.tensors(rows, device=dev)
+        level = torch.full((len(rows),), budgets[s] / T, device=dev)
         logits = model(*cond_inputs(b), level)
-        loss = selector_loss(logits, kp[rows, s], budgets[s], sc.soft_label_sigma)
+        loss = selector_loss(logits, kp[rows, s].to(dev), budgets[s], sc.soft_label_sigma)
         return loss, {"level": budgets[s]}
 
     def eval_fn():
-        return eval_selector(model, evals, sc.eval_samples)
+        return eval_selector(model, evals, sc.eval_samples, nms_radius_scale=sc.nms_radius_scale)
 
     meta = {"kind": SELECTOR_KIND, "sizes": model.sizes, "data_root": dc.root, "config": to_dict(cfg)}
     res = fit(model, loss_fn, sc.train, run_dir, meta, eval_fn, desc="maze.train_selector")

@@ -230,3 +230,75 @@ def test_shipped_configs_load(name):
     assert budgets[-1] == 21 and budgets[0] == min(cfg.phase2.k_min, 21)
     if name != "tiny_cpu":
         assert cfg.data.latent_shape == [16, 21, 60, 104] and cfg.train.gradient_checkpointing
+
+
+def test_phase2_sampler_uses_training_conventions(monkeypatch):
+    """Train/sample consistency (METHOD.md section 6): with a perfect restorer the sampler must
+    (a) return the ground truth, (b) call the model at level s on ``I(x0, M_s)`` (the noise-free
+    training corruption), with ``M_s`` (mask planes built from the current level's mask) and the
+    training level timestep ``1000 (1 - K_s / T)``."""
+    from interpdiff.interpolate import interpolate
+    from interpdiff.masks import uniform_nested_masks
+    from interpdiff.video import pipeline
+    from interpdiff.video.objectives import Phase2Config, level_timestep
+
+    g = torch.Generator().manual_seed(0)
+    B, C, T, H, W = 2, 16, 9, 4, 6
+    lat = torch.randn(B, C, T, H, W, generator=g)
+    st = pipeline.Phase2Settings.from_phase2_config(Phase2Config(k_min=3, n_levels=3), T, noise="none")
+    assert st.budgets == [3, 5, 9]
+    masks = uniform_nested_masks(B, T, st.budgets)
+    calls = []
+
+    def perfect(model, x_s, mask_B_T, t_B, emb, p2):
+        calls.append((x_s.clone(), mask_B_T.clone(), t_B.clone(), list(p2.channels)))
+        return lat.clone()
+
+    monkeypatch.setattr(pipeline, "phase2_restore", perfect)
+    out = pipeline.phase2_refine(None, interpolate(lat, masks[:, 0], time_dim=2), masks, torch.zeros(B, 4, 32), st,
+                                 init_noise=False)
+    torch.testing.assert_close(out, lat, rtol=0, atol=1e-5)
+    assert len(calls) == len(st.budgets) - 1
+    for s, (x_s, m, t, ch) in enumerate(calls):
+        assert torch.equal(m, masks[:, s]) and ch == ["mask"]
+        torch.testing.assert_close(x_s, interpolate(lat, masks[:, s], time_dim=2), rtol=0, atol=1e-5)
+        assert torch.equal(t, level_timestep(st.budgets, torch.full((B,), s), T))
+        assert float(t[0]) == pytest.approx(1000 * (1 - st.budgets[s] / T))
+
+
+def test_phase2_training_corruption_and_loss(monkeypatch):
+    """The training side of the same conventions: x_s = I(x0, M_s) + sigma_s eps (1 - M_s) with
+    M_s a nested level mask, t = 1000 (1 - K_s / T), and the loss a per-sample weighted mean
+    (missing frames only by default) checked against a hand computation."""
+    from interpdiff.interpolate import interpolate
+    from interpdiff.video import objectives as ob
+
+    g = torch.Generator().manual_seed(1)
+    B, C, T, H, W = 2, 16, 9, 4, 6
+    x0 = torch.randn(B, C, T, H, W, generator=g)
+    cfg = ob.VideoTrainConfig()
+    cfg.phase2 = ob.Phase2Config(k_min=3, n_levels=3, policy_mix="uniform:1", sigma_max=0.1, sigma_min=0.05)
+    policy = ob.KeyframePolicy(cfg.phase2.policy_mix, ob.PHASE2_POLICIES, "", "phase2.policy_mix")
+    seen = {}
+    pred = torch.randn(B, C, T, H, W, generator=g)
+
+    def restore(model, x_s, mask_B_T, t_B, emb, p2):
+        seen.update(x_s=x_s, mask=mask_B_T, t=t_B)
+        return pred
+
+    monkeypatch.setattr(ob, "phase2_restore", restore)
+    batch = {"lat": x0, "emb": torch.zeros(B, 4, 32), "keys": ["a", "b"]}
+    loss, _ = ob.phase2_loss(None, batch, 7, cfg, policy, seed=0)
+    m, t = seen["mask"], seen["t"]
+    budgets = [3, 5, 9]
+    sig = {3: 0.1, 5: 0.05}
+    for b in range(B):
+        k = int(m[b].sum())
+        assert k in (3, 5) and m[b, 0] and m[b, -1]  # level 0 or 1 (never the full last level)
+        assert float(t[b]) == pytest.approx(1000 * (1 - k / T))
+        resid = seen["x_s"][b] - interpolate(x0[b : b + 1], m[b : b + 1], time_dim=2)[0]
+        assert resid[:, m[b]].abs().max() == 0  # keyframes exact
+        assert float(resid[:, ~m[b]].std()) == pytest.approx(sig[k], rel=0.15)  # noise only on missing frames
+    per = [((pred[b] - x0[b]) ** 2)[:, ~m[b]].mean() for b in range(B)]
+    torch.testing.assert_close(loss, torch.stack(per).mean(), rtol=1e-5, atol=0)
+    assert budgets == ob.phase2_budgets(cfg.phase2, T)

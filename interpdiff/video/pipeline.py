@@ -351,10 +351,11 @@ def make_validation(cfg, phase: int, batches) -> Callable:
                 rows = [("true keyframes", true[0]), ("sampled keyframes", key[0])]
                 video_lat = scatter_keyframes(key, idx, T)[0]
             else:
-                st = Phase2Settings.from_phase2_config(cfg.phase2, T, noise="none")
+                # the sampler exactly as sample.py runs it (level-0 noise, sampling noise 'level')
+                st = Phase2Settings.from_phase2_config(cfg.phase2, T, noise="level")
                 masks = uniform_nested_masks(B, T, st.budgets, device=dev)
                 x0 = interpolate(lat, masks[:, 0], time_dim=2)
-                out = phase2_refine(model, x0, masks, emb, st, g, init_noise=False)
+                out = phase2_refine(model, x0, masks, emb, st, g, init_noise=True)
                 metrics = {"step": step, "interp_mse": float(((x0 - lat) ** 2).mean()),
                            "refined_mse": float(((out - lat) ** 2).mean())}
                 rows = [("ground truth", lat[0]), ("interpolated", x0[0]), ("refined", out[0])]

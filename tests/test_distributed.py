@@ -231,3 +231,34 @@ def test_train_phase2_two_processes_equal_one(one_sample_shards, tmp_path, launc
     rows_two = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
     loss = lambda rows: [float(r.split(",")[1]) for r in rows[1:]]  # noqa: E731
     assert loss(rows_two) == pytest.approx(loss(rows_one), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,dist,procs,machines,stage",
+    [
+        ("8xB200.yaml", "DEEPSPEED", 8, 1, 2),
+        ("multinode_2x8_zero3.yaml", "DEEPSPEED", 16, 2, 3),
+        ("1xgpu.yaml", "NO", 1, 1, None),
+        ("cpu.yaml", "NO", 1, 1, None),
+        ("cpu_zero2_2proc.yaml", "DEEPSPEED", 2, 1, 2),
+        ("cpu_zero3_2proc.yaml", "DEEPSPEED", 2, 1, 3),
+    ],
+)
+def test_accelerate_configs_parse(name, dist, procs, machines, stage):
+    """Each launch config loads with Accelerate's own reader and points at a DeepSpeed JSON of the
+    stated ZeRO stage whose 'auto' entries Accelerate can fill for a Wan model (no hidden_size)."""
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "accelerate_configs" / name))
+    assert cfg.distributed_type.value == dist and cfg.num_processes == procs and cfg.num_machines == machines
+    if stage is None:
+        return
+    assert cfg.mixed_precision in (None, "no")  # must not sit next to a deepspeed_config_file (Accelerate refuses)
+    ds = json.loads((REPO / cfg.deepspeed_config["deepspeed_config_file"]).read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    hidden_keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+    assert all(ds["zero_optimization"].get(k) != "auto" for k in hidden_keys)
+    for f in ("zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"):
+        json.loads((REPO / "accelerate_configs" / "deepspeed" / f).read_text())

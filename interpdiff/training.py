@@ -591,6 +591,8 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
             save_config(full_config, run_dir)
     acc.wait_for_everyone()
 
+    if cfg.ema_decay > 0 and _zero_stage(acc) == 3:
+        raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
     model = spec.model
     if cfg.gradient_checkpointing and spec.enable_gradient_checkpointing is not None:
         spec.enable_gradient_checkpointing(model)
@@ -603,8 +605,6 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     model.to(device)
     state = TrainState()
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and _zero_stage(acc) == 3:
-        raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
 
     n_samples = spec.batch_size or _default_batch_size
     stream = _micro_batches(spec, state)

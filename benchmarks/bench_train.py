@@ -44,6 +44,7 @@ from interpdiff.video.objectives import (  # noqa: E402
     PHASE2_POLICIES,
     Phase2Config,
     VideoTrainConfig,
+    enable_checkpointing,
     phase2_loss,
 )
 
@@ -125,7 +126,7 @@ def build(args, dev, dtype):
     for _, p in wan.trainable_parameters(tr):
         p.data = p.data.float()
     if not args.no_ckpt:
-        wan.set_gradient_checkpointing(tr, True)
+        enable_checkpointing(tr, args.ckpt_ratio)
     tr.to(dev).train()
     if args.compile:
         tr.compile_repeated_blocks(fullgraph=True)
@@ -165,7 +166,8 @@ def bench_train_step(args, dev) -> dict:
     step = sorted(times)[len(times) // 2]
     fwd = wan_forward_flops(mcfg, T, H, W, Lt, args.lora_rank, extra_channels=1) * args.batch
     out = {
-        "latent": [C, T, H, W], "batch": args.batch, "lora_rank": args.lora_rank, "grad_ckpt": not args.no_ckpt,
+        "latent": [C, T, H, W], "batch": args.batch, "lora_rank": args.lora_rank,
+        "grad_ckpt": 0.0 if args.no_ckpt else args.ckpt_ratio,
         "compile": args.compile, "attention": args.attention, "step_s_median": step, "step_s_all": times,
         "samples_per_s": args.batch / step, "fwd_tflop": fwd / 1e12, "loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
@@ -261,6 +263,7 @@ def main(argv=None):
     ap.add_argument("--attention", default="sdpa")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
     ap.add_argument("--no-ckpt", action="store_true", help="gradient checkpointing off")
+    ap.add_argument("--ckpt-ratio", type=float, default=1.0, help="fraction of blocks recomputed (1 = all)")
     ap.add_argument("--policy-mix", default="uniform:0.3,random_nested:0.3,dp:0.4")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's bf16 dense peak")
     ap.add_argument("--no-sampler", action="store_true")

@@ -302,3 +302,31 @@ def test_phase2_training_corruption_and_loss(monkeypatch):
     per = [((pred[b] - x0[b]) ** 2)[:, ~m[b]].mean() for b in range(B)]
     torch.testing.assert_close(loss, torch.stack(per).mean(), rtol=1e-5, atol=0)
     assert budgets == ob.phase2_budgets(cfg.phase2, T)
+
+
+@pytest.mark.parametrize("ratio,expect", [(1.0, [0, 1]), (0.5, [0]), (0.0, [])])
+def test_selective_checkpointing_same_gradients(ratio, expect):
+    """Checkpointing a fraction of the blocks recomputes exactly those blocks and leaves loss and
+    gradients equal to the plain model's (reference: no checkpointing)."""
+    from interpdiff.video.objectives import ModelConfig, Phase2Config, build_transformer, enable_checkpointing
+
+    def grads(ratio_or_none):
+        tr = build_transformer(ModelConfig(lora=wan.LoraSpec(rank=4, alpha=4, init="default")), 2, Phase2Config())
+        tr.train()
+        calls = []
+        if ratio_or_none is not None:
+            assert enable_checkpointing(tr, ratio_or_none) == expect
+            for i, b in enumerate(tr.blocks):
+                b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))  # recompute may stop early
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, 3, 4, 6, generator=g)
+        planes = torch.zeros(1, 1, 3, 4, 6)
+        out = wan.wan_forward(tr, x, torch.tensor([500.0]), torch.randn(1, 4, 32, generator=g), extra_B_E_T_H_W=planes)
+        out.square().mean().backward()
+        return {n: p.grad.clone() for n, p in wan.trainable_parameters(tr)}, calls
+
+    ref, _ = grads(None)
+    got, calls = grads(ratio)
+    assert sorted(calls) == sorted([0, 1] + expect)  # checkpointed blocks run twice (forward + recompute)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)

@@ -22,6 +22,9 @@ COND_MODES = ("cross", "prefix")
 PHASE1_POLICIES = ("dp", "uniform", "random", "selector")
 PHASE2_POLICIES = ("selector", "uniform", "random_nested", "dp_precomputed")
 INDEX_SOURCES = ("selector", "uniform")
+# two_phase_uniform: the two-phase planner with uniform keyframe indices (no selector, no D_phi cost at sampling
+# beyond the features), to separate the selector's effect and cost from the rest of the method
+EVAL_METHODS = ("two_phase", "full", "interp_only", "two_phase_uniform")
 
 
 @dataclass
@@ -166,7 +169,7 @@ class EvalConfig:
     kd: float = 1.0
     lookahead: float = 0.5  # world units: track the first plan point farther than this from the agent
     replan: bool = False
-    methods: list[str] = field(default_factory=lambda: ["two_phase", "full", "interp_only"])
+    methods: list[str] = field(default_factory=lambda: ["two_phase", "full", "interp_only", "two_phase_uniform"])
     cost_repeats: int = 3
     seed: int = 0
 
@@ -174,8 +177,8 @@ class EvalConfig:
         if self.index_source not in INDEX_SOURCES:
             raise ValueError(f"eval.index_source={self.index_source!r} is not one of {INDEX_SOURCES}")
         for m in self.methods:
-            if m not in ("two_phase", "full", "interp_only"):
-                raise ValueError(f"eval.methods: {m!r} is not one of ['two_phase', 'full', 'interp_only']")
+            if m not in EVAL_METHODS:
+                raise ValueError(f"eval.methods: {m!r} is not one of {list(EVAL_METHODS)}")
         if self.episodes < 1 or self.n_open_loop < 1:
             raise ValueError(f"eval: episodes and n_open_loop must be >= 1, got {self.episodes}, {self.n_open_loop}")
 

@@ -11,8 +11,9 @@ Reads the checkpoints under the stage run folders (``phase1.run_dir``, ``phase2.
 normalised frame, distances reported in world units where stated):
 
 - methods: ``interp`` (phase-1 keyframes + linear interpolation), ``refined`` (two-phase),
-  ``full`` (baseline), each also in **oracle** mode for the two-phase pipeline (ground-truth
-  keyframes at the same indices), and the ground-truth data as a reference row;
+  ``full`` (baseline), the two-phase pipeline in **oracle** mode (ground-truth keyframes at the
+  same indices), the two-phase pipeline with *uniform* indices (``*_uniform``, when the
+  selector is the index source) and the ground-truth data as a reference row;
 - ``collision``: fraction of plans with at least one point closer than the agent radius
   (``eval.agent_radius``, world) to a wall; ``collision_pts``: fraction of points;
 - ``crossings``: fraction of plans with a segment between consecutive points that passes
@@ -61,6 +62,18 @@ from maze.config_model import load_maze_config
 from maze.planner import Planner
 
 # ----------------------------------------------------------------------------- open-loop metrics
+
+
+def sample_method(planner: Planner, cond: dict, method: str, generator=None, **kw) -> dict:
+    """``planner.sample`` plus ``two_phase_uniform`` (two-phase with uniform keyframe indices)."""
+    if method != "two_phase_uniform":
+        return planner.sample(cond, method, generator=generator, **kw)
+    old = planner.settings.index_source
+    planner.settings.index_source = "uniform"
+    try:
+        return planner.sample(cond, "two_phase", generator=generator, **kw)
+    finally:
+        planner.settings.index_source = old
 
 
 def shortest_length_world(maze, start_norm, goal_norm) -> float:
@@ -127,7 +140,7 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
     mazes = [mz[i] for i in data.maze_id[rows]]
     short = np.array([shortest_length_world(mazes[j], data.start[i], data.goal[i]) for j, i in enumerate(rows)])
     S = len(planner.budgets) if planner.budgets else 0
-    keys = ["interp", "refined", "oracle_interp", "oracle_refined", "full"]
+    keys = ["interp", "refined", "oracle_interp", "oracle_refined", "interp_uniform", "refined_uniform", "full"]
     out = {k: [] for k in keys}
     lv = {k: [[] for _ in range(max(S - 1, 0))] for k in ("interp", "refined", "oracle_interp", "oracle_refined")}
     masks_all = []
@@ -157,6 +170,10 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
                     xr = xr.clamp(0, 1)
                 lv["oracle_interp"][s].append(xi)
                 lv["oracle_refined"][s].append(xr)
+            if planner.selector is not None and planner.settings.index_source == "selector":
+                u = sample_method(planner, cond, "two_phase_uniform", generator=generator)
+                out["interp_uniform"].append(u["interp"])
+                out["refined_uniform"].append(u["plan"])
         if planner.baseline is not None:
             out["full"].append(planner.sample(cond, "full", generator=generator)["plan"])
     gt = data.pos[rows]
@@ -274,7 +291,7 @@ def closed_loop(planner: Planner, cfg, generator) -> dict:
                 chunks = []
                 for b0 in range(0, len(seeds), ec.batch_size):
                     c = {k: v[b0 : b0 + ec.batch_size] for k, v in cond.items()}
-                    chunks.append(planner.sample(c, method, generator=generator)["plan"])
+                    chunks.append(sample_method(planner, c, method, generator)["plan"])
                 plans[method] = to_world(torch.cat(chunks).double().numpy(), maze)
             except FileNotFoundError as e:  # a stage that was not trained
                 print(f"[maze.evaluate] closed loop: skipping {method}: {e}")
@@ -321,15 +338,27 @@ def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
     cond = {k: b[k] for k in ("occ", "sdf", "start", "goal")}
     gen = torch.Generator().manual_seed(0)
     with FlopCounterMode(display=False) as fc:
-        planner.sample(cond, method, generator=gen)
+        sample_method(planner, cond, method, gen)
     flops = int(fc.get_total_flops())
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        planner.sample(cond, method, generator=gen)
+        sample_method(planner, cond, method, gen)
         times.append(time.perf_counter() - t0)
-    nfe = planner.nfe(method)
-    return {"nfe": nfe, "nfe_total": int(sum(nfe.values())), "flops": flops, "wall_s": float(np.median(times))}
+    src = planner.settings.index_source
+    if method == "two_phase_uniform":
+        planner.settings.index_source = "uniform"
+    nfe = planner.nfe("two_phase" if method == "two_phase_uniform" else method)
+    out = {"nfe": nfe, "nfe_total": int(sum(nfe.values())), "flops": flops, "wall_s": float(np.median(times))}
+    if method != "full":  # where the FLOPs go: index selection, D_phi features, phase-1 + phase-2
+        with FlopCounterMode(display=False) as fs:
+            masks = planner.masks_for(cond)
+        with FlopCounterMode(display=False) as fd:
+            planner.kp_feat(cond, masks[:, 0])
+        sel, dph = int(fs.get_total_flops()), int(fd.get_total_flops())
+        out["flops_breakdown"] = {"index_selection": sel, "dphi_features": dph, "phase1_phase2": flops - sel - dph}
+    planner.settings.index_source = src
+    return out
 
 
 # ----------------------------------------------------------------------------- main

@@ -35,6 +35,8 @@ METHOD_LABEL = {
     "refined": "two-phase (refined)",
     "oracle_interp": "oracle keyframes + interpolation",
     "oracle_refined": "oracle keyframes + refined",
+    "interp_uniform": "uniform indices: keyframes + interpolation",
+    "refined_uniform": "uniform indices: two-phase (refined)",
     "full": "full-sequence baseline",
 }
 
@@ -174,7 +176,7 @@ def fig_closed_loop(res, cfg, out: Path) -> str | None:
 
     plt = _plt()
     fig, axes = plt.subplots(1, len(cl), figsize=(3.6 * len(cl), 3.6), squeeze=False)
-    colors = {"two_phase": "tab:blue", "full": "tab:green", "interp_only": "tab:orange"}
+    colors = {"two_phase": "tab:blue", "full": "tab:green", "interp_only": "tab:orange", "two_phase_uniform": "tab:purple"}
     for ax, (name, r) in zip(axes[0], cl.items()):
         m = get_maze(name, flip_y=cfg.data.flip_y)
         _draw_maze(ax, m.occ)
@@ -214,14 +216,15 @@ def acceptance(res) -> list[tuple[str, bool | None, str]]:
         out.append(("oracle refined never worse than oracle interpolation (MSE), every level", not worse,
                     "levels worse: " + (str(worse) if worse else "none")))
     cl, cost = res.get("closed_loop", {}), res.get("cost", {})
-    if cl and "two_phase" in cost and "full" in cost:
-        fr = cost["two_phase"]["flops"] / max(cost["full"]["flops"], 1)
-        out.append(("two-phase sampling FLOPs <= 1/3 of the baseline's", fr <= 1 / 3, f"ratio {fr:.3f}"))
+    for tp in ("two_phase", "two_phase_uniform"):
+        if tp in cost and "full" in cost:
+            fr = cost[tp]["flops"] / max(cost["full"]["flops"], 1)
+            out.append((f"{tp} sampling FLOPs <= 1/3 of the baseline's", fr <= 1 / 3, f"ratio {fr:.3f}"))
         for name, r in cl.items():
             p = r["policies"]
-            if "two_phase" in p and "full" in p:
-                out.append((f"closed-loop success two-phase >= baseline ({name})", p["two_phase"]["success"] >= p["full"]["success"],
-                            f"{p['two_phase']['success']:.2f} vs {p['full']['success']:.2f} ({r['episodes']} episodes)"))
+            if tp in p and "full" in p:
+                out.append((f"closed-loop success {tp} >= baseline ({name})", p[tp]["success"] >= p["full"]["success"],
+                            f"{p[tp]['success']:.2f} vs {p['full']['success']:.2f} ({r['episodes']} episodes)"))
     return out
 
 
@@ -296,6 +299,10 @@ def write_report(cfg, res=None, arr=None, stage_times: dict | None = None) -> Pa
         for k, v in res["cost"].items():
             nfe = ", ".join(f"{m} {n}" for m, n in v["nfe"].items())
             L.append(f"| {k} | {v['nfe_total']} ({nfe}) | {v['flops'] / 1e6:.1f} M | {v['wall_s'] * 1e3:.1f} ms |")
+        bd = {k: v["flops_breakdown"] for k, v in res["cost"].items() if "flops_breakdown" in v}
+        if bd:
+            L += ["", "FLOPs breakdown (M): index selection (selector or uniform) / D_phi keyframe features / phase-1 + phase-2:", ""]
+            L += [f"- {k}: " + " / ".join(f"{x / 1e6:.1f}" for x in v.values()) for k, v in bd.items()]
     cl = res.get("closed_loop")
     if cl:
         L += ["", "## Closed loop in PointMaze (PD controller following the plan)", "",

@@ -13,8 +13,9 @@ Two-phase sampling (METHOD.md sections 4-5), per batch of conditions:
    s) + D(x0_hat, s+1)``, keyframes of ``M_s`` clamped, optional noise ``none|constant|level`` on
    missing frames (``level`` uses the training ``level_sigmas``), positions clipped to [0, 1].
 
-Network evaluations: phase-1 ``steps``, phase-2 ``S`` (levels 0..S-1; the last level is all
-keyframes), baseline ``steps``. The maze encoder runs once per model per plan and is cached.
+Network evaluations: phase-1 ``steps``, phase-2 ``S - 1`` for ``S`` levels (levels 0..S-2; the
+last level holds every frame, so no call), baseline ``steps``. The maze encoder and the
+cross-attention keys/values of its tokens run once per model per plan and are cached.
 """
 
 from __future__ import annotations

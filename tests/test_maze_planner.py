@@ -154,3 +154,23 @@ def test_pd_follower_reaches_goal_in_pointmaze():
     R0, ok0, _ = rollout(env, 0, lambda p, v: rng.uniform(-1, 1, 2), 300, 0.45)
     assert not ok0 and R0 == 0
     env.close()
+
+
+def test_demo_adds_model_overlay_and_checks_stage_completion(tmp_path):
+    from maze.demo import stage_done, with_overlay
+    from maze.config_model import load_maze_config
+
+    base = tmp_path / "x.yaml"
+    base.write_text("data:\n  root: " + str(tmp_path / "data") + "\n")
+    assert with_overlay(["--config", str(base), "a=1"]) == ["--config", str(base), "a=1"]
+    ov = tmp_path / "x_model.yaml"
+    ov.write_text("phase1:\n  run_dir: " + str(tmp_path / "p1") + "\n  optim: {steps: 7}\n")
+    args = with_overlay(["--config", str(base), "a=1"])
+    assert args == ["--config", str(base), "--config", str(ov), "a=1"]
+    cfg = load_maze_config(args[:-1])
+    assert cfg.phase1.optim.steps == 7 and not stage_done(cfg, "phase1") and not stage_done(cfg, "generate")
+    m = KeypointDenoiser(SZ, T, G)
+    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 5})
+    assert not stage_done(cfg, "phase1")  # 5 of 7 steps: not done
+    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 7})
+    assert stage_done(cfg, "phase1")

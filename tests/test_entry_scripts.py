@@ -330,3 +330,57 @@ def test_selective_checkpointing_same_gradients(ratio, expect):
     assert sorted(calls) == sorted([0, 1] + expect)  # checkpointed blocks run twice (forward + recompute)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_keyframe_policies_against_references(tmp_path):
+    """uniform = round(linspace); dp = brute-force best K-subset of the interpolation cost;
+    dp_precomputed = the stored mask, and a key missing from the file falls back to uniform,
+    counted (never fatal one by one)."""
+    import itertools
+
+    from interpdiff.interpolate import interpolate
+    from interpdiff.video.objectives import PHASE1_POLICIES, KeyframePolicy
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, 2, 2, generator=g).cumsum(1)  # C, T, H, W
+    T, K = 7, 4
+    uni = KeyframePolicy("uniform:1", PHASE1_POLICIES, "", "p").masks(x, "k", [K], g)[0][0]
+    assert uni.nonzero().flatten().tolist() == [0, 2, 4, 6]
+    dp = KeyframePolicy("dp:1", PHASE1_POLICIES, "", "p").masks(x, "k", [K], g)[0][0]
+
+    def err(mask):
+        return float(((interpolate(x[None], mask[None], time_dim=2) - x[None]) ** 2).sum())
+
+    best = min(err(torch.tensor([t in (0, T - 1) or t in c for t in range(T)]))
+               for c in itertools.combinations(range(1, T - 1), K - 2))
+    assert err(dp) == pytest.approx(best, rel=1e-5)
+    stored = torch.tensor([True, False, False, True, False, True, True])
+    torch.save({"known": stored}, tmp_path / "dp.pt")
+    pol = KeyframePolicy("dp_precomputed:1", PHASE1_POLICIES, str(tmp_path / "dp.pt"), "p")
+    m, name = pol.masks(x, "known", [K], g)
+    assert torch.equal(m[0], stored) and name == "dp_precomputed"
+    m, name = pol.masks(x, "unknown", [K], g)
+    assert name == "uniform_fallback" and pol.fallbacks == 1 and torch.equal(m[0], uni)
+    with pytest.raises(ConfigError, match="no file is set"):
+        KeyframePolicy("dp_precomputed:1", PHASE1_POLICIES, "", "phase1.index_policy")
+    with pytest.raises(ConfigError, match="selector"):
+        KeyframePolicy("selector:1", PHASE1_POLICIES, "", "phase1.index_policy")
+
+
+def test_init_lora_starts_from_a_saved_adapter(shards, tmp_path):
+    """model.init_lora: the new run's trainable weights start as the saved ones (LoRA + channels)."""
+    from safetensors.torch import load_file
+
+    from interpdiff.video.objectives import ModelConfig, Phase2Config, build_transformer
+
+    _run(train_phase2, _args(shards, tmp_path / "a", "train.max_steps=2", "train.checkpoint_every=2"))
+    src = tmp_path / "a" / "checkpoints" / "step_00000002" / "trainable"
+    tr = build_transformer(ModelConfig(init_lora=str(src), lora=wan.LoraSpec(rank=4, alpha=4)), 2, Phase2Config())
+    own = dict(tr.named_parameters())
+    saved = load_file(str(src / wan.LORA_WEIGHT_NAME))
+    for k, v in saved.items():
+        name = k[len("transformer."):].replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight")
+        assert torch.equal(own[name].detach(), v) and own[name].requires_grad, k
+    extra = load_file(str(src / wan.EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
+    assert torch.equal(tr.patch_embedding.extra_weight.detach(), extra) and tr.patch_embedding.extra_weight.requires_grad

@@ -463,7 +463,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         batches=batches,
         save_trainable=save_trainable,
         load_trainable=load_trainable,
-        validate=make_validation(cfg, phase, batches),
+        validate=make_validation(cfg, phase, make_batches(cfg)[0]),  # its own loader: the training stream is untouched
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio),

@@ -12,7 +12,7 @@ Launch (each key of configs/video/*.yaml can be overridden as key.sub=value):
         --config configs/video/wan1.3b_phase1.yaml data.shards='/data/wan_synth/shard_{000000..000999}.tar'
 
     # resume the newest checkpoint of the run folder (or a given one):
-    ... train.resume=latest        ... train.resume=runs/p1/checkpoints/step_00002000
+    ... --resume latest            ... --resume runs/p1/checkpoints/step_00002000
 
 Writes ``train.run_dir``: config.yaml, metrics.csv/jsonl, logs/ (TensorBoard),
 checkpoints/step_XXXXXXXX/ (trainable/ = LoRA in diffusers format), validation/.
@@ -24,13 +24,13 @@ import sys
 
 from interpdiff.config import ConfigError, parse_cli
 from interpdiff.io import CheckpointError
-from interpdiff.training import resolve_resume, train
+from interpdiff.training import resolve_resume, resume_flag_to_override, train
 from interpdiff.video.objectives import VideoTrainConfig, make_train_spec
 from interpdiff.video.wan import WanLoadError
 
 
 def main(argv: list[str] | None = None):
-    cfg = parse_cli(VideoTrainConfig, sys.argv[1:] if argv is None else argv)
+    cfg = parse_cli(VideoTrainConfig, resume_flag_to_override(sys.argv[1:] if argv is None else argv))
     resolve_resume(cfg.train.resume, cfg.train.run_dir)  # a bad resume path fails before the model loads
     spec = make_train_spec(cfg, phase=1)
     return train(cfg.train, spec, full_config=cfg)

@@ -263,6 +263,24 @@ def per_sample_randn(shape_per_sample: tuple[int, ...], gens: list[torch.Generat
     return torch.stack([torch.randn(shape_per_sample, generator=g, device=device, dtype=dtype) for g in gens])
 
 
+def resume_flag_to_override(argv: list[str], key: str = "train.resume") -> list[str]:
+    """``--resume X`` / ``--resume=X`` -> ``train.resume=X`` (the other arguments unchanged), so entry
+    scripts accept ``--resume latest|PATH`` next to ``--config`` and ``key=value`` overrides."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            if i + 1 >= len(argv):
+                raise ConfigError("--resume needs a value: latest or a checkpoint folder")
+            out.append(f"{key}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(f"{key}={a.split('=', 1)[1]}" if a.startswith("--resume=") else a)
+        i += 1
+    return out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -127,7 +127,7 @@ def test_phase2_resume_equals_uninterrupted(shards, tmp_path):
     common = ["train.max_steps=4", "train.checkpoint_every=2", "train.optim.lr=1e-2", "train.batch_size=1"]
     full = _run(train_phase2, _args(shards, tmp_path / "full", *common))
     _run(train_phase2, _args(shards, tmp_path / "split", *common, "train.stop_at_step=2"))
-    resumed = _run(train_phase2, _args(shards, tmp_path / "split", *common, "train.resume=latest"))
+    resumed = _run(train_phase2, _args(shards, tmp_path / "split", *common, "--resume", "latest"))
     assert resumed.state.step == 4 and resumed.losses == full.losses[2:]
     (la, ea), (lb, eb) = _trainables(tmp_path / "full", 4), _trainables(tmp_path / "split", 4)
     assert la.keys() == lb.keys()

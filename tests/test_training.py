@@ -242,3 +242,12 @@ def test_bench_train_tiny_runs_and_flop_formula_matches_counter():
     cfg = dict(bench.WAN21_T2V_1_3B, num_layers=1)
     embed = 2 * Lt * (4096 * d + d * d) + 2 * L * 64 * d * 2
     assert bench.wan_forward_flops(cfg, 21, 60, 104, 512) == pytest.approx(one_block + embed, rel=1e-12)
+
+
+def test_resume_flag_to_override():
+    from interpdiff.training import resume_flag_to_override
+
+    assert resume_flag_to_override(["--config", "a.yaml", "--resume", "latest", "x=1"]) == ["--config", "a.yaml", "train.resume=latest", "x=1"]
+    assert resume_flag_to_override(["--resume=runs/a/checkpoints/step_00000010"]) == ["train.resume=runs/a/checkpoints/step_00000010"]
+    with pytest.raises(ConfigError, match="--resume needs a value"):
+        resume_flag_to_override(["--resume"])

@@ -15,6 +15,16 @@ Launch (each key of configs/video/*.yaml can be overridden as key.sub=value):
     accelerate launch --config_file accelerate_configs/8xB200.yaml train_phase2.py \
         --config configs/video/wan1.3b_phase2.yaml data.shards='/data/wan_synth/shard_{000000..000999}.tar'
 
+    # 14B on 2 nodes x 8 GPUs, ZeRO-3 (same command on both nodes; --machine_rank 0 / 1, the main
+    # address is node 0's IP; see accelerate_configs/multinode_2x8_zero3.yaml):
+    accelerate launch --config_file accelerate_configs/multinode_2x8_zero3.yaml --machine_rank 0 \
+        --main_process_ip 10.0.0.1 --main_process_port 29500 train_phase2.py \
+        --config configs/video/wan14b_phase2.yaml data.shards='/data/wan_synth/shard_{000000..000999}.tar'
+
+    # DeepSpeed ZeRO-2 on 2 CPU processes (checks the DeepSpeed path without a GPU):
+    DS_ACCELERATOR=cpu accelerate launch --config_file accelerate_configs/cpu_zero2_2proc.yaml train_phase2.py \
+        --config configs/video/tiny_cpu.yaml data.shards='data/tiny/shard_*.tar'
+
     # resume the newest checkpoint of the run folder (or a given one):
     ... --resume latest            ... --resume runs/p2/checkpoints/step_00002000
 

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench venv clean
+.PHONY: demo test test-slow test-gpu bench bench-kernels bench-data bench-train venv clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,17 @@ test-slow: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests
 
-bench: $(STAMP)
+# benchmarks print a table + JSON; kernels and train need a CUDA GPU for real sizes
+bench: bench-kernels bench-data bench-train
+
+bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py
+
+bench-data: $(STAMP)
+	$(BIN)/python benchmarks/bench_data.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

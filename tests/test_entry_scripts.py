@@ -89,7 +89,7 @@ def test_phase1_overfits_one_batch(shards, tmp_path):
     assert _mean(L[-20:]) < 0.95 * _mean(C[-20:]), (L, C)
     assert _mean(L[-10:]) < 0.95 * _mean(L[:5])
     lora = tmp_path / "p1" / "checkpoints" / "step_00000040" / "trainable"
-    meta = wan._read_meta(lora)
+    meta = wan.read_lora_meta(lora)
     assert meta["keyframe_rope"] and meta["widening"] is None and meta["extra"]["phase"] == 1
     # validation with the (tiny) VAE: one mp4 per validation sample, 9 latent frames -> 33 frames
     import imageio.v2 as imageio
@@ -109,7 +109,7 @@ def test_phase2_overfits_one_batch_and_validation(shards, tmp_path):
     L, C = res.losses, ctl.losses
     assert _mean(L[-20:]) < 0.85 * _mean(C[-20:]), (L, C)  # measured 0.75
     ck = tmp_path / "p2" / "checkpoints" / "step_00000040"
-    meta = wan._read_meta(ck / "trainable")
+    meta = wan.read_lora_meta(ck / "trainable")
     assert meta["widening"]["channels"] == ["mask"] and meta["extra"]["phase2"]["k_min"] == 3
     assert (ck / "trainable" / wan.EXTRA_WEIGHT_NAME).is_file()
     assert (tmp_path / "p2" / "validation" / "val_00000040.png").is_file()

@@ -252,6 +252,89 @@ def test_widening_saved_with_lora_and_reloaded(tmp_path):
         wan.load_lora(_components().transformer, tmp_path / "lora")
 
 
+def _folder_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_save_lora_replaces_the_folder_as_a_whole(tmp_path, monkeypatch):
+    """A crash while saving leaves the previous folder byte for byte (no mix of two saves, no temp
+    folder); a completed save leaves only the new save's files (no stale ComfyUI export)."""
+    tr = _components().transformer
+    wan.widen_patch_embedding(tr, ("mask",))
+    wan.add_lora(tr, wan.LoraSpec(rank=4, alpha=4))
+    _perturb_lora(tr, seed=1)
+    out = tmp_path / "ckpt" / "trainable"
+    wan.save_lora(tr, out, comfy=True)
+    first = _folder_bytes(out)
+    assert set(first) == {wan.LORA_WEIGHT_NAME, wan.EXTRA_WEIGHT_NAME, wan.META_NAME, "lora_comfy.safetensors"}
+
+    _perturb_lora(tr, seed=2)
+    real = wan.atomic_write_text
+
+    def crash(path, text):  # the metadata is the last file written: the weights are already new
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(wan, "atomic_write_text", crash)
+    with pytest.raises(OSError, match="simulated"):
+        wan.save_lora(tr, out)
+    assert _folder_bytes(out) == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["trainable"]  # temp folder removed
+
+    monkeypatch.setattr(wan, "atomic_write_text", real)
+    wan.save_lora(tr, out)  # comfy=False now
+    second = _folder_bytes(out)
+    assert set(second) == {wan.LORA_WEIGHT_NAME, wan.EXTRA_WEIGHT_NAME, wan.META_NAME}
+    assert second[wan.LORA_WEIGHT_NAME] != first[wan.LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["trainable"]
+    fresh = _components().transformer
+    wan.load_lora(fresh, out)
+    sd_new = {k: v for k, v in wan.lora_state_dict(tr).items()}
+    for k, v in wan.lora_state_dict(fresh).items():
+        torch.testing.assert_close(v, sd_new[k], atol=0, rtol=0)
+
+
+def test_load_lora_weights_into_checks_every_tensor(tmp_path):
+    """Resume copies exactly the stored values; a folder of another rank or with fewer targets is
+    refused with the file named (never half loaded)."""
+    src = _components().transformer
+    wan.add_lora(src, wan.LoraSpec(rank=4, alpha=4))
+    _perturb_lora(src, seed=3)
+    wan.save_lora(src, tmp_path / "r4")
+    dst = _components().transformer
+    wan.add_lora(dst, wan.LoraSpec(rank=4, alpha=4))
+    assert wan.load_lora_weights_into(dst, tmp_path / "r4") == len(wan.lora_parameters(dst))
+    ref = dict(src.named_parameters())
+    for n, p in dst.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, ref[n]), n
+    other = _components().transformer
+    wan.add_lora(other, wan.LoraSpec(rank=8, alpha=8))
+    with pytest.raises(ValueError, match="r4.*shape"):
+        wan.load_lora_weights_into(other, tmp_path / "r4")
+    fewer = _components().transformer
+    wan.add_lora(fewer, wan.LoraSpec(rank=4, alpha=4, target_modules=["to_q"]))
+    wan.save_lora(fewer, tmp_path / "q_only")
+    with pytest.raises(ValueError, match="not stored"):
+        wan.load_lora_weights_into(dst, tmp_path / "q_only")
+    with pytest.raises(wan.WanLoadError, match="lacks"):
+        wan.load_lora_weights_into(dst, tmp_path / "nowhere")
+
+
+def test_unwrap_model_strips_compile_and_module_wrappers():
+    tr = wan.build_tiny_transformer()
+
+    class Engine(torch.nn.Module):  # DDP / DeepSpeed engines expose the model as .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    assert wan.unwrap_model(Engine(torch.compile(tr))) is tr
+    assert wan.unwrap_model(tr) is tr
+    assert wan.to_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="'int8'"):
+        wan.to_dtype("int8")
+
+
 # ------------------------------------------------------------------------------------- rotary
 
 

@@ -163,7 +163,7 @@ class VideoTrainConfig:
 def base_dtype(cfg: ModelConfig) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return wan._dtype(cfg.dtype)
+    return wan.to_dtype(cfg.dtype)
 
 
 # --- one model specification -------------------------------------------------------------------
@@ -202,7 +202,7 @@ def enable_checkpointing(transformer, ratio: float = 1.0) -> list[int]:
     extra forward. Returns the checkpointed block indices."""
     if not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"model.checkpoint_ratio must lie in [0, 1], got {ratio}")
-    m = wan._unwrap(transformer)
+    m = wan.unwrap_model(transformer)
     n = len(m.blocks)
     k = round(ratio * n)
     if k == 0:
@@ -222,11 +222,11 @@ def enable_checkpointing(transformer, ratio: float = 1.0) -> list[int]:
 
 def model_meta(cfg: VideoTrainConfig, phase: int, transformer) -> dict:
     """What a checkpoint needs to rebuild the model: base source, transformer config, LoRA, widening."""
-    m = wan._unwrap(transformer)
+    m = wan.unwrap_model(transformer)
     return {
         "phase": phase,
         "model_path": cfg.model.path,
-        "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.config).items() if not k.startswith("_")},
+        "transformer_config": wan.transformer_config_dict(m),
         "lora": dataclasses.asdict(cfg.model.lora),
         "widening": wan.widening_of(m),
         "phase2_budgets_rule": {"k_min": cfg.phase2.k_min, "n_levels": cfg.phase2.n_levels, "budgets": list(cfg.phase2.budgets)},
@@ -477,33 +477,11 @@ def lora_extra_meta(cfg: VideoTrainConfig, phase: int) -> dict:
 
 
 def _load_trainable_into(model, folder: Path) -> None:
-    """Copy the LoRA (+ widening) weights saved by ``save_lora`` into an already adapted model."""
-    from safetensors.torch import load_file
-
+    """Copy the LoRA (+ widening) weights saved by ``save_lora`` into an already adapted model
+    (``wan.load_lora_weights_into``); a missing or mismatching file is a ``CheckpointError``."""
     from interpdiff.io import CheckpointError
 
-    folder = Path(folder)
-    lora_file = folder / wan.LORA_WEIGHT_NAME
-    if not lora_file.is_file():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} lacks {wan.LORA_WEIGHT_NAME!r}")
-    m = wan._unwrap(model)
-    sd = load_file(str(lora_file))
-    own = dict(m.named_parameters())
-    n_loaded = 0
-    with torch.no_grad():
-        for k, v in sd.items():
-            name = k[len("transformer.") :] if k.startswith("transformer.") else k
-            # peft state-dict keys drop the adapter name: blocks.0.attn1.to_q.lora_A.weight
-            cand = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
-            if cand not in own:
-                raise CheckpointError(f"{str(lora_file)!r}: key {k!r} has no parameter {cand!r} in the model")
-            own[cand].copy_(v.to(own[cand]))
-            n_loaded += 1
-        extra = folder / wan.EXTRA_WEIGHT_NAME
-        if wan.widening_of(m) is not None:
-            if not extra.is_file():
-                raise CheckpointError(f"checkpoint folder {str(folder)!r} lacks {wan.EXTRA_WEIGHT_NAME!r} (widened model)")
-            m.patch_embedding.extra_weight.copy_(load_file(str(extra))["patch_embedding.extra_weight"].to(m.patch_embedding.extra_weight))
-    n_lora = sum(1 for n in own if "lora_" in n)
-    if n_loaded != n_lora:
-        raise CheckpointError(f"{str(lora_file)!r} holds {n_loaded} LoRA tensors, the model has {n_lora}")
+    try:
+        wan.load_lora_weights_into(model, folder)
+    except (wan.WanLoadError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {e}") from None

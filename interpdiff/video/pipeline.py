@@ -221,7 +221,7 @@ def two_phase_sample(
     timer = timer or StageTimer(emb_B_L_D.device)
     B = emb_B_L_D.shape[0]
     H, W = hw
-    C = wan._unwrap(phase1_tr).config.in_channels
+    C = wan.unwrap_model(phase1_tr).config.in_channels
     masks = uniform_nested_masks(B, T, st.budgets, device=emb_B_L_D.device)
     if idx_B_K is None:
         idx_B_K = mask_to_indices(masks[:, 0])
@@ -462,7 +462,7 @@ def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
 
     p2 = cfg.phase2
     if cfg.phase2_lora:
-        meta = wan._read_meta(Path(cfg.phase2_lora))
+        meta = wan.read_lora_meta(Path(cfg.phase2_lora))
         stored = (meta.get("extra") or {}).get("phase2")
         if stored:
             p2 = from_dict(Phase2Config, stored)
@@ -498,9 +498,9 @@ def check_sample_inputs(cfg: SampleConfig) -> list[str]:
             if not (d / wan.LORA_WEIGHT_NAME).is_file():
                 raise wan.WanLoadError(f"{name}={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora folder, "
                                        "e.g. runs/p1/checkpoints/step_00001000/trainable)")
-            wan._read_meta(d)
+            wan.read_lora_meta(d)
     if cfg.model_path != "tiny":
-        wan._resolve(cfg.model_path, "transformer")
+        wan.resolve_model_path(cfg.model_path, "transformer")
     return prompts
 
 
@@ -543,7 +543,7 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
                                        neg_b, g, timer)
                 lat = res["latents"]
             else:
-                C = wan._unwrap(tr).config.in_channels
+                C = wan.unwrap_model(tr).config.in_channels
                 with timer.stage("full"):
                     lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
         with timer.stage("vae_decode"):

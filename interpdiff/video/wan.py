@@ -46,6 +46,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import string
 import tempfile
 from dataclasses import dataclass, field
@@ -82,6 +83,10 @@ __all__ = [
     "load_vae",
     "load_text_encoder",
     "freeze",
+    "to_dtype",
+    "resolve_model_path",
+    "unwrap_model",
+    "read_lora_meta",
     "set_attention_backend",
     "set_gradient_checkpointing",
     "add_lora",
@@ -97,6 +102,9 @@ __all__ = [
     "keyframe_positions",
     "wan_forward",
     "save_lora",
+    "replace_dir",
+    "transformer_config_dict",
+    "load_lora_weights_into",
     "load_lora",
     "load_lora_into_pipeline",
     "to_comfy_lora",
@@ -125,7 +133,9 @@ class WanLoadError(FileNotFoundError):
     """A model path / hub id / LoRA folder is missing or lacks an expected file."""
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"float16"`` / ``"fp32"`` / ``"float32"`` (or a
+    ``torch.dtype``) -> ``torch.dtype``; anything else raises ``ValueError`` naming the value."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -278,7 +288,7 @@ def build_tiny_transformer(seed: int = 0, dtype: str | torch.dtype = torch.float
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WanTransformer3DModel(**tiny_transformer_config(**overrides))
-    return _cast_keep_fp32(model, _dtype(dtype))
+    return _cast_keep_fp32(model, to_dtype(dtype))
 
 
 def build_tiny_vae(seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides):
@@ -287,7 +297,7 @@ def build_tiny_vae(seed: int = 0, dtype: str | torch.dtype = torch.float32, **ov
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**tiny_vae_config(**overrides))
-    return _cast_keep_fp32(vae, _dtype(dtype))
+    return _cast_keep_fp32(vae, to_dtype(dtype))
 
 
 def build_tiny_text_encoder(seed: int = 0, dtype: str | torch.dtype = torch.float32, **overrides):
@@ -298,7 +308,7 @@ def build_tiny_text_encoder(seed: int = 0, dtype: str | torch.dtype = torch.floa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         enc = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(len(tok), **overrides)))
-    return enc.to(_dtype(dtype)).eval(), tok
+    return enc.to(to_dtype(dtype)).eval(), tok
 
 
 def build_scheduler(shift: float = 5.0):
@@ -346,7 +356,14 @@ def _check_local(path: Path, sub: str) -> None:
             )
 
 
-def _resolve(path: str | os.PathLike, sub: str) -> str:
+def resolve_model_path(path: str | os.PathLike, sub: str) -> str:
+    """Check a Wan model source for the ``sub`` component before anything is loaded.
+
+    A local folder must be a diffusers-format folder with ``sub/`` holding its config and weights
+    (tokenizer files for ``tokenizer``); a string shaped like a hub id (``owner/name``) is returned
+    unchanged (``from_pretrained`` resolves it). Returns the string to pass to ``from_pretrained``;
+    raises ``WanLoadError`` naming the path and the missing file otherwise.
+    """
     p = Path(path)
     if p.exists():
         if not p.is_dir():
@@ -364,7 +381,7 @@ def _resolve(path: str | os.PathLike, sub: str) -> str:
 
 
 def _from_pretrained(cls, path: str | os.PathLike, sub: str, **kwargs):
-    src = _resolve(path, sub)
+    src = resolve_model_path(path, sub)
     try:
         return cls.from_pretrained(src, subfolder=sub, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -384,7 +401,7 @@ def load_transformer(path: str | os.PathLike, dtype: str | torch.dtype = torch.b
         return freeze(build_tiny_transformer(seed=seed, dtype=dtype))
     from diffusers import WanTransformer3DModel
 
-    return freeze(_from_pretrained(WanTransformer3DModel, path, "transformer", torch_dtype=_dtype(dtype)))
+    return freeze(_from_pretrained(WanTransformer3DModel, path, "transformer", torch_dtype=to_dtype(dtype)))
 
 
 def load_vae(path: str | os.PathLike, dtype: str | torch.dtype = torch.float32, seed: int = 0):
@@ -393,7 +410,7 @@ def load_vae(path: str | os.PathLike, dtype: str | torch.dtype = torch.float32, 
         return freeze(build_tiny_vae(seed=seed + 1, dtype=dtype))
     from diffusers import AutoencoderKLWan
 
-    return freeze(_from_pretrained(AutoencoderKLWan, path, "vae", torch_dtype=_dtype(dtype)))
+    return freeze(_from_pretrained(AutoencoderKLWan, path, "vae", torch_dtype=to_dtype(dtype)))
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, seed: int = 0):
@@ -403,8 +420,8 @@ def load_text_encoder(path: str | os.PathLike, dtype: str | torch.dtype = torch.
         return freeze(enc), tok
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    enc = _from_pretrained(UMT5EncoderModel, path, "text_encoder", dtype=_dtype(dtype))
-    src = _resolve(path, "tokenizer")
+    enc = _from_pretrained(UMT5EncoderModel, path, "text_encoder", dtype=to_dtype(dtype))
+    src = resolve_model_path(path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(src, subfolder="tokenizer")
     except (OSError, ValueError) as e:
@@ -443,7 +460,7 @@ def load_wan(
         else:
             from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-            src = _resolve(path, "scheduler")
+            src = resolve_model_path(path, "scheduler")
             try:
                 out.scheduler = UniPCMultistepScheduler.from_pretrained(src, subfolder="scheduler")
             except (OSError, ValueError):
@@ -505,8 +522,9 @@ def set_gradient_checkpointing(transformer, enabled: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _unwrap(model):
-    """Strip DDP / DeepSpeed / torch.compile wrappers."""
+def unwrap_model(model):
+    """The bare ``WanTransformer3DModel`` under DDP (``.module``), DeepSpeed engine (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers, in any nesting; other modules unchanged."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -532,7 +550,7 @@ def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "def
     """
     spec = spec or LoraSpec()
     spec.validate()
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     names = [n for n, _ in model.named_modules()]
     unmatched = [t for t in spec.target_modules if not any(_matches(n, t) for n in names)]
     if unmatched:
@@ -557,19 +575,19 @@ def add_lora(transformer, spec: LoraSpec | None = None, adapter_name: str = "def
 
 
 def lora_parameters(transformer) -> list[nn.Parameter]:
-    return [p for n, p in _unwrap(transformer).named_parameters() if "lora_" in n]
+    return [p for n, p in unwrap_model(transformer).named_parameters() if "lora_" in n]
 
 
 def trainable_parameters(transformer) -> list[tuple[str, nn.Parameter]]:
     """Named parameters with ``requires_grad``: the LoRA A/B and the widening ``extra_weight``."""
-    return [(n, p) for n, p in _unwrap(transformer).named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in unwrap_model(transformer).named_parameters() if p.requires_grad]
 
 
 def lora_state_dict(transformer, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft state dict of the adapter, keys like ``blocks.0.attn1.to_q.lora_A.weight`` (no prefix)."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(_unwrap(transformer), adapter_name=adapter_name)
+    return get_peft_model_state_dict(unwrap_model(transformer), adapter_name=adapter_name)
 
 
 def _lora_spec_of(model, adapter_name: str) -> dict:
@@ -630,7 +648,7 @@ def widen_patch_embedding(transformer, channel_names: Sequence[str] = ("mask",),
     if bad or len(set(channel_names)) != len(channel_names):
         raise ValueError(f"widen_patch_embedding: channel names {list(channel_names)} must be distinct values "
                          f"from {list(WIDENING_CHANNELS)}")
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     pe = model.patch_embedding
     if isinstance(pe, WidenedConv3d):
         if pe.channel_names != channel_names:
@@ -648,7 +666,7 @@ def widen_patch_embedding(transformer, channel_names: Sequence[str] = ("mask",),
 
 def widening_of(transformer) -> dict | None:
     """``{"channels": [...], "base_in_channels": C}`` when widened, else ``None``."""
-    pe = _unwrap(transformer).patch_embedding
+    pe = unwrap_model(transformer).patch_embedding
     if isinstance(pe, WidenedConv3d):
         return {"channels": list(pe.channel_names), "base_in_channels": int(pe.base_in_channels)}
     return None
@@ -738,7 +756,7 @@ class KeyframeRotaryPosEmbed(_rope_base_cls()):
 
 def install_keyframe_rope(transformer) -> KeyframeRotaryPosEmbed:
     """Swap ``transformer.rope`` for a ``KeyframeRotaryPosEmbed`` sharing its frequency buffers."""
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     old = model.rope
     if isinstance(old, KeyframeRotaryPosEmbed):
         return old
@@ -753,7 +771,7 @@ def install_keyframe_rope(transformer) -> KeyframeRotaryPosEmbed:
 
 
 def _find_keyframe_rope(transformer) -> KeyframeRotaryPosEmbed:
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     rope = getattr(model, "rope", None)
     if isinstance(rope, KeyframeRotaryPosEmbed):
         return rope
@@ -796,7 +814,7 @@ def wan_forward(
     ``extra_B_E_T_H_W`` (needs ``widen_patch_embedding``), concatenated after the latent channels.
     Inputs are cast to the transformer's parameter dtype; the output keeps that dtype.
     """
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     dtype = model.patch_embedding.weight.dtype
     x = lat_B_C_T_H_W.to(dtype)
     if extra_B_E_T_H_W is not None:
@@ -829,13 +847,19 @@ def save_lora(
     extra_meta: dict | None = None,
     is_main_process: bool = True,
 ) -> Path:
-    """Write the adapter to ``out_dir`` (files replaced atomically):
+    """Write the adapter to the folder ``out_dir``, replaced as a whole:
 
     * ``pytorch_lora_weights.safetensors``: diffusers format (``transformer.``-prefixed peft keys,
       LoraConfig as adapter metadata), loadable by ``WanPipeline.load_lora_weights(out_dir)``;
     * ``interpdiff_extra.safetensors``: ``patch_embedding.extra_weight`` when widened;
     * ``interpdiff_lora.json``: LoRA spec, widening, code version, ``extra_meta``;
     * with ``comfy=True`` also ``lora_comfy.safetensors`` (``diffusion_model.*`` kohya/ComfyUI keys).
+
+    Atomicity: every file is written into a temp folder beside ``out_dir`` (same parent, so the
+    same filesystem) which then takes ``out_dir``'s name (``replace_dir``). A crash leaves either
+    the previous folder or the new one under that name, never a mix of the two saves (e.g. new
+    LoRA weights with the old widening or metadata), and no file of an earlier save survives
+    (a stale ``lora_comfy.safetensors`` or ``interpdiff_extra.safetensors``).
     """
     from diffusers import WanPipeline
     from safetensors.torch import save as st_save
@@ -843,7 +867,7 @@ def save_lora(
     out = Path(out_dir)
     if not is_main_process:
         return out
-    model = _unwrap(transformer)
+    model = unwrap_model(transformer)
     if adapter_name not in getattr(model, "peft_config", {}):
         raise ValueError(f"save_lora: the transformer has no LoRA adapter {adapter_name!r} (call add_lora first)")
     sd = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, adapter_name).items()}
@@ -851,38 +875,71 @@ def save_lora(
     for k, v in list(peft_meta.items()):
         if isinstance(v, set):
             peft_meta[k] = sorted(v)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
-        WanPipeline.save_lora_weights(tmp, transformer_lora_layers=sd, transformer_lora_adapter_metadata=peft_meta,
-                                      safe_serialization=True)
-        os.replace(Path(tmp) / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
     spec = _lora_spec_of(model, adapter_name)
     widening = widening_of(model)
-    if widening is not None:
-        w = model.patch_embedding.extra_weight.detach().to("cpu").contiguous()
-        atomic_write_bytes(out / EXTRA_WEIGHT_NAME, st_save({"patch_embedding.extra_weight": w},
-                                                            metadata={"format": "pt"}))
-    elif (out / EXTRA_WEIGHT_NAME).exists():
-        (out / EXTRA_WEIGHT_NAME).unlink()
-    if comfy:
-        atomic_write_bytes(out / "lora_comfy.safetensors",
-                           st_save(to_comfy_lora(sd, alpha=spec["alpha"]), metadata={"format": "pt"}))
     meta = {
         "format": META_FORMAT,
         "version": META_VERSION,
         "lora": spec,
         "widening": widening,
         "keyframe_rope": isinstance(getattr(model, "rope", None), KeyframeRotaryPosEmbed),
-        "transformer_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()
-                               if not k.startswith("_")},
+        "transformer_config": transformer_config_dict(model),
         "code_version": code_version(),
         "extra": extra_meta or {},
     }
-    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, default=str))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        WanPipeline.save_lora_weights(str(tmp), transformer_lora_layers=sd, transformer_lora_adapter_metadata=peft_meta,
+                                      safe_serialization=True, weight_name=LORA_WEIGHT_NAME)
+        if widening is not None:
+            w = model.patch_embedding.extra_weight.detach().to("cpu").contiguous()
+            atomic_write_bytes(tmp / EXTRA_WEIGHT_NAME, st_save({"patch_embedding.extra_weight": w},
+                                                                metadata={"format": "pt"}))
+        if comfy:
+            atomic_write_bytes(tmp / "lora_comfy.safetensors",
+                               st_save(to_comfy_lora(sd, alpha=spec["alpha"]), metadata={"format": "pt"}))
+        atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2, default=str))
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0o700
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _read_meta(lora_dir: Path) -> dict:
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Give the complete folder ``src`` the name ``dst`` (same filesystem), replacing any folder there.
+
+    POSIX ``rename`` cannot replace a non-empty folder, so an existing ``dst`` is first renamed
+    aside (``.old-<name>-*``), ``src`` is renamed to ``dst``, then the old one is removed. Under the
+    name ``dst`` there is always a complete folder (old or new); only a crash between the two
+    renames leaves no ``dst``, with the previous folder intact under its ``.old-`` name.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"replace_dir: {str(dst)!r} exists and is not a folder")
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
+    os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def transformer_config_dict(transformer) -> dict:
+    """The transformer's diffusers config as plain JSON values (tuples -> lists, private keys
+    dropped): what a checkpoint stores to rebuild or check the base model."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unwrap_model(transformer).config).items()
+            if not k.startswith("_")}
+
+
+def read_lora_meta(lora_dir: str | os.PathLike) -> dict:
+    """The ``interpdiff_lora.json`` description of a ``save_lora`` folder (LoRA spec, widening,
+    keyframe rope, transformer config, code version, ``extra``: the phase's training settings).
+    Raises ``WanLoadError`` naming the folder when the file is missing, not JSON, or not ours."""
+    lora_dir = Path(lora_dir)
     p = lora_dir / META_NAME
     if not p.is_file():
         raise WanLoadError(f"LoRA folder {str(lora_dir)!r} has no {META_NAME!r} (expected a folder written by save_lora)")
@@ -914,8 +971,8 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
         raise WanLoadError(f"LoRA folder {str(d)!r} does not exist (expected a folder written by save_lora)")
     if not (d / LORA_WEIGHT_NAME).is_file():
         raise WanLoadError(f"LoRA folder {str(d)!r} lacks {LORA_WEIGHT_NAME!r}")
-    meta = _read_meta(d)
-    model = _unwrap(transformer)
+    meta = read_lora_meta(d)
+    model = unwrap_model(transformer)
     cfg = meta.get("transformer_config", {})
     for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels"):
         if key in cfg and key in model.config and cfg[key] != model.config[key]:
@@ -941,24 +998,66 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
     if widening:
         model.patch_embedding.extra_weight.requires_grad_(trainable)  # peft froze it while injecting
     if lora_dtype is not None:
-        params = dict(model.named_parameters())
-        for k, v in sd.items():
-            name = k[len("transformer."):] if k.startswith("transformer.") else k
-            for ab in (".lora_A.", ".lora_B."):
-                name = name.replace(ab, f"{ab}{adapter_name}.")
-            if name not in params:
-                raise KeyError(f"{str(d / LORA_WEIGHT_NAME)!r}: key {k!r} has no parameter {name!r} in the model")
-            params[name].data = v.to(device=params[name].device, dtype=lora_dtype).clone()
-        if widening:
-            pe = model.patch_embedding
-            pe.extra_weight.data = pe.extra_weight.data.to(lora_dtype)
-            w = load_file(str(d / EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
-            pe.extra_weight.data.copy_(w.to(lora_dtype))
+        load_lora_weights_into(model, d, adapter_name, dtype=lora_dtype)
     if trainable:
         for n, p in model.named_parameters():
             if "lora_" in n and f".{adapter_name}." in n + ".":
                 p.requires_grad_(True)
     return meta
+
+
+def load_lora_weights_into(transformer, lora_dir: str | os.PathLike, adapter_name: str = "default",
+                           dtype: torch.dtype | None = None) -> int:
+    """Copy the values a ``save_lora`` folder stores into a transformer that already carries the
+    same adapter (and widening): the one loader behind ``load_lora`` and checkpoint resume.
+
+    Every stored key (``transformer.blocks.0.attn1.to_q.lora_A.weight``) must name a parameter
+    (``blocks.0.attn1.to_q.lora_A.<adapter_name>.weight``) and every LoRA parameter of that adapter
+    must be stored, so a checkpoint of another rank/targets is refused instead of half loaded.
+    Values are copied exactly into the parameter's dtype, or into ``dtype`` when given (the
+    parameter is re-created in it). ``requires_grad`` is left as it is. Returns the number of
+    tensors loaded. Raises ``WanLoadError`` for a missing file, ``ValueError`` for a mismatch.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(lora_dir)
+    lora_file = d / LORA_WEIGHT_NAME
+    if not lora_file.is_file():
+        raise WanLoadError(f"LoRA folder {str(d)!r} lacks {LORA_WEIGHT_NAME!r}")
+    model = unwrap_model(transformer)
+    params = dict(model.named_parameters())
+    sd = load_file(str(lora_file))
+    loaded: set[str] = set()
+
+    def put(name: str, value: torch.Tensor) -> None:
+        p = params[name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{str(d)!r}: {name!r} has shape {tuple(value.shape)} stored, {tuple(p.shape)} in the model")
+        if dtype is not None:
+            p.data = value.to(device=p.device, dtype=dtype).clone()
+        else:
+            with torch.no_grad():
+                p.copy_(value.to(p.device, p.dtype))
+        loaded.add(name)
+
+    for k, v in sd.items():
+        name = k[len("transformer."):] if k.startswith("transformer.") else k
+        for ab in (".lora_A.", ".lora_B."):  # peft state-dict keys drop the adapter name
+            name = name.replace(ab, f"{ab}{adapter_name}.")
+        if name not in params:
+            raise ValueError(f"{str(lora_file)!r}: key {k!r} has no parameter {name!r} in the model "
+                             f"(other LoRA targets, or not adapter {adapter_name!r}?)")
+        put(name, v)
+    own = {n for n in params if (".lora_A." in n or ".lora_B." in n) and f".{adapter_name}." in n}
+    if own - loaded:
+        raise ValueError(f"{str(lora_file)!r} holds {len(loaded)} LoRA tensors, adapter {adapter_name!r} of the model "
+                         f"has {len(own)}; not stored: {sorted(own - loaded)[:3]}")
+    if widening_of(model) is not None:
+        extra = d / EXTRA_WEIGHT_NAME
+        if not extra.is_file():
+            raise WanLoadError(f"LoRA folder {str(d)!r} lacks {EXTRA_WEIGHT_NAME!r} (the model's patch embedding is widened)")
+        put("patch_embedding.extra_weight", load_file(str(extra))["patch_embedding.extra_weight"])
+    return len(loaded)
 
 
 def load_lora_into_pipeline(pipe, lora_dir: str | os.PathLike, adapter_name: str = "default") -> dict:
@@ -967,7 +1066,7 @@ def load_lora_into_pipeline(pipe, lora_dir: str | os.PathLike, adapter_name: str
     after a bare ``load_lora_weights`` a LoRA trained with dropout > 0 would drop activations at
     inference (``pipe.transformer.eval()`` fixes that; this function does it)."""
     d = Path(lora_dir)
-    meta = _read_meta(d)
+    meta = read_lora_meta(d)
     if meta.get("widening"):
         load_lora(pipe.transformer, d, adapter_name)
     else:

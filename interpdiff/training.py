@@ -35,8 +35,11 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
   micro-batches already consumed in the current epoch of the (deterministic) data stream.
 - **Logging**: TensorBoard by default (``tracker=wandb`` or ``none``), metrics also appended to
   ``metrics.csv`` / ``metrics.jsonl`` in the run folder, the loss all-reduced (mean over ranks and
-  micro-batches since the last log) before logging, a tqdm bar on the main process with loss,
-  step time and samples/s. The resolved config is written to ``run_dir/config.yaml``.
+  micro-batches; the logged value is the mean over the optimizer steps since the last log) before
+  logging, a tqdm bar on the main process with loss, step time and samples/s. The per-step numbers
+  (loss, sample count, the loss function's metrics, which may be device tensors) go through one
+  all-reduce per optimizer step and stay on the device until a log or checkpoint step reads them
+  in one transfer: the loop does not wait for the GPU between log steps. The resolved config is written to ``run_dir/config.yaml``.
 - **One-batch check** before the loop: forward + backward on the first batch, the loss must be
   finite and every trainable parameter must get a finite gradient (a LoRA target that is never
   used, a detached input or NaNs stop the run before the first optimizer step).
@@ -174,8 +177,9 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - d)
+        names = list(self.params)
+        # one multi-tensor kernel instead of a launch per LoRA matrix (hundreds for Wan 1.3B)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach().float() for n in names], 1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -662,11 +666,33 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
 
     losses: list[float] = []
+    clip_params = [p for _, p in trainable_named_parameters(unwrapped)]  # same objects every step
     loss_sum = torch.zeros((), device=device)
     n_micro = 0
-    extra_sums: dict[str, float] = {}
-    t_last = time.perf_counter()
+    extra_sums: dict[str, Any] = {}
     samples_since = 0
+    # Per-step numbers stay on the device until a log / checkpoint / the end needs them: the loop
+    # never waits for the GPU in between, so the host prepares the next batch while it computes.
+    pending: list[tuple[list[str], torch.Tensor]] = []
+    since_log: list[tuple[float, int, dict[str, float]]] = []  # (loss, global samples, metrics) per step
+
+    def flush() -> None:
+        """Copy the pending per-step vectors to the host in one transfer (one sync)."""
+        if not pending:
+            return
+        flat = torch.cat([v for _, v in pending]).double().cpu().tolist()
+        i = 0
+        for names, v in pending:
+            row = flat[i : i + v.numel()]
+            i += v.numel()
+            step_loss = row[0] / acc.num_processes
+            losses.append(step_loss)
+            n = int(round(row[1]))
+            state.samples_seen += n
+            since_log.append((step_loss, n, {k: x / acc.num_processes for k, x in zip(names, row[2:])}))
+        pending.clear()
+
+    t_last = time.perf_counter()
     steps_since = 0
     model.train()
     end_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
@@ -678,15 +704,16 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                 loss, extra = spec.loss_fn(model, batch, state.step)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0 and not _is_deepspeed(acc):
-                acc.clip_grad_norm_([p for _, p in trainable_named_parameters(unwrapped)], cfg.optim.grad_clip)
+                acc.clip_grad_norm_(clip_params, cfg.optim.grad_clip)
             optimizer.step()
             if acc.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach().float()
         n_micro += 1
-        for k, v in extra.items():
-            extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
+        for k, v in extra.items():  # floats or (device) tensors; tensors are not synchronised here
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            extra_sums[k] = extra_sums.get(k, 0.0) + v
         samples_since += n_samples(batch)
         if not acc.sync_gradients:
             continue
@@ -695,38 +722,43 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         steps_since += 1
         if ema is not None:
             ema.update()
-        step_loss = acc.reduce(loss_sum / n_micro, reduction="mean")
-        if extra_sums:  # the task's metrics, averaged over micro-batches and ranks like the loss
-            names = sorted(extra_sums)
-            vec = acc.reduce(torch.tensor([extra_sums[k] for k in names], device=device, dtype=torch.float64), "mean")
-            extra_sums = dict(zip(names, vec.tolist()))
-        global_samples = int(acc.reduce(torch.tensor(samples_since, device=device), reduction="sum"))
-        state.samples_seen += global_samples
-        losses.append(float(step_loss))
+        # loss, samples and the task's metrics (each averaged over micro-batches) summed over ranks
+        # in one all-reduce; loss and metrics are divided by the world size in flush() (the mean)
+        names = sorted(extra_sums)
+        vec = torch.stack(
+            [loss_sum / n_micro, torch.full((), float(samples_since), device=device)]
+            + [torch.as_tensor(extra_sums[k], device=device).float() / n_micro for k in names]
+        )
+        pending.append((names, acc.reduce(vec, reduction="sum")))
         bar.update(1)
+        loss_sum = torch.zeros((), device=device)
+        n_micro = 0
+        extra_sums = {}
+        samples_since = 0
         if state.step % cfg.log_every == 0 or state.step == end_step:
+            flush()
             dt = (time.perf_counter() - t_last) / max(1, steps_since)
+            n_log = max(1, len(since_log))
+            keys = sorted({k for _, _, ex in since_log for k in ex})
             row = {
                 "step": state.step,
-                "loss": float(step_loss),
+                "loss": sum(x for x, _, _ in since_log) / n_log,  # mean over the steps since the last log
                 "lr": scheduler.get_last_lr()[0],
                 "step_time_s": dt,
-                "samples_per_s": global_samples / max(dt, 1e-9),
+                "samples_per_s": sum(n for _, n, _ in since_log) / max(dt * max(1, steps_since), 1e-9),
                 "samples_seen": state.samples_seen,
-                **{k: v / n_micro for k, v in extra_sums.items()},
+                **{k: sum(ex.get(k, 0.0) for _, _, ex in since_log) / n_log for k in keys},
             }
             metrics.write(row)
             if cfg.tracker != "none":
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
             bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{dt:.2f}", sps=f"{row['samples_per_s']:.1f}")
+            since_log.clear()
             t_last = time.perf_counter()
             steps_since = 0
-        loss_sum = torch.zeros((), device=device)
-        n_micro = 0
-        extra_sums = {}
-        samples_since = 0
         t_pause = time.perf_counter()
         if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
+            flush()  # train_state.json carries samples_seen
             save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
         if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
             # ZeRO-3 forwards need every rank; otherwise only the main process validates
@@ -739,6 +771,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                 model.train()
             acc.wait_for_everyone()
         t_last += time.perf_counter() - t_pause  # step time and samples/s exclude checkpoints and validation
+    flush()
     bar.close()
     if cfg.tracker != "none":
         acc.end_training()

@@ -250,8 +250,8 @@ def test_phase2_sampler_uses_training_conventions(monkeypatch):
     masks = uniform_nested_masks(B, T, st.budgets)
     calls = []
 
-    def perfect(model, x_s, mask_B_T, t_B, emb, p2):
-        calls.append((x_s.clone(), mask_B_T.clone(), t_B.clone(), list(p2.channels)))
+    def perfect(model, x_s, mask_B_T, t_B, emb, p2, conf_B_T=None):
+        calls.append((x_s.clone(), mask_B_T.clone(), t_B.clone(), list(p2.channels), conf_B_T))
         return lat.clone()
 
     monkeypatch.setattr(pipeline, "phase2_restore", perfect)
@@ -259,8 +259,9 @@ def test_phase2_sampler_uses_training_conventions(monkeypatch):
                                  init_noise=False)
     torch.testing.assert_close(out, lat, rtol=0, atol=1e-5)
     assert len(calls) == len(st.budgets) - 1
-    for s, (x_s, m, t, ch) in enumerate(calls):
+    for s, (x_s, m, t, ch, conf) in enumerate(calls):
         assert torch.equal(m, masks[:, s]) and ch == ["mask"]
+        assert torch.equal(conf, masks[:, s].float())  # anchor confidence of this level's mask
         torch.testing.assert_close(x_s, interpolate(lat, masks[:, s], time_dim=2), rtol=0, atol=1e-5)
         assert torch.equal(t, level_timestep(st.budgets, torch.full((B,), s), T))
         assert float(t[0]) == pytest.approx(1000 * (1 - st.budgets[s] / T))
@@ -282,7 +283,7 @@ def test_phase2_training_corruption_and_loss(monkeypatch):
     seen = {}
     pred = torch.randn(B, C, T, H, W, generator=g)
 
-    def restore(model, x_s, mask_B_T, t_B, emb, p2):
+    def restore(model, x_s, mask_B_T, t_B, emb, p2, conf_B_T=None):
         seen.update(x_s=x_s, mask=mask_B_T, t=t_B)
         return pred
 

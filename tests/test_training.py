@@ -190,6 +190,22 @@ def test_loss_falls_checkpoint_layout_and_rotation(tmp_path):
     assert rows[0].startswith("step,loss,lr") and len(rows) == 13
 
 
+def test_logged_rows_average_the_steps_since_the_last_log(tmp_path):
+    """metrics.csv: loss = mean of the per-step all-reduced losses since the previous row, the
+    task metric likewise, samples_seen counted exactly (per-step values are read in one transfer
+    at log/checkpoint steps, not synchronised every step)."""
+    _, res = run_toy(tmp_path / "run", max_steps=7, log_every=3, checkpoint_every=5, ema_decay=0.0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    windows = [res.losses[0:3], res.losses[3:6], res.losses[6:7]]
+    for r, w in zip(rows, windows):
+        assert r["loss"] == pytest.approx(sum(w) / len(w), rel=1e-12)
+        assert r["samples_seen"] == 4 * r["step"]
+        assert r["pred_norm"] > 0
+    st = json.loads((tmp_path / "run" / "checkpoints" / "step_00000005" / "train_state.json").read_text())
+    assert st["samples_seen"] == 20
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Stop at step 3 (same schedule: ``stop_at_step``) (mid-epoch: 6 micro-batches per epoch with bs 2, accum 2), resume to 8
     (crosses an epoch boundary) == 8 uninterrupted steps, bit for bit on CPU fp32."""

@@ -485,3 +485,18 @@ def test_keyframe_rope_at_real_size_matches_diffusers():
     per_frame = 30 * 52
     rows = torch.cat([torch.arange(f * per_frame, (f + 1) * per_frame) for f in idx[0].tolist()])
     assert torch.equal(cos[0], ref_cos[0, rows]) and torch.equal(sin[0], ref_sin[0, rows])
+
+
+def test_keyframe_rope_rejects_out_of_range_indices():
+    """Indices past the rotary table (or negative) are an error naming rope_max_seq_len, not a
+    silent wrap-around of the gather (checked on the host for CPU tensors, on the device with
+    ``torch._assert_async`` otherwise, so CUDA forwards do not synchronise)."""
+    tr = wan.build_tiny_transformer(rope_max_seq_len=16)
+    rope = wan.install_keyframe_rope(tr)
+    x = torch.zeros(1, 16, 2, 4, 4)
+    with wan.keyframe_positions(tr, torch.tensor([[0, 15]])):
+        rope(x)
+    for bad in ([[0, 16]], [[-1, 3]]):
+        with wan.keyframe_positions(tr, torch.tensor(bad)):
+            with pytest.raises(ValueError, match=r"\[0, 16\).*rope_max_seq_len"):
+                rope(x)

@@ -54,7 +54,7 @@ import torch.utils.checkpoint
 
 from interpdiff.config import ConfigError
 from interpdiff.corruption import anchor_confidence, level_sigmas
-from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas
+from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas, x0_from_velocity
 from interpdiff.interpolate import interpolate_corrupt
 from interpdiff.masks import (
     budget_schedule,
@@ -329,7 +329,8 @@ def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     x_t = flow_match_xt(x0_k, eps, sigma_B)
     v_hat = wan.wan_forward(model, x_t, sigma_B * 1000.0, emb, frame_idx_B_K=idx_B_K)
     loss = torch.mean((v_hat.float() - flow_match_target(x0_k, eps)) ** 2)
-    metrics = {"sigma_mean": float(sigma_B.mean()), "policy_fallbacks": float(policy.fallbacks)}
+    # device tensors: the training loop reads them at log steps only (no host sync per step)
+    metrics = {"sigma_mean": sigma_B.mean().detach(), "policy_fallbacks": float(policy.fallbacks)}
     return loss, metrics
 
 
@@ -348,18 +349,25 @@ def level_timestep(budgets: Sequence[int], s: torch.Tensor | int, T: int) -> tor
     return 1000.0 * (1.0 - k / T)
 
 
-def phase2_planes(mask_B_T: torch.Tensor, H: int, W: int, p2: Phase2Config, dtype=torch.float32) -> torch.Tensor:
-    """Extra input planes ``[B, E, T, H, W]`` from a level's mask (same in training and sampling)."""
-    conf = anchor_confidence(mask_B_T, p2.confidence) if "confidence" in p2.channels else None
-    return wan.extra_channels(mask_B_T, H, W, tuple(p2.channels), conf, dtype=dtype)
+def phase2_planes(mask_B_T: torch.Tensor, H: int, W: int, p2: Phase2Config, dtype=torch.float32,
+                  conf_B_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Extra input planes ``[B, E, T, H, W]`` from a level's mask ``M_s``: ``mask`` = ``M_s``,
+    ``confidence`` = ``anchor_confidence(M_s, p2.confidence)`` (or ``conf_B_T`` when the caller
+    already built it from the same mask, as ``corruption.refine`` does). Training and sampling
+    both come through here."""
+    if "confidence" in p2.channels and conf_B_T is None:
+        conf_B_T = anchor_confidence(mask_B_T, p2.confidence)
+    return wan.extra_channels(mask_B_T, H, W, tuple(p2.channels), conf_B_T if "confidence" in p2.channels else None,
+                              dtype=dtype)
 
 
-def phase2_restore(model, x_s, mask_B_T, t_B, emb, p2: Phase2Config):
-    """``x0_hat = x_s - (t / 1000) * F([x_s, planes(M_s)], t, text)``."""
+def phase2_restore(model, x_s, mask_B_T, t_B, emb, p2: Phase2Config, conf_B_T: torch.Tensor | None = None):
+    """``x0_hat = x_s - (t / 1000) * F([x_s, planes(M_s)], t, text)`` (``flow.x0_from_velocity``
+    with the level's flow time ``t / 1000``), in float32."""
     H, W = x_s.shape[-2:]
-    planes = phase2_planes(mask_B_T, H, W, p2, dtype=x_s.dtype)
+    planes = phase2_planes(mask_B_T, H, W, p2, dtype=x_s.dtype, conf_B_T=conf_B_T)
     v_hat = wan.wan_forward(model, x_s, t_B, emb, extra_B_E_T_H_W=planes)
-    return x_s.float() - (t_B.float() / 1000.0).view(-1, 1, 1, 1, 1) * v_hat.float()
+    return x0_from_velocity(x_s.float(), v_hat.float(), t_B.float() / 1000.0)
 
 
 def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: KeyframePolicy, seed: int):
@@ -397,7 +405,7 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     loss = ((err * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
     with torch.no_grad():
         interp_err = ((((x_s - x0.float()) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
-    metrics = {"level_mean": float(s_B.float().mean()), "corrupt_mse": float(interp_err), "policy_fallbacks": float(policy.fallbacks)}
+    metrics = {"level_mean": float(s_B.float().mean()), "corrupt_mse": interp_err, "policy_fallbacks": float(policy.fallbacks)}
     return loss, metrics
 
 

@@ -188,9 +188,12 @@ def phase2_refine(
         miss = (~masks_B_S_T[:, 0]).float()[:, None, :, None, None]
         x = x + float(sig[0]) * _randn(x.shape, generator, x.device) * miss
 
+    # level timesteps computed once on the host and moved once (no per-level host->device copy)
+    t_S_B = level_timestep(st.budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(x.device)
+
     def restorer(x_s, s, mask_s, conf_s):
-        t_B = level_timestep(st.budgets, torch.full((B,), s, dtype=torch.long), T).to(x_s.device)
-        return phase2_restore(transformer, x_s, mask_s, t_B, emb_B_L_D, p2)
+        # conf_s = anchor_confidence(M_s) built by refine from this level's mask, as in training
+        return phase2_restore(transformer, x_s, mask_s, t_S_B[s], emb_B_L_D, p2, conf_B_T=conf_s)
 
     # refine draws sampling noise with ``generator`` on the tensor's device: use a device generator
     dev_gen = None

@@ -739,9 +739,13 @@ class KeyframeRotaryPosEmbed(_rope_base_cls()):
             )
         if idx_B_K.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"keyframe indices must be an integer tensor, got {idx_B_K.dtype}")
-        if int(idx_B_K.min()) < 0 or int(idx_B_K.max()) >= self.max_seq_len:
-            raise ValueError(f"keyframe indices must lie in [0, {self.max_seq_len}) (rope_max_seq_len), got "
-                             f"min {int(idx_B_K.min())}, max {int(idx_B_K.max())}")
+        if idx_B_K.device.type == "cpu":
+            if int(idx_B_K.min()) < 0 or int(idx_B_K.max()) >= self.max_seq_len:
+                raise ValueError(f"keyframe indices must lie in [0, {self.max_seq_len}) (rope_max_seq_len), got "
+                                 f"min {int(idx_B_K.min())}, max {int(idx_B_K.max())}")
+        else:  # checked on the device, without a host sync in every forward
+            torch._assert_async(((idx_B_K >= 0) & (idx_B_K < self.max_seq_len)).all(),
+                                f"keyframe indices must lie in [0, {self.max_seq_len}) (rope_max_seq_len)")
         idx_B_K = idx_B_K.to(self.freqs_cos.device).long().expand(batch, ppf)
         split = [self.t_dim, self.h_dim, self.w_dim]
         outs = []

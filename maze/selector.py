@@ -21,6 +21,8 @@ keyframe (non-maximum suppression; rows where every free frame is suppressed fal
 order); the picks are then handed to ``selector_nested_masks`` as rank logits, so both decoders
 share its nesting and endpoint guarantees. NMS is the remedy for the failure mode of
 METHOD.md section 6 (neighbouring frames of one peak all win and leave long gaps elsewhere).
+``max_gap_scale = g > 0`` bounds the gap tail as well: while some gap is longer than
+``g (T-1)/(K_s-1)``, the next pick is the best-scoring frame inside the longest gap.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ SELECTOR_KIND = "maze-selector"
 
 class Selector(nn.Module):
     def __init__(self, T: int, budgets: Sequence[int], d_model: int = 128, enc_depth: int = 2, heads: int = 4, depth: int = 2,
-                 G: int = 12, nms_radius_scale: float = 0.0):
+                 G: int = 12, nms_radius_scale: float = 0.0, max_gap_scale: float = 0.0):
         super().__init__()
         self.T = T
         self.budgets = check_budgets(budgets, T, "Selector")
         self.nms_radius_scale = float(nms_radius_scale)
+        self.max_gap_scale = float(max_gap_scale)
         self.sizes = {"T": T, "budgets": self.budgets, "d_model": d_model, "enc_depth": enc_depth, "heads": heads, "depth": depth,
-                      "G": G, "nms_radius_scale": self.nms_radius_scale}
+                      "G": G, "nms_radius_scale": self.nms_radius_scale, "max_gap_scale": self.max_gap_scale}
         self.encoder = MazeEncoder(d_model, enc_depth, heads, G)
         self.decoder = TimeQueryDecoder(T, d_model, heads, depth, level_cond=True)
         self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
@@ -72,14 +75,16 @@ class Selector(nn.Module):
         return self(occ, sdf, start, goal, lv, enc=enc).view(S, B, self.T).transpose(0, 1)
 
     @torch.no_grad()
-    def nested_masks(self, occ, sdf, start, goal, nms_radius_scale: float | None = None) -> torch.Tensor:
+    def nested_masks(self, occ, sdf, start, goal, nms_radius_scale: float | None = None, max_gap_scale: float | None = None) -> torch.Tensor:
         r = self.nms_radius_scale if nms_radius_scale is None else nms_radius_scale
-        return decode_nested(self.level_logits(occ, sdf, start, goal), self.budgets, r)
+        g = self.max_gap_scale if max_gap_scale is None else max_gap_scale
+        return decode_nested(self.level_logits(occ, sdf, start, goal), self.budgets, r, g)
 
 
-def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius_scale: float = 0.0) -> torch.Tensor:
-    """Nested masks ``[B, S, T]`` from per-level logits (module doc); ``0`` = plain top-k."""
-    if nms_radius_scale <= 0:
+def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius_scale: float = 0.0,
+                  max_gap_scale: float = 0.0) -> torch.Tensor:
+    """Nested masks ``[B, S, T]`` from per-level logits (module doc); both scales ``0`` = plain top-k."""
+    if nms_radius_scale <= 0 and max_gap_scale <= 0:
         return selector_nested_masks(logits_B_S_T, budgets)
     B, S, T = logits_B_S_T.shape
     budgets = check_budgets(budgets, T, "decode_nested")
@@ -93,13 +98,20 @@ def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius
     for s, k in enumerate(budgets):
         n_add = k - have
         radius = nms_radius_scale * (T - 1) / (k - 1)
+        cap = max_gap_scale * (T - 1) / (k - 1) if max_gap_scale > 0 else float("inf")
         score = logits_B_S_T[:, s].float()
         for a in range(n_add):
             left, right, _ = neighbours(mask)
             dist = torch.minimum(t - left, right - t).float()
-            sc = torch.where(~mask & (dist >= radius), score, neg)
+            free = ~mask
+            gap = (right - left).float()
+            # gap cap: while some gap is longer than `cap`, pick inside the longest gap only
+            widest = gap.masked_fill(mask, -1).amax(1, keepdim=True)
+            in_widest = free & (gap == widest) & (widest > cap)
+            free = torch.where(in_widest.any(1, keepdim=True), in_widest, free)
+            sc = torch.where(free & (dist >= radius), score, neg)
             none = torch.isinf(sc).all(1, keepdim=True)
-            sc = torch.where(none, torch.where(~mask, score, neg), sc)
+            sc = torch.where(none, torch.where(free, score, neg), sc)
             pick = sc.argmax(1)
             mask[rows, pick] = True
             rank[rows, s, pick] = float(n_add - a)
@@ -108,7 +120,8 @@ def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius
 
 
 def build_selector(sizes: dict) -> Selector:
-    return Selector(**{k: sizes[k] for k in ("T", "budgets", "d_model", "enc_depth", "heads", "depth", "G", "nms_radius_scale")})
+    kw = {k: sizes[k] for k in ("T", "budgets", "d_model", "enc_depth", "heads", "depth", "G", "nms_radius_scale")}
+    return Selector(**kw, max_gap_scale=sizes.get("max_gap_scale", 0.0))
 
 
 def load_selector(path, map_location="cpu") -> Selector:

@@ -89,7 +89,7 @@ def target_stats(pos_N_T_2: np.ndarray, scale: float, log_eps_rel: float, n: int
 def eval_dphi(model: DPhi, data: MazeSplit, budgets: list[int], scale: float, n: int, batch: int = 64) -> dict:
     dev = next(model.parameters()).device
     """Rank correlation and DP-with-D_phi vs DP-with-true interpolation error (module doc)."""
-    idx = np.arange(min(n, data.N))
+    idx = np.unique(np.linspace(0, data.N - 1, min(n, data.N)).round().astype(np.int64))  # spread over the mazes
     errs_true, errs_hat, rhos, maze = [], [], [], []
     for b0 in range(0, len(idx), batch):
         rows = idx[b0 : b0 + batch]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from interpdiff.config import parse_cli, save_config, to_dict
-from interpdiff.io import atomic_write_text
+from interpdiff.io import atomic_write_text, save_checkpoint
 from interpdiff.masks import gap_stats, mask_to_indices, random_nested_masks, uniform_nested_masks
 from maze.common import cond_inputs, fit, interp_error
 from maze.encoders import mean_arc_fraction
@@ -77,7 +77,7 @@ def eval_selector(model: Selector, data: MazeSplit, n: int, nms_radius_scale: fl
     budgets = model.budgets
     if list(data.budgets) != list(budgets):
         raise MazeDataError(f"eval_selector: data budgets {data.budgets} differ from the selector's {budgets}")
-    idx = np.arange(min(n, data.N))
+    idx = np.unique(np.linspace(0, data.N - 1, min(n, data.N)).round().astype(np.int64))  # spread over the mazes
     dev = next(model.parameters()).device
     sel = []
     for b0 in range(0, len(idx), batch):
@@ -162,6 +162,10 @@ def main(cfg: MazeConfig) -> dict:
 
     meta = {"kind": SELECTOR_KIND, "sizes": model.sizes, "data_root": dc.root, "config": to_dict(cfg)}
     res = fit(model, loss_fn, sc.train, run_dir, meta, eval_fn, desc="maze.train_selector")
+    # the decoding setting is part of the model file (a finished run re-run with another
+    # selector.nms_radius_scale re-evaluates and re-saves with it)
+    model.sizes["nms_radius_scale"] = model.nms_radius_scale = float(sc.nms_radius_scale)
+    save_checkpoint(run_dir / "model.pt", {"model": model.state_dict()}, dict(meta, sizes=model.sizes, step=sc.train.steps))
     atomic_write_text(run_dir / "eval.json", json.dumps(res, indent=2))
     print(format_eval(res))
     return res

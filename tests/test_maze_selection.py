@@ -209,3 +209,19 @@ def test_path_prior_follows_the_grid_path():
     arc = (len(cells) - 1) / 12 / 63
     assert float((steps - arc).abs().lt(1e-5).float().mean()) > 0.8 and bool((steps <= arc + 1e-5).all())
     assert (pp[:, 4] > 0.5).any()  # the path turns
+
+
+def test_decode_nested_gap_cap_bounds_the_tail():
+    from maze.selector import decode_nested
+
+    T, budgets = 65, [9, 17]
+    logits = torch.full((3, 2, T), -5.0)
+    logits[:, :, 2:12] = torch.linspace(1, 3, 10)  # everything wants the start
+    plain = decode_nested(logits, budgets, 0.0, 0.0)
+    capped = decode_nested(logits, budgets, 0.0, 1.5)
+    check_nested(capped, budgets)
+    for s, k in enumerate(budgets):
+        g_plain = plain[0, s].nonzero().flatten().diff().max()
+        g_cap = capped[0, s].nonzero().flatten().diff().max()
+        assert g_plain > 1.5 * (T - 1) / (k - 1)
+        assert g_cap <= 1.5 * (T - 1) / (k - 1)

@@ -220,6 +220,16 @@ def test_sample_bad_inputs(tmp_path, no_model):
         sample.main(["prompts=[x]", f"phase1_lora={tmp_path / 'nope'}", "num_frames=17", "height=32", "width=64"])
 
 
+def test_sample_refuses_a_phase1_lora_with_another_keyframe_count(tmp_path, no_model):
+    tr = wan.build_tiny_transformer()
+    wan.install_keyframe_rope(tr)
+    wan.add_lora(tr, wan.LoraSpec(rank=2, alpha=2))
+    wan.save_lora(tr, tmp_path / "p1", extra_meta={"phase": 1, "phase1": {"num_keyframes": 5}})
+    with pytest.raises(ConfigError, match=r"num_keyframes=5.*level-0 budget is 3"):
+        sample.main(["prompts=[x]", f"phase1_lora={tmp_path / 'p1'}", "num_frames=17", "height=32", "width=64",
+                     "phase2.k_min=3", "phase2.n_levels=3", f"out_dir={tmp_path / 'out'}"])
+
+
 @pytest.mark.parametrize("name", ["tiny_cpu", "wan1.3b_phase1", "wan1.3b_phase2", "wan14b_phase2"])
 def test_shipped_configs_load(name):
     from interpdiff.config import load_config
@@ -228,6 +238,7 @@ def test_shipped_configs_load(name):
     cfg = load_config(VideoTrainConfig, REPO / "configs" / "video" / f"{name}.yaml", ["data.shards=x.tar"])
     budgets = phase2_budgets(cfg.phase2, 21)
     assert budgets[-1] == 21 and budgets[0] == min(cfg.phase2.k_min, 21)
+    assert cfg.phase1.num_keyframes == cfg.phase2.k_min  # level 0 of phase 2 = the phase-1 keyframes
     if name != "tiny_cpu":
         assert cfg.data.latent_shape == [16, 21, 60, 104] and cfg.train.gradient_checkpointing
 

@@ -507,6 +507,24 @@ def check_sample_inputs(cfg: SampleConfig) -> list[str]:
     return prompts
 
 
+def check_keyframe_count(cfg: SampleConfig, st: Phase2Settings) -> None:
+    """Level 0 of phase 2 holds the phase-1 keyframes (METHOD.md: ``K_0 = K_min``), so the phase-1
+    LoRA must have been trained for ``K_0 = budgets[0]`` keyframes; a mismatch is refused by name
+    (the rope would accept any K, silently sampling a keyframe count the LoRA never saw)."""
+    from interpdiff.config import ConfigError
+
+    if not cfg.phase1_lora:
+        return
+    stored = (wan.read_lora_meta(cfg.phase1_lora).get("extra") or {}).get("phase1") or {}
+    k = stored.get("num_keyframes")
+    if k is not None and int(k) != st.budgets[0]:
+        raise ConfigError(
+            f"phase1_lora={cfg.phase1_lora!r} was trained with phase1.num_keyframes={k}, but the phase-2 level-0 "
+            f"budget is {st.budgets[0]} (budgets {st.budgets}); train both phases with phase1.num_keyframes == "
+            "phase2.k_min (or phase2.budgets[0])"
+        )
+
+
 def run_sampling(cfg: SampleConfig, log=print) -> dict:
     """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s}}``."""
     prompts = check_sample_inputs(cfg)
@@ -515,6 +533,8 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     H, W = cfg.height // 8, cfg.width // 8
     timer = StageTimer(device)
     st = _phase2_settings(cfg, T) if cfg.mode == "two_phase" else None
+    if st is not None:
+        check_keyframe_count(cfg, st)
     dtype = base_dtype(ModelConfig(dtype=cfg.dtype))
     with timer.stage("load"):
         enc, tok = wan.load_text_encoder(cfg.model_path, dtype=dtype)

@@ -22,7 +22,8 @@ order); the picks are then handed to ``selector_nested_masks`` as rank logits, s
 share its nesting and endpoint guarantees. NMS is the remedy for the failure mode of
 METHOD.md section 6 (neighbouring frames of one peak all win and leave long gaps elsewhere).
 ``max_gap_scale = g > 0`` bounds the gap tail as well: while some gap is longer than
-``g (T-1)/(K_s-1)``, the next pick is the best-scoring frame inside the longest gap.
+``g (T-1)/(K_s-1)``, the next pick is the best-scoring frame in the central half of the
+longest gap (so each such pick leaves at most 3/4 of it on either side).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius
             gap = (right - left).float()
             # gap cap: while some gap is longer than `cap`, pick inside the longest gap only
             widest = gap.masked_fill(mask, -1).amax(1, keepdim=True)
-            in_widest = free & (gap == widest) & (widest > cap)
+            central = (t - (left + right) / 2).abs() <= gap / 4  # central half: each split leaves <= 3/4
+            in_widest = free & (gap == widest) & (widest > cap) & central
             free = torch.where(in_widest.any(1, keepdim=True), in_widest, free)
             sc = torch.where(free & (dist >= radius), score, neg)
             none = torch.isinf(sc).all(1, keepdim=True)

@@ -300,6 +300,17 @@ class KeyframePolicy:
 # --- losses ------------------------------------------------------------------------------------
 
 
+def _h2d(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host tensor -> ``device``. On CUDA through pinned memory with ``non_blocking``: a copy from
+    pageable memory waits for the GPU stream to drain, which would stall the host (and its
+    preparation of the next batch) behind the previous step's backward every micro-batch."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _keys(batch: dict) -> list[str]:
     return [str(k) for k in batch["keys"]]
 
@@ -321,9 +332,9 @@ def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
         sig_rows.append(sample_sigmas(1, p1.flow_density, p1.flow_shift, p1.logit_mean, p1.logit_std, generator=g))
         eps_rows.append(torch.randn((C, K, H, W), generator=g))
         names.append(name)
-    idx_B_K = torch.cat(idx_rows).to(x0.device)
-    sigma_B = torch.cat(sig_rows).to(x0.device)
-    eps = torch.stack(eps_rows).to(x0.device, torch.float32)
+    idx_B_K = _h2d(torch.cat(idx_rows), x0.device)
+    sigma_B = _h2d(torch.cat(sig_rows), x0.device)
+    eps = _h2d(torch.stack(eps_rows), x0.device, torch.float32)
     gather = idx_B_K[:, None, :, None, None].expand(B, C, K, H, W)
     x0_k = torch.gather(x0.float(), 2, gather)  # (B, C, K, H, W)
     x_t = flow_match_xt(x0_k, eps, sigma_B)
@@ -389,12 +400,12 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
         mask_rows.append(masks[s])
         s_rows.append(s)
         eps_rows.append(torch.randn((C, T, H, W), generator=g))
-    mask_B_T = torch.stack(mask_rows).to(x0.device)
+    mask_B_T = _h2d(torch.stack(mask_rows), x0.device)
     s_B = torch.tensor(s_rows)
-    sigma_B = sig[s_B].to(x0.device)
-    eps = torch.stack(eps_rows).to(x0.device, torch.float32)
+    sigma_B = _h2d(sig[s_B], x0.device)
+    eps = _h2d(torch.stack(eps_rows), x0.device, torch.float32)
     x_s = interpolate_corrupt(x0.float(), mask_B_T, sigma_B, eps, time_dim=2)  # Triton on CUDA
-    t_B = level_timestep(budgets, s_B, T).to(x0.device)
+    t_B = _h2d(level_timestep(budgets, s_B, T), x0.device)
     x0_hat = phase2_restore(model, x_s, mask_B_T, t_B, emb, p2)
     # per-sample weighted mean, then the batch mean: a sample's weight does not depend on how many
     # frames the other samples of its micro-batch miss, so the loss is the same for any batch split

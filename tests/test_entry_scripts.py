@@ -396,3 +396,34 @@ def test_init_lora_starts_from_a_saved_adapter(shards, tmp_path):
         assert torch.equal(own[name].detach(), v) and own[name].requires_grad, k
     extra = load_file(str(src / wan.EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
     assert torch.equal(tr.patch_embedding.extra_weight.detach(), extra) and tr.patch_embedding.extra_weight.requires_grad
+
+
+def test_sampler_rebuilds_the_phase2_model_from_the_lora_folder(tmp_path):
+    """The sampler's phase-2 model = the training model: widening channels read from the LoRA
+    folder (even without the phase-2 settings in its metadata), same outputs on the same inputs."""
+    from interpdiff.video import pipeline
+    from interpdiff.video.objectives import ModelConfig, Phase2Config, build_transformer, phase2_restore
+
+    p2 = Phase2Config(channels=["mask", "confidence"], confidence="tent", k_min=3, n_levels=3)
+    tr = build_transformer(ModelConfig(lora=wan.LoraSpec(rank=2, alpha=2)), 2, p2)
+    with torch.no_grad():
+        for n, p in wan.trainable_parameters(tr):
+            p.normal_(0, 0.1)
+    wan.save_lora(tr, tmp_path / "p2", extra_meta={"phase": 2})  # no "phase2" settings stored
+    cfg = pipeline.SampleConfig(phase2_lora=str(tmp_path / "p2"), prompts=["x"])
+    st = pipeline._phase2_settings(cfg, 9)
+    assert st.channels == ["mask", "confidence"]
+    st.confidence = "tent"
+    tr_s = pipeline.load_phase_transformer(cfg, 2, "cpu", st)
+    assert not any(p.requires_grad for p in tr_s.parameters()) and not tr_s.training
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 9, 4, 6, generator=g)
+    emb = torch.randn(2, 5, 32, generator=g)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, [0, 3, 8]] = True
+    t = torch.tensor([600.0, 300.0])
+    tr.eval()
+    with torch.no_grad():
+        ref = phase2_restore(tr, x, mask, t, emb, p2)
+        out = phase2_restore(tr_s, x, mask, t, emb, Phase2Config(channels=st.channels, confidence=st.confidence))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)

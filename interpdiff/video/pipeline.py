@@ -27,6 +27,7 @@ Per-stage times are measured with ``torch.cuda.synchronize`` on CUDA (``StageTim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from interpdiff.video.objectives import (
     ModelConfig,
     Phase2Config,
     base_dtype,
+    build_transformer,
     level_timestep,
     phase2_budgets,
     phase2_restore,
@@ -469,26 +471,28 @@ def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
         stored = (meta.get("extra") or {}).get("phase2")
         if stored:
             p2 = from_dict(Phase2Config, stored)
+        if meta.get("widening"):  # the input planes the LoRA's patch embedding was widened with
+            p2 = dataclasses.replace(p2, channels=list(meta["widening"]["channels"]))
     return Phase2Settings.from_phase2_config(p2, T, noise=cfg.phase2_noise)
 
 
 def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Settings | None = None):
-    dtype = base_dtype(ModelConfig(dtype=cfg.dtype))
-    tr = wan.load_transformer(cfg.model_path, dtype=dtype)
-    wan.set_attention_backend(tr, cfg.attention)
+    """The phase's transformer as training built it (``objectives.build_transformer``: base, attention
+    backend, keyframe rope / widened patch embedding with ``st.channels``), then the phase's LoRA
+    (``wan.load_lora``: LoRA + stored widening weights), in eval mode on ``device``."""
+    from interpdiff.config import ConfigError
+
     lora = cfg.phase1_lora if phase == 1 else cfg.phase2_lora
-    if phase == 1:
-        wan.install_keyframe_rope(tr)
-    elif phase == 2 and not lora:
-        wan.widen_patch_embedding(tr, tuple(st.channels), trainable=False)
+    p2 = Phase2Config(channels=list(st.channels), confidence=st.confidence) if phase == 2 else None
+    tr = build_transformer(ModelConfig(path=cfg.model_path, dtype=cfg.dtype, attention=cfg.attention), phase, p2,
+                           lora=False)
     if lora:
         meta = wan.load_lora(tr, lora)
         want = (meta.get("extra") or {}).get("phase")
         if want is not None and int(want) != phase:
-            from interpdiff.config import ConfigError
-
             raise ConfigError(f"phase{phase}_lora={lora!r} was trained for phase {want}")
-    return tr.to(device).eval()
+    wan.freeze(tr)
+    return tr.to(device)
 
 
 def check_sample_inputs(cfg: SampleConfig) -> list[str]:

@@ -16,6 +16,10 @@ Public API (shapes: ``lat_B_C_T_H_W`` latents in Wan layout, ``emb_B_L_D`` UMT5 
                        frame_idx_B_K=idx, extra_B_E_T_H_W=None)  # one call for both phases
     save_lora(comps.transformer, "run/lora")                     # WanPipeline.load_lora_weights-able
     load_lora(fresh_transformer, "run/lora")                     # rebuilds widening, loads weights
+    load_lora_weights_into(adapted_transformer, "run/lora")      # resume: values only, every tensor checked
+    read_lora_meta("run/lora")                                   # the folder's interpdiff_lora.json
+    unwrap_model(ddp_or_deepspeed_or_compiled)                   # the bare WanTransformer3DModel
+    resolve_model_path(path, "transformer"); to_dtype("bf16")    # cheap checks before loading
 
 Design choices (written down because the method spec is silent on them):
 

@@ -24,6 +24,8 @@ METHOD.md section 6 (neighbouring frames of one peak all win and leave long gaps
 ``max_gap_scale = g > 0`` bounds the gap tail as well: while some gap is longer than
 ``g (T-1)/(K_s-1)``, the next pick is the best-scoring frame in the central half of the
 longest gap (so each such pick leaves at most 3/4 of it on either side).
+``gap_bonus = b > 0`` adds ``b log(gap)`` to the logits of the frames of each gap (the current
+gap around a frame), favouring long gaps, whose interpolation error grows fastest.
 """
 
 from __future__ import annotations
@@ -45,14 +47,16 @@ SELECTOR_KIND = "maze-selector"
 
 class Selector(nn.Module):
     def __init__(self, T: int, budgets: Sequence[int], d_model: int = 128, enc_depth: int = 2, heads: int = 4, depth: int = 2,
-                 G: int = 12, nms_radius_scale: float = 0.0, max_gap_scale: float = 0.0):
+                 G: int = 12, nms_radius_scale: float = 0.0, max_gap_scale: float = 0.0, gap_bonus: float = 0.0):
         super().__init__()
         self.T = T
         self.budgets = check_budgets(budgets, T, "Selector")
         self.nms_radius_scale = float(nms_radius_scale)
         self.max_gap_scale = float(max_gap_scale)
+        self.gap_bonus = float(gap_bonus)
         self.sizes = {"T": T, "budgets": self.budgets, "d_model": d_model, "enc_depth": enc_depth, "heads": heads, "depth": depth,
-                      "G": G, "nms_radius_scale": self.nms_radius_scale, "max_gap_scale": self.max_gap_scale}
+                      "G": G, "nms_radius_scale": self.nms_radius_scale, "max_gap_scale": self.max_gap_scale,
+                      "gap_bonus": self.gap_bonus}
         self.encoder = MazeEncoder(d_model, enc_depth, heads, G)
         self.decoder = TimeQueryDecoder(T, d_model, heads, depth, level_cond=True)
         self.head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
@@ -79,13 +83,13 @@ class Selector(nn.Module):
     def nested_masks(self, occ, sdf, start, goal, nms_radius_scale: float | None = None, max_gap_scale: float | None = None) -> torch.Tensor:
         r = self.nms_radius_scale if nms_radius_scale is None else nms_radius_scale
         g = self.max_gap_scale if max_gap_scale is None else max_gap_scale
-        return decode_nested(self.level_logits(occ, sdf, start, goal), self.budgets, r, g)
+        return decode_nested(self.level_logits(occ, sdf, start, goal), self.budgets, r, g, self.gap_bonus)
 
 
 def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius_scale: float = 0.0,
-                  max_gap_scale: float = 0.0) -> torch.Tensor:
-    """Nested masks ``[B, S, T]`` from per-level logits (module doc); both scales ``0`` = plain top-k."""
-    if nms_radius_scale <= 0 and max_gap_scale <= 0:
+                  max_gap_scale: float = 0.0, gap_bonus: float = 0.0) -> torch.Tensor:
+    """Nested masks ``[B, S, T]`` from per-level logits (module doc); all knobs ``0`` = plain top-k."""
+    if nms_radius_scale <= 0 and max_gap_scale <= 0 and gap_bonus <= 0:
         return selector_nested_masks(logits_B_S_T, budgets)
     B, S, T = logits_B_S_T.shape
     budgets = check_budgets(budgets, T, "decode_nested")
@@ -111,9 +115,10 @@ def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius
             central = (t - (left + right) / 2).abs() <= gap / 4  # central half: each split leaves <= 3/4
             in_widest = free & (gap == widest) & (widest > cap) & central
             free = torch.where(in_widest.any(1, keepdim=True), in_widest, free)
-            sc = torch.where(free & (dist >= radius), score, neg)
+            sc_all = score + gap_bonus * torch.log(gap.clamp_min(1)) if gap_bonus > 0 else score
+            sc = torch.where(free & (dist >= radius), sc_all, neg)
             none = torch.isinf(sc).all(1, keepdim=True)
-            sc = torch.where(none, torch.where(free, score, neg), sc)
+            sc = torch.where(none, torch.where(free, sc_all, neg), sc)
             pick = sc.argmax(1)
             mask[rows, pick] = True
             rank[rows, s, pick] = float(n_add - a)
@@ -123,7 +128,7 @@ def decode_nested(logits_B_S_T: torch.Tensor, budgets: Sequence[int], nms_radius
 
 def build_selector(sizes: dict) -> Selector:
     kw = {k: sizes[k] for k in ("T", "budgets", "d_model", "enc_depth", "heads", "depth", "G", "nms_radius_scale")}
-    return Selector(**kw, max_gap_scale=sizes.get("max_gap_scale", 0.0))
+    return Selector(**kw, max_gap_scale=sizes.get("max_gap_scale", 0.0), gap_bonus=sizes.get("gap_bonus", 0.0))
 
 
 def load_selector(path, map_location="cpu") -> Selector:

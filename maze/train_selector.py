@@ -1,7 +1,7 @@
 """Train and evaluate the level-conditioned keyframe selector.
 
     python -m maze.train_selector --config configs/maze/small.yaml
-    python -m maze.train_selector --config configs/maze/small.yaml selector.nms_radius_scale=0.4   # finished run: re-evaluate only
+    python -m maze.train_selector --config configs/maze/small.yaml selector.nms_radius_scale=0.4   # finished run: re-evaluate (and re-save) with other decoding
 
 Needs ``keyframes_train.npz`` / ``keyframes_eval.npz`` (``python -m maze.prepare_keyframes``).
 Each step draws a batch and ONE level ``s`` (uniform over the levels with ``K_s < T``) and
@@ -140,7 +140,8 @@ def main(cfg: MazeConfig) -> dict:
     T, budgets = train.T, list(train.budgets)
     net = sc.net
     dev = torch.device(sc.train.device)
-    model = Selector(T, budgets, net.d_model, net.enc_depth, net.heads, net.depth, train.G, sc.nms_radius_scale).to(dev)
+    model = Selector(T, budgets, net.d_model, net.enc_depth, net.heads, net.depth, train.G, sc.nms_radius_scale,
+                     sc.max_gap_scale, sc.gap_bonus).to(dev)
     model.arc_frac.copy_(mean_arc_fraction(train.pos))
     run_dir = Path(sc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,7 @@ def main(cfg: MazeConfig) -> dict:
         return loss, {"level": budgets[s]}
 
     def eval_fn():
+        model.max_gap_scale, model.gap_bonus = float(sc.max_gap_scale), float(sc.gap_bonus)
         return eval_selector(model, evals, sc.eval_samples, nms_radius_scale=sc.nms_radius_scale)
 
     meta = {"kind": SELECTOR_KIND, "sizes": model.sizes, "data_root": dc.root, "config": to_dict(cfg)}
@@ -165,6 +167,8 @@ def main(cfg: MazeConfig) -> dict:
     # the decoding setting is part of the model file (a finished run re-run with another
     # selector.nms_radius_scale re-evaluates and re-saves with it)
     model.sizes["nms_radius_scale"] = model.nms_radius_scale = float(sc.nms_radius_scale)
+    model.sizes["max_gap_scale"] = model.max_gap_scale = float(sc.max_gap_scale)
+    model.sizes["gap_bonus"] = model.gap_bonus = float(sc.gap_bonus)
     save_checkpoint(run_dir / "model.pt", {"model": model.state_dict()}, dict(meta, sizes=model.sizes, step=sc.train.steps))
     atomic_write_text(run_dir / "eval.json", json.dumps(res, indent=2))
     print(format_eval(res))

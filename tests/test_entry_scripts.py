@@ -427,3 +427,36 @@ def test_sampler_rebuilds_the_phase2_model_from_the_lora_folder(tmp_path):
         ref = phase2_restore(tr, x, mask, t, emb, p2)
         out = phase2_restore(tr_s, x, mask, t, emb, Phase2Config(channels=st.channels, confidence=st.confidence))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_phase1_training_flow_matching_conventions(monkeypatch):
+    """Phase-1 loss against a hand computation: the model sees x_t = (1 - s) x0[idx] + s eps on the
+    K keyframes only, timestep 1000 s, rotary positions at the true indices idx (uniform policy:
+    round(linspace(0, T-1, K))), and the loss is mean (v - (eps - x0[idx]))^2. The latents are the
+    frame index (x0[:, :, t] = t), so a wrong gather shows up as a shifted recovered eps."""
+    from interpdiff.masks import uniform_indices
+    from interpdiff.video import objectives as ob
+
+    B, C, T, H, W, K = 2, 16, 9, 4, 6, 4
+    x0 = torch.arange(T, dtype=torch.float32).view(1, 1, T, 1, 1).expand(B, C, T, H, W).to(torch.bfloat16)
+    cfg = ob.VideoTrainConfig()
+    cfg.phase1 = ob.Phase1Config(num_keyframes=K, index_policy="uniform:1")
+    policy = ob.KeyframePolicy(cfg.phase1.index_policy, ob.PHASE1_POLICIES, "", "phase1.index_policy")
+    seen = {}
+    v = torch.randn(B, C, K, H, W, generator=torch.Generator().manual_seed(0))
+
+    def fake_forward(model, x_t, t_B, emb, frame_idx_B_K=None, **kw):
+        seen.update(x_t=x_t.clone(), t=t_B.clone(), idx=frame_idx_B_K.clone())
+        return v
+
+    monkeypatch.setattr(ob.wan, "wan_forward", fake_forward)
+    loss, _ = ob.phase1_loss(None, {"lat": x0, "emb": torch.zeros(B, 4, 32), "keys": ["a", "b"]}, 3, cfg, policy, seed=0)
+    idx = uniform_indices(T, K)
+    assert torch.equal(seen["idx"], idx.expand(B, K))
+    sigma = seen["t"] / 1000.0
+    assert seen["x_t"].shape == (B, C, K, H, W) and bool(((sigma > 0) & (sigma < 1)).all())
+    x0_k = idx.float().view(1, 1, K, 1, 1).expand(B, C, K, H, W)
+    s = sigma.view(B, 1, 1, 1, 1)
+    eps = (seen["x_t"] - (1 - s) * x0_k) / s
+    assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1) < 0.1
+    torch.testing.assert_close(loss, ((v - (eps - x0_k)) ** 2).mean(), rtol=1e-4, atol=1e-5)

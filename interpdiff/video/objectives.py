@@ -336,7 +336,7 @@ def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     sigma_B = _h2d(torch.cat(sig_rows), x0.device)
     eps = _h2d(torch.stack(eps_rows), x0.device, torch.float32)
     gather = idx_B_K[:, None, :, None, None].expand(B, C, K, H, W)
-    x0_k = torch.gather(x0.float(), 2, gather)  # (B, C, K, H, W)
+    x0_k = torch.gather(x0, 2, gather).float()  # (B, C, K, H, W); gather first, upcast only K frames
     x_t = flow_match_xt(x0_k, eps, sigma_B)
     v_hat = wan.wan_forward(model, x_t, sigma_B * 1000.0, emb, frame_idx_B_K=idx_B_K)
     loss = torch.mean((v_hat.float() - flow_match_target(x0_k, eps)) ** 2)
@@ -404,7 +404,8 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     s_B = torch.tensor(s_rows)
     sigma_B = _h2d(sig[s_B], x0.device)
     eps = _h2d(torch.stack(eps_rows), x0.device, torch.float32)
-    x_s = interpolate_corrupt(x0.float(), mask_B_T, sigma_B, eps, time_dim=2)  # Triton on CUDA
+    x0f = x0.float()  # one fp32 copy of the clean latents for the corruption, the loss and the metric
+    x_s = interpolate_corrupt(x0f, mask_B_T, sigma_B, eps, time_dim=2)  # Triton on CUDA
     t_B = _h2d(level_timestep(budgets, s_B, T), x0.device)
     x0_hat = phase2_restore(model, x_s, mask_B_T, t_B, emb, p2)
     # per-sample weighted mean, then the batch mean: a sample's weight does not depend on how many
@@ -412,10 +413,10 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     w_B_T = torch.where(mask_B_T, p2.keyframe_weight, p2.missing_weight).float()
     w = w_B_T[:, None, :, None, None]
     denom_B = (w_B_T.sum(1) * C * H * W).clamp_min(1e-8)
-    err = (x0_hat - x0.float()) ** 2
+    err = (x0_hat - x0f) ** 2
     loss = ((err * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
     with torch.no_grad():
-        interp_err = ((((x_s - x0.float()) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
+        interp_err = ((((x_s - x0f) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom_B).mean()
     metrics = {"level_mean": float(s_B.float().mean()), "corrupt_mse": interp_err, "policy_fallbacks": float(policy.fallbacks)}
     return loss, metrics
 

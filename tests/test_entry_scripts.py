@@ -185,6 +185,18 @@ def test_unknown_config_key(shards, tmp_path, no_model):
         _run(train_phase1, _args(shards, tmp_path / "r", "train.learning_rate=1e-4"))
 
 
+@pytest.mark.parametrize("override,match", [
+    ("phase2.sigma_min=0.5", r"phase2\.sigma_min=0\.5"),
+    ("phase2.budgets=[3,3,9]", r"phase2\.budgets=\[3, 3, 9\]"),
+    ("phase2.missing_weight=0", r"phase2\.missing_weight=0"),
+    ("model.checkpoint_ratio=1.5", r"model\.checkpoint_ratio"),
+])
+def test_bad_phase2_and_model_values_fail_at_startup(shards, tmp_path, no_model, override, match):
+    with pytest.raises(ConfigError, match=match):
+        _run(train_phase2, _args(shards, tmp_path / "r", override))
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_path_without_checkpoint(shards, tmp_path, no_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):

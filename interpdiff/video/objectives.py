@@ -158,6 +158,24 @@ class VideoTrainConfig:
             raise ConfigError(f"phase2.confidence={self.phase2.confidence!r} is not one of ['mask', 'tent']")
         if self.model.dtype not in ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16"):
             raise ConfigError(f"model.dtype={self.model.dtype!r} is not one of auto, bf16, fp32, fp16")
+        if not 0.0 <= self.model.checkpoint_ratio <= 1.0:
+            raise ConfigError(f"model.checkpoint_ratio must lie in [0, 1], got {self.model.checkpoint_ratio}")
+        # phase-2 settings that would otherwise only fail at the first loss, after the model is built
+        p2 = self.phase2
+        if not 0.0 <= p2.sigma_min <= p2.sigma_max:
+            raise ConfigError(f"phase2.sigma_min={p2.sigma_min}, phase2.sigma_max={p2.sigma_max}: expected "
+                              "0 <= sigma_min <= sigma_max")
+        if p2.missing_weight < 0 or p2.keyframe_weight < 0 or p2.missing_weight + p2.keyframe_weight == 0:
+            raise ConfigError(f"phase2.missing_weight={p2.missing_weight}, phase2.keyframe_weight={p2.keyframe_weight}: "
+                              "expected non-negative weights, not both zero")
+        if p2.budgets:
+            b = [int(x) for x in p2.budgets]
+            if len(b) < 2 or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
+                raise ConfigError(f"phase2.budgets={b}: expected at least 2 strictly increasing budgets from >= 2 "
+                                  "(the last = the clip's latent frames T)")
+        elif p2.k_min < 2 or p2.n_levels < 2:
+            raise ConfigError(f"phase2.k_min={p2.k_min}, phase2.n_levels={p2.n_levels}: expected k_min >= 2 "
+                              "(both endpoints) and n_levels >= 2")
 
 
 def base_dtype(cfg: ModelConfig) -> torch.dtype:

@@ -225,3 +225,24 @@ def test_decode_nested_gap_cap_bounds_the_tail():
         g_cap = capped[0, s].nonzero().flatten().diff().max()
         assert g_plain > 1.5 * (T - 1) / (k - 1)
         assert g_cap <= 1.5 * (T - 1) / (k - 1)
+
+
+def test_kp_feat_from_dphi_matches_pair_costs():
+    from maze.data import MazeSplit
+    from maze.dphi import DPhi, dphi_pair_cost_for_rows
+
+    torch.manual_seed(1)
+    T = 16
+    occ, sdf, st, gl = _cond(B=3)
+    model = DPhi(T, d_model=16, enc_depth=0, heads=2, depth=1, log_eps=math.log(1e-3)).eval()
+    data = MazeSplit(
+        pos=np.zeros((3, T, 2), np.float32), maze_id=np.arange(3), start=st.numpy(), goal=gl.numpy(),
+        occ=occ.numpy(), sdf=sdf.numpy(), maze_names=list(MAZE_NAMES),  # _cond: sample k is maze k % 3
+    )
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    mask[:, [0, 5, 9, 15]] = True
+    f = kp_features(mask, dphi_pair_cost_for_rows(model, data)(np.arange(3)))
+    C = model.cost_matrix(occ, sdf, st, gl)
+    torch.testing.assert_close(f[:, 5, 3], C[:, 0, 5])
+    torch.testing.assert_close(f[:, 5, 4], C[:, 5, 9])
+    torch.testing.assert_close(f[:, 15, 3], C[:, 9, 15])

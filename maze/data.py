@@ -164,7 +164,7 @@ class MazeDataset(torch.utils.data.Dataset):
 
 
 def iterate_batches(split: MazeSplit, batch_size: int, generator: torch.Generator | None = None, shuffle=True, drop_last=True):
-    """Yield batch dicts forever-free: one pass over the split (shuffled with ``generator``)."""
+    """Yield batch dicts for one pass over the split (shuffled with ``generator`` when ``shuffle``)."""
     order = torch.randperm(split.N, generator=generator).numpy() if shuffle else np.arange(split.N)
     stop = split.N - (split.N % batch_size if drop_last and split.N >= batch_size else 0)
     for b0 in range(0, stop, batch_size):

@@ -532,3 +532,27 @@ def test_full_mode_sampler_equals_wan_pipeline_with_cfg():
     torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
     no_cfg = pipeline.full_sample(c.transformer, emb, shape, steps, shift, 1.0, neg, torch.Generator().manual_seed(9))
     assert (no_cfg - ours).abs().max() > 1e-3  # guidance matters (the check above is not vacuous)
+
+
+def test_phase1_cfg_batched_equals_two_forwards():
+    """Phase-1 CFG runs the conditional and unconditional branches as one doubled batch (with the
+    keyframe indices repeated); the result equals two separate forwards per step."""
+    from interpdiff.video import pipeline
+
+    tr = wan.build_tiny_transformer()
+    wan.install_keyframe_rope(tr)
+    g = torch.Generator().manual_seed(4)
+    emb, neg = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    idx = torch.tensor([[0, 3, 8], [0, 5, 8]])
+    out = pipeline.phase1_sample(tr, emb, idx, (16, 4, 4), steps=2, shift=5.0, guidance=3.0, neg_emb_B_L_D=neg,
+                                 generator=torch.Generator().manual_seed(1))
+
+    def vel(x, t):
+        v_c = wan.wan_forward(tr, x, t, emb, frame_idx_B_K=idx)
+        v_u = wan.wan_forward(tr, x, t, neg, frame_idx_B_K=idx)
+        return v_u + 3.0 * (v_c - v_u)
+
+    x_T = torch.randn((2, 16, 3, 4, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = pipeline.euler_flow_sample(vel, x_T, 2, 5.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

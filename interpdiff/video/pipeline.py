@@ -115,12 +115,25 @@ def euler_flow_sample(
 
 
 def _cfg_velocity(transformer, emb, neg_emb, guidance: float, **fwd):
+    """``v = v_u + g (v_c - v_u)`` (diffusers' ``WanPipeline`` rule). The conditional and the
+    unconditional branch run as one forward over a doubled batch when the two embeddings have the
+    same length (always for UMT5 padded to ``max_length``): one launch sequence instead of two,
+    which matters for the short phase-1 keyframe sequences; otherwise two forwards."""
+    frame_idx = fwd.get("frame_idx_B_K")
+
     def velocity(x, t_B):
-        v = wan.wan_forward(transformer, x, t_B, emb, **fwd).float()
         if guidance == 1.0 or neg_emb is None:
-            return v
-        v_u = wan.wan_forward(transformer, x, t_B, neg_emb, **fwd).float()
-        return v_u + guidance * (v - v_u)
+            return wan.wan_forward(transformer, x, t_B, emb, **fwd).float()
+        if neg_emb.shape[1:] == emb.shape[1:]:
+            fwd2 = dict(fwd)
+            if frame_idx is not None:
+                fwd2["frame_idx_B_K"] = torch.cat([frame_idx, frame_idx])
+            v_c, v_u = wan.wan_forward(transformer, torch.cat([x, x]), torch.cat([t_B, t_B]),
+                                       torch.cat([emb, neg_emb.to(emb.dtype)]), **fwd2).float().chunk(2)
+        else:
+            v_c = wan.wan_forward(transformer, x, t_B, emb, **fwd).float()
+            v_u = wan.wan_forward(transformer, x, t_B, neg_emb, **fwd).float()
+        return v_u + guidance * (v_c - v_u)
 
     return velocity
 

@@ -20,14 +20,20 @@ import torch
 from interpdiff._dispatch import use_triton
 
 
-def check_mask(mask: torch.Tensor, batch: int, length: int, name: str = "mask") -> None:
-    """Raise a ValueError naming the problem when ``mask`` is not a valid ``[B, T]`` keyframe mask."""
+def check_mask(mask: torch.Tensor, batch: int, length: int, name: str = "mask", values: bool = True) -> None:
+    """Raise a ValueError naming the problem when ``mask`` is not a valid ``[B, T]`` keyframe mask.
+
+    ``values=False`` checks dtype and shape only: the endpoint check reads the mask on the host,
+    which is a device sync on CUDA (the Triton kernel then forces the endpoints itself).
+    """
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor [B, T], got dtype {mask.dtype}")
     if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
         raise ValueError(f"{name} must have shape [B, T] = [{batch}, {length}], got {list(mask.shape)}")
     if length < 2:
         raise ValueError(f"{name}: a sequence needs at least 2 frames (both endpoints), got T={length}")
+    if not values:
+        return
     bad = ~(mask[:, 0] & mask[:, -1])
     if bool(bad.any()):
         rows = bad.nonzero().flatten()[:8].tolist()
@@ -70,7 +76,7 @@ def interpolate_reference(x: torch.Tensor, mask: torch.Tensor, time_dim: int = 1
     return out.to(x.dtype).movedim(1, time_dim)
 
 
-def _check_x(x: torch.Tensor, mask: torch.Tensor, time_dim: int) -> int:
+def _check_x(x: torch.Tensor, mask: torch.Tensor, time_dim: int, check_values: bool = True) -> int:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"interpolate: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 2:
@@ -78,21 +84,25 @@ def _check_x(x: torch.Tensor, mask: torch.Tensor, time_dim: int) -> int:
     td = time_dim % x.dim()
     if td == 0:
         raise ValueError("interpolate: time_dim cannot be the batch dimension 0")
-    check_mask(mask, x.shape[0], x.shape[td])
+    check_mask(mask, x.shape[0], x.shape[td], values=check_values or not x.is_cuda)
     if mask.device != x.device:
         raise ValueError(f"interpolate: mask is on {mask.device} but x is on {x.device}")
     return td
 
 
-def interpolate(x: torch.Tensor, mask: torch.Tensor, time_dim: int = 1, backend: str = "auto") -> torch.Tensor:
+def interpolate(
+    x: torch.Tensor, mask: torch.Tensor, time_dim: int = 1, backend: str = "auto", check_values: bool = True
+) -> torch.Tensor:
     """``I(x, M)`` for ``x`` of any layout with batch at dim 0 and time at ``time_dim``.
 
     Args:
         x: ``[B, T, D]`` (``time_dim=1``) or ``[B, C, T, H, W]`` (``time_dim=2``), any float dtype.
         mask: bool ``[B, T]``; per-sample keyframes; ``mask[:, 0]`` and ``mask[:, -1]`` set.
         backend: ``"auto" | "triton" | "torch"`` (see ``interpdiff._dispatch``).
+        check_values: check that every row has both endpoints (a host sync on CUDA). Hot loops
+            whose masks come from ``interpdiff.masks`` may pass False on CUDA; CPU always checks.
     """
-    td = _check_x(x, mask, time_dim)
+    td = _check_x(x, mask, time_dim, check_values)
     if use_triton(backend, x, "interpolate"):
         from kernels.interpolate import interpolate_triton
 
@@ -107,12 +117,14 @@ def interpolate_corrupt(
     eps: torch.Tensor,
     time_dim: int = 1,
     backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """``I(x, M) + sigma * eps * (1 - M)``: the phase-2 corruption, fused on the Triton path.
 
-    ``sigma`` is a float or a ``[B]`` tensor (one noise level per sample).
+    ``sigma`` is a float or a ``[B]`` tensor (one noise level per sample); ``check_values`` as
+    in ``interpolate``.
     """
-    td = _check_x(x, mask, time_dim)
+    td = _check_x(x, mask, time_dim, check_values)
     if eps.shape != x.shape:
         raise ValueError(f"interpolate_corrupt: eps must have x's shape {list(x.shape)}, got {list(eps.shape)}")
     B = x.shape[0]

@@ -105,3 +105,12 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         interpolate(x, m, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         interpolate(x, m, backend="cuda")
+
+
+def test_check_values_false_still_checks_on_cpu():
+    x = torch.randn(1, 5, 2)
+    bad = torch.tensor([[True, False, True, False, False]])
+    with pytest.raises(ValueError, match="endpoint"):
+        interpolate(x, bad, check_values=False)  # only CUDA tensors skip the host-side check
+    with pytest.raises(ValueError, match="endpoint"):
+        interpolate_corrupt(x, bad, 0.1, torch.randn_like(x), check_values=False)

@@ -335,7 +335,8 @@ def write_report(cfg, res=None, arr=None, stage_times: dict | None = None) -> Pa
 
 
 def main(cfg) -> Path:
-    p = write_report(cfg)
+    tp = Path(cfg.eval.run_dir) / "demo_times.json"  # stage times of maze.demo, when it ran here
+    p = write_report(cfg, stage_times=json.loads(tp.read_text()) if tp.is_file() else None)
     print(f"[maze.report] -> {p}")
     return p
 

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench bench-kernels bench-data bench-train venv clean
+.PHONY: demo demo-core test test-slow test-gpu bench bench-kernels bench-data bench-train venv clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
+# the core-operation table (~20 s), then the maze prototype end to end on the small config:
+# generate PointMaze data, DP keyframes, D_phi, selector, phase-1, phase-2, baseline, evaluation,
+# report (runs/maze/small/report.md with figures)
 demo: $(STAMP)
+	$(BIN)/python -m interpdiff.demo
+	OMP_NUM_THREADS=2 $(BIN)/python -m maze.demo --config configs/maze/small.yaml
+
+demo-core: $(STAMP)
 	$(BIN)/python -m interpdiff.demo
 
 test: $(STAMP)

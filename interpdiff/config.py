@@ -39,13 +39,18 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {msg} (key {key!r})")
 
 
-def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``schema`` from its defaults, then ``path`` (YAML), then ``overrides`` (``a.b=v``)."""
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Build ``schema`` from its defaults, then the YAML file(s) ``path`` merged in order, then
+    ``overrides`` (``a.b=v``). Calls the result's ``validate()`` when it has one."""
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"load_config: schema must be a dataclass type, got {schema!r}")
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     cfg = OmegaConf.structured(schema)
-    if path is not None:
-        p = Path(path)
+    for p in map(Path, paths):
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (expected a YAML file)")
         try:
@@ -76,9 +81,9 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
     return obj  # type: ignore[return-value]
 
 
-def parse_cli(schema: type[T], argv: Sequence[str]) -> T:
-    """``[--config PATH] [key.sub=value ...]`` -> a ``schema`` instance."""
-    path = None
+def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``[--config PATH]... [key.sub=value ...]`` -> (config paths in order, overrides)."""
+    paths: list[str] = []
     overrides: list[str] = []
     args = list(argv)
     i = 0
@@ -87,17 +92,23 @@ def parse_cli(schema: type[T], argv: Sequence[str]) -> T:
         if a in ("--config", "-c"):
             if i + 1 >= len(args):
                 raise ConfigError("--config needs a YAML path")
-            path = args[i + 1]
+            paths.append(args[i + 1])
             i += 2
             continue
         if a.startswith("--config="):
-            path = a.split("=", 1)[1]
+            paths.append(a.split("=", 1)[1])
         elif a.startswith("-"):
-            raise ConfigError(f"unknown option {a!r}; use --config PATH and key.sub=value overrides")
+            raise ConfigError(f"unknown option {a!r}; use --config PATH (repeatable) and key.sub=value overrides")
         else:
             overrides.append(a)
         i += 1
-    return load_config(schema, path, overrides)
+    return paths, overrides
+
+
+def parse_cli(schema: type[T], argv: Sequence[str]) -> T:
+    """``[--config PATH]... [key.sub=value ...]`` -> a ``schema`` instance (files merged in order)."""
+    paths, overrides = split_cli(argv)
+    return load_config(schema, paths, overrides)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -215,50 +215,7 @@ def load_maze_config(argv):
     then the model overlay ``configs/maze/small_model.yaml``), then the overrides; unknown keys
     and bad values raise ``interpdiff.config.ConfigError`` naming the file or override.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from interpdiff.config import ConfigError, _explain, load_config
+    from interpdiff.config import parse_cli
     from maze.config import MazeConfig
 
-    paths, overrides, args, i = [], [], list(argv), 0
-    while i < len(args):
-        a = args[i]
-        if a in ("--config", "-c"):
-            if i + 1 >= len(args):
-                raise ConfigError("--config needs a YAML path")
-            paths.append(args[i + 1])
-            i += 2
-            continue
-        if a.startswith("--config="):
-            paths.append(a.split("=", 1)[1])
-        elif a.startswith("-"):
-            raise ConfigError(f"unknown option {a!r}; use --config PATH (repeatable) and key.sub=value overrides")
-        else:
-            overrides.append(a)
-        i += 1
-    if len(paths) <= 1:
-        return load_config(MazeConfig, paths[0] if paths else None, overrides)
-    from pathlib import Path
-
-    cfg = OmegaConf.structured(MazeConfig)
-    for p in paths:
-        if not Path(p).is_file():
-            raise ConfigError(f"config file {p!r} does not exist (expected a YAML file)")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
-        except OmegaConfBaseException as e:
-            raise _explain(e, f"config file {p!r}") from None
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
-        except OmegaConfBaseException as e:
-            raise _explain(e, f"override {ov!r}") from None
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise _explain(e, "config") from None
-    obj.validate()
-    return obj
+    return parse_cli(MazeConfig, argv)

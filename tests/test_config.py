@@ -53,3 +53,14 @@ def test_save_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     assert load_config(Schema, path) == cfg
     assert from_dict(Schema, to_dict(cfg)) == cfg
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("name: a\nsteps: 4\n")
+    b.write_text("steps: 7\noptim:\n  lr: 0.5\n")
+    cfg = parse_cli(Schema, ["--config", str(a), "--config", str(b), "optim.lr=0.25"])
+    assert cfg == Schema(name="a", steps=7, optim=Optim(lr=0.25))
+    b.write_text("stepz: 1\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml.*unknown config key 'stepz'"):
+        parse_cli(Schema, ["--config", str(a), "--config", str(b)])

@@ -2,9 +2,8 @@
 
 Dataclasses are the schema (``interpdiff.config``); the YAML overlays
 ``configs/maze/small_model.yaml`` / ``full_model.yaml`` fill them and ``a.b=value`` overrides on
-the command line change single keys. ``ModelSections`` groups the five sections so that a
-top-level maze config can embed them (``maze.config.MazeConfig``) or, before it does, so that
-``maze.demo`` can merge both files.
+the command line change single keys. ``maze.config.MazeConfig`` embeds these sections next to
+the data / keyframes / D_phi / selector ones, and ``load_maze_config`` merges the YAML files.
 
 Defaults are the *full* configuration of METHOD.md (d_model 384, 12 layers); the small CPU demo
 shrinks them in ``small_model.yaml``.
@@ -193,19 +192,6 @@ class DemoConfig:
             "generate", "keyframes", "dphi", "selector", "phase1", "phase2", "baseline", "evaluate", "report"
         ]
     )
-
-
-@dataclass
-class ModelSections:
-    phase1: Phase1Config = field(default_factory=Phase1Config)
-    phase2: Phase2Config = field(default_factory=Phase2Config)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-
-    def validate(self) -> None:
-        for sec in (self.phase1, self.phase2, self.baseline, self.eval):
-            sec.validate()
 
 
 def load_maze_config(argv):

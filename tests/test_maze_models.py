@@ -6,7 +6,8 @@ import torch
 
 from interpdiff.config import ConfigError, load_config
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
-from maze.config_model import BackboneConfig, ModelSections, OptimConfig, load_maze_config
+from maze.config import MazeConfig
+from maze.config_model import BackboneConfig, OptimConfig, load_maze_config
 from maze.models import (
     FullSequenceDenoiser, KeypointDenoiser, Refiner, build_model, load_model, save_model, train_loop,
 )
@@ -122,13 +123,13 @@ def test_refiner_starts_as_identity_and_patch_must_divide_T():
 
 def test_config_sections_validate_with_key_names(tmp_path):
     with pytest.raises(ValueError, match="phase2.model.cond_mode='side'"):
-        load_config(ModelSections, None, ["phase2.model.cond_mode=side"])
+        load_config(MazeConfig, None, ["phase2.model.cond_mode=side"])
     with pytest.raises(ValueError, match="phase1.model.d_model=100 must be divisible by phase1.model.heads=6"):
-        load_config(ModelSections, None, ["phase1.model.d_model=100"])
+        load_config(MazeConfig, None, ["phase1.model.d_model=100"])
     with pytest.raises(ValueError, match="unknown policy 'dpp'"):
-        load_config(ModelSections, None, ["phase1.policy_mix=dpp:1"])
+        load_config(MazeConfig, None, ["phase1.policy_mix=dpp:1"])
     with pytest.raises(ConfigError, match="phase2.sigmax"):
-        load_config(ModelSections, None, ["phase2.sigmax=1"])
+        load_config(MazeConfig, None, ["phase2.sigmax=1"])
     # two files merged in order, the overlay naming its own bad key
     a = tmp_path / "a.yaml"
     a.write_text("data:\n  T: 64\nphase1:\n  sample_steps: 3\n")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from interpdiff.interpolate import interpolate
-from interpdiff.io import load_checkpoint, save_checkpoint
+from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
 from maze.config import NetConfig, TrainConfig
 from maze.encoders import FourierFeatures
 
@@ -77,6 +77,34 @@ def lr_at(step: int, tc: TrainConfig) -> float:
         return (step + 1) / max(1, tc.warmup)
     p = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def load_kind(
+    path,
+    kind: str,
+    build: Callable[[dict], nn.Module],
+    trainer: str,
+    required_meta=("kind", "sizes"),
+    state_keys=("model",),
+    map_location="cpu",
+) -> tuple[nn.Module, dict]:
+    """Rebuild a maze model from a checkpoint alone: check its ``kind``, ``build(meta)`` from the
+    stored sizes, load the first of ``state_keys`` present in the state, return ``(model.eval(), meta)``.
+
+    ``CheckpointError`` names the path when it is missing, not a checkpoint, of another kind
+    (and which ``trainer`` writes the expected one), or when the weights do not fit the sizes.
+    """
+    ck = load_checkpoint(path, required_meta=required_meta, map_location=map_location)
+    meta = ck["meta"]
+    if meta["kind"] != kind:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta['kind']!r} model; expected {kind!r} (written by {trainer})")
+    model = build(meta)
+    key = next(k for k in state_keys if k in ck["state"])
+    try:
+        model.load_state_dict(ck["state"][key])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit the sizes in its metadata: {e}") from None
+    return model.eval(), meta
 
 
 def fit(

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from interpdiff.io import CheckpointError, load_checkpoint
-from maze.common import TimeQueryDecoder, cond_inputs
+from maze.common import TimeQueryDecoder, cond_inputs, load_kind
 from maze.encoders import FourierFeatures, MazeEncoder, path_prior
 
 DPHI_KIND = "maze-dphi"
@@ -106,12 +105,7 @@ def build_dphi(sizes: dict) -> DPhi:
 
 def load_dphi(path, map_location="cpu") -> DPhi:
     """Rebuild D_phi from a ``model.pt`` written by ``maze.train_dphi`` (sizes from its metadata)."""
-    ck = load_checkpoint(path, required_meta=["kind", "sizes"], map_location=map_location)
-    if ck["meta"]["kind"] != DPHI_KIND:
-        raise CheckpointError(f"checkpoint {str(path)!r} is a {ck['meta']['kind']!r} checkpoint, expected {DPHI_KIND!r} (maze.train_dphi)")
-    model = build_dphi(ck["meta"]["sizes"])
-    model.load_state_dict(ck["state"]["model"])
-    return model.eval()
+    return load_kind(path, DPHI_KIND, lambda m: build_dphi(m["sizes"]), "maze.train_dphi", map_location=map_location)[0]
 
 
 def dphi_pair_cost_for_rows(model: DPhi, split, batch_size: int = 256):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from interpdiff.config import from_dict
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
+from maze.common import load_kind
 from maze.config_model import BackboneConfig
 
 MODEL_KINDS = ("phase1", "phase2", "baseline")
@@ -312,18 +313,9 @@ def load_model(path, kind: str, use_ema: bool = True, map_location="cpu") -> tup
     Raises ``CheckpointError`` naming the path when it is missing, not a checkpoint, or holds
     another kind of model.
     """
-    ck = load_checkpoint(path, required_meta=("kind", "sizes", "T", "G"), map_location=map_location)
-    meta = ck["meta"]
-    if meta["kind"] != kind:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta['kind']!r} model; expected {kind!r}")
-    model = build_model(meta)
-    sd = ck["state"]["ema"] if use_ema and "ema" in ck["state"] else ck["state"]["model"]
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit the sizes in its metadata: {e}") from None
-    model.eval()
-    return model, meta
+    keys = ("ema", "model") if use_ema else ("model",)
+    trainer = {"phase1": "maze.train_phase1", "phase2": "maze.train_phase2", "baseline": "maze.train_baseline"}.get(kind, "maze")
+    return load_kind(path, kind, build_model, trainer, ("kind", "sizes", "T", "G"), keys, map_location)
 
 
 # --- the training loop the three trainers share ------------------------------------------------

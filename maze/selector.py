@@ -36,10 +36,9 @@ import torch
 import torch.nn as nn
 
 from interpdiff.interpolate import neighbours
-from interpdiff.io import CheckpointError, load_checkpoint
 from interpdiff.masks import selector_nested_masks
 from interpdiff.selection import check_budgets
-from maze.common import TimeQueryDecoder
+from maze.common import TimeQueryDecoder, load_kind
 from maze.encoders import MazeEncoder, path_prior
 
 SELECTOR_KIND = "maze-selector"
@@ -133,9 +132,4 @@ def build_selector(sizes: dict) -> Selector:
 
 def load_selector(path, map_location="cpu") -> Selector:
     """Rebuild the selector from a ``model.pt`` written by ``maze.train_selector`` (sizes from metadata)."""
-    ck = load_checkpoint(path, required_meta=["kind", "sizes"], map_location=map_location)
-    if ck["meta"]["kind"] != SELECTOR_KIND:
-        raise CheckpointError(f"checkpoint {str(path)!r} is a {ck['meta']['kind']!r} checkpoint, expected {SELECTOR_KIND!r} (maze.train_selector)")
-    model = build_selector(ck["meta"]["sizes"])
-    model.load_state_dict(ck["state"]["model"])
-    return model.eval()
+    return load_kind(path, SELECTOR_KIND, lambda m: build_selector(m["sizes"]), "maze.train_selector", map_location=map_location)[0]

@@ -44,7 +44,6 @@ from interpdiff.video.objectives import (  # noqa: E402
     PHASE2_POLICIES,
     Phase2Config,
     VideoTrainConfig,
-    enable_checkpointing,
     phase2_loss,
 )
 
@@ -126,16 +125,59 @@ def build(args, dev, dtype):
     for _, p in wan.trainable_parameters(tr):
         p.data = p.data.float()
     if not args.no_ckpt:
-        enable_checkpointing(tr, args.ckpt_ratio)
+        wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy)
     tr.to(dev).train()
     if args.compile:
         tr.compile_repeated_blocks(fullgraph=True)
     return tr, cfg
 
 
-def bench_train_step(args, dev) -> dict:
+def parse_variant(spec: str) -> dict:
+    """``attention:policy[:ratio][:compile]``, e.g. ``cudnn:attention``, ``sdpa:full:0.8``,
+    ``cudnn:attention:1:compile``."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 4 or parts[1] not in wan.CHECKPOINT_POLICIES + ("none",):
+        raise SystemExit(f"bench_train.py: bad --variants entry {spec!r}; expected attention:policy[:ratio][:compile] "
+                         f"with policy one of {list(wan.CHECKPOINT_POLICIES) + ['none']}")
+    return {"attention": parts[0], "ckpt_policy": parts[1], "ckpt_ratio": float(parts[2]) if len(parts) > 2 else 1.0,
+            "compile": len(parts) > 3 and parts[3] == "compile"}
+
+
+def bench_train_variants(args, dev, write) -> list[dict]:
+    """Several training-step variants on one model (attention kernel and checkpointing are
+    switched in place; a fresh optimizer each); an error in one is recorded, the rest still run."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tr, mcfg = build(args, dev, dtype)
+    out = []
+    for spec in args.variants.split(","):
+        v = parse_variant(spec)
+        args.attention, args.ckpt_policy, args.ckpt_ratio = v["attention"], v["ckpt_policy"], v["ckpt_ratio"]
+        args.no_ckpt = v["ckpt_policy"] == "none"
+        try:
+            wan.set_attention_backend(tr, args.attention)
+            if args.no_ckpt:
+                wan.unwrap_model(tr).disable_gradient_checkpointing()
+            else:
+                wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy)
+            if v["compile"] and not args.compile:
+                args.compile = True
+                tr.compile_repeated_blocks(fullgraph=True)
+            r = bench_train_step(args, dev, (tr, mcfg))
+        except Exception as e:  # noqa: BLE001 - a benchmark variant that cannot run is a result too
+            r = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        r["variant"] = spec
+        out.append(r)
+        print(_fmt_train(r), flush=True)
+        write()
+    del tr
+    return out
+
+
+def bench_train_step(args, dev, built=None) -> dict:
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tr, mcfg = built if built is not None else build(args, dev, dtype)
     C, T, H, W = (16, 9, 4, 6) if args.tiny else (16, 21, 60, 104)
     Lt, Dt = (16, mcfg["text_dim"]) if args.tiny else (512, 4096)
     cfg = VideoTrainConfig()
@@ -167,7 +209,7 @@ def bench_train_step(args, dev) -> dict:
     fwd = wan_forward_flops(mcfg, T, H, W, Lt, args.lora_rank, extra_channels=1) * args.batch
     out = {
         "latent": [C, T, H, W], "batch": args.batch, "lora_rank": args.lora_rank,
-        "grad_ckpt": 0.0 if args.no_ckpt else args.ckpt_ratio,
+        "grad_ckpt": 0.0 if args.no_ckpt else args.ckpt_ratio, "ckpt_policy": "none" if args.no_ckpt else args.ckpt_policy,
         "compile": args.compile, "attention": args.attention, "step_s_median": step, "step_s_all": times,
         "samples_per_s": args.batch / step, "fwd_tflop": fwd / 1e12, "loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
@@ -192,7 +234,9 @@ def bench_train_step(args, dev) -> dict:
         # FlopCounterMode has no formula for the CPU flash-attention op: compare the matmul part
         out["fwd_flop_analytic_matmul"], out["fwd_flop_analytic_attention"] = wan_forward_flops(
             mcfg, T, H, W, Lt, args.lora_rank, extra_channels=1, split=True)
-    del tr, opt
+    del opt
+    if built is None:
+        del tr
     return out
 
 
@@ -253,6 +297,16 @@ def tr2_base(tr2):
     return tr2
 
 
+def _fmt_train(t: dict) -> str:
+    if "error" in t:
+        return f"  {t.get('variant', '')}: ERROR {t['error'][:300]}"
+    head = (f"  {t.get('variant') or 'step'}: latent {t['latent']} batch {t['batch']} lora r{t['lora_rank']} "
+            f"ckpt {t['ckpt_policy']}@{t['grad_ckpt']} compile {t['compile']} attn {t['attention']}\n")
+    return head + (f"    step {t['step_s_median']:.3f} s | {t['samples_per_s']:.3f} samples/s | fwd {t['fwd_tflop']:.2f} TFLOP"
+                   + (f" | peak mem {t['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in t else "")
+                   + (f" | MFU {100 * t['mfu']:.1f}% of {t['device_peak_tflops']:.0f} TFLOP/s" if "mfu" in t else ""))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny preset and latents")
@@ -260,13 +314,20 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--lora-rank", type=int, default=64)
-    ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--attention", default="sdpa", help="sdpa (torch picks), cudnn, sdpa_flash, flash, xformers, ...")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
     ap.add_argument("--no-ckpt", action="store_true", help="gradient checkpointing off")
     ap.add_argument("--ckpt-ratio", type=float, default=1.0, help="fraction of blocks recomputed (1 = all)")
+    ap.add_argument("--ckpt-policy", default="full", choices=wan.CHECKPOINT_POLICIES,
+                    help="full: recompute whole blocks; attention: keep the attention outputs (selective)")
+    ap.add_argument("--variants", default="",
+                    help="comma list attention:policy[:ratio][:compile] timed on one model, e.g. "
+                         "sdpa:full,cudnn:full,cudnn:attention (overrides --attention/--ckpt-*)")
     ap.add_argument("--policy-mix", default="uniform:0.3,random_nested:0.3,dp:0.4")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's bf16 dense peak")
     ap.add_argument("--no-sampler", action="store_true")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--sampler-attention", default="", help="attention kernel for the sampler (default --attention)")
     ap.add_argument("--phase1-steps", type=int, default=8)
     ap.add_argument("--full-steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -274,6 +335,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("bench_train.py: the 1.3B benchmark needs CUDA; use --tiny on CPU")
+    if args.variants:
+        for spec in args.variants.split(","):
+            parse_variant(spec)
     if args.tiny:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -286,31 +350,45 @@ def main(argv=None):
     info = {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": code_version(), "tiny": args.tiny,
+        "commit": os.environ.get("INTERPDIFF_COMMIT") or code_version(), "tiny": args.tiny,
     }
-    res = {"machine": info, "train_step": bench_train_step(args, dev)}
+    res = {"machine": info}
+
+    def write():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+
+    print(f"device {info['device']} | torch {info['torch']} | commit {info['commit']} | {info['date']}", flush=True)
+    if not args.no_train:
+        print("phase-2 train step:", flush=True)
+        if args.variants:
+            res["train_variants"] = []
+            res["train_variants"] = bench_train_variants(args, dev, write)
+            ok = [v for v in res["train_variants"] if "error" not in v]
+            if ok:
+                res["train_step"] = min(ok, key=lambda v: v["step_s_median"])
+        else:
+            res["train_step"] = bench_train_step(args, dev)
+            print(_fmt_train(res["train_step"]), flush=True)
+        t = res.get("train_step", {})
+        if "fwd_flop_counted" in t:
+            print(f"  FLOP check (tiny, CPU): analytic matmul {t['fwd_flop_analytic_matmul']:.4g} vs FlopCounterMode "
+                  f"{t['fwd_flop_counted']:.4g} (SDPA not counted on CPU; analytic attention {t['fwd_flop_analytic_attention']:.4g})")
+        write()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if not args.no_sampler:
+        if args.sampler_attention:
+            args.attention = args.sampler_attention
+        elif "train_step" in res and "attention" in res["train_step"]:
+            args.attention = res["train_step"]["attention"]  # the fastest variant's kernel
         res["sampler"] = bench_sampler(args, dev)
-    t = res["train_step"]
-    print(f"device {info['device']} | torch {info['torch']} | commit {info['commit']} | {info['date']}")
-    print(f"phase-2 train step  latent {t['latent']} batch {t['batch']} lora r{t['lora_rank']} ckpt {t['grad_ckpt']} "
-          f"compile {t['compile']} attn {t['attention']}")
-    print(f"  step {t['step_s_median']:.3f} s | {t['samples_per_s']:.3f} samples/s | fwd {t['fwd_tflop']:.2f} TFLOP"
-          + (f" | peak mem {t['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in t else "")
-          + (f" | MFU {100 * t['mfu']:.1f}% of {t['device_peak_tflops']:.0f} TFLOP/s" if "mfu" in t else ""))
-    if "fwd_flop_counted" in t:
-        print(f"  FLOP check (tiny, CPU): analytic matmul {t['fwd_flop_analytic_matmul']:.4g} vs FlopCounterMode "
-              f"{t['fwd_flop_counted']:.4g} (SDPA not counted on CPU; analytic attention {t['fwd_flop_analytic_attention']:.4g})")
-    if "sampler" in res:
         s = res["sampler"]
-        print("sampler stage times (s):")
+        print(f"sampler stage times (s), attention {args.attention}:")
         print("  two-phase: " + ", ".join(f"{k} {v:.3f}" for k, v in s["two_phase"].items() if isinstance(v, float)))
         print("  full     : " + ", ".join(f"{k} {v:.3f}" for k, v in s["full"].items() if isinstance(v, float)))
-        print(f"  full / two-phase = {s['speedup_full_over_two_phase']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"  full / two-phase = {s['speedup_full_over_two_phase']:.2f}x", flush=True)
+        write()
     return res
 
 

@@ -488,14 +488,16 @@ def make_pipeline(comps: WanComponents):
 # ---------------------------------------------------------------------------------------------
 
 _BACKEND_ALIASES = {"sdpa": "native", "torch": "native", "native": "native", "xformers": "xformers",
-                    "flash": "flash", "flex": "flex", "sage": "sage", "math": "_native_math"}
+                    "flash": "flash", "flex": "flex", "sage": "sage", "math": "_native_math",
+                    "cudnn": "_native_cudnn", "sdpa_flash": "_native_flash", "sdpa_efficient": "_native_efficient"}
 
 
 def set_attention_backend(transformer, backend: str = "sdpa") -> str:
     """Select the attention kernel through diffusers' attention dispatcher.
 
-    ``sdpa`` (alias ``native``) = ``torch.nn.functional.scaled_dot_product_attention`` (default);
-    ``xformers`` needs the xformers package; ``flash``/``sage``/``flex`` and any other
+    ``sdpa`` (alias ``native``) = ``torch.nn.functional.scaled_dot_product_attention`` (default,
+    torch picks the kernel); ``cudnn`` / ``sdpa_flash`` / ``sdpa_efficient`` force SDPA's cuDNN,
+    FlashAttention-2 or memory-efficient kernel (CUDA); ``xformers`` needs the xformers package; ``flash``/``sage``/``flex`` and any other
     ``diffusers.models.attention_dispatch.AttentionBackendName`` value are passed through.
     Returns the dispatcher name that was set.
     """
@@ -519,6 +521,63 @@ def set_gradient_checkpointing(transformer, enabled: bool = True) -> None:
         transformer.enable_gradient_checkpointing()
     else:
         transformer.disable_gradient_checkpointing()
+
+
+CHECKPOINT_POLICIES = ("full", "attention")
+
+
+def _sdpa_ops() -> list:
+    """The aten attention kernels ``F.scaled_dot_product_attention`` dispatches to (those this
+    torch build has)."""
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    return [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
+
+
+def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") -> list[int]:
+    """Gradient checkpointing of ``round(ratio * n_blocks)`` transformer blocks, spread evenly.
+
+    ``ratio=1``: every block (diffusers' default); ``0.5``: every other block. Recomputing fewer
+    blocks trades activation memory (about 2 GB per 1.3B block at 32,760 tokens in bf16) for the
+    extra forward. ``policy``:
+
+    * ``full``: recompute the whole block in backward;
+    * ``attention``: selective checkpointing: keep the outputs of the attention kernels
+      (``scaled_dot_product_attention``: output + log-sum-exp, ``L x d`` per call, about 0.1 GB
+      per 1.3B block at 32,760 tokens) and recompute the rest. At Wan2.1 video lengths the
+      self-attention is most of the forward FLOPs (69 % for 1.3B at 21 x 60 x 104), so this
+      removes most of the recompute for a few GB.
+
+    Returns the checkpointed block indices.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"model.checkpoint_ratio must lie in [0, 1], got {ratio}")
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"model.checkpoint_policy={policy!r} is not one of {list(CHECKPOINT_POLICIES)}")
+    m = unwrap_model(transformer)
+    n = len(m.blocks)
+    k = round(ratio * n)
+    if k == 0:
+        m.disable_gradient_checkpointing()
+        return []
+    chosen = sorted({min(n - 1, int(i * n / k)) for i in range(k)})
+    ids = {id(m.blocks[i]) for i in chosen}
+    kwargs = {"use_reentrant": False}
+    if policy == "attention":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _sdpa_ops())
+
+    def ckpt(module, *args):
+        if id(module) in ids:
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, **kwargs)
+        return module(*args)
+
+    m.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------

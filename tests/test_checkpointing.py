@@ -1,0 +1,86 @@
+"""Gradient checkpointing policies of the Wan transformer (``wan.enable_checkpointing``).
+
+Reference: the same tiny model without checkpointing. Both policies must give the same loss
+and gradients; ``attention`` must run the attention kernel once per call (no recompute in
+backward) while ``full`` runs it twice.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from interpdiff.video import wan
+
+
+class _CountSDPA(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+        self.ops = set(wan._sdpa_ops())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model():
+    tr = wan.build_tiny_transformer(dtype=torch.float32)
+    wan.freeze(tr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        wan.add_lora(tr, wan.LoraSpec(rank=4, alpha=4))
+        for _, p in wan.trainable_parameters(tr):  # non-zero LoRA B so every gradient is non-trivial
+            p.data.normal_(0, 0.05)
+    return tr.train()
+
+
+def _loss_and_grads(tr, mode=None):
+    g = torch.Generator().manual_seed(0)
+    cfg = wan.tiny_transformer_config()
+    x = torch.randn(2, cfg["in_channels"], 5, 4, 6, generator=g)
+    emb = torch.randn(2, 7, cfg["text_dim"], generator=g)
+    t = torch.tensor([100.0, 700.0])
+    ctx = mode if mode is not None else torch.enable_grad()
+    with ctx:
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+        loss = (out ** 2).mean()
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in wan.trainable_parameters(tr)}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("policy,ratio", [("full", 1.0), ("attention", 1.0), ("attention", 0.5)])
+def test_checkpointing_policies_match_no_checkpointing(policy, ratio):
+    ref_loss, ref_grads = _loss_and_grads(_model())
+    tr = _model()
+    chosen = wan.enable_checkpointing(tr, ratio, policy)
+    assert len(chosen) == round(ratio * len(tr.blocks))
+    loss, grads = _loss_and_grads(tr)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_attention_policy_does_not_recompute_attention():
+    counts = {}
+    for policy in (None, "full", "attention"):
+        tr = _model()
+        if policy:
+            wan.enable_checkpointing(tr, 1.0, policy)
+        mode = _CountSDPA()
+        _loss_and_grads(tr, mode)
+        counts[policy] = mode.n
+    n_calls = 2 * len(_model().blocks)  # self- and cross-attention per block
+    assert counts[None] == n_calls
+    assert counts["full"] == 2 * n_calls  # forward + recompute in backward
+    assert counts["attention"] == n_calls  # outputs kept: no recompute
+
+
+def test_bad_checkpointing_arguments():
+    tr = _model()
+    with pytest.raises(ValueError, match="checkpoint_policy='everything'"):
+        wan.enable_checkpointing(tr, 1.0, "everything")
+    with pytest.raises(ValueError, match=r"checkpoint_ratio must lie in \[0, 1\], got 1.5"):
+        wan.enable_checkpointing(tr, 1.5)

@@ -38,8 +38,10 @@ Index/mask policies: ``uniform``, ``random`` (phase 1) / ``random_nested`` (phas
 (online DP on the ground-truth interpolation cost of the sample's own latents,
 ``interpdiff.selection.segment_costs``: the maze-style teacher, exact and cheap at T <= 21),
 ``dp_precomputed`` (a file ``{key: bool [T] (phase 1) or [S, T] (phase 2)}``, e.g. DP on the
-Wan-teacher cost), ``selector`` (needs a video selector network, which this repository does
-not have yet: a clear error).
+Wan-teacher cost), ``selector`` (the nested masks a trained video keyframe selector decodes from
+the sample's text embedding and clip length, ``interpdiff.video.selector``; checkpoint from
+``phase1.selector_ckpt`` / ``phase2.selector_ckpt``, loaded and checked before the model is
+built; it runs in fp32 outside autocast, without gradients).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class Phase1Config:
     num_keyframes: int = 6  # K latent frames per sample (endpoints included)
     index_policy: str = "uniform:0.4,random:0.3,dp:0.3"
     dp_index_file: str = ""  # for dp_precomputed: torch file {key: bool [T]}
+    selector_ckpt: str = ""  # for selector: a file (or run folder) written by interpdiff.video.train_selector
     flow_density: str = "logit_normal"  # training flow-time density (interpdiff.flow.sample_sigmas)
     flow_shift: float = 1.0  # shift applied to training flow times
     logit_mean: float = 0.0
@@ -108,6 +111,7 @@ class Phase2Config:
     budgets: list[int] = field(default_factory=list)  # explicit budgets (override k_min/n_levels)
     policy_mix: str = "uniform:0.3,random_nested:0.3,dp:0.4"
     dp_mask_file: str = ""  # for dp_precomputed: torch file {key: bool [S, T]}
+    selector_ckpt: str = ""  # for selector: a file (or run folder) written by interpdiff.video.train_selector
     sigma_max: float = 0.1  # corruption noise on missing frames, level 0 ...
     sigma_min: float = 0.01  # ... down to the second-to-last level (last level: 0)
     channels: list[str] = field(default_factory=lambda: ["mask"])  # widened inputs: mask | confidence
@@ -141,14 +145,18 @@ class VideoTrainConfig:
             self.model.lora.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name, spec, allowed in (
-            ("phase1.index_policy", self.phase1.index_policy, PHASE1_POLICIES),
-            ("phase2.policy_mix", self.phase2.policy_mix, PHASE2_POLICIES),
+        for name, spec, allowed, ckpt_key, ckpt in (
+            ("phase1.index_policy", self.phase1.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt",
+             self.phase1.selector_ckpt),
+            ("phase2.policy_mix", self.phase2.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt",
+             self.phase2.selector_ckpt),
         ):
             try:
-                parse_policy_mix(spec, allowed)
+                mix = parse_policy_mix(spec, allowed)
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
+            if "selector" in mix and not ckpt:
+                raise ConfigError(_selector_unset(name, ckpt_key))
         if self.phase1.num_keyframes < 2:
             raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.phase1.num_keyframes}")
         bad = [c for c in self.phase2.channels if c not in wan.WIDENING_CHANNELS]
@@ -266,25 +274,48 @@ def _load_precomputed(path: str, what: str) -> dict:
     return d
 
 
-def _selector_unavailable(what: str):
-    raise ConfigError(
-        f"{what}: policy 'selector' needs a trained video keyframe selector, which this repository does not "
-        "provide yet; remove 'selector' from the mix"
-    )
+def _selector_unset(what: str, ckpt_key: str) -> str:
+    return (f"{what}: policy 'selector' needs {ckpt_key} (a selector file or run folder written by "
+            "python -m interpdiff.video.train_selector), which is not set")
+
+
+def _load_policy_selector(path: str, what: str, ckpt_key: str):
+    from interpdiff.io import CheckpointError
+    from interpdiff.video.selector import load_selector
+
+    if not path:
+        raise ConfigError(_selector_unset(what, ckpt_key))
+    try:
+        return load_selector(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{ckpt_key}: {e}") from None
 
 
 class KeyframePolicy:
-    """Per-sample keyframe masks for phase 1 (``budgets=[K]``) or nested stacks for phase 2."""
+    """Per-sample keyframe masks for phase 1 (``budgets=[K]``) or nested stacks for phase 2.
 
-    def __init__(self, mix: str, allowed: Sequence[str], precomputed: str, what: str):
+    ``selector_ckpt`` (config key ``selector_key``) is loaded when the mix holds ``selector``; its
+    masks need the sample's text embedding (``masks(..., emb_L_D=...)``)."""
+
+    def __init__(self, mix: str, allowed: Sequence[str], precomputed: str, what: str, selector_ckpt: str = "",
+                 selector_key: str = "selector_ckpt"):
         self.mix = parse_policy_mix(mix, allowed)
         self.what = what
-        if "selector" in self.mix:
-            _selector_unavailable(what)
+        self.selector_key = selector_key
+        self.selector = _load_policy_selector(selector_ckpt, what, selector_key) if "selector" in self.mix else None
         self.table = _load_precomputed(precomputed, what) if "dp_precomputed" in self.mix else None
         self.fallbacks = 0
 
-    def masks(self, x0_C_T_H_W: torch.Tensor, key: str, budgets: list[int], g: torch.Generator) -> tuple[torch.Tensor, str]:
+    def check_selector_budgets(self, budgets: Sequence[int], T: int) -> None:
+        """The selector refuses budgets it was not trained on (``VideoSelector.check_budgets_for``)."""
+        if self.selector is not None:
+            try:
+                self.selector.check_budgets_for(budgets, T, f"{self.what} (selector {self.selector_key})")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+    def masks(self, x0_C_T_H_W: torch.Tensor, key: str, budgets: list[int], g: torch.Generator,
+              emb_L_D: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         """-> (nested masks ``[S, T]`` bool on CPU, policy name)."""
         T = x0_C_T_H_W.shape[1]
         policy = sample_policy(self.mix, generator=g)
@@ -308,6 +339,12 @@ class KeyframePolicy:
                 policy = "uniform_fallback"
             else:
                 m = stored.view(len(budgets), T)
+        elif policy == "selector":
+            if emb_L_D is None:
+                raise ValueError(f"{self.what}: policy 'selector' needs the sample's text embedding (emb_L_D)")
+            self.check_selector_budgets(budgets, T)
+            sel = self.selector.to(emb_L_D.device)
+            m = sel.nested_masks(emb_L_D[None], T, budgets)[0].cpu()
         else:  # pragma: no cover - parse_policy_mix restricts the names
             raise ValueError(policy)
         m = m.view(len(budgets), T)
@@ -345,7 +382,7 @@ def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     idx_rows, sig_rows, eps_rows, names = [], [], [], []
     for b, key in enumerate(_keys(batch)):
         g = sample_generator(seed, step, key)
-        m, name = policy.masks(x0[b].detach(), key, [K], g)
+        m, name = policy.masks(x0[b].detach(), key, [K], g, emb_L_D=emb[b])
         idx_rows.append(mask_to_indices(m))
         sig_rows.append(sample_sigmas(1, p1.flow_density, p1.flow_shift, p1.logit_mean, p1.logit_std, generator=g))
         eps_rows.append(torch.randn((C, K, H, W), generator=g))
@@ -413,7 +450,7 @@ def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
     mask_rows, s_rows, eps_rows = [], [], []
     for b, key in enumerate(_keys(batch)):
         g = sample_generator(seed, step, key)
-        masks, _ = policy.masks(x0[b].detach(), key, budgets, g)
+        masks, _ = policy.masks(x0[b].detach(), key, budgets, g, emb_L_D=emb[b])
         s = int(torch.randint(0, S - 1, (1,), generator=g))
         mask_rows.append(masks[s])
         s_rows.append(s)
@@ -472,9 +509,15 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
     """Everything ``interpdiff.training.train`` needs for phase 1 or 2 (cheap checks first)."""
     batches, _ = make_batches(cfg)
     if phase == 1:
-        policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file, "phase1.index_policy")
+        policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file,
+                                "phase1.index_policy", cfg.phase1.selector_ckpt, "phase1.selector_ckpt")
     else:
-        policy = KeyframePolicy(cfg.phase2.policy_mix, PHASE2_POLICIES, cfg.phase2.dp_mask_file, "phase2.policy_mix")
+        policy = KeyframePolicy(cfg.phase2.policy_mix, PHASE2_POLICIES, cfg.phase2.dp_mask_file, "phase2.policy_mix",
+                                cfg.phase2.selector_ckpt, "phase2.selector_ckpt")
+    T_known = cfg.data.crop_frames or (cfg.data.latent_shape[1] if cfg.data.latent_shape else -1)
+    if policy.selector is not None and T_known > 0:  # the clip length is fixed by the config: check now
+        policy.check_selector_budgets([cfg.phase1.num_keyframes] if phase == 1 else phase2_budgets(cfg.phase2, T_known),
+                                      T_known)
     try:
         transformer = build_transformer(cfg.model, phase, cfg.phase2)
     except ValueError as e:

@@ -4,15 +4,20 @@ base Wan2.1 flow-matching sampler with classifier-free guidance, over the same t
 Two-phase, for latents ``[B, C, T, H, W]`` (``T = 1 + (frames - 1) / 4``)::
 
     emb            = UMT5(prompt)                                 (wan.encode_prompts)
-    idx_B_K        = uniform keyframe indices (endpoints 0, T-1)   (or a selector, when one exists)
+    M_0 ⊂ ... ⊂ M_S = uniform nested masks, or the video keyframe selector's (keyframe_source)
+    idx_B_K        = indices of M_0 (endpoints 0, T-1)
     key_B_C_K_H_W  = Euler flow sampler, N steps, shift s, rope at idx   (phase1_sample)
     x_0            = I(scatter(key), M_0) + sigma_0 eps (1 - M_0)  (level-0 input, as in training)
     x_{s+1}        = TACoS step with x0_hat = phase-2 model(x_s, M_s)    (corruption.refine)
     video          = VAE decode(x_S) -> mp4
 
-The level-0 masks ``M_0`` and the later nested masks are uniform (``masks.uniform_nested_masks``)
-with the budgets read from the phase-2 LoRA's metadata (the phase-2 config it was trained with),
-so the sampler's corruption, level timesteps and mask planes are those of training
+The level-0 masks ``M_0`` and the later nested masks are uniform (``masks.uniform_nested_masks``,
+``keyframe_source=uniform``) or decoded from the text embedding and the clip length by a trained
+video keyframe selector (``keyframe_source=selector``, ``selector_ckpt``;
+``interpdiff.video.selector``: level s keeps ``M_{s-1}`` and adds the top ``K_s - K_{s-1}`` frames
+by the level-s logits), with the budgets read from the phase-2 LoRA's metadata (the phase-2
+config it was trained with; the selector must have been trained on the same budgets), so the
+sampler's corruption, level timesteps and mask planes are those of training
 (``objectives.phase2_restore`` is shared). Optional sampling noise follows the training schedule
 (``noise='level'``: ``sigma_{s+1}`` on the frames still missing).
 
@@ -43,7 +48,7 @@ import torch
 from interpdiff.corruption import level_sigmas, refine
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
-from interpdiff.masks import mask_to_indices, uniform_nested_masks
+from interpdiff.masks import check_nested, mask_to_indices, uniform_nested_masks
 from interpdiff.video import wan
 from interpdiff.video.objectives import (
     ModelConfig,
@@ -237,13 +242,23 @@ def two_phase_sample(
     generator: torch.Generator | None = None,
     timer: StageTimer | None = None,
     idx_B_K: torch.Tensor | None = None,
+    masks_B_S_T: torch.Tensor | None = None,
 ) -> dict:
-    """Phase 1 -> interpolation -> phase 2. Returns ``{"latents", "keyframes", "interpolated", "idx"}``."""
+    """Phase 1 -> interpolation -> phase 2. Returns ``{"latents", "keyframes", "interpolated", "idx",
+    "masks"}``. ``masks_B_S_T``: nested keyframe masks for the budgets ``st.budgets`` (e.g. from the
+    video keyframe selector); default uniform."""
     timer = timer or StageTimer(emb_B_L_D.device)
     B = emb_B_L_D.shape[0]
     H, W = hw
     C = wan.unwrap_model(phase1_tr).config.in_channels
-    masks = uniform_nested_masks(B, T, st.budgets, device=emb_B_L_D.device)
+    if masks_B_S_T is None:
+        masks = uniform_nested_masks(B, T, st.budgets, device=emb_B_L_D.device)
+    else:
+        masks = masks_B_S_T.to(emb_B_L_D.device)
+        if tuple(masks.shape) != (B, len(st.budgets), T):
+            raise ValueError(f"two_phase_sample: masks_B_S_T has shape {list(masks.shape)}, expected "
+                             f"[{B}, {len(st.budgets)}, {T}] (budgets {st.budgets})")
+        check_nested(masks, st.budgets)
     if idx_B_K is None:
         idx_B_K = mask_to_indices(masks[:, 0])
     with timer.stage("phase1"):
@@ -401,6 +416,7 @@ def make_validation(cfg, phase: int, batches) -> Callable:
 # --- sample.py: config and driver ---------------------------------------------------------------
 
 MODES = ("two_phase", "full")
+KEYFRAME_SOURCES = ("uniform", "selector")
 
 
 @dataclass
@@ -413,7 +429,8 @@ class SampleConfig:
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU (VAE always fp32)
     attention: str = "sdpa"
     mode: str = "two_phase"  # two_phase | full
-    keyframe_source: str = "uniform"  # uniform (level-0 budget of phase 2); selector: not available yet
+    keyframe_source: str = "uniform"  # uniform | selector (nested masks from the video keyframe selector)
+    selector_ckpt: str = ""  # keyframe_source=selector: file or run folder written by interpdiff.video.train_selector
     phase1_lora: str = ""
     phase2_lora: str = ""
     prompts: list[str] = field(default_factory=list)
@@ -448,11 +465,11 @@ class SampleConfig:
             raise ConfigError(f"height={self.height}, width={self.width}: both must be multiples of 16 (VAE 8 x patch 2)")
         if self.batch_size < 1 or self.phase1_steps < 1 or self.full_steps < 1:
             raise ConfigError("batch_size, phase1_steps and full_steps must be >= 1")
-        if self.keyframe_source != "uniform":
-            raise ConfigError(
-                f"keyframe_source={self.keyframe_source!r}: only 'uniform' is available (no video keyframe selector "
-                "has been trained in this repository yet)"
-            )
+        if self.keyframe_source not in KEYFRAME_SOURCES:
+            raise ConfigError(f"keyframe_source={self.keyframe_source!r} is not one of {KEYFRAME_SOURCES}")
+        if self.keyframe_source == "selector" and self.mode == "two_phase" and not self.selector_ckpt:
+            raise ConfigError("keyframe_source=selector needs selector_ckpt (a selector file or run folder written by "
+                              "python -m interpdiff.video.train_selector), which is not set")
         if self.phase2_noise not in ("none", "constant", "level"):
             raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
 
@@ -545,8 +562,30 @@ def check_keyframe_count(cfg: SampleConfig, st: Phase2Settings) -> None:
         )
 
 
+def load_keyframe_selector(cfg: SampleConfig, st: Phase2Settings | None, T: int):
+    """The video keyframe selector for ``keyframe_source=selector`` (``None`` otherwise), checked
+    against the sampling budgets before any Wan model is loaded: a missing or invalid
+    ``selector_ckpt`` is a ``CheckpointError`` naming it, untrained budgets a ``ConfigError``."""
+    from interpdiff.config import ConfigError
+    from interpdiff.io import CheckpointError
+    from interpdiff.video.selector import load_selector
+
+    if cfg.mode != "two_phase" or cfg.keyframe_source != "selector":
+        return None
+    try:
+        sel = load_selector(cfg.selector_ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"selector_ckpt: {e}") from None
+    try:
+        sel.check_budgets_for(st.budgets, T, "phase-2 budgets (phase2_lora metadata or phase2.*)")
+    except ValueError as e:
+        raise ConfigError(f"selector_ckpt={cfg.selector_ckpt!r}: {e}") from None
+    return sel
+
+
 def run_sampling(cfg: SampleConfig, log=print) -> dict:
-    """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s}}``."""
+    """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s},
+    "keyframes": [level-0 indices per video]}``."""
     prompts = check_sample_inputs(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     T = latent_frames(cfg.num_frames)
@@ -555,6 +594,9 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     st = _phase2_settings(cfg, T) if cfg.mode == "two_phase" else None
     if st is not None:
         check_keyframe_count(cfg, st)
+    selector = load_keyframe_selector(cfg, st, T)
+    if selector is not None:
+        selector = selector.to(device)
     dtype = base_dtype(ModelConfig(dtype=cfg.dtype))
     with timer.stage("load"):
         enc, tok = wan.load_text_encoder(cfg.model_path, dtype=dtype)
@@ -573,7 +615,7 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
             wan.set_attention_backend(tr, cfg.attention)
         vae = wan.load_vae(cfg.model_path).to(device)
     out_dir = Path(cfg.out_dir)
-    videos = []
+    videos, keyframes = [], []
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
@@ -582,9 +624,14 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
         g = torch.Generator().manual_seed(cfg.seed + start)
         with ctx:
             if cfg.mode == "two_phase":
+                masks = None
+                if selector is not None:
+                    with timer.stage("selector"):
+                        masks = selector.nested_masks(emb, T, st.budgets)
                 res = two_phase_sample(tr1, tr2, emb, T, (H, W), st, cfg.phase1_steps, cfg.shift, cfg.phase1_guidance,
-                                       neg_b, g, timer)
+                                       neg_b, g, timer, masks_B_S_T=masks)
                 lat = res["latents"]
+                keyframes += res["idx"].cpu().tolist()
             else:
                 C = wan.unwrap_model(tr).config.in_channels
                 with timer.stage("full"):
@@ -600,5 +647,7 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     from interpdiff.io import atomic_write_text
 
     atomic_write_text(out_dir / f"times_{cfg.mode}.json", json.dumps({"times": times, "videos": [str(v) for v in videos],
-                                                                       "prompts": prompts, "T": T, "H": H, "W": W}, indent=1))
-    return {"videos": videos, "times": times}
+                                                                       "prompts": prompts, "T": T, "H": H, "W": W,
+                                                                       "keyframe_source": cfg.keyframe_source,
+                                                                       "keyframes": keyframes}, indent=1))
+    return {"videos": videos, "times": times, "keyframes": keyframes}

@@ -21,6 +21,8 @@ COND_MODES = ("cross", "prefix")
 PHASE1_POLICIES = ("dp", "uniform", "random", "selector")
 PHASE2_POLICIES = ("selector", "uniform", "random_nested", "dp_precomputed")
 INDEX_SOURCES = ("selector", "uniform")
+REFINER_OUTPUTS = ("missing_residual", "residual")  # maze.models.Refiner's x0_hat forms
+LEVEL_WEIGHTS = ("none", "inv_sigma2")
 # two_phase_uniform: the two-phase planner with uniform keyframe indices (no selector, no D_phi cost at sampling
 # beyond the features), to separate the selector's effect and cost from the rest of the method
 EVAL_METHODS = ("two_phase", "full", "interp_only", "two_phase_uniform")
@@ -90,6 +92,9 @@ class Phase1Config:
     train_shift: float = 1.0
     sample_steps: int = 8
     sample_shift: float = 1.0
+    # weight of the wall penalty on the predicted clean keyframes z0_hat = z_sigma - sigma v, weighted by
+    # (1 - sigma)^2 (maze.models.wall_penalty: points closer than 0.12 cells to a wall); 0 = off
+    wall_weight: float = 0.0
 
     def validate(self) -> None:
         self.model.validate("phase1.model")
@@ -101,6 +106,8 @@ class Phase1Config:
             raise ValueError(f"phase1.density={self.density!r} is not one of {DENSITIES}")
         if self.sample_steps < 1:
             raise ValueError(f"phase1.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.wall_weight < 0:
+            raise ValueError(f"phase1.wall_weight={self.wall_weight} must be >= 0")
 
 
 @dataclass
@@ -111,21 +118,35 @@ class Phase2Config:
     model: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy_mix: str = "selector:0.3,uniform:0.2,random_nested:0.2,dp_precomputed:0.3"
+    # x0_hat form: "missing_residual" (keyframes of M_s returned exactly, a correction on missing frames
+    # only) or "residual" (the form before this option: a correction on every frame); maze.models.Refiner
+    output: str = "missing_residual"
     sigma_max: float = 0.02  # corruption noise on missing frames at level 0, in normalised [0,1] units
     sigma_min: float = 0.002
     confidence: str = "mask"
     sample_noise: str = "none"
     noise_scale: float = 1.0
     pos_clip: bool = True
+    # per-sample loss weight by level: "none" or "inv_sigma2" (1 / sigma_s^2, normalised to mean 1 over the
+    # levels): every level's denoising error counts alike, so the fine levels (K = 32, 64), whose
+    # interpolation is already close, are not drowned by the K = 8 errors
+    level_weight: str = "none"
+    wall_weight: float = 0.0  # wall penalty on x0_hat at missing frames (maze.models.wall_penalty); 0 = off
 
     def validate(self) -> None:
         self.model.validate("phase2.model")
         self.optim.validate("phase2.optim")
         parse_policy_mix(self.policy_mix, PHASE2_POLICIES)
+        if self.output not in REFINER_OUTPUTS:
+            raise ValueError(f"phase2.output={self.output!r} is not one of {REFINER_OUTPUTS}")
         if not 0 <= self.sigma_min <= self.sigma_max:
             raise ValueError(f"phase2: need 0 <= sigma_min <= sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.confidence not in CONFIDENCE_KINDS:
             raise ValueError(f"phase2.confidence={self.confidence!r} is not one of {CONFIDENCE_KINDS}")
+        if self.level_weight not in LEVEL_WEIGHTS:
+            raise ValueError(f"phase2.level_weight={self.level_weight!r} is not one of {LEVEL_WEIGHTS}")
+        if self.wall_weight < 0:
+            raise ValueError(f"phase2.wall_weight={self.wall_weight} must be >= 0")
         if self.sample_noise not in NOISE_MODES:
             raise ValueError(f"phase2.sample_noise={self.sample_noise!r} is not one of {NOISE_MODES}")
 
@@ -141,6 +162,7 @@ class BaselineConfig:
     train_shift: float = 1.0
     sample_steps: int = 20
     sample_shift: float = 1.0
+    wall_weight: float = 0.0  # as phase1.wall_weight, on the predicted clean sequence (same option, fair comparison)
 
     def validate(self) -> None:
         self.model.validate("baseline.model")
@@ -149,6 +171,8 @@ class BaselineConfig:
             raise ValueError(f"baseline.density={self.density!r} is not one of {DENSITIES}")
         if self.sample_steps < 1:
             raise ValueError(f"baseline.sample_steps must be >= 1, got {self.sample_steps}")
+        if self.wall_weight < 0:
+            raise ValueError(f"baseline.wall_weight={self.wall_weight} must be >= 0")
 
 
 @dataclass

@@ -21,8 +21,19 @@ has roughly unit scale against unit Gaussian noise.
   ``known = 1``) and clamped; output the velocity ``v = eps - z0``.
 - ``Refiner`` (phase-2): ``R(x_s, s, M_s, cond) -> x0_hat`` over all T points. Input per token
   ``[z_s (2), conf (1)]`` with ``conf = anchor_confidence(M_s)``; the level enters as a learned
-  embedding of ``s`` plus an MLP of ``K_s / T``. Residual form ``x0_hat = x_s + out / 2`` with a
-  zero-initialised output, so an untrained refiner returns its input (the interpolation).
+  embedding of ``s`` plus an MLP of ``K_s / T``. Output form (``output``, stored in the
+  checkpoint): ``missing_residual`` (default) ``x0_hat = x_s + (1 - M_s) * out / 2``, i.e. the
+  keyframes of ``M_s`` (the frames with ``conf = 1``) are returned *exactly* and only the missing
+  frames get a correction; ``residual`` (the form of checkpoints written before this field
+  existed) ``x0_hat = x_s + out / 2`` on every frame. The output layer is zero-initialised, so an
+  untrained refiner returns its input (the interpolation). Why ``missing_residual`` matters:
+  the training loss sees only missing frames, so under ``residual`` the keyframe outputs are
+  unconstrained, yet the TACoS step ``x_{s+1} = x_s - I(x0_hat, M_s) + I(x0_hat, M_{s+1})`` gives
+  a new keyframe ``t`` the value ``x0_hat_t - I(x0_hat - x_s, M_s)_t``: the untrained keyframe
+  outputs leak into every frame (and the per-level ``x0_hat`` is off on the keyframes, which is
+  how a refined K = 64 level measured worse than its interpolation). With ``x0_hat = x_s`` on
+  ``M_s`` the step is exactly ``x_{s+1} = I(x0_hat, M_{s+1})`` (no sampling noise): the new
+  keyframes take the trained prediction.
 - ``FullSequenceDenoiser`` (baseline, Diffuser-style): flow matching over all T points, per
   token ``[z_sigma (2), known (1)]`` with start/goal inpainted at frames 0 and T-1.
 
@@ -42,9 +53,10 @@ import torch.nn.functional as F
 from interpdiff.config import from_dict
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
 from maze.common import load_kind
-from maze.config_model import BackboneConfig
+from maze.config_model import REFINER_OUTPUTS, BackboneConfig
 
 MODEL_KINDS = ("phase1", "phase2", "baseline")
+LEGACY_REFINER_OUTPUT = "residual"  # phase-2 checkpoints without an ``output`` field were written with this form
 KP_FEAT_DIM = 5
 CENTER, SCALE = 0.5, 2.0
 
@@ -56,6 +68,35 @@ def to_z(x: torch.Tensor) -> torch.Tensor:
 
 def from_z(z: torch.Tensor) -> torch.Tensor:
     return z / SCALE + CENTER
+
+
+WALL_MARGIN_CELLS = 0.12  # wall penalty margin (cells): agent radius 0.1 + 0.02; the bilinear SDF under-reads near
+# convex wall corners, where 0.9% of the data points read below 0.2 and 0.2% below 0.1 (the data keep >= 0.18)
+
+
+def sdf_at(sdf_B_G_G: torch.Tensor, x_B_L_2: torch.Tensor) -> torch.Tensor:
+    """Bilinear SDF (cells) at normalised points ``x [B, L, 2]`` (``(u, v)``; grid ``[row=v, col=u]``,
+    cell centres at ``(i + 0.5) / G``) -> ``[B, L]``; differentiable in ``x``, border-clamped outside."""
+    grid = (x_B_L_2 * 2 - 1)[:, :, None, :]  # (B, L, 1, 2): grid_sample's x = u (columns), y = v (rows)
+    out = F.grid_sample(sdf_B_G_G[:, None].float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
+    return out[:, 0, :, 0]  # (B, L)
+
+
+def wall_penalty(x_B_L_2: torch.Tensor, sdf_B_G_G: torch.Tensor, margin_cells: float = WALL_MARGIN_CELLS) -> torch.Tensor:
+    """Per-point ``(relu(margin - sdf(x)) * 2 / G)^2`` ``[B, L]``: squared depth (in model units ``z``)
+    by which a point lies closer than ``margin`` cells to a wall (0 for points with clearance)."""
+    G = sdf_B_G_G.shape[-1]
+    return ((margin_cells - sdf_at(sdf_B_G_G, x_B_L_2)).clamp_min(0) * (SCALE / G)) ** 2
+
+
+def flow_wall_penalty(zt_B_L_2, v_B_L_2, sigma_B, free_B_L, sdf_B_G_G) -> torch.Tensor:
+    """Wall penalty of a flow model's predicted clean points ``z0_hat = z_sigma - sigma v`` (in ``[0,1]``
+    after ``from_z``), averaged over the ``free_B_L`` (not clamped) points with weight ``(1 - sigma)^2``:
+    at large sigma ``z0_hat`` is a posterior mean that may lie between two routes, so the penalty acts
+    where the sample is nearly decided."""
+    x0_hat = from_z(zt_B_L_2 - sigma_B[:, None, None] * v_B_L_2)
+    w = free_B_L.float() * (1 - sigma_B[:, None]) ** 2
+    return (wall_penalty(x0_hat, sdf_B_G_G) * w).sum() / free_B_L.float().sum().clamp_min(1)
 
 
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -246,14 +287,21 @@ class FullSequenceDenoiser(nn.Module):
 
 
 class Refiner(nn.Module):
-    """Phase-2: ``x0_hat = x_s + out / 2`` from ``(x_s, s, conf_s, K_s / T, cond)``, positions in [0,1]."""
+    """Phase-2: ``x0_hat`` from ``(x_s, s, conf_s, K_s / T, cond)``, positions in [0,1] (module doc).
+
+    ``output="missing_residual"``: ``x0_hat = where(M_s, x_s, x_s + out / 2)`` with ``M_s = conf_s > 0.999``
+    (keyframes exactly preserved); ``output="residual"``: ``x0_hat = x_s + out / 2`` everywhere (legacy).
+    """
 
     kind = "phase2"
 
-    def __init__(self, sizes: BackboneConfig, T: int, G: int, n_levels: int):
+    def __init__(self, sizes: BackboneConfig, T: int, G: int, n_levels: int, output: str = "missing_residual"):
         super().__init__()
+        if output not in REFINER_OUTPUTS:
+            raise ValueError(f"Refiner: output={output!r} is not one of {REFINER_OUTPUTS}")
         self.T = T
         self.n_levels = n_levels
+        self.output = output
         self.backbone = TrajBackbone(3, 2, sizes, G)
         self.level_emb = nn.Embedding(n_levels, sizes.d_model)
         self.frac_emb = ScalarEmbed(sizes.d_model)
@@ -267,10 +315,14 @@ class Refiner(nn.Module):
         if T != self.T:
             raise ValueError(f"Refiner: sequence length {T} differs from the trained T={self.T}")
         idx = torch.arange(T, device=x_s_B_T_2.device).expand(B, T)
-        frac = conf_B_T.gt(0.999).float().mean(1)  # K_s / T (the anchor count of this level)
+        anchor_B_T = conf_B_T.gt(0.999)  # keyframes of M_s: anchor_confidence is exactly 1 there (mask and tent)
+        frac = anchor_B_T.float().mean(1)  # K_s / T (the anchor count of this level)
         c = self.level_emb(level_B.long().clamp(0, self.n_levels - 1)) + self.frac_emb(frac * 1000.0)
         feat = torch.cat([to_z(x_s_B_T_2), conf_B_T[..., None]], dim=-1)
-        return x_s_B_T_2 + self.backbone(feat, idx, c, cond, enc) / SCALE
+        delta = self.backbone(feat, idx, c, cond, enc) / SCALE  # (B, T, 2) in [0,1] units
+        if self.output == "residual":
+            return x_s_B_T_2 + delta
+        return torch.where(anchor_B_T[..., None], x_s_B_T_2, x_s_B_T_2 + delta)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -280,6 +332,7 @@ def model_meta(model: nn.Module) -> dict:
     meta = {"kind": model.kind, "sizes": asdict(model.backbone.sizes), "T": model.T, "G": model.backbone.G}
     if isinstance(model, Refiner):
         meta["n_levels"] = model.n_levels
+        meta["output"] = model.output
     return meta
 
 
@@ -293,7 +346,11 @@ def build_model(meta: dict) -> nn.Module:
         return KeypointDenoiser(sizes, int(meta["T"]), int(meta["G"]))
     if kind == "baseline":
         return FullSequenceDenoiser(sizes, int(meta["T"]), int(meta["G"]))
-    return Refiner(sizes, int(meta["T"]), int(meta["G"]), int(meta["n_levels"]))
+    # phase-2 checkpoints written before the ``output`` field existed used the all-frames residual
+    output = meta.get("output", LEGACY_REFINER_OUTPUT)
+    if output not in REFINER_OUTPUTS:
+        raise CheckpointError(f"phase-2 model metadata output={output!r} is not one of {REFINER_OUTPUTS}")
+    return Refiner(sizes, int(meta["T"]), int(meta["G"]), int(meta["n_levels"]), output)
 
 
 def save_model(path, model: nn.Module, ema: nn.Module | None = None, extra_meta: dict | None = None, train_state=None):
@@ -368,7 +425,9 @@ def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, required_meta=("kind", "sizes"))
         ts = ck["state"].get("train_state")
-        if ts is not None and model_meta(model)["sizes"] == ck["meta"]["sizes"]:
+        mm, ckm = model_meta(model), ck["meta"]
+        same_form = "output" not in mm or mm["output"] == ckm.get("output", LEGACY_REFINER_OUTPUT)
+        if ts is not None and mm["sizes"] == ckm["sizes"] and same_form:
             model.load_state_dict(ck["state"]["model"])
             if ema is not None and "ema" in ck["state"]:
                 ema.model.load_state_dict(ck["state"]["ema"])

@@ -7,7 +7,8 @@ objective as phase-1, but over every frame: ``z0 = 2 (x - 0.5)`` ``[B, T, 2]``,
 ``z_sigma = (1 - sigma) z0 + sigma eps``, target ``eps - z0``; start/goal are inpainted at frames 0
 and T-1 (clean, ``known = 1``, no loss) as Diffuser conditions on its first/last state.
 Sampling (``maze.sampler.sample_full``) takes ``baseline.sample_steps`` Euler steps, one network
-evaluation each.
+evaluation each. ``baseline.wall_weight > 0`` adds the same wall penalty as
+``phase1.wall_weight`` (``maze.models.flow_wall_penalty``), so the two can be compared alike.
 
 Writes ``<baseline.run_dir>/model.pt``, ``config.yaml`` and ``model_metrics.csv``.
 """
@@ -22,7 +23,7 @@ import torch
 from interpdiff.config import save_config, to_dict
 from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas
 from maze.config_model import load_maze_config
-from maze.models import FullSequenceDenoiser, to_z, train_loop
+from maze.models import FullSequenceDenoiser, flow_wall_penalty, to_z, train_loop
 from maze.sampler import endpoints_known
 
 
@@ -36,7 +37,10 @@ def baseline_loss(model, batch, cfg_b, generator):
     cond = {k: batch[k] for k in ("occ", "sdf", "start", "goal")}
     v = model(zt, sigma, known, cond)
     w = (~known).float()[..., None]
-    return ((v - flow_match_target(z0, eps)) ** 2 * w).sum() / (w.sum() * 2)
+    loss = ((v - flow_match_target(z0, eps)) ** 2 * w).sum() / (w.sum() * 2)
+    if cfg_b.wall_weight > 0:
+        loss = loss + cfg_b.wall_weight * flow_wall_penalty(zt, v, sigma, ~known, batch["sdf"])
+    return loss
 
 
 def main(cfg) -> Path:

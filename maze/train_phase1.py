@@ -9,7 +9,8 @@ Flow matching over the ``K_0`` level-0 keyframe values ``z0 = (x[idx] - 0.5) * 2
 with ``known = 1`` and carry no loss (they are clamped at sampling).
 
 Index policy per batch from ``phase1.policy_mix`` (default ``dp:0.7,uniform:0.2,random:0.1``;
-``selector`` is added with ``phase1.selector_weight`` when ``<selector.run_dir>/model.pt``
+``phase1.wall_weight > 0`` adds ``maze.models.flow_wall_penalty`` (walls near the predicted clean
+keyframes). ``selector`` is added with ``phase1.selector_weight`` when ``<selector.run_dir>/model.pt``
 exists). ``kp_feat`` is recomputed for the chosen indices with D_phi's segment costs (the same
 function the sampler uses, so training and sampling features match), or zeros with
 ``phase1.feat_diffs=none``.
@@ -29,7 +30,7 @@ from interpdiff.config import save_config, to_dict
 from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas
 from interpdiff.masks import mask_to_indices, parse_policy_mix, sample_policy
 from maze.config_model import PHASE1_POLICIES, load_maze_config
-from maze.models import KeypointDenoiser, to_z, train_loop
+from maze.models import KeypointDenoiser, flow_wall_penalty, to_z, train_loop
 from maze.sampler import dphi_pair_cost, endpoints_known, gather_keyframes, keyframe_features, policy_masks
 
 
@@ -66,7 +67,10 @@ def phase1_loss(model, batch, mask0_B_T, pair_cost, cfg, generator):
     zt = torch.where(known[..., None], z0, flow_match_xt(z0, eps, sigma))
     v = model(zt, sigma, idx, feat, known, cond)
     w = (~known).float()[..., None]
-    return ((v - flow_match_target(z0, eps)) ** 2 * w).sum() / (w.sum() * 2)
+    loss = ((v - flow_match_target(z0, eps)) ** 2 * w).sum() / (w.sum() * 2)
+    if p1.wall_weight > 0:
+        loss = loss + p1.wall_weight * flow_wall_penalty(zt, v, sigma, ~known, batch["sdf"])
+    return loss
 
 
 def main(cfg) -> Path:

@@ -9,7 +9,10 @@ missing frame), the corruption ``x_s = I(x0, M_s) + sigma_s eps (1 - M_s)``
 (``interpdiff.corruption.corrupt``, ``sigma_s = level_sigmas(S, sigma_max, sigma_min)[s]``),
 the anchor confidence ``anchor_confidence(M_s, phase2.confidence)`` (the very function
 ``refine`` calls at sampling) and the loss ``mean ||z(x0_hat) - z(x0)||^2`` over missing
-frames (``z = 2 (x - 0.5)``).
+frames (``z = 2 (x - 0.5)``), per-sample weighted by level when ``phase2.level_weight=inv_sigma2``
+(``1 / sigma_s^2``, mean 1 over levels), plus ``phase2.wall_weight`` times ``maze.models.wall_penalty``
+of ``x0_hat`` on missing frames. The refiner's output form is ``phase2.output``
+(``missing_residual``: keyframes of ``M_s`` returned exactly).
 
 Writes ``<phase2.run_dir>/model.pt`` (sizes, T, G, n_levels, budgets, sigmas, confidence in its
 metadata), ``config.yaml`` and ``model_metrics.csv``.
@@ -26,11 +29,14 @@ from interpdiff.config import save_config, to_dict
 from interpdiff.corruption import anchor_confidence, corrupt, level_sigmas
 from interpdiff.masks import parse_policy_mix, sample_policy
 from maze.config_model import PHASE2_POLICIES, load_maze_config
-from maze.models import Refiner, to_z, train_loop
+from maze.models import Refiner, to_z, train_loop, wall_penalty
 from maze.sampler import policy_masks
 
 
-def phase2_loss(model, batch, masks_B_S_T, sigmas_S, confidence: str, generator):
+def phase2_loss(model, batch, masks_B_S_T, sigmas_S, confidence: str, generator, level_weight: str = "none",
+                wall_weight: float = 0.0):
+    """Mean squared error in ``z`` over missing frames (module doc), per-sample weighted by level
+    (``level_weight``), plus ``wall_weight`` x the wall penalty of ``x0_hat`` at missing frames."""
     x0 = batch["pos"]
     B, S, T = masks_B_S_T.shape
     s = torch.randint(0, S - 1, (B,), generator=generator)
@@ -38,8 +44,17 @@ def phase2_loss(model, batch, masks_B_S_T, sigmas_S, confidence: str, generator)
     x_s = corrupt(x0, m, sigmas_S[s], generator=generator)
     cond = {k: batch[k] for k in ("occ", "sdf", "start", "goal")}
     x0_hat = model(x_s, s, anchor_confidence(m, confidence), cond)
-    w = (~m).float()[..., None]
-    return ((to_z(x0_hat) - to_z(x0)) ** 2 * w).sum() / (w.sum() * 2)
+    w = (~m).float()  # (B, T)
+    if level_weight == "inv_sigma2":
+        lw = 1.0 / sigmas_S[: S - 1].double() ** 2
+        w = w * (lw / lw.mean()).float()[s][:, None]
+    elif level_weight != "none":
+        raise ValueError(f"phase2_loss: level_weight={level_weight!r} is not one of ['none', 'inv_sigma2']")
+    n = (~m).float().sum()
+    loss = ((to_z(x0_hat) - to_z(x0)) ** 2 * w[..., None]).sum() / (n * 2)
+    if wall_weight > 0:
+        loss = loss + wall_weight * (wall_penalty(x0_hat, batch["sdf"]) * (~m).float()).sum() / n
+    return loss
 
 
 def main(cfg) -> Path:
@@ -58,7 +73,7 @@ def main(cfg) -> Path:
     run_dir = Path(p2.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
-    model = Refiner(p2.model, data.T, data.G, len(budgets))
+    model = Refiner(p2.model, data.T, data.G, len(budgets), p2.output)
     sig = level_sigmas(len(budgets), p2.sigma_max, p2.sigma_min)
     gen = torch.Generator().manual_seed(p2.optim.seed)
     counts = {k: 0 for k in mix}
@@ -70,7 +85,7 @@ def main(cfg) -> Path:
         pol = sample_policy(mix, gen)
         counts[pol] += 1
         masks = policy_masks(pol, len(rows), data.T, budgets, batch, gen, selector, cond)
-        return phase2_loss(model, batch, masks, sig, p2.confidence, gen), {}
+        return phase2_loss(model, batch, masks, sig, p2.confidence, gen, p2.level_weight, p2.wall_weight), {}
 
     path = run_dir / "model.pt"
     extra = {"budgets": budgets, "sigmas": sig.tolist(), "sigma_max": p2.sigma_max, "sigma_min": p2.sigma_min,

@@ -163,3 +163,135 @@ def test_train_loop_learns_and_resumes(tmp_path):
     rows2 = train_loop(r2, loss_fn, oc2, tmp_path / "model.pt", {}, "test")
     assert [row["step"] for row in rows2] == [10, 20, 30, 40, 50, 60, 70]  # 6 old rows + 1 new
     assert rows2[-1]["loss"] < rows[0]["loss"] / 5  # continued from the trained weights
+
+
+@pytest.mark.parametrize("confidence", ["mask", "tent"])
+def test_missing_residual_refiner_returns_keyframes_exactly(confidence):
+    """``output=missing_residual``: x0_hat == x_s bit for bit on the keyframes of M_s for random
+    weights (mask and tent confidence); the legacy ``residual`` form moves them."""
+    from interpdiff.corruption import anchor_confidence
+    from interpdiff.masks import random_nested_masks
+
+    torch.manual_seed(0)
+    B = 4
+    m = random_nested_masks(B, T, [6], torch.Generator().manual_seed(3))[:, 0]
+    conf = anchor_confidence(m, confidence)
+    x = torch.rand(B, T, 2)
+    outs = {}
+    for output in ("missing_residual", "residual"):
+        torch.manual_seed(1)
+        r = perturb(Refiner(SIZES[1], T, G, 3, output=output)).eval()
+        with torch.no_grad():
+            outs[output] = r(x, torch.tensor([0, 1, 2, 0]), conf, cond(B))
+    new, old = outs["missing_residual"], outs["residual"]
+    assert torch.equal(new[m], x[m])
+    assert (new[~m] - x[~m]).abs().max() > 1e-2
+    torch.testing.assert_close(new[~m], old[~m], atol=0, rtol=0)  # same weights, same correction where missing
+    assert (old[m] - x[m]).abs().max() > 1e-2
+
+
+def test_phase2_checkpoint_output_field_round_trip_and_legacy(tmp_path):
+    """The output form is stored and restored; a checkpoint written before the field existed loads as
+    the legacy all-frames residual (what it was trained with); an unknown form is a clear error."""
+    torch.manual_seed(0)
+    r = perturb(Refiner(SIZES[0], T, G, 3, output="residual")).eval()
+    save_model(tmp_path / "a.pt", r)
+    a, meta = load_model(tmp_path / "a.pt", "phase2")
+    assert meta["output"] == "residual" and a.output == "residual"
+    b, _ = load_model(save_model(tmp_path / "b.pt", perturb(Refiner(SIZES[0], T, G, 3))), "phase2")
+    assert b.output == "missing_residual"
+    ck = load_checkpoint(tmp_path / "a.pt")
+    del ck["meta"]["output"]
+    save_checkpoint(tmp_path / "old.pt", ck["state"], ck["meta"])
+    old, _ = load_model(tmp_path / "old.pt", "phase2")
+    assert old.output == "residual"
+    with torch.no_grad():
+        torch.testing.assert_close(run(old), run(r), atol=0, rtol=0)
+    ck["meta"]["output"] = "delta"
+    save_checkpoint(tmp_path / "bad.pt", ck["state"], ck["meta"])
+    with pytest.raises(CheckpointError, match="output='delta'"):
+        load_model(tmp_path / "bad.pt", "phase2")
+    with pytest.raises(ValueError, match="phase2.output='delta'"):
+        load_config(MazeConfig, None, ["phase2.output=delta"])
+
+
+def test_sdf_at_and_wall_penalty_hand_cases():
+    """Bilinear SDF: the grid value at a cell centre, the mean of two centres on the face between them;
+    the penalty is ((margin - sdf) * 2 / G)^2 below the margin, 0 above, and its gradient pushes a point
+    out of the wall."""
+    from maze.mazes import sdf_from_occupancy
+    from maze.models import WALL_MARGIN_CELLS, sdf_at, wall_penalty
+
+    occ = torch.zeros(G, G)
+    occ[:, 0] = occ[:, -1] = occ[0] = occ[-1] = 1
+    occ[5, 3:9] = 1  # a horizontal wall row
+    sdf = torch.tensor(sdf_from_occupancy(occ.numpy().astype(bool)))[None]
+    ctr = lambda r, c: [(c + 0.5) / G, (r + 0.5) / G]  # noqa: E731  (u, v) of cell (row, col)
+    pts = torch.tensor([[ctr(3, 5), ctr(4, 5), ctr(5, 5), [(5 + 0.5) / G, 5.0 / G]]])  # last: face between rows 4 and 5
+    got = sdf_at(sdf, pts)[0]
+    torch.testing.assert_close(got[:3], sdf[0, [3, 4, 5], [5, 5, 5]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[3], (sdf[0, 4, 5] + sdf[0, 5, 5]) / 2, atol=1e-6, rtol=0)
+    assert float(sdf[0, 4, 5]) == 0.5 and abs(float(got[3])) < 1e-6
+    pen = wall_penalty(pts, sdf)[0]
+    assert float(pen[0]) == 0 and float(pen[1]) == 0  # 1.5 and 0.5 cells from the wall: clear of the margin
+    torch.testing.assert_close(pen[2], torch.tensor(((WALL_MARGIN_CELLS + 0.5) * 2 / G) ** 2), atol=1e-7, rtol=0)
+    torch.testing.assert_close(pen[3], torch.tensor((WALL_MARGIN_CELLS * 2 / G) ** 2), atol=1e-7, rtol=0)
+    p = pts[:, 3:4].clone().requires_grad_(True)  # on the wall's face (row 5 is wall, v grows with the row)
+    wall_penalty(p, sdf).sum().backward()
+    assert float(p.grad[0, 0, 1]) > 0 and abs(float(p.grad[0, 0, 0])) < 1e-6  # descent moves v down, away from the wall
+
+
+def test_phase2_loss_level_weight_and_wall_term_hand_case():
+    """phase2_loss against a hand computation: an identity refiner (zero output) on a 2-sample batch."""
+    from interpdiff.corruption import corrupt
+    from interpdiff.masks import uniform_nested_masks
+    from maze.models import wall_penalty
+    from maze.train_phase2 import phase2_loss
+
+    torch.manual_seed(0)
+    B, S = 2, 3
+    r = Refiner(SIZES[1], T, G, S).eval()  # zero-initialised: x0_hat = x_s
+    x0 = torch.rand(B, T, 2) * 0.8 + 0.1
+    c = cond(B)
+    batch = {"pos": x0, **c}
+    masks = uniform_nested_masks(B, T, [4, 8, T])
+    sig = torch.tensor([0.04, 0.01, 0.0])
+    for lw, ww in (("none", 0.0), ("inv_sigma2", 0.0), ("inv_sigma2", 2.0)):
+        g = torch.Generator().manual_seed(5)
+        got = phase2_loss(r, batch, masks, sig, "mask", g, lw, ww)
+        g = torch.Generator().manual_seed(5)  # the same draws by hand: levels, then the corruption noise
+        s = torch.randint(0, S - 1, (B,), generator=g)
+        m = masks[torch.arange(B), s]
+        x_s = corrupt(x0, m, sig[s], generator=g)
+        per = (((x_s - x0) * 2) ** 2).sum(-1) * (~m)  # (B, T) squared error in z on missing frames
+        wts = torch.ones(B) if lw == "none" else (1 / sig[s] ** 2) / (1 / sig[:2] ** 2).mean()
+        want = (per * wts[:, None]).sum() / ((~m).sum() * 2)
+        if ww:
+            want = want + ww * (wall_penalty(x_s, c["sdf"]) * (~m)).sum() / (~m).sum()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="phase2.level_weight='snr'"):
+        load_config(MazeConfig, None, ["phase2.level_weight=snr"])
+    with pytest.raises(ValueError, match="phase1.wall_weight=-1"):
+        load_config(MazeConfig, None, ["phase1.wall_weight=-1"])
+
+
+def test_flow_wall_penalty_reads_the_clean_prediction():
+    """With the exact velocity of ``interpdiff.flow`` (v = eps - z0 at z_sigma), the penalty is that of
+    the clean points z0, weighted by (1 - sigma)^2 and averaged over the free (not clamped) points."""
+    from interpdiff.flow import flow_match_target, flow_match_xt
+    from maze.models import flow_wall_penalty, from_z, wall_penalty
+
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 6
+    c = cond(B)
+    z0 = torch.rand(B, L, 2, generator=g) * 2 - 1
+    eps = torch.randn(B, L, 2, generator=g)
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    free = torch.ones(B, L, dtype=torch.bool)
+    free[:, 0] = False
+    zt = flow_match_xt(z0, eps, sigma)
+    got = flow_wall_penalty(zt, flow_match_target(z0, eps), sigma, free, c["sdf"])
+    pen = wall_penalty(from_z(z0), c["sdf"])
+    want = (pen * free * (1 - sigma[:, None]) ** 2).sum() / free.sum()
+    assert float(pen[free].sum()) > 0  # random walls: some points are penalised
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)

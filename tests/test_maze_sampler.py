@@ -188,3 +188,35 @@ def test_policy_masks_nested_and_dp_budget_check():
         policy_masks("dp", B, T, BUDGETS, batch={})
     with pytest.raises(ValueError, match="selector"):
         policy_masks("selector", B, T, BUDGETS)
+
+
+@pytest.mark.parametrize("output", ["missing_residual", "residual"])
+def test_missing_residual_refiner_step_takes_its_prediction(output):
+    """TACoS keeps every level piecewise linear on its own mask (np.interp reference), whatever the
+    refiner returns. With ``x0_hat = x_s`` on the keyframes of M_s (``missing_residual``) and no
+    sampling noise the step is exactly ``x_{s+1} = I(x0_hat, M_{s+1})``: the frames that become
+    keyframes take the refiner's prediction, the quantity the loss trains. Under the legacy
+    all-frames residual the unconstrained keyframe outputs enter them as well
+    (``x0_hat - I(x0_hat - x_s, M_s)``), so that identity fails for random weights."""
+    torch.manual_seed(0)
+    B = 4
+    x0 = smooth_paths(B, T, seed=11)
+    sizes = BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4)
+    ref = Refiner(sizes, T, G, len(BUDGETS), output=output).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+        ref.backbone.out.weight.mul_(0.1)  # corrections of a few percent of the unit square
+    masks = random_nested_masks(B, T, BUDGETS, torch.Generator().manual_seed(4))
+    out = two_phase(None, ref, cond_for(x0), masks, None, 1, oracle_x0=x0, pos_clip=False)
+    for s, x_s in enumerate(out.levels[:-1]):
+        assert float((x_s - interpolate_ref(x_s, masks[:, s])).abs().max()) < 1e-5
+    dev = [float((out.levels[s + 1] - interpolate_ref(xh, masks[:, s + 1])).abs().max()) for s, xh in enumerate(out.x0_hats)]
+    if output == "missing_residual":
+        assert max(dev) < 1e-5, dev
+        for s, xh in enumerate(out.x0_hats):  # x0_hat equals its input exactly on M_s
+            m = masks[:, s]
+            assert torch.equal(xh[m], out.levels[s][m])
+    else:
+        assert max(dev) > 1e-3, dev
+    assert (out.refined - out.interp).abs().max() > 1e-3  # the refiner did change the missing frames

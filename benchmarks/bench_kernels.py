@@ -240,13 +240,23 @@ def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -
             if not np.array_equal(np_idx, ref_idx[0].cpu().numpy()):
                 raise AssertionError(f"dp T={T} K={K}: numpy loop differs from dp_select_reference")
             tk = timer(lambda: kdp.dp_select_triton(cost, K))
+            impl = kdp.default_impl(T, K)
+            others = {}
+            for other in kdp.DP_IMPLS:
+                if other == impl or (other == "sweep" and kdp.default_impl(T, K) != "sweep"):
+                    continue
+                oi, ot = kdp.dp_select_many_triton(cost, [K], impl=other)
+                if not (torch.equal(oi[0], ref_idx) and torch.equal(ot[:, 0], ref_tot)):
+                    raise AssertionError(f"dp B={B} T={T} K={K} impl={other}: kernel differs from dp_select_reference")
+                others[other] = timer(lambda: kdp.dp_select_many_triton(cost, [K], impl=other))
             tr = timer(lambda: dp_select_reference(cost, K))
             t0 = time.perf_counter()
             for b in range(n_np):
                 dp_numpy(cost_np[b], K)
             np_ms = (time.perf_counter() - t0) * 1e3 * B / n_np
             rows.append({
-                "B": B, "T": T, "K": K, "cost_bytes": cost_bytes, "triton": tk, "torch": tr,
+                "B": B, "T": T, "K": K, "cost_bytes": cost_bytes, "triton": tk, "impl": impl, "other_impls": others,
+                "torch": tr,
                 "numpy_ms": np_ms, "numpy_samples": n_np, "speedup_torch": tr["ms"] / tk["ms"],
                 "speedup_numpy": np_ms / tk["ms"], "copy_GBps": copy["GBps"], "bound_ms": t_bound_ms,
                 "of_bound": t_bound_ms / tk["ms"],
@@ -267,27 +277,30 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
     t_pad = triton.next_power_of_2(shape[td])
     out: dict = {"interpolate": [], "dp": []}
     for bt in sorted({min(t_pad, v) for v in (4, 8, 16, 32)} | {t_pad}):
-        for bq in (64, 128, 256, 512):
-            for nw in (2, 4, 8):
+        for bq in (128, 256, 512, 1024):
+            for nw in (4, 8):
                 per_thread = bt * bq // (32 * nw)
                 if not 4 <= per_thread <= 32:  # outside this range: too little work or register spills
                     continue
-                got = kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw)
-                _check_close(got, ref, f"sweep interpolate BLOCK_T={bt} BLOCK_Q={bq} num_warps={nw}", scale)
-                t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw))
-                out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, **t})
+                for qi in (1, 2, 4):
+                    got = kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi)
+                    _check_close(got, ref, f"sweep interpolate BLOCK_T={bt} BLOCK_Q={bq} num_warps={nw} Q_ITERS={qi}",
+                                 scale)
+                    t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi))
+                    out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": qi, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
     default = kint._fwd_blocks(shape[td], _inner(shape, td))
     out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))
     B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
     cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
     ref_idx, _ = dp_select_reference(cost, K)
-    for nw in (1, 2, 4, 8, 16):
-        idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw)
-        if not torch.equal(idx[0], ref_idx):
-            raise AssertionError(f"sweep dp num_warps={nw}: differs from the reference")
-        t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw))
-        out["dp"].append({"B": B, "T": T, "K": K, "num_warps": nw, **t})
+    for impl in kdp.DP_IMPLS:
+        for nw in (1, 2, 4, 8, 16):
+            idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl)
+            if not torch.equal(idx[0], ref_idx):
+                raise AssertionError(f"sweep dp impl={impl} num_warps={nw}: differs from the reference")
+            t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl))
+            out["dp"].append({"B": B, "T": T, "K": K, "impl": impl, "num_warps": nw, **t})
     out["dp"].sort(key=lambda r: r["ms"])
     return out
 
@@ -333,10 +346,11 @@ def profile_launches(device, gen, cuda: bool) -> dict:
     for _ in range(2):
         y = kint.interpolate_triton(x, m, 2)
         y.backward(torch.ones_like(y))
-        kdp.dp_select_triton(cost, K)
+        for impl in kdp.DP_IMPLS:
+            kdp.dp_select_many_triton(cost, [K], impl=impl)
     if cuda:
         torch.cuda.synchronize()
-    print("profile_only: launched interp fwd/bwd (Wan, K=6) and DP (B=4096, T=128, K=16) twice each")
+    print("profile_only: launched interp fwd/bwd (Wan, K=6) and DP (B=4096, T=128, K=16, each impl) twice each")
     return {"profile_only": True}
 
 
@@ -363,10 +377,10 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
         return out
 
     fwd_names = ("x_ptr m_ptr eps_ptr sig_ptr out_ptr T P Q sxb sxp sxt sxq seb sep set_ seq smb smt "
-                 "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC")
+                 "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS")
     dp_names = "c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP"
     bt_names = "back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B"
-    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC BLOCK_S ON_CHIP BLOCK_B".split()}
+    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS BLOCK_S ON_CHIP BLOCK_B K_PAD".split()}
     # strides equal to 1 are specialised by the JIT (constexpr), multiples of 16 get the divisibility hint
     bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16",
                 sxq="constexpr", seq="constexpr", smt="constexpr", **const)
@@ -374,7 +388,7 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
     div16 = ["x_ptr", "m_ptr", "eps_ptr", "sig_ptr", "out_ptr", "Q", "sxb", "sxp", "sxt", "seb", "sep", "set_", "smb"]
     wan_bt, wan_bq, wan_nw = kint._fwd_blocks(21, 60 * 104)
     maze_bt, maze_bq, maze_nw = kint._fwd_blocks(128, 2)
-    ones = dict(sxq=1, seq=1, smt=1)
+    ones = dict(sxq=1, seq=1, smt=1, Q_ITERS=kint.FWD_Q_ITERS)
     variants = [
         ("interp fwd, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
          dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=False, ACC=tl.float32), wan_nw),
@@ -395,6 +409,11 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
          sig(dp_names, c_ptr="*fp32", back_ptr="*i16", dbuf_ptr="*fp32", dlast_ptr="*fp32", **const),
          ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
          dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
+        ("dp sweep, T=128 K<=16", kdp._dp_sweep_kernel,
+         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD", c_ptr="*fp32", back_ptr="*i8",
+             dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
+         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
+         dict(BLOCK_T=128, K_PAD=16), 4),
         ("dp backtrack", kdp._backtrack_kernel,
          sig(bt_names, back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64",
              tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
@@ -465,10 +484,12 @@ def markdown(res: dict) -> str:
         L.append(f"| {r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['op']} | {r['K']} | "
                  f"{r['triton']['ms']:.4f} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['of_copy']:.0%} | "
                  f"{r['torch']['ms']:.4f} | {r['speedup']:.1f}x |")
-    L += ["", "| DP | K | triton ms | torch ms | vs torch | numpy ms (scaled) | vs numpy | bound ms | of bound |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L += ["", "| DP | K | triton ms (impl) | other impl ms | torch ms | vs torch | numpy ms (scaled) | vs numpy | "
+          "bound ms | of bound |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["dp"]:
-        L.append(f"| B={r['B']} T={r['T']} | {r['K']} | {r['triton']['ms']:.4f} | {r['torch']['ms']:.3f} | "
+        oth = ", ".join(f"{k} {v['ms']:.4f}" for k, v in r.get("other_impls", {}).items()) or "-"
+        L.append(f"| B={r['B']} T={r['T']} | {r['K']} | {r['triton']['ms']:.4f} ({r.get('impl', '')}) | {oth} | "
+                 f"{r['torch']['ms']:.3f} | "
                  f"{r['speedup_torch']:.1f}x | {r['numpy_ms']:.1f} | {r['speedup_numpy']:.0f}x | "
                  f"{r['bound_ms']:.4f} | {r['of_bound']:.0%} |")
     if res["targets"]:
@@ -477,10 +498,10 @@ def markdown(res: dict) -> str:
             L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
     if res.get("sweep"):
         L += ["", "Sweep (best first): interpolation " + ", ".join(
-            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}: {r['ms']:.4f} ms"
+            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"
             for r in res["sweep"]["interpolate"][:5])
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
-            f"w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
+            f"{r.get('impl', '')}/w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
     return "\n".join(L) + "\n"
 
 

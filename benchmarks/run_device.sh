@@ -16,7 +16,13 @@
 # --always --dirty=+dirty` here, so that the results name it):
 #     run(command="INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=570)
 # Locally on any CUDA box: OUT=runs/device bash benchmarks/run_device.sh
+# SECTIONS picks a subset (default all): tests kbench train compile ncu; TRAIN_VARIANTS and
+# COMPILE_VARIANTS override bench_train.py's --variants lists.
 set -uo pipefail
+SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
+TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:1:compile}
+on() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -45,33 +51,41 @@ T0=$SECONDS
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== [$((SECONDS - T0)) s] kernel gpu tests"
-timeout 100 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-rc_tests=${PIPESTATUS[0]}
+rc_tests=skipped rc_bench=skipped rc_train=skipped rc_compile=skipped rc_ncu=skipped
+if on tests; then
+    echo "== [$((SECONDS - T0)) s] kernel gpu tests"
+    timeout 100 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    rc_tests=${PIPESTATUS[0]}
+fi
 
-echo "== [$((SECONDS - T0)) s] kernel benchmark"
-timeout 150 $PY benchmarks/bench_kernels.py sweep=true json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
-rc_bench=${PIPESTATUS[0]}
+if on kbench; then
+    echo "== [$((SECONDS - T0)) s] kernel benchmark"
+    timeout 150 $PY benchmarks/bench_kernels.py sweep=true json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
+    rc_bench=${PIPESTATUS[0]}
+fi
 
-echo "== [$((SECONDS - T0)) s] phase-2 1.3B training step variants + sampler"
-timeout 210 $PY benchmarks/bench_train.py --steps 5 --warmup 2 \
-    --variants sdpa:full,cudnn:full,sdpa:attention,cudnn:attention --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
-rc_train=${PIPESTATUS[0]}
+if on train; then
+    echo "== [$((SECONDS - T0)) s] phase-2 1.3B training step variants + sampler"
+    timeout 210 $PY benchmarks/bench_train.py --steps 5 --warmup 2 \
+        --variants "$TRAIN_VARIANTS" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
+    rc_train=${PIPESTATUS[0]}
+fi
 
-echo "== [$((SECONDS - T0)) s] regional torch.compile variant" | tee -a "$OUT/train.log"
-timeout 120 $PY benchmarks/bench_train.py --steps 5 --warmup 2 --no-sampler \
-    --variants cudnn:attention:1:compile --json "$OUT/train_compile.json" 2>&1 | tee -a "$OUT/train.log"
-rc_compile=${PIPESTATUS[0]}
+if on compile; then
+    echo "== [$((SECONDS - T0)) s] regional torch.compile variants" | tee -a "$OUT/train.log"
+    timeout 170 $PY benchmarks/bench_train.py --steps 5 --warmup 2 --no-sampler \
+        --variants "$COMPILE_VARIANTS" --json "$OUT/train_compile.json" 2>&1 | tee -a "$OUT/train.log"
+    rc_compile=${PIPESTATUS[0]}
+fi
 
-rc_ncu=skipped
-if command -v ncu >/dev/null 2>&1; then
+if on ncu && command -v ncu >/dev/null 2>&1; then
     echo "== [$((SECONDS - T0)) s] ncu"
     # first launches of each kernel at the issue sizes; DRAM/SM throughput, occupancy, registers
-    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 8 -k regex:'_interp_fwd_kernel|_interp_bwd_kernel|_dp_kernel|_backtrack_kernel' \
+    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 10 -k regex:'_interp_fwd_kernel|_interp_bwd_kernel|_dp_kernel|_dp_sweep_kernel|_backtrack_kernel' \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__grid_size,launch__block_size \
         $PY benchmarks/bench_kernels.py profile_only=true >"$OUT/ncu.txt" 2>&1
     rc_ncu=$?
 fi
 
 echo "[$((SECONDS - T0)) s] gpu tests rc=$rc_tests, kernel bench rc=$rc_bench, train rc=$rc_train, compile rc=$rc_compile, ncu rc=$rc_ncu" | tee -a "$OUT/env.txt"
-[ "$rc_tests" = 0 ] && [ "$rc_bench" = 0 ] && [ "$rc_train" = 0 ]
+for rc in "$rc_tests" "$rc_bench" "$rc_train" "$rc_compile"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done

@@ -52,6 +52,16 @@ MAX_ON_CHIP_T = 128
 # Streaming path block sizes: a [BLOCK_S, BLOCK_T] tile = 4096 fp32.
 STREAM_BLOCK_T = 128
 STREAM_BLOCK_S = 32
+# Kernels: ``tile`` (cost tile in registers, one parallel row per step; streaming when T > 128)
+# and ``sweep`` (one pass over s relaxing all K rows at once; T <= 128, K <= SWEEP_MAX_K).
+DP_IMPLS = ("tile", "sweep")
+SWEEP_MAX_K = 32
+
+
+def default_impl(T: int, k_max: int) -> str:
+    return "sweep" if T <= MAX_ON_CHIP_T and k_max <= SWEEP_MAX_K else "tile"
+
+
 # Samples per backtracking program (one per thread): the K dependent loads of all samples overlap.
 BACKTRACK_BLOCK_B = 128
 
@@ -129,6 +139,49 @@ def _dp_kernel(
 
 
 
+@triton.jit(do_not_specialize=["scj"])
+def _dp_sweep_kernel(
+    c_ptr, back_ptr, dcol_ptr, dlast_ptr,
+    T, k_max,
+    scb, sci, scj,
+    BLOCK_T: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    """All DP rows in one sweep over ``s`` for sample ``program_id(0)``; each cost row read once.
+
+    ``best[r, t]`` (rows ``r < K_PAD`` x columns ``t``, registers) holds
+    ``min_{s' < s} D[r-1, s'] + c[s', t]`` after step ``s``. Column ``s`` of every row is final
+    at the start of step ``s`` (it depends on ``s' < s`` only), so its owner publishes
+    ``D[:, s]`` to a per-sample scratch (double-buffered by the parity of ``s``, one barrier per
+    step) and every row is relaxed with the one cost row ``c[s, :]``:
+    ``best[r, t] = min(best[r, t], D[r-1, s] + c[s, t])`` (strict ``<`` over increasing ``s``: the
+    smallest ``s`` wins ties, as in the reference)."""
+    b = tl.program_id(0).to(tl.int64)
+    c_base = c_ptr + b * scb
+    dcol_base = dcol_ptr + b * 2 * K_PAD
+    inf = float("inf")
+    r = tl.arange(0, K_PAD)
+    t = tl.arange(0, BLOCK_T)
+    r2 = r[:, None]
+    t2 = t[None, :]
+    best = tl.where((r2 == 0) & (t2 == 0), 0.0, tl.full([K_PAD, BLOCK_T], inf, tl.float32))  # row 0 = D[0]
+    arg = tl.full([K_PAD, BLOCK_T], 0, tl.int32)
+    for s in range(0, T - 1):
+        buf = dcol_base + (s % 2) * K_PAD
+        # the owner of column s publishes D[:, s] (final: every s' < s has been applied)
+        tl.store(buf + r2 + t2 * 0, best, mask=t2 == s)
+        tl.debug_barrier()
+        d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)  # D[r-1, s] for row r
+        c_row = tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=inf).to(tl.float32)
+        cand = d_prev[:, None] + c_row[None, :]
+        take = (cand < best) & (r2 >= 1)
+        best = tl.where(take, cand, best)
+        arg = tl.where(take, s, arg)
+    ok = (r2 >= 1) & (r2 < k_max) & (t2 < T)
+    tl.store(back_ptr + b * k_max * T + r2 * T + t2, arg.to(back_ptr.dtype.element_ty), mask=ok)
+    tl.store(dlast_ptr + b * k_max + r2 + t2 * 0, best, mask=ok & (t2 == T - 1))
+
+
 @triton.jit
 def _backtrack_kernel(
     back_ptr, dlast_ptr, ks_ptr, offs_ptr, idx_ptr, tot_ptr,
@@ -191,7 +244,7 @@ def _budget_tensors(ks: tuple[int, ...], dev: torch.device) -> tuple[torch.Tenso
 
 
 def dp_select_many_triton(
-    cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None
+    cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None, impl: str | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Optimal index sets for several budgets from one DP pass.
 
@@ -204,6 +257,12 @@ def dp_select_many_triton(
     B, T, _ = cost_B_T_T.shape
     dev = cost_B_T_T.device
     k_max = max(ks)
+    impl = impl or default_impl(T, k_max)
+    if impl not in DP_IMPLS:
+        raise ValueError(f"dp_select_triton: impl={impl!r} is not one of {list(DP_IMPLS)}")
+    if impl == "sweep" and (T > MAX_ON_CHIP_T or k_max > SWEEP_MAX_K):
+        raise ValueError(f"dp_select_triton: impl='sweep' needs T <= {MAX_ON_CHIP_T} and max K <= {SWEEP_MAX_K}, "
+                         f"got T={T}, K={k_max}")
     on_chip = T <= MAX_ON_CHIP_T
     if on_chip:
         block_t = block_s = max(16, triton.next_power_of_2(T))
@@ -224,13 +283,25 @@ def dp_select_many_triton(
     tot = torch.empty(B, len(ks), dtype=torch.float32, device=dev)
     if B > 0:
         c = cost_B_T_T if cost_B_T_T.dtype == torch.float32 else cost_B_T_T.to(torch.float32)
-        _dp_kernel[(B,)](
-            c, back, dbuf, dlast,
-            T, k_max,
-            c.stride(0), c.stride(1), c.stride(2),
-            BLOCK_T=block_t, BLOCK_S=block_s, ON_CHIP=on_chip,
-            num_warps=nw,
-        )
+        if impl == "sweep":
+            bt = max(16, triton.next_power_of_2(T))
+            k_pad = max(2, triton.next_power_of_2(k_max))
+            dcol = torch.empty(B, 2, k_pad, dtype=torch.float32, device=dev)
+            _dp_sweep_kernel[(B,)](
+                c, back, dcol, dlast,
+                T, k_max,
+                c.stride(0), c.stride(1), c.stride(2),
+                BLOCK_T=bt, K_PAD=k_pad,
+                num_warps=num_warps or max(1, min(4, bt // 32)),
+            )
+        else:
+            _dp_kernel[(B,)](
+                c, back, dbuf, dlast,
+                T, k_max,
+                c.stride(0), c.stride(1), c.stride(2),
+                BLOCK_T=block_t, BLOCK_S=block_s, ON_CHIP=on_chip,
+                num_warps=nw,
+            )
         _backtrack_kernel[(triton.cdiv(B, BACKTRACK_BLOCK_B),)](
             back, dlast, ks_t, offs_t, idx, tot,
             B, T, k_max, len(ks), n_idx,

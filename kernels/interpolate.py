@@ -81,6 +81,16 @@ def _min_combine(a, b):
 
 
 @triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """``a / b`` of two integers in ``ACC``, correctly rounded like torch's division: Triton's
+    ``/`` on fp32 is the approximate ``div.full.f32`` (up to 2 ulp off); fp64 ``/`` is exact."""
+    if ACC == tl.float32:
+        return tl.math.div_rn(a.to(ACC), b.to(ACC))
+    else:
+        return a.to(ACC) / b.to(ACC)
+
+
+@triton.jit
 def _interp_fwd_kernel(
     x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
     T, P, Q,
@@ -92,6 +102,7 @@ def _interp_fwd_kernel(
     BLOCK_Q: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     ACC: tl.constexpr,
+    Q_ITERS: tl.constexpr = 1,
 ):
     """out[b, p, t, q] = (1 - w) x[b, p, l(t), q] + w x[b, p, r(t), q] (+ noise), see module doc."""
     pid_bp = tl.program_id(0)
@@ -100,9 +111,7 @@ def _interp_fwd_kernel(
     b = (pid_bp // P).to(tl.int64)  # int64 base offsets: B*P*T*Q may exceed 2**31
     p = (pid_bp % P).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     t_ok = t < T
-    q_ok = q < Q
 
     # frames 0 and T-1 are keyframes by definition (also when an unchecked mask says otherwise)
     key = (tl.load(m_ptr + b * smb + t * smt, mask=t_ok, other=0) != 0) | (t == 0) | (t == T - 1)
@@ -120,26 +129,31 @@ def _interp_fwd_kernel(
         left = tl.reduce(tl.where(ks & (sb <= t[:, None]), sb, -1), 1, _ELEMENTWISE_MAX)
         right = tl.reduce(tl.where(ks & (sb >= t[:, None]), sb, T_PAD), 1, _ELEMENTWISE_MIN)
     right = tl.minimum(right, T - 1)  # padded rows t >= T have no right keyframe; they are masked
-    # the reference's w: division of the integer offsets in the accumulation dtype
-    w = (t - left).to(ACC) / tl.maximum(right - left, 1).to(ACC)
+    # the reference's w: division of the integer offsets in the accumulation dtype, correctly
+    # rounded (Triton's ``/`` on fp32 is the approximate ``div.full.f32``, up to 2 ulp off torch's)
+    w = _div(t - left, tl.maximum(right - left, 1), ACC)
 
-    io_ok = t_ok[:, None] & q_ok[None, :]
-    base = x_ptr + b * sxb + p * sxp + (q * sxq)[None, :]
-    xl = tl.load(base + (left * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
-    xr = tl.load(base + (right * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
-    w2 = w[:, None]
-    out = xl * (1 - w2) + xr * w2
-    if HAS_NOISE:
-        sig = tl.load(sig_ptr + b).to(tl.float32)
-        # eps is read on the missing frames only (keyframe rows get no noise)
-        e_ok = io_ok & (~key)[:, None]
-        e = tl.load(eps_ptr + b * seb + p * sep + (t * set_)[:, None] + (q * seq)[None, :], mask=e_ok, other=0.0)
-        miss = tl.where(key, 0.0, 1.0)[:, None]
-        # round to x's dtype first, then add the noise in fp32 (the reference's order)
-        base_val = out.to(out_ptr.dtype.element_ty).to(tl.float32)
-        out = base_val + (sig * e.to(tl.float32)) * miss
-    row = (b * P + p) * T
-    tl.store(out_ptr + (row + t)[:, None] * Q + q[None, :], out.to(out_ptr.dtype.element_ty), mask=io_ok)
+    # the frame-index work above is done once per program; it then covers Q_ITERS column blocks
+    for qi in tl.static_range(Q_ITERS):
+        q = (pid_q * Q_ITERS + qi) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = q < Q
+        io_ok = t_ok[:, None] & q_ok[None, :]
+        base = x_ptr + b * sxb + p * sxp + (q * sxq)[None, :]
+        xl = tl.load(base + (left * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
+        xr = tl.load(base + (right * sxt)[:, None], mask=io_ok, other=0.0).to(ACC)
+        w2 = w[:, None]
+        out = xl * (1 - w2) + xr * w2
+        if HAS_NOISE:
+            sig = tl.load(sig_ptr + b).to(tl.float32)
+            # eps is read on the missing frames only (keyframe rows get no noise)
+            e_ok = io_ok & (~key)[:, None]
+            e = tl.load(eps_ptr + b * seb + p * sep + (t * set_)[:, None] + (q * seq)[None, :], mask=e_ok, other=0.0)
+            miss = tl.where(key, 0.0, 1.0)[:, None]
+            # round to x's dtype first, then add the noise in fp32 (the reference's order)
+            base_val = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+            out = base_val + (sig * e.to(tl.float32)) * miss
+        row = (b * P + p) * T
+        tl.store(out_ptr + (row + t)[:, None] * Q + q[None, :], out.to(out_ptr.dtype.element_ty), mask=io_ok)
 
 
 @triton.jit
@@ -167,10 +181,10 @@ def _interp_bwd_kernel(
     for t in range(1, T):
         if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
             acc_r = tl.load(g_base + t * sgt, mask=q_ok, other=0.0).to(ACC)
-            span = (t - l).to(ACC)
+            span = t - l
             for u in range(l + 1, t):
                 g = tl.load(g_base + u * sgt, mask=q_ok, other=0.0).to(ACC)
-                w = (u - l).to(ACC) / span
+                w = _div(u - l, span, ACC)
                 acc_l += (1 - w) * g
                 acc_r += w * g
                 tl.store(gx_base + u * Q, zero.to(gx_ptr.dtype.element_ty), mask=q_ok)
@@ -263,6 +277,11 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
     return mask
 
 
+# Column blocks per forward program: the frame-index work (mask load, left/right keyframe
+# reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
+FWD_Q_ITERS = 1
+
+
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
     """Default ``(BLOCK_T, BLOCK_Q, num_warps)`` of the forward kernel.
 
@@ -283,7 +302,7 @@ def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
     return block_t, block_q, num_warps
 
 
-def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None):
+def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None, q_iters=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
     if T > MAX_BLOCK_T:
         raise ValueError(
@@ -303,14 +322,15 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
         sig = sigma.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
-    grid = (B * P, triton.cdiv(T, block_t), triton.cdiv(Q, block_q))
+    q_iters = q_iters or FWD_Q_ITERS
+    grid = (B * P, triton.cdiv(T, block_t), triton.cdiv(Q, block_q * q_iters))
     _interp_fwd_kernel[grid](
         xr, m8, er, sig, out,
         T, P, Q,
         *sx, *se,
         m8.stride(0), m8.stride(1),
         T_PAD=t_pad, BLOCK_T=block_t, BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
-        num_warps=num_warps,
+        Q_ITERS=q_iters, num_warps=num_warps,
     )
     return out
 

@@ -406,12 +406,18 @@ def _brute_force(cost_T_T: torch.Tensor, k: int) -> tuple[list[int], float]:
     return list(best[1]), best[0][0]
 
 
-def test_dp_brute_force_with_ties(K):
+def _dp(K, c, k, impl):
+    idx, tot = K.dp.dp_select_many_triton(c, [k], impl=impl)
+    return idx[0], tot[:, 0]
+
+
+@pytest.mark.parametrize("impl", ["tile", "sweep"])
+def test_dp_brute_force_with_ties(K, impl):
     """Integer costs in {0, 1, 2}: many optimal sets; kernel and reference pick the documented one."""
     T = 9
     c = torch.randint(0, 3, (6, T, T), generator=torch.Generator().manual_seed(20)).float()
     for k in (2, 3, 5, T):
-        idx, tot = K.dp.dp_select_triton(c, k)
+        idx, tot = _dp(K, c, k, impl)
         ref_idx, ref_tot = dp_select_reference(c, k)
         assert torch.equal(idx, ref_idx) and torch.equal(tot, ref_tot)
         for b in range(c.shape[0]):
@@ -419,13 +425,18 @@ def test_dp_brute_force_with_ties(K):
             assert idx[b].tolist() == bf_idx and float(tot[b]) == bf_tot
 
 
+@pytest.mark.parametrize("impl", ["tile", "sweep"])
 @pytest.mark.parametrize("T", [2, 5, 17, 33])
-def test_dp_matches_reference_bitwise(K, T):
+def test_dp_matches_reference_bitwise(K, T, impl):
     g = torch.Generator().manual_seed(T)
     c = torch.rand(4, T, T, generator=g) * 10
     c = c.masked_fill(~torch.ones(T, T, dtype=torch.bool).triu(1), float("nan"))  # i >= j is ignored
     for k in sorted({2, min(3, T), max(2, (T + 1) // 2), T}):
-        idx, tot = K.dp.dp_select_triton(c, k)
+        if impl == "sweep" and k > K.dp.SWEEP_MAX_K:
+            with pytest.raises(ValueError, match="impl='sweep' needs"):
+                _dp(K, c, k, impl)
+            continue
+        idx, tot = _dp(K, c, k, impl)
         ref_idx, ref_tot = dp_select_reference(c, k)
         assert idx.dtype == torch.long and tot.dtype == torch.float32
         assert torch.equal(idx, ref_idx), (T, k)
@@ -512,7 +523,7 @@ def test_kernels_compile_for_sm90_without_spills():
     k = _import_kernels(interpret=False)
     fwd = {n: "i32" for n in "T P Q sxb sxp sxt sxq seb sep set_ seq smb smt".split()}
     fwd.update(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16")
-    fwd.update({n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC")})
+    fwd.update({n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC", "Q_ITERS")})
     bwd = {n: "i32" for n in "T P Q sgb sgp sgt sgq smb smt".split()}
     bwd.update(g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16", BLOCK_Q="constexpr", ACC="constexpr")
     dp = {n: "i32" for n in "T k_max scb sci scj".split()}
@@ -525,15 +536,21 @@ def test_kernels_compile_for_sm90_without_spills():
     infos = [
         _ptxas_info(
             k.interp._interp_fwd_kernel, fwd,
-            dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32), nw,
+            dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32, Q_ITERS=k.interp.FWD_Q_ITERS), nw,
         ),
         _ptxas_info(k.interp._interp_fwd_kernel, dict(fwd, x_ptr="*fp32", out_ptr="*fp32", eps_ptr="*fp32"),
-                    dict(T_PAD=128, BLOCK_T=128, BLOCK_Q=2, HAS_NOISE=False, ACC=tl.float32), 1),
+                    dict(T_PAD=128, BLOCK_T=128, BLOCK_Q=2, HAS_NOISE=False, ACC=tl.float32, Q_ITERS=1), 1),
         _ptxas_info(k.interp._interp_bwd_kernel, bwd, dict(BLOCK_Q=1024, ACC=tl.float32), 4),
         _ptxas_info(k.dp._dp_kernel, dp, dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
         _ptxas_info(k.dp._dp_kernel, dict(dp, back_ptr="*i16"), dict(BLOCK_T=128, BLOCK_S=32, ON_CHIP=False), 4),
         _ptxas_info(k.dp._backtrack_kernel, bt, dict(BLOCK_B=128), 4),
     ]
+    sw = dict(dp)
+    sw["dcol_ptr"] = sw.pop("dbuf_ptr")
+    for name in ("BLOCK_S", "ON_CHIP"):
+        sw.pop(name)
+    sw["K_PAD"] = "constexpr"
+    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp), 4) for kp in (8, 16, 32)]
     for info in infos:
         assert "0 bytes spill stores" in info and "0 bytes spill loads" in info, info
 
@@ -592,10 +609,13 @@ def test_gpu_dp_bitwise(KG, B, T, ks):
     c = torch.rand(B, T, T, device="cuda", generator=g)
     ci = torch.randint(0, 3, (B, T, T), device="cuda", generator=g).float()  # ties
     for cost in (c, ci):
-        idxs, tot = KG.dp.dp_select_many_triton(cost, ks)
-        for i, k in enumerate(ks):
-            ref_idx, ref_tot = dp_select_reference(cost, k)
-            assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k)
+        for impl in ("tile", "sweep"):
+            if impl == "sweep" and (T > KG.dp.MAX_ON_CHIP_T or max(ks) > KG.dp.SWEEP_MAX_K):
+                continue
+            idxs, tot = KG.dp.dp_select_many_triton(cost, ks, impl=impl)
+            for i, k in enumerate(ks):
+                ref_idx, ref_tot = dp_select_reference(cost, k)
+                assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k, impl)
 
 
 # ------------------------------------------------------------------------------ benchmark script

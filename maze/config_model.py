@@ -37,6 +37,8 @@ class BackboneConfig:
     ``enc_depth``: depth of the maze encoder (``maze.encoders.MazeEncoder``).
     ``patch``: frames per token (DiT-style temporal patches, ``T % patch == 0``) for the refiner
     and the baseline; phase-1 keyframes are irregular in time and always use 1.
+    ``path_prior``: phase-1 and the baseline read ``maze.encoders.path_prior`` at each token's frame
+    (the prior the selector and D_phi already use); checkpoints without the key load with ``False``.
     """
 
     d_model: int = 384
@@ -46,6 +48,9 @@ class BackboneConfig:
     cond_mode: str = "cross"
     enc_depth: int = 4
     patch: int = 1  # consecutive frames per token for the full-sequence models (refiner, baseline)
+    # phase-1 / baseline: add the condition-only path prior (maze.encoders.path_prior: position on the
+    # shortest cell path at frame t, its direction, nearness of a turn) to every token's input
+    path_prior: bool = False
 
     def validate(self, where: str) -> None:
         if self.d_model % self.heads != 0:

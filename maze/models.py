@@ -99,6 +99,25 @@ def flow_wall_penalty(zt_B_L_2, v_B_L_2, sigma_B, free_B_L, sdf_B_G_G) -> torch.
     return (wall_penalty(x0_hat, sdf_B_G_G) * w).sum() / free_B_L.float().sum().clamp_min(1)
 
 
+PRIOR_DIM = 5
+
+
+def path_prior_features(model: nn.Module, cond: dict) -> torch.Tensor | None:
+    """The condition-only path prior ``[B, T, 5]`` of ``maze.encoders.path_prior`` (the shortest cell
+    path paced by the training data's mean arc-length fraction ``model.arc_frac``), positions in
+    model units ``z``, when ``model``'s sizes ask for it (``path_prior``), else ``None``.
+
+    The selector and D_phi read the same prior. It is a breadth-first search on the 12 x 12 grid
+    (no matrix products, so ``FlopCounterMode`` counts nothing for it; about 1e5 elementwise
+    operations per plan, under 1% of a single network evaluation here)."""
+    if not model.backbone.sizes.path_prior:
+        return None
+    from maze.encoders import path_prior
+
+    pr = path_prior(cond["occ"], cond["start"], cond["goal"], model.T, arc_frac_T=model.arc_frac)
+    return torch.cat([to_z(pr[..., :2]), pr[..., 2:]], -1)
+
+
 def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """``[..., dim]`` sin/cos embedding of a float tensor ``t`` (DiT ``timestep_embedding``)."""
     half = dim // 2
@@ -250,18 +269,23 @@ class KeypointDenoiser(nn.Module):
         self.T = T
         if sizes.patch != 1:
             raise ValueError(f"KeypointDenoiser: patch must be 1 (keyframes are irregular in time), got {sizes.patch}")
-        self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1, 2, sizes, G)
+        self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1 + (PRIOR_DIM if sizes.path_prior else 0), 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
+        if sizes.path_prior:  # time warp of the path prior (mean_arc_fraction of the training data, set by the trainer)
+            self.register_buffer("arc_frac", torch.linspace(0, 1, T))
 
     def encode(self, cond: dict):
-        """Maze tokens and pooled vector for ``cond`` (computed once per plan, passed as ``enc``)."""
-        return self.backbone.encode(cond)
+        """``(backbone encoding, path prior [B,T,5] or None)`` for ``cond`` (once per plan, passed as ``enc``)."""
+        return self.backbone.encode(cond), path_prior_features(self, cond)
 
     def forward(self, z_B_K_2, sigma_B, idx_B_K, kp_feat_B_K_5, known_B_K, cond, enc=None):
+        bb, prior_B_T_5 = self.encode(cond) if enc is None else enc
         # gaps and t_norm are in [0, 1]; the segment costs (diffs) span decades -> log1p(1000 c)
         f = torch.cat([kp_feat_B_K_5[..., :3], torch.log1p(1000.0 * kp_feat_B_K_5[..., 3:].clamp_min(0))], -1)
-        feat = torch.cat([z_B_K_2, f, known_B_K.float()[..., None]], dim=-1)
-        return self.backbone(feat, idx_B_K, self.sigma_emb(sigma_B * 1000.0), cond, enc)
+        parts = [z_B_K_2, f, known_B_K.float()[..., None]]
+        if prior_B_T_5 is not None:
+            parts.append(prior_B_T_5.gather(1, idx_B_K[..., None].expand(-1, -1, PRIOR_DIM)))  # (B, K, 5)
+        return self.backbone(torch.cat(parts, dim=-1), idx_B_K, self.sigma_emb(sigma_B * 1000.0), cond, bb)
 
 
 class FullSequenceDenoiser(nn.Module):
@@ -272,18 +296,21 @@ class FullSequenceDenoiser(nn.Module):
     def __init__(self, sizes: BackboneConfig, T: int, G: int):
         super().__init__()
         self.T = T
-        self.backbone = TrajBackbone(3, 2, sizes, G)
+        self.backbone = TrajBackbone(3 + (PRIOR_DIM if sizes.path_prior else 0), 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
+        if sizes.path_prior:
+            self.register_buffer("arc_frac", torch.linspace(0, 1, T))
 
     def encode(self, cond: dict):
-        """Maze tokens and pooled vector for ``cond`` (computed once per plan, passed as ``enc``)."""
-        return self.backbone.encode(cond)
+        """``(backbone encoding, path prior [B,T,5] or None)`` for ``cond`` (once per plan, passed as ``enc``)."""
+        return self.backbone.encode(cond), path_prior_features(self, cond)
 
     def forward(self, z_B_T_2, sigma_B, known_B_T, cond, enc=None):
+        bb, prior_B_T_5 = self.encode(cond) if enc is None else enc
         B, T, _ = z_B_T_2.shape
         idx = torch.arange(T, device=z_B_T_2.device).expand(B, T)
-        feat = torch.cat([z_B_T_2, known_B_T.float()[..., None]], dim=-1)
-        return self.backbone(feat, idx, self.sigma_emb(sigma_B * 1000.0), cond, enc)
+        parts = [z_B_T_2, known_B_T.float()[..., None]] + ([prior_B_T_5] if prior_B_T_5 is not None else [])
+        return self.backbone(torch.cat(parts, dim=-1), idx, self.sigma_emb(sigma_B * 1000.0), cond, bb)
 
 
 class Refiner(nn.Module):
@@ -299,6 +326,8 @@ class Refiner(nn.Module):
         super().__init__()
         if output not in REFINER_OUTPUTS:
             raise ValueError(f"Refiner: output={output!r} is not one of {REFINER_OUTPUTS}")
+        if sizes.path_prior:
+            raise ValueError("Refiner: path_prior is a phase-1 / baseline input (the refiner sees the interpolated plan)")
         self.T = T
         self.n_levels = n_levels
         self.output = output

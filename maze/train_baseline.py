@@ -53,6 +53,10 @@ def main(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
     model = FullSequenceDenoiser(b.model, data.T, data.G)
+    if b.model.path_prior:
+        from maze.encoders import mean_arc_fraction
+
+        model.arc_frac.copy_(mean_arc_fraction(data.pos))
     gen = torch.Generator().manual_seed(b.optim.seed)
 
     def loss_fn(model, step):

@@ -86,6 +86,10 @@ def main(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
     model = KeypointDenoiser(p1.model, data.T, data.G)
+    if p1.model.path_prior:
+        from maze.encoders import mean_arc_fraction
+
+        model.arc_frac.copy_(mean_arc_fraction(data.pos))
     gen = torch.Generator().manual_seed(p1.optim.seed)
     counts = {k: 0 for k in mix}
 

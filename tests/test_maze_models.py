@@ -295,3 +295,44 @@ def test_flow_wall_penalty_reads_the_clean_prediction():
     want = (pen * free * (1 - sigma[:, None]) ** 2).sum() / free.sum()
     assert float(pen[free].sum()) > 0  # random walls: some points are penalised
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["phase1", "baseline"])
+def test_path_prior_input_round_trip_and_old_sizes(tmp_path, kind):
+    """``path_prior=True``: the prior of ``maze.encoders.path_prior`` (with the stored time warp) is an
+    input: it changes the output, its time warp survives a checkpoint round trip, and sizes written
+    before the key existed rebuild a model without it."""
+    from maze.encoders import path_prior
+    from maze.models import path_prior_features
+
+    torch.manual_seed(0)
+    sizes = BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=1, path_prior=True)
+    cls = KeypointDenoiser if kind == "phase1" else FullSequenceDenoiser
+    m = perturb(cls(sizes, T, G)).eval()
+    with torch.no_grad():
+        m.arc_frac.copy_(torch.linspace(0, 1, T) ** 2)
+    c = cond(3)
+    pr = path_prior_features(m, c)
+    ref = path_prior(c["occ"], c["start"], c["goal"], T, arc_frac_T=torch.linspace(0, 1, T) ** 2)
+    torch.testing.assert_close(pr[..., :2], (ref[..., :2] - 0.5) * 2)
+    torch.testing.assert_close(pr[..., 2:], ref[..., 2:])
+    loaded, meta = load_model(save_model(tmp_path / "m.pt", m), kind)
+    assert meta["sizes"]["path_prior"] is True and torch.equal(loaded.arc_frac, m.arc_frac)
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(m), atol=0, rtol=0)
+        bb, _ = m.encode(c)
+        other = (bb, torch.zeros_like(pr))
+        if kind == "phase1":
+            idx = torch.tensor([[0, 5, 9, T - 1]]).expand(3, 4)
+            args = (torch.randn(3, 4, 2), torch.rand(3), idx, torch.rand(3, 4, 5), idx == 0, c)
+        else:
+            args = (torch.randn(3, T, 2), torch.rand(3), torch.zeros(3, T, dtype=torch.bool), c)
+        assert (m(*args) - m(*args, enc=other)).abs().max() > 1e-3  # the prior is read
+    old = perturb(cls(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=1), T, G))
+    ck = load_checkpoint(save_model(tmp_path / "o.pt", old))
+    del ck["meta"]["sizes"]["path_prior"]
+    save_checkpoint(tmp_path / "o2.pt", ck["state"], ck["meta"])
+    o2, _ = load_model(tmp_path / "o2.pt", kind)
+    assert o2.backbone.sizes.path_prior is False and not hasattr(o2, "arc_frac")
+    with pytest.raises(ValueError, match="path_prior"):
+        Refiner(sizes, T, G, 3)

@@ -74,6 +74,7 @@ class BenchKernelsConfig:
     numpy_samples: int = 256  # samples the numpy DP loop runs on (scaled to B)
     warmup_ms: int = 25
     rep_ms: int = 100
+    timing: str = "graph"  # graph: CUDA-graph replay, cold L2, no launch overhead; eager: do_bench only
     json_out: str = ""
     md_out: str = ""
     seed: int = 0
@@ -83,15 +84,76 @@ class BenchKernelsConfig:
 
 
 class Timer:
-    """Median time in ms of ``fn()``: ``do_bench`` on CUDA, wall clock on CPU (smoke only)."""
+    """Time in ms of ``fn()``.
 
-    def __init__(self, cuda: bool, warmup_ms: int, rep_ms: int):
+    CUDA, ``timing="graph"`` (default): GPU time without the host's launch overhead. ``n``
+    calls are captured in one CUDA graph, each preceded by a write of ``2 x L2`` bytes that
+    evicts the L2, and a second graph holds the evictions alone; the time per call is the
+    difference of the two replay times (median of ``replays``), i.e. each call starts with a
+    cold L2 as in ``do_bench``. The copy baseline is timed the same way. Where a function cannot
+    be captured (a host sync inside) it falls back to the eager timing and says so
+    (``"graph": false``). The eager ``triton.testing.do_bench`` median (which also counts the
+    Python launch overhead when the kernel is shorter than it) is always reported as
+    ``ms_eager``. CPU (smoke only): wall clock.
+    """
+
+    def __init__(self, cuda: bool, warmup_ms: int, rep_ms: int, timing: str = "graph", n: int = 30, replays: int = 7):
         self.cuda, self.warmup_ms, self.rep_ms = cuda, warmup_ms, rep_ms
+        self.timing, self.n, self.replays = timing, n, replays
+        self._flush = None
+        if cuda:
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20) or (64 << 20)
+            self._flush = torch.empty(2 * l2, dtype=torch.int8, device="cuda")
+
+    def _graph_ms(self, fn) -> list[float]:
+        flush = self._flush
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+            flush.zero_()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        def capture(with_fn: bool):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(self.n):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+            return g
+
+        g_both, g_flush = capture(True), capture(False)
+
+        def replay(g) -> float:
+            g.replay()  # warm
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / self.n
+
+        out = []
+        for _ in range(self.replays):
+            out.append(replay(g_both) - replay(g_flush))
+        del g_both, g_flush
+        return out
 
     def __call__(self, fn) -> dict:
         if self.cuda:
             q = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+            eager = {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2]}
+            if self.timing != "graph":
+                return {**eager, "ms_eager": q[0], "graph": False}
+            try:
+                ts = sorted(self._graph_ms(fn))
+            except Exception as e:  # noqa: BLE001 - not capturable (host sync): eager timing, flagged
+                torch.cuda.synchronize()
+                return {**eager, "ms_eager": q[0], "graph": False, "graph_error": f"{type(e).__name__}: {e}"[:300]}
+            return {"ms": statistics.median(ts), "ms_p20": ts[len(ts) // 5], "ms_p80": ts[(4 * len(ts)) // 5],
+                    "ms_eager": q[0], "graph": True}
         fn()
         ts = []
         for _ in range(3):
@@ -173,7 +235,7 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                 ),
                 "fused corruption": (
                     lambda: kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps, check=False),
-                    lambda: interpolate_corrupt(x, m, sigma, eps, td, backend="torch"),
+                    lambda: interpolate_corrupt(x, m, sigma, eps, td, backend="torch", check_values=False),
                     2 * nbytes,  # keyframe rows of x + missing rows of eps (= one x), every row written
                 ),
             }
@@ -192,10 +254,16 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
             for op, (kfn, rfn, moved) in ops.items():
                 tk, tr = timer(kfn), timer(rfn)
                 gbps = moved / (tk["ms"] * 1e-3) / 1e9
+                eager = {}
+                if "ms_eager" in tk and "ms_eager" in copy:
+                    ge = moved / (tk["ms_eager"] * 1e-3) / 1e9
+                    ce = copy["bytes"] / (copy["ms_eager"] * 1e-3) / 1e9
+                    eager = {"GBps_eager": ge, "copy_GBps_eager": ce, "of_copy_eager": ge / ce,
+                             "speedup_eager": tr["ms_eager"] / tk["ms_eager"]}
                 rows.append({
                     "case": case["name"], "op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                     "K": K, "bytes": int(moved), "triton": tk, "torch": tr, "GBps": gbps,
-                    "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
+                    "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"], **eager,
                 })
     return rows
 
@@ -295,12 +363,14 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
     cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
     ref_idx, _ = dp_select_reference(cost, K)
     for impl in kdp.DP_IMPLS:
-        for nw in (1, 2, 4, 8, 16):
-            idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl)
-            if not torch.equal(idx[0], ref_idx):
-                raise AssertionError(f"sweep dp impl={impl} num_warps={nw}: differs from the reference")
-            t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl))
-            out["dp"].append({"B": B, "T": T, "K": K, "impl": impl, "num_warps": nw, **t})
+        for split in ((1, 2) if impl == "sweep" else (None,)):
+            for nw in ((2, 4, 8) if impl == "sweep" else (1, 2, 4, 8, 16)):
+                idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl, split=split)
+                if not torch.equal(idx[0], ref_idx):
+                    raise AssertionError(f"sweep dp impl={impl} split={split} num_warps={nw}: differs from the reference")
+                t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl, split=split))
+                out["dp"].append({"B": B, "T": T, "K": K, "impl": impl if split is None else f"{impl}{split}",
+                                  "num_warps": nw, **t})
     out["dp"].sort(key=lambda r: r["ms"])
     return out
 
@@ -380,7 +450,7 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
                  "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS")
     dp_names = "c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP"
     bt_names = "back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B"
-    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS BLOCK_S ON_CHIP BLOCK_B K_PAD".split()}
+    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS BLOCK_S ON_CHIP BLOCK_B K_PAD SPLIT".split()}
     # strides equal to 1 are specialised by the JIT (constexpr), multiples of 16 get the divisibility hint
     bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16",
                 sxq="constexpr", seq="constexpr", smt="constexpr", **const)
@@ -396,7 +466,7 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
          dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=True, ACC=tl.float32), wan_nw),
         ("interp fwd, maze fp32", kint._interp_fwd_kernel, sig(fwd_names, **fp32),
          ["x_ptr", "m_ptr", "out_ptr", "sxb", "smb"],
-         dict(ones, T_PAD=128, BLOCK_T=maze_bt, BLOCK_Q=maze_bq, HAS_NOISE=False, ACC=tl.float32), maze_nw),
+         dict(ones, T_PAD=128, BLOCK_T=maze_bt, BLOCK_Q=maze_bq, HAS_NOISE=False, ACC=tl.float32, Q_ITERS=1), maze_nw),
         ("interp bwd, Wan bf16", kint._interp_bwd_kernel,
          sig("g_ptr m_ptr gx_ptr T P Q sgb sgp sgt sgq smb smt BLOCK_Q ACC", g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16",
              sgq="constexpr", smt="constexpr", **const), ["g_ptr", "m_ptr", "gx_ptr", "Q", "sgb", "sgp", "sgt", "smb"],
@@ -410,10 +480,10 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
          ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
          dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
         ("dp sweep, T=128 K<=16", kdp._dp_sweep_kernel,
-         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD", c_ptr="*fp32", back_ptr="*i8",
+         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT", c_ptr="*fp32", back_ptr="*i8",
              dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
          ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
-         dict(BLOCK_T=128, K_PAD=16), 4),
+         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT), 4),
         ("dp backtrack", kdp._backtrack_kernel,
          sig(bt_names, back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64",
              tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
@@ -478,20 +548,27 @@ def markdown(res: dict) -> str:
     smoke = " (CPU smoke: Triton interpreter, times are not performance)" if res["cpu_smoke"] else ""
     L = [f"Device: **{res['device']}**, {res['date']}, commit `{res['commit']}`, torch {res['torch']}, "
          f"triton {res['triton']}{smoke}", ""]
-    L += ["| interpolation | op | K | triton ms | GB/s | copy GB/s | of copy | torch ms | speedup |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    L += ["| interpolation | op | K | triton ms | GB/s | copy GB/s | of copy | torch ms | speedup | eager: triton ms, "
+          "of copy, speedup |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["interpolate"]:
+        eg = (f"{r['triton']['ms_eager']:.4f}, {r['of_copy_eager']:.0%}, {r['speedup_eager']:.1f}x"
+              if "of_copy_eager" in r else "-")
+        flag = "" if r["triton"].get("graph", True) and r["torch"].get("graph", True) else " (eager)"
         L.append(f"| {r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['op']} | {r['K']} | "
                  f"{r['triton']['ms']:.4f} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['of_copy']:.0%} | "
-                 f"{r['torch']['ms']:.4f} | {r['speedup']:.1f}x |")
+                 f"{r['torch']['ms']:.4f}{flag} | {r['speedup']:.1f}x | {eg} |")
     L += ["", "| DP | K | triton ms (impl) | other impl ms | torch ms | vs torch | numpy ms (scaled) | vs numpy | "
-          "bound ms | of bound |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "bound ms | of bound | eager: triton ms, torch ms, vs torch |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["dp"]:
         oth = ", ".join(f"{k} {v['ms']:.4f}" for k, v in r.get("other_impls", {}).items()) or "-"
+        eg = (f"{r['triton']['ms_eager']:.4f}, {r['torch']['ms_eager']:.3f}, "
+              f"{r['torch']['ms_eager'] / r['triton']['ms_eager']:.1f}x" if "ms_eager" in r["triton"] else "-")
+        flag = "" if r["triton"].get("graph", True) and r["torch"].get("graph", True) else " (eager)"
         L.append(f"| B={r['B']} T={r['T']} | {r['K']} | {r['triton']['ms']:.4f} ({r.get('impl', '')}) | {oth} | "
-                 f"{r['torch']['ms']:.3f} | "
+                 f"{r['torch']['ms']:.3f}{flag} | "
                  f"{r['speedup_torch']:.1f}x | {r['numpy_ms']:.1f} | {r['speedup_numpy']:.0f}x | "
-                 f"{r['bound_ms']:.4f} | {r['of_bound']:.0%} |")
+                 f"{r['bound_ms']:.4f} | {r['of_bound']:.0%} | {eg} |")
     if res["targets"]:
         L += ["", "| acceptance check | measured | met |", "|---|---:|:-:|"]
         for t in res["targets"]:
@@ -521,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.profile_only:
         return profile_launches(device, gen, cuda)
-    timer = Timer(cuda, cfg.warmup_ms, cfg.rep_ms)
+    timer = Timer(cuda, cfg.warmup_ms, cfg.rep_ms, cfg.timing)
     if cuda:
         interp_cases = [
             {"name": "wan", "shape": [8, 16, 21, 60, 104], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 6, 11],

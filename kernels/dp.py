@@ -56,6 +56,7 @@ STREAM_BLOCK_S = 32
 # and ``sweep`` (one pass over s relaxing all K rows at once; T <= 128, K <= SWEEP_MAX_K).
 DP_IMPLS = ("tile", "sweep")
 SWEEP_MAX_K = 32
+SWEEP_SPLIT = 2  # column halves in the sweep kernel (1: one full tile)
 
 
 def default_impl(T: int, k_max: int) -> str:
@@ -139,6 +140,25 @@ def _dp_kernel(
 
 
 
+@triton.jit
+def _sweep_relax(best, arg, d_prev, c_base, s, t, T, sci, scj):
+    """``best[r, t] = min(best[r, t], D[r-1, s] + c[s, t])`` for the columns ``t`` of one block;
+    strict ``<`` over increasing ``s`` keeps the smallest ``s`` on ties. Row 0 gets
+    ``d_prev = inf`` and never changes."""
+    c_row = tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=float("inf")).to(tl.float32)
+    cand = d_prev[:, None] + c_row[None, :]
+    take = cand < best
+    return tl.where(take, cand, best), tl.where(take, s, arg)
+
+
+@triton.jit
+def _sweep_finish(best, arg, t, r2, back_base, dlast_base, T, k_max, back_ptr):
+    t2 = t[None, :]
+    ok = (r2 >= 1) & (r2 < k_max) & (t2 < T)
+    tl.store(back_base + r2 * T + t2, arg.to(back_ptr.dtype.element_ty), mask=ok)
+    tl.store(dlast_base + r2 + t2 * 0, best, mask=ok & (t2 == T - 1))
+
+
 @triton.jit(do_not_specialize=["scj"])
 def _dp_sweep_kernel(
     c_ptr, back_ptr, dcol_ptr, dlast_ptr,
@@ -146,6 +166,7 @@ def _dp_sweep_kernel(
     scb, sci, scj,
     BLOCK_T: tl.constexpr,
     K_PAD: tl.constexpr,
+    SPLIT: tl.constexpr = 2,
 ):
     """All DP rows in one sweep over ``s`` for sample ``program_id(0)``; each cost row read once.
 
@@ -153,33 +174,44 @@ def _dp_sweep_kernel(
     ``min_{s' < s} D[r-1, s'] + c[s', t]`` after step ``s``. Column ``s`` of every row is final
     at the start of step ``s`` (it depends on ``s' < s`` only), so its owner publishes
     ``D[:, s]`` to a per-sample scratch (double-buffered by the parity of ``s``, one barrier per
-    step) and every row is relaxed with the one cost row ``c[s, :]``:
-    ``best[r, t] = min(best[r, t], D[r-1, s] + c[s, t])`` (strict ``<`` over increasing ``s``: the
-    smallest ``s`` wins ties, as in the reference)."""
+    step) and every row is relaxed with the one cost row ``c[s, :]``.
+
+    ``SPLIT=2`` keeps the columns as two halves: once ``s`` reaches the upper half, the lower
+    half is final (``t <= s``) and only the upper half is relaxed, 3/4 of the work of a full
+    tile (``SPLIT=1``)."""
     b = tl.program_id(0).to(tl.int64)
     c_base = c_ptr + b * scb
     dcol_base = dcol_ptr + b * 2 * K_PAD
+    back_base = back_ptr + b * k_max * T
+    dlast_base = dlast_ptr + b * k_max
     inf = float("inf")
     r = tl.arange(0, K_PAD)
-    t = tl.arange(0, BLOCK_T)
     r2 = r[:, None]
-    t2 = t[None, :]
-    best = tl.where((r2 == 0) & (t2 == 0), 0.0, tl.full([K_PAD, BLOCK_T], inf, tl.float32))  # row 0 = D[0]
-    arg = tl.full([K_PAD, BLOCK_T], 0, tl.int32)
-    for s in range(0, T - 1):
+    H: tl.constexpr = BLOCK_T // SPLIT
+    t_lo = tl.arange(0, H)
+    t_hi = H + tl.arange(0, H)
+    # row 0 = D[0]: 0 at t = 0, +inf elsewhere (only the lower block holds t = 0)
+    best_lo = tl.where((r2 == 0) & (t_lo[None, :] == 0), 0.0, tl.full([K_PAD, H], inf, tl.float32))
+    arg_lo = tl.full([K_PAD, H], 0, tl.int32)
+    best_hi = tl.full([K_PAD, H], inf, tl.float32)
+    arg_hi = tl.full([K_PAD, H], 0, tl.int32)
+    for s in range(0, tl.minimum(H, T - 1)):
         buf = dcol_base + (s % 2) * K_PAD
-        # the owner of column s publishes D[:, s] (final: every s' < s has been applied)
-        tl.store(buf + r2 + t2 * 0, best, mask=t2 == s)
+        tl.store(buf + r2 + t_lo[None, :] * 0, best_lo, mask=t_lo[None, :] == s)  # owner publishes D[:, s]
         tl.debug_barrier()
         d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)  # D[r-1, s] for row r
-        c_row = tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=inf).to(tl.float32)
-        cand = d_prev[:, None] + c_row[None, :]
-        take = (cand < best) & (r2 >= 1)
-        best = tl.where(take, cand, best)
-        arg = tl.where(take, s, arg)
-    ok = (r2 >= 1) & (r2 < k_max) & (t2 < T)
-    tl.store(back_ptr + b * k_max * T + r2 * T + t2, arg.to(back_ptr.dtype.element_ty), mask=ok)
-    tl.store(dlast_ptr + b * k_max + r2 + t2 * 0, best, mask=ok & (t2 == T - 1))
+        best_lo, arg_lo = _sweep_relax(best_lo, arg_lo, d_prev, c_base, s, t_lo, T, sci, scj)
+        if SPLIT == 2:
+            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_base, s, t_hi, T, sci, scj)
+    if SPLIT == 2:
+        for s in range(H, T - 1):
+            buf = dcol_base + (s % 2) * K_PAD
+            tl.store(buf + r2 + t_hi[None, :] * 0, best_hi, mask=t_hi[None, :] == s)
+            tl.debug_barrier()
+            d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)
+            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_base, s, t_hi, T, sci, scj)
+        _sweep_finish(best_hi, arg_hi, t_hi, r2, back_base, dlast_base, T, k_max, back_ptr)
+    _sweep_finish(best_lo, arg_lo, t_lo, r2, back_base, dlast_base, T, k_max, back_ptr)
 
 
 @triton.jit
@@ -244,7 +276,8 @@ def _budget_tensors(ks: tuple[int, ...], dev: torch.device) -> tuple[torch.Tenso
 
 
 def dp_select_many_triton(
-    cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None, impl: str | None = None
+    cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None, impl: str | None = None,
+    split: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Optimal index sets for several budgets from one DP pass.
 
@@ -291,7 +324,7 @@ def dp_select_many_triton(
                 c, back, dcol, dlast,
                 T, k_max,
                 c.stride(0), c.stride(1), c.stride(2),
-                BLOCK_T=bt, K_PAD=k_pad,
+                BLOCK_T=bt, K_PAD=k_pad, SPLIT=split or SWEEP_SPLIT,
                 num_warps=num_warps or max(1, min(4, bt // 32)),
             )
         else:

@@ -279,7 +279,7 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 
 # Column blocks per forward program: the frame-index work (mask load, left/right keyframe
 # reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
-FWD_Q_ITERS = 1
+FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
 
 
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
@@ -322,7 +322,7 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
         sig = sigma.to(device=x.device, dtype=torch.float32).contiguous()
     else:
         er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
-    q_iters = q_iters or FWD_Q_ITERS
+    q_iters = q_iters or max(1, min(FWD_Q_ITERS, triton.cdiv(Q, block_q)))
     grid = (B * P, triton.cdiv(T, block_t), triton.cdiv(Q, block_q * q_iters))
     _interp_fwd_kernel[grid](
         xr, m8, er, sig, out,

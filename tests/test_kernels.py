@@ -549,8 +549,9 @@ def test_kernels_compile_for_sm90_without_spills():
     sw["dcol_ptr"] = sw.pop("dbuf_ptr")
     for name in ("BLOCK_S", "ON_CHIP"):
         sw.pop(name)
-    sw["K_PAD"] = "constexpr"
-    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp), 4) for kp in (8, 16, 32)]
+    sw["K_PAD"] = sw["SPLIT"] = "constexpr"
+    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp, SPLIT=sp), 4)
+              for kp in (8, 16, 32) for sp in (1, 2)]
     for info in infos:
         assert "0 bytes spill stores" in info and "0 bytes spill loads" in info, info
 

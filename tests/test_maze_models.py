@@ -336,3 +336,18 @@ def test_path_prior_input_round_trip_and_old_sizes(tmp_path, kind):
     assert o2.backbone.sizes.path_prior is False and not hasattr(o2, "arc_frac")
     with pytest.raises(ValueError, match="path_prior"):
         Refiner(sizes, T, G, 3)
+
+
+def test_shipped_maze_model_overlays_validate():
+    """Every shipped overlay merges and validates; the result overlay uses the forms issue 5 reports
+    (missing-frame refiner, uniform indices, no D_phi features, path prior on phase-1 and baseline alike)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "maze"
+    for base, overlays in (("small", ["small_model", "small_result"]), ("full", ["full_model"])):
+        files = [root / f"{base}.yaml"] + [root / f"{o}.yaml" for o in overlays]
+        cfg = load_maze_config([a for f in files for a in ("--config", str(f))])
+    cfg = load_maze_config([a for f in ("small", "small_model", "small_result") for a in ("--config", str(root / f"{f}.yaml"))])
+    assert cfg.phase2.output == "missing_residual" and cfg.eval.index_source == "uniform" and cfg.phase1.feat_diffs == "none"
+    assert cfg.phase1.model.path_prior and cfg.baseline.model.path_prior
+    assert cfg.phase1.wall_weight == cfg.baseline.wall_weight and cfg.phase1.optim.steps == cfg.baseline.optim.steps

@@ -84,3 +84,24 @@ def test_bad_checkpointing_arguments():
         wan.enable_checkpointing(tr, 1.0, "everything")
     with pytest.raises(ValueError, match=r"checkpoint_ratio must lie in \[0, 1\], got 1.5"):
         wan.enable_checkpointing(tr, 1.5)
+
+
+def test_config_checkpoint_policy_is_validated_and_used(tmp_path):
+    """``model.checkpoint_policy`` reaches the model through the training config, and a bad value
+    stops at config time naming the key."""
+    from interpdiff.config import ConfigError
+    from interpdiff.video.objectives import VideoTrainConfig, enable_checkpointing
+
+    cfg = VideoTrainConfig()
+    cfg.model.checkpoint_policy = "attention"
+    cfg.validate()
+    tr = _model()
+    chosen = enable_checkpointing(tr, 1.0, cfg.model.checkpoint_policy)
+    mode = _CountSDPA()
+    _loss_and_grads(tr, mode)
+    assert len(chosen) == len(tr.blocks) and mode.n == 2 * len(tr.blocks)  # attention not recomputed
+    with pytest.raises(ConfigError, match="checkpoint_policy='nope'"):
+        enable_checkpointing(_model(), 1.0, "nope")
+    cfg.model.checkpoint_policy = "nope"
+    with pytest.raises(ConfigError, match="model.checkpoint_policy='nope' is not one of"):
+        cfg.validate()

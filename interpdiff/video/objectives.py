@@ -90,6 +90,8 @@ class ModelConfig:
     seed: int = 0  # tiny preset weights and the LoRA init
     compile: bool = False  # regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks)
     checkpoint_ratio: float = 1.0  # with train.gradient_checkpointing: fraction of blocks recomputed
+    # full: recompute whole blocks; attention: keep the attention kernels' outputs (selective checkpointing)
+    checkpoint_policy: str = "full"
 
 
 @dataclass
@@ -168,6 +170,9 @@ class VideoTrainConfig:
             raise ConfigError(f"model.dtype={self.model.dtype!r} is not one of auto, bf16, fp32, fp16")
         if not 0.0 <= self.model.checkpoint_ratio <= 1.0:
             raise ConfigError(f"model.checkpoint_ratio must lie in [0, 1], got {self.model.checkpoint_ratio}")
+        if self.model.checkpoint_policy not in wan.CHECKPOINT_POLICIES:
+            raise ConfigError(f"model.checkpoint_policy={self.model.checkpoint_policy!r} is not one of "
+                              f"{list(wan.CHECKPOINT_POLICIES)}")
         # phase-2 settings that would otherwise only fail at the first loss, after the model is built
         p2 = self.phase2
         if not 0.0 <= p2.sigma_min <= p2.sigma_max:
@@ -221,29 +226,14 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
     return tr
 
 
-def enable_checkpointing(transformer, ratio: float = 1.0) -> list[int]:
-    """Gradient checkpointing of ``round(ratio * n_blocks)`` transformer blocks, spread evenly
-    (``ratio=1``: every block, diffusers' default; ``0.5``: every other block). Recomputing fewer
-    blocks trades activation memory (about 2 GB per 1.3B block at 32,760 tokens in bf16) for the
-    extra forward. Returns the checkpointed block indices."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ConfigError(f"model.checkpoint_ratio must lie in [0, 1], got {ratio}")
-    m = wan.unwrap_model(transformer)
-    n = len(m.blocks)
-    k = round(ratio * n)
-    if k == 0:
-        m.disable_gradient_checkpointing()
-        return []
-    chosen = sorted({min(n - 1, int(i * n / k)) for i in range(k)})
-    ids = {id(m.blocks[i]) for i in chosen}
-
-    def ckpt(module, *args):
-        if id(module) in ids:
-            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-        return module(*args)
-
-    m.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
-    return chosen
+def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") -> list[int]:
+    """Gradient checkpointing of ``round(ratio * n_blocks)`` transformer blocks, spread evenly,
+    recomputing whole blocks (``policy="full"``) or all but the attention kernels' outputs
+    (``"attention"``); see ``wan.enable_checkpointing``. Returns the checkpointed block indices."""
+    try:
+        return wan.enable_checkpointing(transformer, ratio, policy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_meta(cfg: VideoTrainConfig, phase: int, transformer) -> dict:
@@ -547,7 +537,8 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         validate=make_validation(cfg, phase, make_batches(cfg)[0]),  # its own loader: the training stream is untouched
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
-        enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio),
+        enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,
+                                                                     cfg.model.checkpoint_policy),
     )
 
 

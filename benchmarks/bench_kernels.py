@@ -224,6 +224,7 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                 kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c, f"interpolate_corrupt {shape} K={K}",
                 scale + ref_c.double().abs(),
             )
+            _check_close(kint._forward(x, m, td, impl="tloop"), ref, f"interpolate tloop {shape} K={K}", scale)
             frac_key = K / T
             ops = {
                 # check=False: the mask was validated above; the value check is a host sync that
@@ -239,6 +240,11 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                     2 * nbytes,  # keyframe rows of x + missing rows of eps (= one x), every row written
                 ),
             }
+            ops["forward (tloop kernel)"] = (
+                lambda: kint._forward(x, m, td, impl="tloop"),
+                lambda: interpolate_reference(x, m, td),
+                nbytes * (1 + frac_key),
+            )
             if case.get("backward"):
                 xg = x.detach().requires_grad_(True)
                 g = torch.randn(shape, generator=gen).to(dtype).to(device)
@@ -356,6 +362,12 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                                  scale)
                     t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi))
                     out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": qi, **t})
+    for bq in (512, 1024, 2048):
+        for nw in (4, 8):
+            got = kint._forward(x, m, td, block_q=bq, num_warps=nw, impl="tloop")
+            _check_close(got, ref, f"sweep interpolate tloop BLOCK_Q={bq} num_warps={nw}", scale)
+            t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw, impl="tloop"))
+            out["interpolate"].append({"impl": "tloop", "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": 1, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
     default = kint._fwd_blocks(shape[td], _inner(shape, td))
     out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))
@@ -575,7 +587,7 @@ def markdown(res: dict) -> str:
             L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
     if res.get("sweep"):
         L += ["", "Sweep (best first): interpolation " + ", ".join(
-            f"{r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"
+            f"{r.get('impl', 'tile')} {r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"
             for r in res["sweep"]["interpolate"][:5])
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
             f"{r.get('impl', '')}/w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]

@@ -157,6 +157,56 @@ def _interp_fwd_kernel(
 
 
 @triton.jit
+def _interp_fwd_tloop_kernel(
+    x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
+    T, P, Q,
+    sxb, sxp, sxt, sxq,
+    seb, sep, set_, seq,
+    smb, smt,
+    BLOCK_Q: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The forward as a walk over time (``impl="tloop"``): a program owns ``BLOCK_Q`` columns of
+    one ``(b, p)`` row, keeps the two current keyframe rows in registers and streams the output
+    frames, so every keyframe row is read once and every output row written once (the tile
+    kernel reads two keyframe rows per output row, from L1/L2). Same arithmetic as the tile
+    kernel: keyframe rows are copied, missing rows are ``(1 - w) x_l + w x_r`` (+ noise)."""
+    pid_bp = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    x_base = x_ptr + b * sxb + p * sxp + q * sxq
+    o_base = out_ptr + (b * P + p) * T * Q + q
+    e_base = eps_ptr + b * seb + p * sep + q * seq
+    sig = 0.0
+    if HAS_NOISE:
+        sig = tl.load(sig_ptr + b).to(tl.float32)
+    x_l = tl.load(x_base, mask=q_ok, other=0.0)
+    tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
+    xl = x_l.to(ACC)
+    l = 0
+    for t in range(1, T):
+        if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
+            x_r = tl.load(x_base + t * sxt, mask=q_ok, other=0.0)
+            xr = x_r.to(ACC)
+            span = t - l
+            for u in range(l + 1, t):
+                w = _div(u - l, span, ACC)
+                out = xl * (1 - w) + xr * w
+                if HAS_NOISE:
+                    e = tl.load(e_base + u * set_, mask=q_ok, other=0.0)
+                    # round to x's dtype first, then add the noise in fp32 (the reference's order)
+                    out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + sig * e.to(tl.float32)
+                tl.store(o_base + u * Q, out.to(out_ptr.dtype.element_ty), mask=q_ok)
+            tl.store(o_base + t * Q, x_r, mask=q_ok)
+            xl = xr
+            l = t
+
+
+@triton.jit
 def _interp_bwd_kernel(
     g_ptr, m_ptr, gx_ptr,
     T, P, Q,
@@ -280,6 +330,11 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 # Column blocks per forward program: the frame-index work (mask load, left/right keyframe
 # reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
 FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
+# Forward kernels: "tile" (frames x columns tiles; measured default) and "tloop" (a walk over
+# time reading each keyframe row once; not yet measured on a GPU, selectable for benchmarks).
+FWD_IMPLS = ("tile", "tloop")
+FWD_IMPL = "tile"
+TLOOP_BLOCK_Q = 1024
 
 
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
@@ -302,8 +357,14 @@ def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
     return block_t, block_q, num_warps
 
 
-def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None, q_iters=None):
+def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None, q_iters=None,
+             impl=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
+    impl = impl or FWD_IMPL
+    if impl not in FWD_IMPLS:
+        raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
+    if impl == "tloop":
+        return _forward_tloop(x, xr, (B, P, T, Q), sx, mask, td, sigma, eps, block_q, num_warps)
     if T > MAX_BLOCK_T:
         raise ValueError(
             f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'"
@@ -331,6 +392,31 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
         m8.stride(0), m8.stride(1),
         T_PAD=t_pad, BLOCK_T=block_t, BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
         Q_ITERS=q_iters, num_warps=num_warps,
+    )
+    return out
+
+
+def _forward_tloop(x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
+    B, P, T, Q = dims
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_q = block_q or max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
+    num_warps = num_warps or max(1, min(8, block_q // 128))  # 4 columns per thread (no spills at sm_90)
+    m8 = mask.view(torch.uint8)
+    if eps is not None:
+        er, _, se = _as_bptq(eps, td)
+        sig = sigma.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
+    grid = (B * P, triton.cdiv(Q, block_q))
+    _interp_fwd_tloop_kernel[grid](
+        xr, m8, er, sig, out,
+        T, P, Q,
+        *sx, *se,
+        m8.stride(0), m8.stride(1),
+        BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
+        num_warps=num_warps,
     )
     return out
 

@@ -26,7 +26,7 @@ demo-core: $(STAMP)
 	$(BIN)/python -m interpdiff.demo
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

@@ -21,7 +21,7 @@
 set -uo pipefail
 SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
-COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:1:compile}
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile,cudnn:attention_ffn:1,cudnn:attention_ffn:0.9}
 on() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"

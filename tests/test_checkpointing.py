@@ -50,7 +50,7 @@ def _loss_and_grads(tr, mode=None):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("policy,ratio", [("full", 1.0), ("attention", 1.0), ("attention", 0.5)])
+@pytest.mark.parametrize("policy,ratio", [("full", 1.0), ("attention", 1.0), ("attention", 0.5), ("attention_ffn", 1.0)])
 def test_checkpointing_policies_match_no_checkpointing(policy, ratio):
     ref_loss, ref_grads = _loss_and_grads(_model())
     tr = _model()
@@ -76,6 +76,38 @@ def test_attention_policy_does_not_recompute_attention():
     assert counts[None] == n_calls
     assert counts["full"] == 2 * n_calls  # forward + recompute in backward
     assert counts["attention"] == n_calls  # outputs kept: no recompute
+
+
+class _CountFFN(TorchDispatchMode):
+    """Counts the FFN up-projection matmuls (weight ``[dim, ffn_dim]``)."""
+
+    def __init__(self, dim, ffn):
+        super().__init__()
+        self.n, self.shape = 0, (dim, ffn)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and tuple(args[-1].shape) == self.shape:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_ffn_policy_keeps_the_ffn_up_projection():
+    cfg = wan.tiny_transformer_config()
+    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    assert cfg["ffn_dim"] != dim  # the weight shape identifies the up-projection
+    counts = {}
+    for policy in (None, "full", "attention_ffn"):
+        tr = _model()
+        if policy:
+            wan.enable_checkpointing(tr, 1.0, policy)
+        mode = _CountFFN(dim, cfg["ffn_dim"])
+        _loss_and_grads(tr, mode)
+        counts[policy] = mode.n
+    n_blocks = len(_model().blocks)
+    # without checkpointing: one up-projection per block (+ the down-projection's input gradient,
+    # whose weight operand has the same shape); full recomputes it once more per block
+    assert counts["full"] == counts[None] + n_blocks
+    assert counts["attention_ffn"] == counts[None]  # kept: not recomputed
 
 
 def test_bad_checkpointing_arguments():
@@ -108,7 +140,7 @@ def test_config_checkpoint_policy_is_validated_and_used(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["full", "attention"])
+@pytest.mark.parametrize("policy", ["full", "attention", "attention_ffn"])
 def test_checkpointing_policies_under_regional_compile(policy):
     """``wan1.3b_phase2.yaml`` combines ``model.compile`` (diffusers' regional compile of the
     blocks) with selective checkpointing: the gradients must equal the eager, uncheckpointed

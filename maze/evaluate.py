@@ -16,6 +16,8 @@ normalised frame, distances reported in world units where stated):
   selector is the index source) and the ground-truth data as a reference row;
 - ``collision``: fraction of plans with at least one point closer than the agent radius
   (``eval.agent_radius``, world) to a wall; ``collision_pts``: fraction of points;
+- ``keyframe_collision``: fraction of two-phase plans with a phase-1 keyframe within the agent
+  radius of a wall (a lower bound of the refined collision rate: keyframes stay clamped);
 - ``crossings``: fraction of plans with a segment between consecutive points that passes
   through a wall (radius 0, checked every 0.1 cell along the segment,
   ``maze.mazes.segment_crosses_wall``), ``crossings_per_plan``;
@@ -117,6 +119,14 @@ def plan_metrics(plans_N_T_2: np.ndarray, gt_N_T_2: np.ndarray, mazes: list, goa
     }
 
 
+def keyframe_collision(kf_N_K_2: np.ndarray, mazes: list, radius_world: float) -> float:
+    """Fraction of plans with a phase-1 keyframe closer than the agent radius to a wall. Keyframes are
+    clamped through phase 2 (METHOD.md section 5), so this bounds the refined collision rate from below."""
+    from maze.mazes import collides
+
+    return float(np.mean([collides(kf_N_K_2[n], m, m.radius_norm(radius_world)).any() for n, m in enumerate(mazes)]))
+
+
 def balanced_rows(maze_id: np.ndarray, n: int) -> np.ndarray:
     """The first ``n`` rows taken round-robin over mazes (every maze represented), sorted."""
     per = [list(np.flatnonzero(maze_id == m)) for m in np.unique(maze_id)]
@@ -143,7 +153,7 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
     keys = ["interp", "refined", "oracle_interp", "oracle_refined", "interp_uniform", "refined_uniform", "full"]
     out = {k: [] for k in keys}
     lv = {k: [[] for _ in range(max(S - 1, 0))] for k in ("interp", "refined", "oracle_interp", "oracle_refined")}
-    masks_all = []
+    masks_all, kf_all = [], []
     have_two = planner.phase1 is not None and planner.refiner is not None
     for b0 in tqdm(range(0, n, ec.batch_size), desc="eval open loop", mininterval=2.0):
         b = data.tensors(rows[b0 : b0 + ec.batch_size])
@@ -155,6 +165,7 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
             masks_all.append(masks)
             out["interp"].append(r["interp"])
             out["refined"].append(r["plan"])
+            kf_all.append(r["keyframes"])
             o = planner.sample(cond, "two_phase", masks=masks, oracle_x0=x0, generator=generator)
             out["oracle_interp"].append(o["interp"])
             out["oracle_refined"].append(o["plan"])
@@ -201,6 +212,9 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
             res["levels"][k] = [plan_metrics(torch.cat(v).numpy(), gt, mazes, goal, radius_world, short) for v in per]
         masks = torch.cat(masks_all)
         arrays["masks"] = masks.numpy()
+        kf = torch.cat(kf_all).numpy()
+        arrays["keyframes"] = kf
+        res["keyframe_collision"] = keyframe_collision(kf, mazes, radius_world)
         res["budgets"] = list(planner.budgets)
     return res, arrays
 

@@ -131,6 +131,14 @@ def test_open_loop_metrics_hand_cases():
     assert r["collision"] == 0.0 and r["crossings"] == 0.0 and r["len_ratio"] == pytest.approx(1.0)
     same_cell = shortest_length_world(m, to_norm(np.array([-1.2, 1.1]), m), to_norm(np.array([-0.9, 0.8]), m))
     assert same_cell == pytest.approx(np.hypot(0.3, 0.3))
+    # keyframe collision: a keyframe at world (0, 0) lies in the centre wall; cell centres of free cells are clear
+    from maze.evaluate import keyframe_collision
+
+    kf_free = to_norm(np.array([[-1.0, 1.0], [1.0, 0.0], [-1.0, -1.0]]), m)
+    kf_wall = to_norm(np.array([[-1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]), m)
+    kf_near = to_norm(np.array([[-1.0, 1.0], [1.0, 0.0], [-1.0, -0.55]]), m)  # 0.05 from the wall face at y = -0.5
+    assert keyframe_collision(np.stack([kf_free, kf_wall, kf_near]), [m] * 3, 0.1) == pytest.approx(2 / 3)
+    assert keyframe_collision(kf_near[None], [m], 0.04) == 0.0
 
 
 def test_pd_follower_reaches_goal_in_pointmaze():

@@ -665,5 +665,5 @@ def test_bench_kernels_cpu_smoke(tmp_path):
 
     data = json.loads(out.read_text())
     assert data["cpu_smoke"] and data["device"].startswith("CPU")
-    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward"}
+    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward", "forward (tloop kernel)"}
     assert [(r["T"], r["K"]) for r in data["dp"]] == [(16, 4), (21, 6)]

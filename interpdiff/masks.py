@@ -51,6 +51,18 @@ def budget_schedule(T: int, k_min: int, n_levels: int, include_full: bool = True
     return out
 
 
+def level_budgets(T: int, k_min: int, n_levels: int, budgets: Sequence[int] = (), key: str = "budgets") -> list[int]:
+    """The level budgets of a clip of ``T`` frames: explicit ``budgets`` (strictly increasing,
+    from >= 2 up to ``T``; ``key`` names them in the error) or ``budget_schedule(T, min(k_min, T),
+    n_levels)`` (the rule of ``phase2`` in the video configs, the selector and the D_phi masks)."""
+    if budgets:
+        b = [int(x) for x in budgets]
+        if b[-1] != T or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
+            raise ValueError(f"{key}={b}: expected strictly increasing budgets from >= 2 up to T={T}")
+        return b
+    return budget_schedule(T, min(k_min, T), n_levels)
+
+
 def uniform_indices(T: int, k: int) -> torch.Tensor:
     """``round(linspace(0, T-1, k))`` as a long tensor (distinct for ``k <= T``)."""
     return torch.linspace(0, T - 1, k, dtype=torch.float64).round().long()

@@ -100,3 +100,14 @@ def test_policy_mix_parsing():
         parse_policy_mix("dpp:1")
     with pytest.raises(ValueError, match="not a number"):
         parse_policy_mix("dp:x")
+
+
+def test_level_budgets_rule_and_errors():
+    from interpdiff.masks import budget_schedule, level_budgets
+
+    assert level_budgets(21, 6, 4) == budget_schedule(21, 6, 4) == [6, 9, 14, 21]
+    assert level_budgets(9, 12, 1) == budget_schedule(9, 9, 1) == [9]  # k_min capped at T
+    assert level_budgets(21, 6, 4, [3, 10, 21]) == [3, 10, 21]
+    for bad in ([3, 10, 20], [1, 10, 21], [3, 3, 21]):
+        with pytest.raises(ValueError, match=r"phase2.budgets=\[.*\]: expected strictly increasing budgets from >= 2 up to T=21"):
+            level_budgets(21, 6, 4, bad, "phase2.budgets")

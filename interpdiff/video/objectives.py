@@ -59,9 +59,9 @@ from interpdiff.corruption import anchor_confidence, level_sigmas
 from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas, x0_from_velocity
 from interpdiff.interpolate import interpolate_corrupt
 from interpdiff.masks import (
-    budget_schedule,
     check_nested,
     dp_nested_masks,
+    level_budgets,
     mask_to_indices,
     parse_policy_mix,
     random_nested_masks,
@@ -391,12 +391,10 @@ def phase1_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: Ke
 
 
 def phase2_budgets(cfg: Phase2Config, T: int) -> list[int]:
-    if cfg.budgets:
-        b = [int(x) for x in cfg.budgets]
-        if b[-1] != T or any(y <= x for x, y in zip(b, b[1:])) or b[0] < 2:
-            raise ConfigError(f"phase2.budgets={b}: expected strictly increasing budgets from >= 2 up to T={T}")
-        return b
-    return budget_schedule(T, min(cfg.k_min, T), cfg.n_levels)
+    try:
+        return level_budgets(T, cfg.k_min, cfg.n_levels, cfg.budgets, "phase2.budgets")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def level_timestep(budgets: Sequence[int], s: torch.Tensor | int, T: int) -> torch.Tensor:

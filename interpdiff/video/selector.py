@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
-from interpdiff.masks import budget_schedule, selector_nested_masks
+from interpdiff.masks import level_budgets, selector_nested_masks
 
 SELECTOR_KIND = "video-selector"
 SELECTOR_FILE = "selector.pt"
@@ -88,12 +88,7 @@ class LevelRule:
     budgets: list[int] = field(default_factory=list)
 
     def budgets_for(self, T: int) -> list[int]:
-        if self.budgets:
-            b = [int(x) for x in self.budgets]
-            if b[-1] != T or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
-                raise ValueError(f"levels.budgets={b}: expected strictly increasing budgets from >= 2 up to T={T}")
-            return b
-        return budget_schedule(T, min(self.k_min, T), self.n_levels)
+        return level_budgets(T, self.k_min, self.n_levels, self.budgets, "levels.budgets")
 
     def validate(self) -> None:
         if self.budgets:

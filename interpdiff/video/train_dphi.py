@@ -37,7 +37,7 @@ import torch
 
 from interpdiff.config import ConfigError, save_config
 from interpdiff.io import atomic_torch_save, atomic_write_text
-from interpdiff.masks import budget_schedule
+from interpdiff.masks import level_budgets
 from interpdiff.selection import dp_select, dp_select_levels
 from interpdiff.video import wan
 from interpdiff.video.data import LatentDataConfig, LatentLoader, resolve_shards
@@ -134,12 +134,10 @@ class DphiTeacherConfig:
 
     def budgets(self, T: int) -> list[int]:
         m = self.masks
-        if m.budgets:
-            b = [int(x) for x in m.budgets]
-            if b[-1] != T or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
-                raise ConfigError(f"masks.budgets={b}: expected strictly increasing budgets from >= 2 up to T={T}")
-            return b
-        return budget_schedule(T, min(m.k_min, T), m.n_levels)
+        try:
+            return level_budgets(T, m.k_min, m.n_levels, m.budgets, "masks.budgets")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _device(cfg: DphiTeacherConfig) -> torch.device:

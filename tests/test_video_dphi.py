@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from interpdiff.config import ConfigError, from_dict
+from interpdiff.interpolate import interpolate
 from interpdiff.io import CheckpointError, save_checkpoint
 from interpdiff.masks import budget_schedule
 from interpdiff.selection import dp_select_reference, snr_weights
@@ -21,7 +22,7 @@ from interpdiff.video.dphi import (
     TeacherCostConfig,
     VideoDphi,
     dp_cost_from_teacher,
-    interpolate_segment,
+    segment_masks,
     load_dphi,
     save_dphi,
     segment_pairs,
@@ -81,7 +82,10 @@ def test_linear_clip_costs_nothing(teacher):
     assert lin["pairs"].tolist() == segment_pairs(T).tolist() and len(lin["pairs"]) == (T - 1) * (T - 2) // 2
     assert lin["cost"].max() < 1e-9 * rnd["cost"].mean()
     assert (rnd["cost"] > 0).all()
-    torch.testing.assert_close(interpolate_segment(ramp, 0, T - 1), ramp, rtol=1e-6, atol=1e-6)
+    m = segment_masks(torch.tensor([[0, T - 1], [2, 5]]), T)
+    assert m.tolist()[1] == [True, True, True, False, False, True, True][:T]
+    torch.testing.assert_close(interpolate(ramp[None].expand(2, -1, -1, -1, -1), m, time_dim=2),
+                               ramp[None].expand(2, -1, -1, -1, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_dp_cost_matrix_from_teacher_record(teacher):

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from interpdiff.interpolate import interpolate
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
 from interpdiff.selection import snr_weights
 
@@ -80,14 +81,11 @@ def segment_pairs(T: int, max_gap: int = 0) -> torch.Tensor:
     return torch.stack([ii[keep], jj[keep]], 1)
 
 
-def interpolate_segment(x_C_T_H_W: torch.Tensor, i: int, j: int) -> torch.Tensor:
-    """``x`` with frames ``i+1..j-1`` replaced by the linear interpolation of frames ``i`` and ``j``."""
-    y = x_C_T_H_W.clone()
-    u = torch.arange(i + 1, j, device=x_C_T_H_W.device, dtype=torch.float32)
-    w = ((u - i) / (j - i)).view(1, -1, 1, 1)
-    xi, xj = x_C_T_H_W[:, i : i + 1].float(), x_C_T_H_W[:, j : j + 1].float()
-    y[:, i + 1 : j] = (xi * (1 - w) + xj * w).to(y.dtype)
-    return y
+def segment_masks(pairs_P_2: torch.Tensor, T: int) -> torch.Tensor:
+    """``[P, T]`` masks keeping every frame but the interior ``i+1..j-1`` of each pair ``(i, j)``:
+    ``interpolate(x, mask)`` then fills exactly the segment from its two endpoints."""
+    t = torch.arange(T, device=pairs_P_2.device)
+    return ~((t[None] > pairs_P_2[:, :1]) & (t[None] < pairs_P_2[:, 1:]))
 
 
 def teacher_x0(transformer, z_B_C_T_H_W: torch.Tensor, sigma: float, emb_B_L_D: torch.Tensor) -> torch.Tensor:
@@ -123,11 +121,11 @@ def teacher_costs(transformer, lat_C_T_H_W: torch.Tensor, emb_L_D: torch.Tensor,
         ref = teacher_x0(transformer, ((1 - sigma) * x0 + sigma * eps)[None], sigma, emb)[0]
         for a in range(0, len(pairs_P_2), cfg.seg_batch):
             chunk = pairs_P_2[a : a + cfg.seg_batch]
-            ys = torch.stack([(1 - sigma) * interpolate_segment(x0, int(i), int(j)) + sigma * eps for i, j in chunk])
+            m = segment_masks(chunk, T).to(dev)
+            ys = (1 - sigma) * interpolate(x0[None].expand(len(chunk), -1, -1, -1, -1), m, time_dim=2) + sigma * eps
             pred = teacher_x0(transformer, ys, sigma, emb.expand(len(chunk), -1, -1))
             err_B_T = (pred - ref[None]).pow(2).mean(dim=(1, 3, 4))  # per frame, mean over C, H, W
-            for b, (i, j) in enumerate(chunk.tolist()):
-                cost[si, a + b] = err_B_T[b, i + 1 : j].sum().cpu()
+            cost[si, a : a + len(chunk)] = (err_B_T * (~m).float()).sum(1).cpu()  # interior frames only
     return {"pairs": pairs_P_2.clone(), "times": torch.tensor(idx, dtype=torch.long), "cost": cost, "T": T}
 
 

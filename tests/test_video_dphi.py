@@ -120,7 +120,7 @@ def _synthetic_records(n: int, T: int = 9, seed: int = 0) -> dict:
         scale = 3.0 if cluster else 0.5
         cost = torch.stack([scale * gap ** 2 * (1 + float(t[k])) * 1e-3 for k in idx])
         recs[f"c{c}"] = {"key": f"c{c}", "pairs": pairs, "times": torch.tensor(idx), "cost": cost, "T": T,
-                         "pooled_src": emb}
+                         "emb": emb}
     return recs
 
 
@@ -137,11 +137,11 @@ def test_dphi_learns_teacher_costs_and_round_trips(tmp_path):
     # the DP on D_phi's costs picks keyframes nearly as good as the DP on the teacher's costs
     assert all(1.0 <= r < 1.1 for r in summary["dp_cost_ratio_dphi_over_teacher"].values())
     loaded, cost_cfg = load_dphi(tmp_path / "dphi.pt")
-    emb = recs["c1"]["pooled_src"][None]
+    emb = recs["c1"]["emb"][None]
     torch.testing.assert_close(loaded.cost_matrix(emb, 9, cost_cfg), model.cost_matrix(emb, 9, cost_cfg))
     # the two clusters differ by their text only: D_phi must tell them apart
-    c0 = loaded.cost_matrix(recs["c0"]["pooled_src"][None], 9, cost_cfg)[0, 0, 8]
-    c1 = loaded.cost_matrix(recs["c1"]["pooled_src"][None], 9, cost_cfg)[0, 0, 8]
+    c0 = loaded.cost_matrix(recs["c0"]["emb"][None], 9, cost_cfg)[0, 0, 8]
+    c1 = loaded.cost_matrix(recs["c1"]["emb"][None], 9, cost_cfg)[0, 0, 8]
     assert c1 > 3 * c0
 
 

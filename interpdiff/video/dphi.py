@@ -41,6 +41,7 @@ import torch.nn as nn
 from interpdiff.interpolate import interpolate
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
 from interpdiff.selection import snr_weights
+from interpdiff.video.selector import fourier
 
 DPHI_KIND = "video-dphi"
 
@@ -163,12 +164,6 @@ class DphiSizes:
             raise ValueError(f"dphi sizes must be positive, got {dataclasses.asdict(self)}")
 
 
-def _fourier(u: torch.Tensor, n: int) -> torch.Tensor:
-    f = math.pi * 2.0 ** torch.arange(n, device=u.device, dtype=torch.float32)
-    a = u.float()[..., None] * f
-    return torch.cat([u.float()[..., None], torch.sin(a), torch.cos(a)], -1)
-
-
 class VideoDphi(nn.Module):
     """``log(cost_k[i, j] + floor)`` from (pooled text, T, i, j, gap, flow time).
 
@@ -201,8 +196,8 @@ class VideoDphi(nn.Module):
         n = self.sizes.n_freq
         span = max(T - 1, 1)
         feats = torch.cat([
-            _fourier(i_B_N / span, n), _fourier(j_B_N / span, n), _fourier((j_B_N - i_B_N) / span, n),
-            _fourier(t_B_N, n), _fourier(torch.full_like(t_B_N, T / self.sizes.t_ref), n),
+            fourier(i_B_N / span, n), fourier(j_B_N / span, n), fourier((j_B_N - i_B_N) / span, n),
+            fourier(t_B_N, n), fourier(torch.full_like(t_B_N, T / self.sizes.t_ref), n),
         ], -1)
         B, N = i_B_N.shape
         x = torch.cat([pooled_B_d[:, None].expand(B, N, -1), feats], -1)

@@ -109,10 +109,11 @@ def sinusoidal(x_N: torch.Tensor, dim: int, max_period: float = 10_000.0) -> tor
 
 
 def fourier(u_N: torch.Tensor, n_freq: int) -> torch.Tensor:
-    """``[u, sin(pi 2^k u), cos(pi 2^k u)]_{k < n_freq}`` ``[N, 1 + 2 n_freq]`` of values in [0, 1]."""
+    """``[u, sin(pi 2^k u), cos(pi 2^k u)]_{k < n_freq}`` of values in [0, 1]: ``[..., 1 + 2 n_freq]``
+    for ``u`` of any shape (``[N]`` -> ``[N, 1 + 2 n_freq]``)."""
     freqs = math.pi * 2.0 ** torch.arange(n_freq, device=u_N.device, dtype=torch.float32)
-    args = u_N.float()[:, None] * freqs[None]
-    return torch.cat([u_N.float()[:, None], torch.sin(args), torch.cos(args)], -1)
+    args = u_N.float()[..., None] * freqs
+    return torch.cat([u_N.float()[..., None], torch.sin(args), torch.cos(args)], -1)
 
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:

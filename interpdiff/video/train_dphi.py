@@ -176,7 +176,7 @@ def stage_costs(cfg: DphiTeacherConfig, run: Path, dev: torch.device) -> dict:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + len(records))
         rec = teacher_costs(tr, lat, emb, cfg.costs, g)
         rec["key"] = key
-        rec["pooled_src"] = emb.to(torch.bfloat16)  # what D_phi is trained on (the text embedding)
+        rec["emb"] = emb.to(torch.bfloat16)  # the text embedding D_phi is trained on
         records[key] = rec
         if len(records) % cfg.save_every == 0:
             atomic_torch_save(records, out)
@@ -224,7 +224,7 @@ def stage_dphi(cfg: DphiTeacherConfig, run: Path, records: dict, dev: torch.devi
         pick = torch.randint(0, len(fit), (min(cfg.train.clips_per_batch, len(fit)),), generator=g).tolist()
         recs = [records[fit[i]] for i in pick]
         _, i, j, t, y = fit_batch(recs, grid_t, cfg.train.entries_per_clip, g)
-        emb = torch.stack([r["pooled_src"] for r in recs]).to(dev)
+        emb = torch.stack([r["emb"] for r in recs]).to(dev)
         T = int(recs[0]["T"])
         pred = model(model.pooled(emb), T, i.to(dev), j.to(dev), t.to(dev))
         loss = (pred - (y.to(dev) + floor).log()).pow(2).mean()
@@ -260,7 +260,7 @@ def evaluate_dphi(model: VideoDphi, recs: list[dict], cfg: DphiTeacherConfig, de
         i = r["pairs"][:, 0].float().repeat(S)[None]
         j = r["pairs"][:, 1].float().repeat(S)[None]
         t = grid_t[r["times"]].float().repeat_interleave(P)[None]
-        emb = r["pooled_src"][None].to(dev)
+        emb = r["emb"][None].to(dev)
         p = model.predict_cost(model.pooled(emb), int(r["T"]), i.to(dev), j.to(dev), t.to(dev))[0].cpu()
         preds.append(p)
         trues.append(r["cost"].flatten())

@@ -243,10 +243,14 @@ def two_phase_sample(
     timer: StageTimer | None = None,
     idx_B_K: torch.Tensor | None = None,
     masks_B_S_T: torch.Tensor | None = None,
+    phase1_fn: Callable | None = None,
+    phase2_fn: Callable | None = None,
 ) -> dict:
     """Phase 1 -> interpolation -> phase 2. Returns ``{"latents", "keyframes", "interpolated", "idx",
     "masks"}``. ``masks_B_S_T``: nested keyframe masks for the budgets ``st.budgets`` (e.g. from the
-    video keyframe selector); default uniform."""
+    video keyframe selector); default uniform. ``phase1_fn(emb, idx_B_K, (C, H, W), generator) ->
+    keyframes`` / ``phase2_fn(x_start, masks, emb, generator) -> latents`` replace the default
+    samplers (distilled students, ``interpdiff.video.distill_wan``)."""
     timer = timer or StageTimer(emb_B_L_D.device)
     B = emb_B_L_D.shape[0]
     H, W = hw
@@ -262,13 +266,20 @@ def two_phase_sample(
     if idx_B_K is None:
         idx_B_K = mask_to_indices(masks[:, 0])
     with timer.stage("phase1"):
-        key = phase1_sample(phase1_tr, emb_B_L_D, idx_B_K, (C, H, W), phase1_steps, shift, guidance, neg_emb_B_L_D, generator)
+        if phase1_fn is not None:
+            key = phase1_fn(emb_B_L_D, idx_B_K, (C, H, W), generator)
+        else:
+            key = phase1_sample(phase1_tr, emb_B_L_D, idx_B_K, (C, H, W), phase1_steps, shift, guidance, neg_emb_B_L_D,
+                                generator)
     with timer.stage("interpolate"):
         x0, m0 = scatter_keyframes(key, idx_B_K, T)
     if not torch.equal(m0, masks[:, 0]):
         raise ValueError("two_phase_sample: keyframe indices differ from the level-0 mask")
     with timer.stage("phase2"):
-        out = phase2_refine(phase2_tr, x0, masks, emb_B_L_D, st, generator)
+        if phase2_fn is not None:
+            out = phase2_fn(x0, masks, emb_B_L_D, generator)
+        else:
+            out = phase2_refine(phase2_tr, x0, masks, emb_B_L_D, st, generator)
     return {"latents": out, "keyframes": key, "interpolated": x0, "idx": idx_B_K, "masks": masks}
 
 
@@ -451,6 +462,13 @@ class SampleConfig:
     out_dir: str = "samples"
     fps: int = 16
     phase2: Phase2Config = field(default_factory=Phase2Config)  # used when phase2_lora is empty
+    # distilled students (distill_rcm.py checkpoints' trainable/student or trainable_ema/student folders):
+    student_lora: str = ""  # mode=full: the few-step full-sequence student (replaces the CFG Euler sampler)
+    phase1_student_lora: str = ""  # two_phase: the few-step phase-1 student (replaces phase1_lora)
+    phase2_student_lora: str = ""  # two_phase: the 1-2 step phase-2 student (replaces phase2_lora)
+    student_steps: int = 4  # consistency steps of the full / phase-1 student (no CFG: distilled in)
+    student_mid_times: list[float] = field(default_factory=list)  # TrigFlow times after t_0; [] = [1.5, 1.4, 1.0][:steps-1]
+    phase2_student_steps: int = 0  # 0 = the steps the phase-2 student was distilled for
 
     def validate(self) -> None:
         from interpdiff.config import ConfigError
@@ -472,6 +490,9 @@ class SampleConfig:
                               "python -m interpdiff.video.train_selector), which is not set")
         if self.phase2_noise not in ("none", "constant", "level"):
             raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
+        if self.student_steps < 1 or self.phase2_student_steps not in (0, 1, 2):
+            raise ConfigError(f"student_steps={self.student_steps}, phase2_student_steps={self.phase2_student_steps}: "
+                              "expected student_steps >= 1 and phase2_student_steps in 0 (from the student), 1, 2")
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -499,8 +520,9 @@ def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
     from interpdiff.config import from_dict
 
     p2 = cfg.phase2
-    if cfg.phase2_lora:
-        meta = wan.read_lora_meta(Path(cfg.phase2_lora))
+    p2_lora = cfg.phase2_student_lora or cfg.phase2_lora
+    if p2_lora:
+        meta = wan.read_lora_meta(Path(p2_lora))
         stored = (meta.get("extra") or {}).get("phase2")
         if stored:
             p2 = from_dict(Phase2Config, stored)
@@ -531,9 +553,9 @@ def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Sett
 def check_sample_inputs(cfg: SampleConfig) -> list[str]:
     """Everything that can fail cheaply, before any model is loaded."""
     prompts = read_prompts(cfg)
-    for name in ("phase1_lora", "phase2_lora"):
+    for name in ("phase1_lora", "phase2_lora", "phase1_student_lora", "phase2_student_lora", "student_lora"):
         path = getattr(cfg, name)
-        if path and cfg.mode == "two_phase":
+        if path and (cfg.mode == "two_phase") != (name == "student_lora"):
             d = Path(path)
             if not (d / wan.LORA_WEIGHT_NAME).is_file():
                 raise wan.WanLoadError(f"{name}={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora folder, "
@@ -550,13 +572,15 @@ def check_keyframe_count(cfg: SampleConfig, st: Phase2Settings) -> None:
     (the rope would accept any K, silently sampling a keyframe count the LoRA never saw)."""
     from interpdiff.config import ConfigError
 
-    if not cfg.phase1_lora:
+    name = "phase1_student_lora" if cfg.phase1_student_lora else "phase1_lora"
+    path = getattr(cfg, name)
+    if not path:
         return
-    stored = (wan.read_lora_meta(cfg.phase1_lora).get("extra") or {}).get("phase1") or {}
+    stored = (wan.read_lora_meta(path).get("extra") or {}).get("phase1") or {}
     k = stored.get("num_keyframes")
     if k is not None and int(k) != st.budgets[0]:
         raise ConfigError(
-            f"phase1_lora={cfg.phase1_lora!r} was trained with phase1.num_keyframes={k}, but the phase-2 level-0 "
+            f"{name}={path!r} was trained with phase1.num_keyframes={k}, but the phase-2 level-0 "
             f"budget is {st.budgets[0]} (budgets {st.budgets}); train both phases with phase1.num_keyframes == "
             "phase2.k_min (or phase2.budgets[0])"
         )
@@ -583,6 +607,48 @@ def load_keyframe_selector(cfg: SampleConfig, st: Phase2Settings | None, T: int)
     return sel
 
 
+def load_students(cfg: SampleConfig, device, st: Phase2Settings | None) -> dict:
+    """``{target: (transformer, lora metadata)}`` for the distilled students named in ``cfg``
+    (``distill_wan.load_student_transformer``: base + merged teacher + student LoRA)."""
+    from interpdiff.video.distill_wan import load_student_transformer
+
+    out = {}
+    wanted = [("full", cfg.student_lora)] if cfg.mode == "full" else [("phase1", cfg.phase1_student_lora),
+                                                                      ("phase2", cfg.phase2_student_lora)]
+    for target, path in wanted:
+        if path:
+            tr, meta = load_student_transformer(cfg.model_path, path, cfg.dtype, cfg.attention, want_target=target)
+            out[target] = (tr.to(device), meta)
+    return out
+
+
+def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> dict:
+    """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students."""
+    from interpdiff.video.distill_wan import phase2_student_levels, phase2_student_refine, student_sample
+
+    fns = {}
+    if "phase1" in students:
+        tr1 = students["phase1"][0]
+
+        def phase1_fn(emb, idx, chw, generator):
+            C, H, W = chw
+            return student_sample(tr1, emb, (C, idx.shape[1], H, W), cfg.student_steps, cfg.student_mid_times or None,
+                                  idx_B_K=idx, generator=generator)
+
+        fns["phase1_fn"] = phase1_fn
+    if "phase2" in students:
+        tr2, meta = students["phase2"]
+        dist = meta["extra"]["distill"]
+        steps = cfg.phase2_student_steps or int(dist["sampler"]["steps"])
+        levels = phase2_student_levels(len(st.budgets), steps, dist.get("phase2_levels") if steps == dist["sampler"]["steps"] else None)
+
+        def phase2_fn(x_start, masks, emb, generator):
+            return phase2_student_refine(tr2, x_start, masks, emb, st, levels, generator)
+
+        fns["phase2_fn"] = phase2_fn
+    return fns
+
+
 def run_sampling(cfg: SampleConfig, log=print) -> dict:
     """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s},
     "keyframes": [level-0 indices per video]}``."""
@@ -607,9 +673,13 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
         neg = wan.encode_prompts(enc, tok, [cfg.negative_prompt], max_length=cfg.text_max_length) if guid != 1.0 else None
     del enc
     with timer.stage("load"):
+        students = load_students(cfg, device, st) if (cfg.student_lora or cfg.phase1_student_lora
+                                                      or cfg.phase2_student_lora) else {}
         if cfg.mode == "two_phase":
-            tr1 = load_phase_transformer(cfg, 1, device)
-            tr2 = load_phase_transformer(cfg, 2, device, st)
+            tr1 = students["phase1"][0] if "phase1" in students else load_phase_transformer(cfg, 1, device)
+            tr2 = students["phase2"][0] if "phase2" in students else load_phase_transformer(cfg, 2, device, st)
+        elif "full" in students:
+            tr = students["full"][0]
         else:
             tr = wan.load_transformer(cfg.model_path, dtype=dtype).to(device).eval()
             wan.set_attention_backend(tr, cfg.attention)
@@ -629,13 +699,19 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
                     with timer.stage("selector"):
                         masks = selector.nested_masks(emb, T, st.budgets)
                 res = two_phase_sample(tr1, tr2, emb, T, (H, W), st, cfg.phase1_steps, cfg.shift, cfg.phase1_guidance,
-                                       neg_b, g, timer, masks_B_S_T=masks)
+                                       neg_b, g, timer, masks_B_S_T=masks, **student_samplers(cfg, students, st))
                 lat = res["latents"]
                 keyframes += res["idx"].cpu().tolist()
             else:
                 C = wan.unwrap_model(tr).config.in_channels
                 with timer.stage("full"):
-                    lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
+                    if "full" in students:
+                        from interpdiff.video.distill_wan import student_sample
+
+                        lat = student_sample(tr, emb, (C, T, H, W), cfg.student_steps, cfg.student_mid_times or None,
+                                             generator=g)
+                    else:
+                        lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
         with timer.stage("vae_decode"):
             video = wan.vae_decode(vae, lat)
         with timer.stage("write"):

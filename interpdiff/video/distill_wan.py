@@ -1,0 +1,749 @@
+"""rCM step distillation of the Wan2.1 models (``distill_rcm.py``): one base model, two adapters.
+
+Targets (``distill.target``):
+
+* ``full``: the base Wan full-sequence model (optionally + ``distill.teacher_lora``) -> a few-step
+  full-sequence student: the "4-step rCM full-sequence model" of the milestone (METHOD.md).
+* ``phase1``: the phase-1 keyframe model (base + the ``train_phase1.py`` LoRA, keyframe rotary
+  positions at the true frame indices, indices from ``phase1.index_policy`` as in training)
+  -> a few-step keyframe student.
+* ``phase2``: the phase-2 refiner (base + the ``train_phase2.py`` LoRA + its mask channels) -> a
+  1-2 step refiner. Its corruption is not Gaussian (interpolation + a little noise on missing
+  frames), so there is no PF-ODE, no score and nothing for sCM's JVP or DMD to act on; "1-2
+  steps" means: the student maps the level-0 state ``x_0 = I(x, M_0) + sigma_0 eps (1 - M_0)``
+  (1 step), or ``x_0`` and the intermediate level ``m`` (2 steps), straight to the output of the
+  teacher's full S-level TACoS chain (``corruption.refine``, no sampling noise by default, so the
+  target is a deterministic function of ``x_0``): regression to the teacher chain, loss weighted
+  like ``phase2_loss``. In the 2-step student the level-m input during training is the teacher
+  chain's state at level m; at sampling it is the TACoS jump ``x_m = x_0 - I(x0_hat, M_0) +
+  I(x0_hat, M_m)`` from the student's own level-0 prediction (equal when the student matches the
+  teacher).
+
+**Memory-friendly model layout.** One frozen base Wan transformer carries the teacher (its
+LoRA, if any, is *merged into the base weights* at load, ``merge_lora_into_base``; phase-2 mask
+channels are installed frozen) and two peft LoRA adapters: ``student`` and (with DMD)
+``fake_score``, both initialised as no-ops (B = 0), so student and fake score start equal to the
+teacher. ``use_adapter(model, name)`` switches the active adapter by setting peft's per-layer
+``_active_adapter`` / ``_disable_adapters`` flags directly (peft's own ``set_adapter`` /
+``disable_adapter`` would flip ``requires_grad`` of the other adapter and break the training loop's
+parameter list); ``None`` = adapters off = the teacher. One optimizer over both adapters (the
+shared ``interpdiff.training`` loop, ZeRO-compatible): the loss is the sum of the student terms
+(sCM / discrete consistency, DMD generator) and the fake-score flow-matching term; each term's
+graph reaches only its own adapter (tested). Gradient checkpointing recomputes a block in backward,
+after the adapter context has been left, so ``enable_checkpointing`` here wraps every checkpointed
+block with the adapter state of its forward.
+
+Differences to rCM (NVlabs/rcm) written down: the student and the fake score are updated at the
+same rate with the same learning rate (rCM updates the critic 4 of 5 iterations with its own
+optimizer; the shared loop has one optimizer, so the TTUR is not reproduced); no backward
+simulation for the DMD generator input (one consistency step from ``t_max``); the teacher CFG is
+Wan's ``uncond + w (cond - uncond)`` (rCM's ``teacher_guidance`` g corresponds to ``w = g + 1``).
+
+**Forward-mode AD through Wan on CPU** (measured on the tiny preset, torch 2.14.1, diffusers
+0.42.1, peft 0.21.2): diffusers' ``sdpa``/``native`` attention backend dispatches on CPU to
+``aten::_scaled_dot_product_flash_attention_for_cpu``, which has no forward-AD rule
+(``NotImplementedError``); the math SDPA path (diffusers' ``_native_math``) works, as do the
+peft LoRA layers, the keyframe rope and the timestep embedding, and ``torch.func.jvp`` agrees with
+a central finite difference (fp64; the difference is limited by float32 parts inside diffusers'
+Wan: the sinusoidal timestep embedding casts to float32). So with ``distill.jvp=autograd`` the
+attention runs on the math kernel inside the JVP (``jvp_attention``) and on the configured
+backend elsewhere. The math kernel materialises the ``L x L`` attention matrix: fine for
+phase-1 (K = 6 latent frames: 9,360 tokens) but about 26 GB per score tensor for the full
+81 x 480 x 832 sequence (32,760 tokens, 12 heads, bf16); rCM solves this with a FlashAttention
+JVP kernel, not written here. ``distill.jvp=finite_difference`` needs no forward-AD rule and keeps
+the fast attention kernels (two extra forwards; less exact in bf16). Neither was run on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from interpdiff import distill as D
+from interpdiff.config import ConfigError, from_dict
+from interpdiff.corruption import anchor_confidence, level_sigmas, refine, tacos_step
+from interpdiff.flow import flow_match_target, flow_match_xt, shift_sigma
+from interpdiff.interpolate import interpolate_corrupt
+from interpdiff.io import CheckpointError
+from interpdiff.masks import mask_to_indices
+from interpdiff.training import TrainLoopConfig, TrainSpec, sample_generator
+from interpdiff.video import wan
+from interpdiff.video.data import LatentDataConfig
+from interpdiff.video.objectives import (
+    PHASE1_POLICIES,
+    PHASE2_POLICIES,
+    KeyframePolicy,
+    ModelConfig,
+    Phase1Config,
+    Phase2Config,
+    base_dtype,
+    level_timestep,
+    make_batches,
+    phase2_budgets,
+    phase2_restore,
+)
+
+STUDENT = "student"
+FAKE = "fake_score"
+TARGET_PHASE = {"full": None, "phase1": 1, "phase2": 2}
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillTrainConfig:
+    """``distill_rcm.py``'s config: the video training sections plus ``distill``. For
+    ``target=phase2`` the level budgets, sigmas and mask channels are those stored in the teacher
+    LoRA's metadata (what it was trained with); ``phase2.policy_mix`` / ``dp_mask_file`` /
+    ``selector_ckpt`` still come from this config. For ``target=phase1`` the keyframe count must
+    equal the teacher's."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    distill: D.DistillConfig = field(default_factory=D.DistillConfig)
+
+    def validate(self) -> None:
+        self.train.validate()
+        try:
+            self.data.validate()
+            self.model.lora.validate()
+            self.distill.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.model.compile:
+            raise ConfigError("model.compile=true is not supported by distill_rcm.py (forward-mode AD and adapter "
+                              "switching run outside compiled regions); set model.compile=false")
+        if self.model.checkpoint_policy not in wan.CHECKPOINT_POLICIES:
+            raise ConfigError(f"model.checkpoint_policy={self.model.checkpoint_policy!r} is not one of "
+                              f"{list(wan.CHECKPOINT_POLICIES)}")
+        check_teacher(self)
+        if self.distill.target == "phase1" and self.phase1.num_keyframes < 2:
+            raise ConfigError(f"phase1.num_keyframes must be >= 2, got {self.phase1.num_keyframes}")
+        neg = self.distill.negative
+        if neg not in ("encode", "zeros") and self.distill.teacher_guidance != 1.0 and not Path(neg).is_file():
+            raise ConfigError(f"distill.negative={neg!r}: expected encode, zeros or an existing torch file holding "
+                              "the negative prompt's UMT5 embedding [L, D]")
+
+
+def check_teacher(cfg: DistillTrainConfig) -> dict | None:
+    """The teacher LoRA folder: required (and of the target's phase) for phase1 / phase2, optional
+    for full. Returns its metadata (``None`` without one). Cheap: reads JSON only."""
+    d = cfg.distill
+    path = d.teacher_lora
+    want = TARGET_PHASE[d.target]
+    if not path:
+        if want is None:
+            return None
+        raise ConfigError(f"distill.teacher_lora is not set: distill.target={d.target} needs the trained phase-{want} "
+                          f"LoRA folder (e.g. runs/wan1.3b_phase{want}/checkpoints/step_00020000/trainable_ema)")
+    p = Path(path)
+    if not (p / wan.LORA_WEIGHT_NAME).is_file():
+        raise CheckpointError(f"distill.teacher_lora={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora "
+                              "folder: a training checkpoint's trainable/ or trainable_ema/)")
+    try:
+        meta = wan.read_lora_meta(p)
+    except wan.WanLoadError as e:
+        raise CheckpointError(f"distill.teacher_lora: {e}") from None
+    got = (meta.get("extra") or {}).get("phase")
+    if want is not None and got is not None and int(got) != want:
+        raise ConfigError(f"distill.teacher_lora={path!r} was trained for phase {got}, distill.target={d.target} needs "
+                          f"a phase-{want} LoRA")
+    if want is None and (meta.get("widening") or meta.get("keyframe_rope")):
+        raise ConfigError(f"distill.teacher_lora={path!r} is a phase-{got} LoRA (keyframe rope / mask channels); "
+                          "distill.target=full needs a full-sequence LoRA or none")
+    if want == 1:
+        k = ((meta.get("extra") or {}).get("phase1") or {}).get("num_keyframes")
+        if k is not None and int(k) != cfg.phase1.num_keyframes:
+            raise ConfigError(f"phase1.num_keyframes={cfg.phase1.num_keyframes}, but distill.teacher_lora={path!r} was "
+                              f"trained with {k} keyframes")
+    return meta
+
+
+def teacher_phase2_config(cfg: DistillTrainConfig, meta: dict | None) -> Phase2Config:
+    """The phase-2 settings the teacher was trained with (budgets rule, sigmas, channels,
+    weights), with this config's mask policy."""
+    p2 = cfg.phase2
+    stored = ((meta or {}).get("extra") or {}).get("phase2")
+    if stored:
+        p2 = dataclasses.replace(from_dict(Phase2Config, stored), policy_mix=cfg.phase2.policy_mix,
+                                 dp_mask_file=cfg.phase2.dp_mask_file, selector_ckpt=cfg.phase2.selector_ckpt)
+    if meta and meta.get("widening"):
+        p2 = dataclasses.replace(p2, channels=list(meta["widening"]["channels"]))
+    return p2
+
+
+# --- model: teacher merge, adapters, adapter switching ------------------------------------------
+
+
+def merge_lora_into_base(transformer, lora_dir: str | Path) -> dict:
+    """Make the base weights the teacher ``base + LoRA``: install what the folder records
+    (keyframe rope; widened patch embedding with its stored weights, frozen), then add
+    ``scale * B @ A`` (``scale = alpha / rank``, or ``alpha / sqrt(rank)`` with rslora) to each
+    target ``nn.Linear`` weight, in float32 then cast back. No peft adapter is left behind (a
+    peft-merged adapter would be un-merged whenever adapters are disabled). Returns the metadata."""
+    from safetensors.torch import load_file
+
+    d = Path(lora_dir)
+    meta = wan.read_lora_meta(d)
+    model = wan.unwrap_model(transformer)
+    if meta.get("keyframe_rope"):
+        wan.install_keyframe_rope(model)
+    widening = meta.get("widening")
+    if widening:
+        pe = wan.widen_patch_embedding(model, widening["channels"], trainable=False)
+        extra = d / wan.EXTRA_WEIGHT_NAME
+        if not extra.is_file():
+            raise wan.WanLoadError(f"LoRA folder {str(d)!r} records a widening but lacks {wan.EXTRA_WEIGHT_NAME!r}")
+        w = load_file(str(extra))["patch_embedding.extra_weight"]
+        with torch.no_grad():
+            pe.extra_weight.copy_(w.to(pe.extra_weight))
+        pe.extra_weight.requires_grad_(False)
+    spec = meta["lora"]
+    scale = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
+    sd = load_file(str(d / wan.LORA_WEIGHT_NAME))
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        name = k[len("transformer."):] if k.startswith("transformer.") else k
+        for ab in ("lora_A", "lora_B"):
+            tag = f".{ab}.weight"
+            if name.endswith(tag):
+                pairs.setdefault(name[: -len(tag)], {})[ab] = v
+    for mod_name, ab in pairs.items():
+        lin = modules.get(mod_name)
+        if lin is None or not isinstance(lin, torch.nn.Linear) or set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{str(d)!r}: LoRA entry {mod_name!r} matches no nn.Linear of the transformer (or lacks A/B)")
+        with torch.no_grad():
+            delta = scale * (ab["lora_B"].float() @ ab["lora_A"].float())
+            lin.weight.copy_((lin.weight.float() + delta.to(lin.weight.device)).to(lin.weight.dtype))
+    return meta
+
+
+def _tuner_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in wan.unwrap_model(model).modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _adapter_state(model):
+    return [(m, m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)]
+
+
+def _set_adapter_state(layers, name: str | None) -> None:
+    for m in layers:
+        if name is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter = [name]
+            m._disable_adapters = False
+
+
+@contextlib.contextmanager
+def use_adapter(model, name: str | None):
+    """Within the block the LoRA layers apply only adapter ``name`` (``None``: no adapter = the
+    teacher). ``requires_grad`` of every adapter is left alone (see the module docstring)."""
+    saved = _adapter_state(model)
+    _set_adapter_state([m for m, _, _ in saved], name)
+    try:
+        yield
+    finally:
+        for m, active, disabled in saved:
+            m._active_adapter = active
+            m._disable_adapters = disabled
+
+
+def active_adapter(model) -> str | None:
+    layers = _tuner_layers(model)
+    if not layers or layers[0]._disable_adapters:
+        return None
+    return layers[0]._active_adapter[0]
+
+
+def add_adapters(transformer, spec: wan.LoraSpec, names: list[str], seed: int) -> None:
+    """peft adapters ``names`` (fresh, B = 0), all trainable, ``names[0]`` active."""
+    for i, n in enumerate(names):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            wan.add_lora(transformer, spec, adapter_name=n)
+    model = wan.unwrap_model(transformer)
+    for pn, p in model.named_parameters():  # diffusers' add_adapter froze the earlier adapters
+        if ".lora_" in pn and any(f".{n}." in pn for n in names):
+            p.requires_grad_(True)
+    _set_adapter_state(_tuner_layers(model), names[0])
+
+
+def adapter_parameters(model, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in wan.unwrap_model(model).named_parameters() if ".lora_" in n and f".{name}." in n]
+
+
+def build_distill_transformer(cfg: DistillTrainConfig, teacher_meta: dict | None):
+    """Base Wan (+ keyframe rope for phase1) with the teacher LoRA merged, then the student (and
+    fake-score) adapters. Raises ``ConfigError`` for a LoRA target that matches no module."""
+    m = cfg.model
+    tr = wan.load_transformer(m.path, dtype=base_dtype(m), seed=m.seed)
+    wan.set_attention_backend(tr, m.attention)
+    if cfg.distill.target == "phase1":
+        wan.install_keyframe_rope(tr)
+    if cfg.distill.teacher_lora:
+        merge_lora_into_base(tr, cfg.distill.teacher_lora)
+    if cfg.distill.target == "phase2" and wan.widening_of(tr) is None:
+        raise ConfigError(f"distill.teacher_lora={cfg.distill.teacher_lora!r} records no mask channels (not a phase-2 LoRA)")
+    names = [STUDENT] + ([FAKE] if cfg.distill.dmd.weight > 0 else [])
+    try:
+        add_adapters(tr, m.lora, names, m.seed)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.target_modules: {e}") from None
+    if m.init_lora:
+        wan.load_lora_weights_into(tr, m.init_lora, adapter_name=STUDENT)
+    return tr
+
+
+def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") -> list[int]:
+    """``wan.enable_checkpointing`` (same blocks, same policies) with the adapter state of each
+    checkpointed block's forward restored for its recomputation in backward."""
+    try:
+        chosen = wan.enable_checkpointing(transformer, ratio, policy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not chosen:
+        return chosen
+    m = wan.unwrap_model(transformer)
+    ids = {id(m.blocks[i]) for i in chosen}
+    kwargs: dict = {"use_reentrant": False}
+    if policy in ("attention", "attention_ffn"):
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        saved = wan._sdpa_ops()
+        if policy == "attention_ffn":
+            c = m.config
+            saved = wan._save_ops_policy(set(saved), c.num_attention_heads * c.attention_head_dim, c.ffn_dim)
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, saved)
+
+    def ckpt(module, *args):
+        if id(module) not in ids:
+            return module(*args)
+        name = active_adapter(m)
+        layers = _tuner_layers(module)
+
+        def run(*a):
+            with _restore_on_exit(layers):
+                _set_adapter_state(layers, name)
+                return module(*a)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, **kwargs)
+
+    m.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
+    return chosen
+
+
+@contextlib.contextmanager
+def _restore_on_exit(layers):
+    saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
+    try:
+        yield
+    finally:
+        for m, a, dis in saved:
+            m._active_adapter = a
+            m._disable_adapters = dis
+
+
+@contextlib.contextmanager
+def jvp_attention(transformer, enabled: bool = True):
+    """Within the block every attention processor uses diffusers' ``_native_math`` backend (the
+    math SDPA, which has forward-AD rules); the configured backends are restored after."""
+    if not enabled:
+        yield
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    procs = [mod.processor for mod in wan.unwrap_model(transformer).modules()
+             if hasattr(mod, "processor") and hasattr(mod.processor, "_attention_backend")]
+    saved = [p._attention_backend for p in procs]
+    for p in procs:
+        p._attention_backend = AttentionBackendName._NATIVE_MATH
+    try:
+        yield
+    finally:
+        for p, b in zip(procs, saved):
+            p._attention_backend = b
+
+
+# --- negative prompt embedding ------------------------------------------------------------------
+
+
+def negative_embedding(cfg: DistillTrainConfig) -> torch.Tensor | None:
+    """``[L, D]`` embedding of the negative prompt for the teacher's CFG (``None`` without CFG)."""
+    d = cfg.distill
+    if d.teacher_guidance == 1.0:
+        return None
+    L, Dm = (cfg.data.embed_shape or [512, 4096])[:2]
+    if d.negative == "zeros":
+        return torch.zeros(L, Dm)
+    if d.negative == "encode":
+        from interpdiff.video.pipeline import WAN_NEGATIVE_PROMPT
+
+        enc, tok = wan.load_text_encoder(cfg.model.path, dtype=torch.float32 if cfg.model.path == "tiny" else base_dtype(cfg.model))
+        with torch.no_grad():
+            emb = wan.encode_prompts(enc, tok, [WAN_NEGATIVE_PROMPT], max_length=L)[0].float().cpu()
+        del enc
+        return emb
+    t = torch.load(d.negative, map_location="cpu", weights_only=True)
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ConfigError(f"distill.negative={d.negative!r}: expected a tensor [L, D], got "
+                          f"{type(t).__name__} {list(getattr(t, 'shape', []))}")
+    return t.float()
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossContext:
+    cfg: DistillTrainConfig
+    policy: KeyframePolicy | None
+    neg_L_D: torch.Tensor | None
+    p2: Phase2Config | None
+    seed: int
+
+
+def _keys(batch: dict) -> list[str]:
+    return [str(k) for k in batch["keys"]]
+
+
+def _velocity(model, emb, idx):
+    def v(x, t_B):
+        return wan.wan_forward(model, x, t_B, emb, frame_idx_B_K=idx).float()
+
+    return v
+
+
+def _teacher_F(model, x_t, t_B, emb, neg, idx, scale):
+    """Teacher TrigFlow velocity with CFG (adapters off, no gradient)."""
+    base = wan.unwrap_model(model)
+    with torch.no_grad(), use_adapter(base, None):
+        Fc = D.trig_model(_velocity(base, emb, idx))(x_t, t_B)
+        Fu = None
+        if neg is not None and scale != 1.0:
+            Fu = D.trig_model(_velocity(base, neg.to(emb.device, emb.dtype).expand(emb.shape[0], -1, -1), idx))(x_t, t_B)
+    return D.cfg(Fc, Fu, scale)
+
+
+def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
+    """sCM (or discrete consistency) + optional DMD for ``full`` / ``phase1`` (module docstrings)."""
+    cfg, dc = ctx.cfg, ctx.cfg.distill
+    x0 = batch["lat"]
+    emb = batch["emb"]
+    B, C, T, H, W = x0.shape
+    dev = x0.device
+    idx = None
+    keys = _keys(batch)
+    gens = [sample_generator(ctx.seed, step, k) for k in keys]
+    if dc.target == "phase1":
+        K = cfg.phase1.num_keyframes
+        if K > T:
+            raise ValueError(f"phase1.num_keyframes={K} exceeds the clip's {T} latent frames")
+        rows = [mask_to_indices(ctx.policy.masks(x0[b].detach(), k, [K], g, emb_L_D=emb[b])[0]) for b, (k, g) in
+                enumerate(zip(keys, gens))]
+        idx = torch.cat(rows).to(dev)
+        x0 = torch.gather(x0, 2, idx[:, None, :, None, None].expand(B, C, K, H, W))
+    x0 = x0.float()
+    n_frames = x0.shape[2]
+    scale = math.sqrt(n_frames) if dc.scale_by_frames else 1.0
+    t_B = torch.cat([D.sample_trig_times(1, dc.p_mean, dc.p_std, scale, g) for g in gens]).float().to(dev)
+    shape = tuple(x0.shape[1:])
+    eps = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+    x_t = D.trig_noise(x0, eps, t_B)
+    F_T = _teacher_F(model, x_t, t_B, emb, ctx.neg_L_D, idx, dc.teacher_guidance)
+    base = wan.unwrap_model(model)
+    metrics: dict = {"t_mean": t_B.mean().detach()}
+
+    dmd = dc.dmd.weight > 0
+    gen_on = dmd and step >= dc.dmd.start_step
+    if dmd:
+        t_max = math.atan(dc.dmd.sigma_max)
+        tG_B = torch.full((B,), t_max, device=dev)
+        eps_G = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+        x_G = math.sin(t_max) * eps_G
+
+    # the student forward with gradients: the consistency input (+ the DMD generator input, one batch)
+    if gen_on:
+        idx2 = None if idx is None else torch.cat([idx, idx])
+        F_all = D.trig_model(_velocity(model, torch.cat([emb, emb]), idx2))(torch.cat([x_t, x_G]), torch.cat([t_B, tG_B]))
+        F_theta, F_G = F_all[:B], F_all[B:]
+    else:
+        F_theta = D.trig_model(_velocity(model, emb, idx))(x_t, t_B)
+
+    F_student_sg = D.trig_model(_velocity(base, emb, idx))  # same weights, called under no_grad
+    if dc.mode == "scm":
+        cs = (torch.cos(t_B) * torch.sin(t_B))
+        with jvp_attention(base, dc.jvp == "autograd"), use_adapter(base, STUDENT):
+            F_sg, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
+        r = D.tangent_warmup(step, dc.tangent_warmup)
+        g_raw = D.scm_tangent(x_t, t_B, F_sg, F_T, jv, r, norm_c=0.0)
+        g = D.normalise_tangent(g_raw, dc.tangent_norm) if dc.tangent_norm > 0 else g_raw
+        loss_B = dc.scm_weight * D.scm_loss(F_theta, F_sg, g)
+        # the loss value is scm_weight * ||g_normalised||^2 (F_theta = F_sg numerically); the raw tangent's
+        # RMS is the progress signal (0 at the teacher's exact consistency function)
+        metrics.update(loss_scm=loss_B.mean().detach(), tangent_rms=g_raw.pow(2).mean().sqrt().float().detach(),
+                       tangent_r=r)
+    else:
+        delta_B = torch.minimum(torch.full_like(t_B, dc.delta), t_B)
+        x_prev = D.trig_ddim_step(x_t, F_T, delta_B)
+        t_prev = t_B - delta_B
+        with torch.no_grad(), use_adapter(base, STUDENT):
+            f_target = D.consistency_fn(x_prev, t_prev, F_student_sg(x_prev, t_prev))
+        f_theta = D.consistency_fn(x_t, t_B, F_theta)
+        loss_B = D.discrete_consistency_loss(f_theta, f_target, delta_B)
+        metrics.update(loss_discrete=loss_B.mean().detach())
+
+    if dmd:
+        if gen_on:
+            x0_G = D.consistency_fn(x_G, tG_B, F_G)
+        else:
+            with torch.no_grad():
+                x0_G = D.consistency_fn(x_G, tG_B, D.trig_model(_velocity(base, emb, idx))(x_G, tG_B))
+        if gen_on:
+            tD_B = torch.cat([D.sample_shifted_trig_times(1, dc.dmd.shift, g) for g in gens]).float().to(dev)
+            eps_D = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+            x_D = D.trig_noise(x0_G.detach(), eps_D, tD_B)
+            with torch.no_grad(), use_adapter(base, FAKE):
+                x0_fake = D.consistency_fn(x_D, tD_B, D.trig_model(_velocity(base, emb, idx))(x_D, tD_B))
+            x0_real = D.consistency_fn(x_D, tD_B, _teacher_F(model, x_D, tD_B, emb, ctx.neg_L_D, idx, dc.teacher_guidance))
+            l_dmd = dc.dmd.weight * D.dmd_generator_loss(x0_G, x0_fake, x0_real)
+            loss_B = loss_B + l_dmd
+            metrics["loss_dmd"] = l_dmd.mean().detach()
+        else:
+            metrics["loss_dmd"] = 0.0  # same CSV columns from the first step on
+        # fake score: flow matching on detached student samples, through the fake adapter only
+        u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        sig_B = shift_sigma(u, dc.dmd.shift).to(dev)
+        eps_F = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)
+        xg = x0_G.detach()
+        x_f = flow_match_xt(xg, eps_F, sig_B)
+        with use_adapter(model, FAKE):
+            v_fake = wan.wan_forward(model, x_f, sig_B * 1000.0, emb, frame_idx_B_K=idx).float()
+        l_fake = dc.dmd.fake_weight * ((v_fake - flow_match_target(xg, eps_F)) ** 2).flatten(1).mean(1)
+        loss_B = loss_B + l_fake.double()
+        metrics["loss_fake"] = l_fake.mean().detach()
+    return loss_B.mean().float(), metrics
+
+
+def phase2_student_levels(S: int, steps: int, levels: list[int] | None = None) -> list[int]:
+    """The levels the phase-2 student runs at: ``[0]`` (1 step), ``[0, max(1, (S-1)//2)]`` (2 steps)
+    or the given list (strictly increasing from 0, below ``S - 1``: the last level has no missing frame)."""
+    if levels:
+        lv = [int(x) for x in levels]
+        if lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or lv[-1] > S - 2 or len(lv) != steps:
+            raise ConfigError(f"distill.phase2_levels={lv}: expected {steps} strictly increasing levels starting at 0 "
+                              f"and <= {S - 2} (S = {S} levels)")
+        return lv
+    if steps == 1:
+        return [0]
+    if S < 3:
+        raise ConfigError(f"a 2-step phase-2 student needs >= 3 levels, the teacher has {S}")
+    return [0, max(1, (S - 1) // 2)]
+
+
+def phase2_distill_loss(model, batch: dict, step: int, ctx: LossContext):
+    """Regression of the 1-2 step student to the teacher's full TACoS chain (module docstring)."""
+    cfg, dc, p2 = ctx.cfg, ctx.cfg.distill, ctx.p2
+    x0 = batch["lat"].float()
+    emb = batch["emb"]
+    B, C, T, H, W = x0.shape
+    dev = x0.device
+    budgets = phase2_budgets(p2, T)
+    S = len(budgets)
+    levels = phase2_student_levels(S, dc.sampler.steps, dc.phase2_levels)
+    sig = level_sigmas(S, p2.sigma_max, p2.sigma_min)
+    keys = _keys(batch)
+    masks, lv, eps = [], [], []
+    for b, k in enumerate(keys):
+        g = sample_generator(ctx.seed, step, k)
+        m, _ = ctx.policy.masks(batch["lat"][b].detach(), k, budgets, g, emb_L_D=emb[b])
+        masks.append(m)
+        lv.append(levels[int(torch.randint(0, len(levels), (1,), generator=g))])
+        eps.append(torch.randn((C, T, H, W), generator=g))
+    masks_B_S_T = torch.stack(masks).to(dev)
+    eps = torch.stack(eps).to(dev)
+    x_start = interpolate_corrupt(x0, masks_B_S_T[:, 0], float(sig[0]), eps, time_dim=2, check_values=False)
+    t_S_B = level_timestep(budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(dev)
+    base = wan.unwrap_model(model)
+
+    def teacher(x_s, s, mask_s, conf_s):
+        return phase2_restore(base, x_s, mask_s, t_S_B[s], emb, p2, conf_B_T=conf_s)
+
+    gen = None
+    if dc.phase2_teacher_noise != "none":
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(sample_generator(ctx.seed, step, keys[0], salt="teacher_chain").initial_seed())
+    with torch.no_grad(), use_adapter(base, None):
+        target, xs, _ = refine(teacher, x_start, masks_B_S_T, time_dim=2, sigmas=sig, noise=dc.phase2_teacher_noise,
+                               confidence=p2.confidence, generator=gen, return_all=True)
+    s_B = torch.tensor(lv, device=dev)
+    ar = torch.arange(B, device=dev)
+    x_in = torch.stack(xs)[s_B, ar]  # (B, C, T, H, W): the teacher chain's state at each sample's level
+    mask_in = masks_B_S_T[ar, s_B]
+    t_in = t_S_B[s_B, ar]
+    x0_hat = phase2_restore(model, x_in, mask_in, t_in, emb, p2)
+    w_B_T = torch.where(mask_in, p2.keyframe_weight, p2.missing_weight).float()
+    w = w_B_T[:, None, :, None, None]
+    denom = (w_B_T.sum(1) * C * H * W).clamp_min(1e-8)
+    loss = ((((x0_hat - target) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom).mean()
+    with torch.no_grad():
+        start_err = ((((x_start - target) ** 2) * w).sum(dim=(1, 2, 3, 4)) / denom).mean()
+    return loss, {"level_mean": s_B.float().mean(), "start_vs_teacher_mse": start_err}
+
+
+# --- training spec ------------------------------------------------------------------------------
+
+
+def distill_meta(cfg: DistillTrainConfig, p2: Phase2Config | None) -> dict:
+    """What a sampler needs to rebuild the student (stored as ``extra`` in its LoRA folder)."""
+    d = cfg.distill
+    phase = TARGET_PHASE[d.target]
+    out = {"phase": phase, "distill": {"target": d.target, "teacher_lora": str(Path(d.teacher_lora).resolve()) if d.teacher_lora else "",
+                                       "mode": d.mode, "sampler": dataclasses.asdict(d.sampler),
+                                       "phase2_levels": list(d.phase2_levels), "adapter": STUDENT}}
+    if phase == 1:
+        out["phase1"] = dataclasses.asdict(cfg.phase1)
+    if phase == 2:
+        out["phase2"] = dataclasses.asdict(p2)
+    return out
+
+
+def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
+    """Everything ``interpdiff.training.train`` needs (cheap checks first, then the model)."""
+    batches, _ = make_batches(cfg)  # a missing shard pattern fails here
+    meta = check_teacher(cfg)
+    d = cfg.distill
+    p2 = teacher_phase2_config(cfg, meta) if d.target == "phase2" else None
+    policy = None
+    if d.target == "phase1":
+        policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file, "phase1.index_policy",
+                                cfg.phase1.selector_ckpt, "phase1.selector_ckpt")
+    elif d.target == "phase2":
+        policy = KeyframePolicy(p2.policy_mix, PHASE2_POLICIES, p2.dp_mask_file, "phase2.policy_mix",
+                                p2.selector_ckpt, "phase2.selector_ckpt")
+    neg = negative_embedding(cfg) if d.target != "phase2" else None
+    transformer = build_distill_transformer(cfg, meta)
+    ctx = LossContext(cfg=cfg, policy=policy, neg_L_D=neg, p2=p2, seed=cfg.train.seed)
+    loss_impl = phase2_distill_loss if d.target == "phase2" else gaussian_target_loss
+    adapters = [STUDENT] + ([FAKE] if d.dmd.weight > 0 else [])
+    extra = distill_meta(cfg, p2)
+
+    def loss_fn(model, batch, step):
+        return loss_impl(model, batch, step, ctx)
+
+    def save_trainable(model, folder: Path):
+        for name in adapters:
+            wan.save_lora(model, Path(folder) / name, adapter_name=name,
+                          extra_meta=extra if name == STUDENT else {"distill": {"adapter": name}})
+
+    def load_trainable(model, folder: Path):
+        for name in adapters:
+            try:
+                wan.load_lora_weights_into(model, Path(folder) / name, adapter_name=name)
+            except (wan.WanLoadError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {str(folder)!r} (adapter {name!r}): {e}") from None
+
+    return TrainSpec(
+        model=transformer,
+        loss_fn=loss_fn,
+        batches=batches,
+        save_trainable=save_trainable,
+        load_trainable=load_trainable,
+        validate=None,
+        batch_size=lambda b: int(b["lat"].shape[0]),
+        meta={"distill_target": d.target, "model_path": cfg.model.path, "adapters": adapters,
+              "transformer_config": wan.transformer_config_dict(transformer), "lora": dataclasses.asdict(cfg.model.lora),
+              "teacher_lora": d.teacher_lora},
+        enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio, cfg.model.checkpoint_policy),
+    )
+
+
+# --- samplers for the distilled students ---------------------------------------------------------
+
+
+def read_student_meta(lora_dir: str | Path) -> dict:
+    """The ``extra.distill`` record of a student folder written by ``distill_rcm.py`` (a
+    checkpoint's ``trainable/student`` or ``trainable_ema/student``); ``WanLoadError`` otherwise."""
+    meta = wan.read_lora_meta(lora_dir)
+    dist = (meta.get("extra") or {}).get("distill")
+    if not dist or dist.get("adapter") != STUDENT:
+        raise wan.WanLoadError(f"{str(lora_dir)!r} is not a distilled student (expected the trainable/student folder of a "
+                               "distill_rcm.py checkpoint)")
+    return meta
+
+
+def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str = "auto", attention: str = "sdpa",
+                             want_target: str | None = None):
+    """Base Wan + the teacher LoRA merged (path recorded in the student's metadata) + the student
+    LoRA (``wan.load_lora``: also its keyframe rope / mask channels), frozen, eval mode."""
+    meta = read_student_meta(lora_dir)
+    dist = meta["extra"]["distill"]
+    if want_target is not None and dist["target"] != want_target:
+        raise ConfigError(f"{str(lora_dir)!r} is a distilled {dist['target']!r} student, expected {want_target!r}")
+    tr = wan.load_transformer(model_path, dtype=base_dtype(ModelConfig(dtype=dtype)))
+    wan.set_attention_backend(tr, attention)
+    teacher = dist.get("teacher_lora") or ""
+    if teacher:
+        if not (Path(teacher) / wan.LORA_WEIGHT_NAME).is_file():
+            raise wan.WanLoadError(f"the student {str(lora_dir)!r} was distilled from the teacher LoRA {teacher!r}, which is "
+                                   f"missing (expected {wan.LORA_WEIGHT_NAME!r} there)")
+        merge_lora_into_base(tr, teacher)
+    wan.load_lora(tr, lora_dir)
+    wan.freeze(tr)
+    return tr, meta
+
+
+def student_sample(transformer, emb_B_L_D: torch.Tensor, shape_CTHW: tuple[int, int, int, int], steps: int,
+                   mid_times: list[float] | None = None, sigma_max: float = 80.0,
+                   idx_B_K: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Few-step consistency sampling of a distilled ``full`` (``idx_B_K=None``) or ``phase1``
+    (keyframes at ``idx_B_K``) student -> latents ``[B, C, T, H, W]`` (``distill.consistency_sample``)."""
+    B = emb_B_L_D.shape[0]
+    dev = emb_B_L_D.device
+    times = D.consistency_times(steps, mid_times, sigma_max)
+
+    def randn():
+        return torch.randn((B, *shape_CTHW), generator=generator).to(dev)
+
+    F = D.trig_model(_velocity(transformer, emb_B_L_D, idx_B_K))
+    return D.consistency_sample(F, randn(), times, randn)
+
+
+@torch.no_grad()
+def phase2_student_refine(transformer, x_start_B_C_T_H_W: torch.Tensor, masks_B_S_T: torch.Tensor,
+                          emb_B_L_D: torch.Tensor, st, levels: list[int], generator: torch.Generator | None = None,
+                          init_noise: bool = True) -> torch.Tensor:
+    """The 1-2 step phase-2 student: level-0 input as in ``pipeline.phase2_refine`` (noise
+    ``sigma_0`` on missing frames), the student at each of ``levels`` with a TACoS jump between
+    them, the last prediction with the current level's keyframes clamped."""
+    B, C, T, H, W = x_start_B_C_T_H_W.shape
+    S = masks_B_S_T.shape[1]
+    sig = level_sigmas(S, st.sigma_max, st.sigma_min)
+    p2 = Phase2Config(channels=list(st.channels), confidence=st.confidence)
+    x = x_start_B_C_T_H_W.float()
+    if init_noise and float(sig[0]) > 0:
+        miss = (~masks_B_S_T[:, 0]).float()[:, None, :, None, None]
+        x = x + float(sig[0]) * torch.randn(x.shape, generator=generator).to(x.device) * miss
+    t_S_B = level_timestep(st.budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(x.device)
+    for i, s in enumerate(levels):
+        m = masks_B_S_T[:, s]
+        x0_hat = phase2_restore(transformer, x, m, t_S_B[s], emb_B_L_D, p2,
+                                conf_B_T=anchor_confidence(m, st.confidence))
+        if i + 1 < len(levels):
+            x = tacos_step(x, x0_hat, m, masks_B_S_T[:, levels[i + 1]], time_dim=2)
+        else:
+            x = torch.where(m[:, None, :, None, None], x, x0_hat.float())
+    return x

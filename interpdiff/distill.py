@@ -146,12 +146,16 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
 
 
 def jvp(F: TrigModel, x_t: torch.Tensor, t_B: torch.Tensor, dx: torch.Tensor, dt_B: torch.Tensor,
-        method: str = "autograd", fd_size: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        method: str = "autograd", fd_size: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F(x_t, t), d/ds F(x_t + s dx, t + s dt)|_{s=0})`` without gradients.
 
     ``autograd``: ``torch.func.jvp`` (every op on the path needs a forward-AD rule; for Wan the
     attention must run on a math kernel, see ``interpdiff.video.distill_wan.jvp_attention``).
-    ``finite_difference``: central difference with step ``fd_size`` (3 forwards in all)."""
+    ``finite_difference``: central difference with step ``fd_size`` (3 forwards in all). For Wan
+    the step must be small: its sinusoidal timestep embedding (timestep ``1000 sigma``, frequencies
+    up to 1 per unit) makes ``F`` oscillate in ``t`` on a ~1e-3 rad scale (tiny preset, fp64:
+    error 0.6 % of the JVP's size at 1e-3, 0.09 % at 1e-4), and at 1e-4 bf16 rounding of the
+    forwards dominates; hence ``autograd`` is the default."""
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method={method!r} is not one of {JVP_METHODS}")
     with torch.no_grad():
@@ -279,7 +283,8 @@ class DistillConfig:
     target: str = "full"  # full | phase1 | phase2
     mode: str = "scm"  # scm (continuous time, JVP) | discrete (no JVP)
     jvp: str = "autograd"  # autograd (torch.func.jvp, math attention) | finite_difference
-    fd_size: float = 1e-3  # finite-difference step in TrigFlow time (radians)
+    jvp_chunk: int = 0  # autograd: query-chunk size of the math attention inside the JVP (0 = unchunked)
+    fd_size: float = 1e-4  # finite-difference step in TrigFlow time (radians; rCM's; see jvp())
     teacher_lora: str = ""  # phase1 / phase2: the trained phase LoRA folder (merged into the base = teacher); full: optional
     teacher_guidance: float = 5.0  # CFG scale of the teacher (Wan rule; 1 = no CFG)
     negative: str = "encode"  # negative embedding for CFG: encode (Wan's negative prompt) | zeros | path to a torch [L, D] tensor
@@ -302,6 +307,8 @@ class DistillConfig:
             raise ValueError(f"distill.mode={self.mode!r} is not one of {list(MODES)}")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"distill.jvp={self.jvp!r} is not one of {list(JVP_METHODS)}")
+        if self.jvp_chunk < 0:
+            raise ValueError(f"distill.jvp_chunk={self.jvp_chunk}: expected >= 0 (0 = unchunked)")
         if self.fd_size <= 0 or self.delta <= 0 or self.delta >= math.pi / 2:
             raise ValueError(f"distill.fd_size={self.fd_size}, distill.delta={self.delta}: expected > 0 (delta < pi/2)")
         if self.teacher_guidance < 1.0:

@@ -357,23 +357,48 @@ def _restore_on_exit(layers):
             m._disable_adapters = dis
 
 
+def _chunked_math_attention(chunk: int, inner):
+    """diffusers' ``_native_math`` attention over query chunks of ``chunk`` tokens: the same result,
+    with at most ``heads x chunk x L`` attention scores (and their tangents) alive at once."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  return_lse=False, _parallel_config=None):
+        L = query.shape[1]  # (B, L, heads, head_dim)
+        if chunk <= 0 or L <= chunk or attn_mask is not None or is_causal:
+            return inner(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
+        outs = [inner(q, key, value, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa,
+                      _parallel_config=_parallel_config) for q in query.split(chunk, dim=1)]
+        return torch.cat(outs, dim=1)
+
+    return attention
+
+
 @contextlib.contextmanager
-def jvp_attention(transformer, enabled: bool = True):
-    """Within the block every attention processor uses diffusers' ``_native_math`` backend (the
-    math SDPA, which has forward-AD rules); the configured backends are restored after."""
+def jvp_attention(transformer, enabled: bool = True, chunk: int = 0):
+    """Within the block every attention processor of ``transformer`` uses diffusers' ``_native_math``
+    backend (the math SDPA, which has forward-AD rules), split into query chunks of ``chunk`` tokens
+    when ``chunk > 0`` (the math kernel materialises the score matrix: at 32,760 tokens a chunk of
+    2,048 keeps it at 12 x 2,048 x 32,760 per call instead of 12 x 32,760^2). The configured backends
+    (and diffusers' math entry, swapped for the chunked one) are restored on exit."""
     if not enabled:
         yield
         return
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
+    name = AttentionBackendName._NATIVE_MATH
     procs = [mod.processor for mod in wan.unwrap_model(transformer).modules()
              if hasattr(mod, "processor") and hasattr(mod.processor, "_attention_backend")]
     saved = [p._attention_backend for p in procs]
+    inner = _AttentionBackendRegistry._backends[name]
     for p in procs:
-        p._attention_backend = AttentionBackendName._NATIVE_MATH
+        p._attention_backend = name
+    if chunk > 0:
+        _AttentionBackendRegistry._backends[name] = _chunked_math_attention(chunk, inner)
     try:
         yield
     finally:
+        _AttentionBackendRegistry._backends[name] = inner
         for p, b in zip(procs, saved):
             p._attention_backend = b
 
@@ -486,7 +511,7 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
     F_student_sg = D.trig_model(_velocity(base, emb, idx))  # same weights, called under no_grad
     if dc.mode == "scm":
         cs = (torch.cos(t_B) * torch.sin(t_B))
-        with jvp_attention(base, dc.jvp == "autograd"), use_adapter(base, STUDENT):
+        with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk), use_adapter(base, STUDENT):
             F_sg, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
         r = D.tangent_warmup(step, dc.tangent_warmup)
         g_raw = D.scm_tangent(x_t, t_B, F_sg, F_T, jv, r, norm_c=0.0)

@@ -40,18 +40,26 @@ simulation for the DMD generator input (one consistency step from ``t_max``); th
 Wan's ``uncond + w (cond - uncond)`` (rCM's ``teacher_guidance`` g corresponds to ``w = g + 1``).
 
 **Forward-mode AD through Wan on CPU** (measured on the tiny preset, torch 2.14.1, diffusers
-0.42.1, peft 0.21.2): diffusers' ``sdpa``/``native`` attention backend dispatches on CPU to
-``aten::_scaled_dot_product_flash_attention_for_cpu``, which has no forward-AD rule
-(``NotImplementedError``); the math SDPA path (diffusers' ``_native_math``) works, as do the
-peft LoRA layers, the keyframe rope and the timestep embedding, and ``torch.func.jvp`` agrees with
-a central finite difference (fp64; the difference is limited by float32 parts inside diffusers'
-Wan: the sinusoidal timestep embedding casts to float32). So with ``distill.jvp=autograd`` the
-attention runs on the math kernel inside the JVP (``jvp_attention``) and on the configured
-backend elsewhere. The math kernel materialises the ``L x L`` attention matrix: fine for
-phase-1 (K = 6 latent frames: 9,360 tokens) but about 26 GB per score tensor for the full
-81 x 480 x 832 sequence (32,760 tokens, 12 heads, bf16); rCM solves this with a FlashAttention
-JVP kernel, not written here. ``distill.jvp=finite_difference`` needs no forward-AD rule and keeps
-the fast attention kernels (two extra forwards; less exact in bf16). Neither was run on a GPU.
+0.42.1, peft 0.21.2; ``tests/test_distill.py``): diffusers' ``sdpa``/``native`` attention backend
+dispatches on CPU to ``aten::_scaled_dot_product_flash_attention_for_cpu``, which has no
+forward-AD rule (``NotImplementedError``); the math SDPA path (diffusers' ``_native_math``) has
+one, as do the peft LoRA layers, the keyframe rope and the timestep embedding, and
+``torch.func.jvp`` through the whole model agrees with a central finite difference (fp64). So
+with ``distill.jvp=autograd`` the attention runs on the math kernel inside the JVP
+(``jvp_attention``) and on the configured backend everywhere else. The math kernel materialises
+the ``L x L`` score matrix (12 heads x 32,760^2 for the full 81 x 480 x 832 sequence, ~26 GB per
+tensor in bf16, more with its tangent), so ``distill.jvp_chunk`` splits the queries into chunks
+(an exact split: each query row's softmax is over all keys); rCM instead wrote a FlashAttention
+JVP kernel. Whether SDPA's CUDA flash / cuDNN kernels have forward-AD rules was not checked (no
+GPU here); the math route does not depend on it. ``distill.jvp=finite_difference`` needs no
+forward-AD rule and keeps the fast kernels, but Wan's sinusoidal timestep embedding makes ``F``
+oscillate in ``t`` on a ~1e-3 rad scale, so the step must be ~1e-4 (``distill.fd_size``), where
+bf16 rounding of the forwards dominates the difference: a fallback, not the default. Nothing
+here was run on a GPU: memory and step time of the 1.3B configs are unmeasured.
+
+Not done: validation during distillation (sample with the student every N steps); rCM's
+adaptive sCM weighting ``w_psi(t)``, TTUR critic updates and DMD backward simulation (above);
+ZeRO-3 (the unwrapped-module forwards of the teacher / JVP are only reasoned about for ZeRO-2).
 """
 
 from __future__ import annotations

@@ -29,6 +29,12 @@ on the same grid it equals ``WanPipeline`` step for step (tested). The grid is
 ``shift(linspace(1, 0, N + 1))``; diffusers' default grid spaces N points from 1 to ``shift(1e-3)``
 instead, a small difference at few steps worth knowing when comparing with other numbers.
 
+Distilled students (``distill_rcm.py``; ``student_lora`` for ``--mode full``, ``phase1_student_lora``
+/ ``phase2_student_lora`` for two-phase): the base with the teacher LoRA merged plus the student
+LoRA (``distill_wan.load_student_transformer``); full / phase-1 sample with ``student_steps``
+TrigFlow consistency steps (no CFG: distilled in), phase 2 runs the 1-2 step refiner
+(``distill_wan.phase2_student_refine``). Without these keys nothing changes.
+
 Per-stage times are measured with ``torch.cuda.synchronize`` on CUDA (``StageTimer``).
 """
 

@@ -39,6 +39,9 @@ class BackboneConfig:
     and the baseline; phase-1 keyframes are irregular in time and always use 1.
     ``path_prior``: phase-1 and the baseline read ``maze.encoders.path_prior`` at each token's frame
     (the prior the selector and D_phi already use); checkpoints without the key load with ``False``.
+    ``wall_feat``: the refiner reads ``maze.models.wall_features`` at each frame of its input ``x_s``
+    (signed distance to the nearest wall, in cells, and the direction away from it); phase-1 and the
+    baseline see noisy positions and do not take it. Checkpoints without the key load with ``False``.
     """
 
     d_model: int = 384
@@ -51,6 +54,8 @@ class BackboneConfig:
     # phase-1 / baseline: add the condition-only path prior (maze.encoders.path_prior: position on the
     # shortest cell path at frame t, its direction, nearness of a turn) to every token's input
     path_prior: bool = False
+    # phase-2: exact local wall geometry at each frame of x_s (maze.models.wall_features)
+    wall_feat: bool = False
 
     def validate(self, where: str) -> None:
         if self.d_model % self.heads != 0:

@@ -100,6 +100,44 @@ def flow_wall_penalty(zt_B_L_2, v_B_L_2, sigma_B, free_B_L, sdf_B_G_G) -> torch.
 
 
 PRIOR_DIM = 5
+WALL_FEAT_DIM = 3
+WALL_FEAT_RANGE = 2.0  # cells: wall features saturate beyond this distance
+
+
+@torch.no_grad()
+def wall_features(occ_B_G_G: torch.Tensor, x_B_L_2: torch.Tensor, max_cells: float = WALL_FEAT_RANGE) -> torch.Tensor:
+    """Exact local wall geometry at each point ``[B, L, 3]``: ``[sd, n_u * a, n_v * a]``.
+
+    ``sd`` is the signed distance in cells to the wall/free boundary of the occupancy grid
+    (positive in free space, negative inside a wall cell), clipped to ``[-1, max_cells]``;
+    ``n`` is the unit vector pointing away from the nearest wall (free side), and
+    ``a = clip(1 - sd / max_cells, 0, 1)`` fades it out far from walls. Cell ``[r, c]`` is the box
+    ``u in [c, c+1] / G, v in [r, r+1] / G`` (the ``maze.mazes`` frame; outside the grid is wall, as in
+    ``maze.mazes.wall_distance``). Unlike the bilinear
+    ``sdf_at`` (cell-centre samples), this is exact at corners, where the interpolation of a plan cuts
+    through walls. The refiner reads it at its input ``x_s`` (``BackboneConfig.wall_feat``).
+    """
+    B, G, _ = occ_B_G_G.shape
+    occ = F.pad(occ_B_G_G.float(), (1, 1, 1, 1), value=1.0)  # outside the grid counts as wall (maze.mazes)
+    lo = (torch.arange(G + 2, device=x_B_L_2.device, dtype=torch.float32) - 1) / G
+    lo_v, lo_u = torch.meshgrid(lo, lo, indexing="ij")  # (G+2, G+2): row -> v, col -> u
+    lo_uv = torch.stack([lo_u, lo_v], -1).reshape(1, 1, -1, 2)
+    p = x_B_L_2.float()[:, :, None, :]  # (B, L, 1, 2)
+    q = torch.minimum(torch.maximum(p, lo_uv), lo_uv + 1.0 / G)  # nearest point of each cell box (B, L, G*G, 2)
+    d = (p - q).norm(dim=-1)  # (B, L, G*G)
+    wall = (occ.reshape(B, 1, -1) > 0.5).expand_as(d)
+    inf = torch.full_like(d, float("inf"))
+    d_wall, i_wall = torch.where(wall, d, inf).min(-1)  # (B, L)
+    d_free, i_free = torch.where(~wall, d, inf).min(-1)
+    q_wall = q.gather(2, i_wall[..., None, None].expand(B, x_B_L_2.shape[1], 1, 2))[:, :, 0]
+    q_free = q.gather(2, i_free[..., None, None].expand(B, x_B_L_2.shape[1], 1, 2))[:, :, 0]
+    p = p[:, :, 0]
+    in_free = d_wall > 0
+    vec = torch.where(in_free[..., None], p - q_wall, q_free - p)
+    n = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sd = (torch.where(in_free, d_wall, -d_free) * G).nan_to_num(posinf=max_cells).clamp(-1.0, max_cells)
+    a = (1 - sd / max_cells).clamp(0, 1)
+    return torch.cat([sd[..., None], n * a[..., None]], dim=-1)
 
 
 def path_prior_features(model: nn.Module, cond: dict) -> torch.Tensor | None:
@@ -269,6 +307,8 @@ class KeypointDenoiser(nn.Module):
         self.T = T
         if sizes.patch != 1:
             raise ValueError(f"KeypointDenoiser: patch must be 1 (keyframes are irregular in time), got {sizes.patch}")
+        if sizes.wall_feat:
+            raise ValueError("KeypointDenoiser: wall_feat is a refiner input (phase-1 sees noisy keyframes); use path_prior")
         self.backbone = TrajBackbone(2 + KP_FEAT_DIM + 1 + (PRIOR_DIM if sizes.path_prior else 0), 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
         if sizes.path_prior:  # time warp of the path prior (mean_arc_fraction of the training data, set by the trainer)
@@ -296,6 +336,8 @@ class FullSequenceDenoiser(nn.Module):
     def __init__(self, sizes: BackboneConfig, T: int, G: int):
         super().__init__()
         self.T = T
+        if sizes.wall_feat:
+            raise ValueError("FullSequenceDenoiser: wall_feat is a refiner input (the baseline sees noisy points); use path_prior")
         self.backbone = TrajBackbone(3 + (PRIOR_DIM if sizes.path_prior else 0), 2, sizes, G)
         self.sigma_emb = ScalarEmbed(sizes.d_model)
         if sizes.path_prior:
@@ -331,7 +373,7 @@ class Refiner(nn.Module):
         self.T = T
         self.n_levels = n_levels
         self.output = output
-        self.backbone = TrajBackbone(3, 2, sizes, G)
+        self.backbone = TrajBackbone(3 + (WALL_FEAT_DIM if sizes.wall_feat else 0), 2, sizes, G)
         self.level_emb = nn.Embedding(n_levels, sizes.d_model)
         self.frac_emb = ScalarEmbed(sizes.d_model)
 
@@ -347,7 +389,10 @@ class Refiner(nn.Module):
         anchor_B_T = conf_B_T.gt(0.999)  # keyframes of M_s: anchor_confidence is exactly 1 there (mask and tent)
         frac = anchor_B_T.float().mean(1)  # K_s / T (the anchor count of this level)
         c = self.level_emb(level_B.long().clamp(0, self.n_levels - 1)) + self.frac_emb(frac * 1000.0)
-        feat = torch.cat([to_z(x_s_B_T_2), conf_B_T[..., None]], dim=-1)
+        feat = [to_z(x_s_B_T_2), conf_B_T[..., None]]
+        if self.backbone.sizes.wall_feat:
+            feat.append(wall_features(cond["occ"], x_s_B_T_2))
+        feat = torch.cat(feat, dim=-1)
         delta = self.backbone(feat, idx, c, cond, enc) / SCALE  # (B, T, 2) in [0,1] units
         if self.output == "residual":
             return x_s_B_T_2 + delta

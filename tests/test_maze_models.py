@@ -351,3 +351,63 @@ def test_shipped_maze_model_overlays_validate():
     assert cfg.phase2.output == "missing_residual" and cfg.eval.index_source == "uniform" and cfg.phase1.feat_diffs == "none"
     assert cfg.phase1.model.path_prior and cfg.baseline.model.path_prior
     assert cfg.phase1.wall_weight == cfg.baseline.wall_weight and cfg.phase1.optim.steps == cfg.baseline.optim.steps
+
+
+def test_wall_features_match_exact_wall_distance_and_point_away_from_walls():
+    """``wall_features``: the signed distance equals ``maze.mazes.wall_distance`` (an independent numpy
+    box-distance reference) in free space, is <= 0 inside wall cells, and its direction is the one in
+    which the distance grows at unit rate (checked by a finite step) for points with one nearest wall;
+    a hand case: a point 0.25 cells below a horizontal wall row reads 0.25 and points down (v decreasing)."""
+    import numpy as np
+
+    from maze.mazes import wall_distance
+    from maze.models import WALL_FEAT_RANGE, wall_features
+
+    c = cond(4, seed=3)
+    x = torch.rand(4, 64, 2, generator=torch.Generator().manual_seed(1))
+    f = wall_features(c["occ"], x)
+    assert f.shape == (4, 64, 3)
+    ref = np.stack([wall_distance(x[i].numpy(), c["occ"][i].numpy()) for i in range(4)]) * G
+    free = ref > 0
+    np.testing.assert_allclose(f[..., 0].numpy()[free], np.minimum(ref[free], WALL_FEAT_RANGE), atol=1e-5)
+    assert (f[..., 0].numpy()[~free] <= 0).all() and (~free).any() and free.any()
+    n = f[..., 1:] / f[..., 1:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    eps = 1e-4
+    ref2 = np.stack([wall_distance((x + eps * n)[i].numpy(), c["occ"][i].numpy()) for i in range(4)]) * G
+    near = free & (ref < 1.0)
+    rate = (ref2 - ref)[near] / (eps * G)
+    assert np.median(rate) > 0.999 and (rate > 0.99).mean() > 0.8  # corridor midpoints (two nearest walls) excepted
+    assert (f[..., 1:].norm(dim=-1).numpy()[free & (ref >= WALL_FEAT_RANGE)] < 1e-6).all()  # far points: no direction
+
+    occ = torch.zeros(1, G, G)
+    occ[0, 5, :] = 1  # row 5 is wall: v in [5/G, 6/G]
+    p = torch.tensor([[[(3 + 0.5) / G, 4.75 / G]]])
+    got = wall_features(occ, p)[0, 0]
+    torch.testing.assert_close(got, torch.tensor([0.25, 0.0, -(1 - 0.25 / WALL_FEAT_RANGE)]), atol=1e-5, rtol=0)
+    inside = wall_features(occ, torch.tensor([[[(3 + 0.5) / G, 5.4 / G]]]))[0, 0]
+    torch.testing.assert_close(inside[0], torch.tensor(-0.4), atol=1e-5, rtol=0)
+    assert float(inside[2]) < 0  # nearest free side of the wall row is v < 5/G
+
+
+def test_refiner_wall_feat_reads_the_walls_round_trips_and_is_refiner_only(tmp_path):
+    torch.manual_seed(0)
+    sizes = BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4, wall_feat=True)
+    m = perturb(Refiner(sizes, T, G, n_levels=3)).eval()
+    loaded, meta = load_model(save_model(tmp_path / "r.pt", m, extra_meta={"budgets": [4, 8, 32]}), "phase2")
+    assert meta["sizes"]["wall_feat"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(m), atol=0, rtol=0)
+        c, c2 = cond(3), cond(3)
+        c2["occ"] = 1 - c2["occ"]  # same everything else, other walls: the output must change
+        x, lv, conf = torch.rand(3, T, 2), torch.tensor([0, 1, 2]), torch.zeros(3, T)
+        enc = m.encode(c)  # same maze tokens for both calls: only the wall features differ
+        assert (m(x, lv, conf, c, enc) - m(x, lv, conf, c2, enc)).abs().max() > 1e-3
+    for cls in (KeypointDenoiser, FullSequenceDenoiser):
+        with pytest.raises(ValueError, match="wall_feat"):
+            cls(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=1, wall_feat=True), T, G)
+    old = perturb(Refiner(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4), T, G, n_levels=3))
+    ck = load_checkpoint(save_model(tmp_path / "o.pt", old, extra_meta={"budgets": [4, 8, 32]}))
+    del ck["meta"]["sizes"]["wall_feat"]
+    save_checkpoint(tmp_path / "o2.pt", ck["state"], ck["meta"])
+    o2, _ = load_model(tmp_path / "o2.pt", "phase2")
+    assert o2.backbone.sizes.wall_feat is False

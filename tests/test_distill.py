@@ -123,6 +123,38 @@ def test_scm_gradient_vanishes_only_at_the_exact_student():
     assert grads[0.45] < -1e-4 and grads[0.75] > 1e-4  # gradient descent moves a towards s
 
 
+@pytest.mark.parametrize("mode", ["scm", "discrete"])
+def test_training_on_the_toy_flow_finds_the_exact_consistency_function(mode):
+    """Adam on the sCM (tangent warmup, normalisation) or the discrete loss, Gaussian data of std
+    0.5, a student family whose member ``a = s`` is the exact consistency function: ``a`` goes
+    from 1.0 to ``s`` (the discrete fixed point is off by the DDIM step's error, O(delta))."""
+    s = 0.5
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([a], lr=0.02)
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        x0 = s * torch.randn(32, 4, generator=g, dtype=torch.float64)
+        eps = torch.randn(32, 4, generator=g, dtype=torch.float64)
+        t = D.sample_trig_times(32, -0.8, 1.6, generator=g)
+        x_t = D.trig_noise(x0, eps, t)
+        F_T = _teacher(x_t, t, s)
+        if mode == "scm":
+            cs = torch.cos(t) * torch.sin(t)
+            F_sg, jv = D.jvp(_student(a.detach()), x_t, t, D._bc(cs, x_t) * F_T, cs)
+            g_t = D.scm_tangent(x_t, t, F_sg, F_T, jv, r=D.tangent_warmup(step, 50), norm_c=0.1)
+            loss = D.scm_loss(_student(a)(x_t, t), F_sg, g_t).mean()
+        else:
+            d = torch.minimum(torch.full_like(t, 0.01), t / 2)  # the toy family is singular at t = 0
+            x_prev = D.trig_ddim_step(x_t, F_T, d)
+            with torch.no_grad():
+                f_tgt = D.consistency_fn(x_prev, t - d, _student(a)(x_prev, t - d))
+            loss = D.discrete_consistency_loss(D.consistency_fn(x_t, t, _student(a)(x_t, t)), f_tgt, d).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(a) == pytest.approx(s, abs=0.01 if mode == "scm" else 0.03), float(a)
+
+
 def test_consistency_sampler_with_the_exact_function_draws_the_data_distribution():
     s = 0.6
     eps = torch.randn(20000, 4, generator=torch.Generator().manual_seed(3))

@@ -417,7 +417,7 @@ def teachers(tmp_path_factory):
 
 def _args(shards, run_dir, *extra):
     return ["--config", str(REPO / "configs/video/rcm_tiny_cpu.yaml"), f"data.shards={shards}", f"train.run_dir={run_dir}",
-            "train.tracker=none", "train.log_every=1", *extra]
+            "train.tracker=none", "train.log_every=1", "train.validate_every=0", *extra]
 
 
 def _run(argv):
@@ -476,12 +476,18 @@ def test_phase2_student_overfits_one_batch(shards, teachers, tmp_path):
 
 def test_students_sample_playable_mp4_through_sample_py(shards, teachers, tmp_path):
     one = shards.replace("shard_*", "shard_000000")
-    steps = ["train.max_steps=2", "train.checkpoint_every=2"]
+    steps = ["train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=2"]
     _run(_args(one, tmp_path / "full", *steps))
     _run(_args(one, tmp_path / "p1", *steps, "distill.target=phase1", f"distill.teacher_lora={teachers['phase1']}",
                "distill.mode=discrete"))
     _run(_args(one, tmp_path / "p2", *steps, "distill.target=phase2", f"distill.teacher_lora={teachers['phase2']}",
                "distill.dmd.weight=0", "distill.teacher_guidance=1", "distill.sampler.steps=2"))
+    import json
+
+    for k, key in (("full", "gap_1step"), ("p1", "gap_1step"), ("p2", "student_vs_teacher_mse")):
+        val = tmp_path / k / "validation"
+        row = json.loads((val / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["step"] == 2 and math.isfinite(row[key]) and (val / "val_00000002.png").is_file(), (k, row)
     st = {k: tmp_path / k / "checkpoints" / "step_00000002" / "trainable_ema" / DW.STUDENT for k in ("full", "p1", "p2")}
     base = ["prompts=[a dog runs on the beach,a red car]", "num_frames=17", "height=32", "width=64", "model_path=tiny",
             "batch_size=2"]

@@ -57,8 +57,9 @@ oscillate in ``t`` on a ~1e-3 rad scale, so the step must be ~1e-4 (``distill.fd
 bf16 rounding of the forwards dominates the difference: a fallback, not the default. Nothing
 here was run on a GPU: memory and step time of the 1.3B configs are unmeasured.
 
-Not done: validation during distillation (sample with the student every N steps); rCM's
-adaptive sCM weighting ``w_psi(t)``, TTUR critic updates and DMD backward simulation (above);
+Validation (``make_distill_validation``, every ``train.validate_every`` steps): the 1-step
+student against the teacher's ODE sample from the same noise (full / phase1), the phase-2 student
+against the teacher chain; latent previews. Not done: rCM's adaptive sCM weighting ``w_psi(t)``, TTUR critic updates and DMD backward simulation (above);
 ZeRO-3 (the unwrapped-module forwards of the teacher / JVP are only reasoned about for ZeRO-2).
 """
 
@@ -106,6 +107,15 @@ TARGET_PHASE = {"full": None, "phase1": 1, "phase2": 2}
 
 
 @dataclass
+class DistillValidationConfig:
+    """Every ``train.validate_every`` steps on the first batch (``make_distill_validation``)."""
+
+    num_samples: int = 2
+    teacher_steps: int = 16  # full / phase1: Euler steps of the teacher reference (CFG, shift)
+    shift: float = 5.0
+
+
+@dataclass
 class DistillTrainConfig:
     """``distill_rcm.py``'s config: the video training sections plus ``distill``. For
     ``target=phase2`` the level budgets, sigmas and mask channels are those stored in the teacher
@@ -119,6 +129,7 @@ class DistillTrainConfig:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     distill: D.DistillConfig = field(default_factory=D.DistillConfig)
+    validation: DistillValidationConfig = field(default_factory=DistillValidationConfig)
 
     def validate(self) -> None:
         self.train.validate()
@@ -637,6 +648,90 @@ def phase2_distill_loss(model, batch: dict, step: int, ctx: LossContext):
     return loss, {"level_mean": s_B.float().mean(), "start_vs_teacher_mse": start_err}
 
 
+# --- validation ---------------------------------------------------------------------------------
+
+
+def make_distill_validation(cfg: DistillTrainConfig, ctx: LossContext, batches):
+    """``TrainSpec.validate``: on the first batch's conditions (and, for phase 2, latents):
+
+    * full / phase1: the teacher's Euler sample (``validation.teacher_steps``, CFG, shift) from noise
+      ``eps`` and the student's 1-step consistency sample from the same ``eps`` (what consistency
+      distillation makes equal; the teacher starts at flow time 1, the student at
+      ``t_0 = atan(sigma_max)``, so the gap has a small floor): ``gap_1step`` = their MSE; the
+      N-step student sample (``distill.sampler``) for the preview; sample stds (collapse shows).
+      Phase 1 at uniform keyframe indices.
+    * phase2: the teacher chain and the student (levels of ``distill.sampler.steps``) from the same
+      level-0 input (true keyframes, level-0 noise): MSE student vs teacher, and both vs the truth.
+
+    Appends to ``validation/metrics.jsonl`` and writes ``val_XXXXXXXX.png`` latent previews."""
+    from interpdiff.masks import uniform_nested_masks
+    from interpdiff.video.pipeline import Phase2Settings, _cfg_velocity, euler_flow_sample, latent_preview, phase2_refine
+
+    held: dict = {}
+    vc, d = cfg.validation, cfg.distill
+
+    def validate(model, step: int, folder: Path, is_main: bool):
+        if "batch" not in held:
+            b = next(iter(batches(0, 0)))
+            n = min(vc.num_samples, b["lat"].shape[0])
+            held["batch"] = {"lat": b["lat"][:n], "emb": b["emb"][:n]}
+        dev = next(model.parameters()).device
+        lat = held["batch"]["lat"].to(dev).float()
+        emb = held["batch"]["emb"].to(dev)
+        B, C, T, H, W = lat.shape
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            if d.target in ("full", "phase1"):
+                idx = None
+                n = T
+                if d.target == "phase1":
+                    n = min(cfg.phase1.num_keyframes, T)
+                    idx = mask_to_indices(uniform_nested_masks(B, T, [n], device=dev)[:, 0])
+                eps = torch.randn((B, C, n, H, W), generator=g).to(dev)
+                neg = None if ctx.neg_L_D is None else ctx.neg_L_D.to(dev, emb.dtype).expand(B, -1, -1)
+                with use_adapter(model, None):
+                    teacher = euler_flow_sample(_cfg_velocity(model, emb, neg, d.teacher_guidance, frame_idx_B_K=idx),
+                                                eps, vc.teacher_steps, vc.shift)
+                with use_adapter(model, STUDENT):
+                    F = D.trig_model(_velocity(model, emb, idx))
+                    one = D.consistency_sample(F, eps, D.consistency_times(1, None, d.sampler.sigma_max))
+                    many = student_sample(model, emb, (C, n, H, W), d.sampler.steps, d.sampler.mid_times,
+                                          d.sampler.sigma_max, idx, generator=g)
+                metrics = {"step": step, "gap_1step": float(((one - teacher) ** 2).mean()),
+                           "teacher_std": float(teacher.std()), "student_1step_std": float(one.std()),
+                           f"student_{d.sampler.steps}step_std": float(many.std())}
+                rows = [("teacher", teacher[0]), ("student 1 step", one[0]), (f"student {d.sampler.steps} steps", many[0])]
+            else:
+                p2 = ctx.p2
+                st = Phase2Settings.from_phase2_config(p2, T, noise="none")
+                levels = phase2_student_levels(len(st.budgets), d.sampler.steps, d.phase2_levels)
+                masks = uniform_nested_masks(B, T, st.budgets, device=dev)
+                sig0 = float(level_sigmas(len(st.budgets), p2.sigma_max, p2.sigma_min)[0])
+                eps = torch.randn(lat.shape, generator=g).to(dev)
+                x_start = interpolate_corrupt(lat, masks[:, 0], sig0, eps, time_dim=2, check_values=False)
+                with use_adapter(model, None):
+                    teacher = phase2_refine(model, x_start, masks, emb, st, init_noise=False)
+                with use_adapter(model, STUDENT):
+                    student = phase2_student_refine(model, x_start, masks, emb, st, levels, init_noise=False)
+                metrics = {"step": step, "student_vs_teacher_mse": float(((student - teacher) ** 2).mean()),
+                           "student_mse": float(((student - lat) ** 2).mean()),
+                           "teacher_mse": float(((teacher - lat) ** 2).mean()),
+                           "interp_mse": float(((x_start - lat) ** 2).mean())}
+                rows = [("ground truth", lat[0]), ("level-0 input", x_start[0]), ("teacher chain", teacher[0]),
+                        (f"student {len(levels)} step", student[0])]
+        if not is_main:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        import json
+
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        latent_preview(rows, folder / f"val_{step:08d}.png")
+
+    return validate
+
+
 # --- training spec ------------------------------------------------------------------------------
 
 
@@ -695,7 +790,7 @@ def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
         batches=batches,
         save_trainable=save_trainable,
         load_trainable=load_trainable,
-        validate=None,
+        validate=make_distill_validation(cfg, ctx, make_batches(cfg)[0]),  # its own loader
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta={"distill_target": d.target, "model_path": cfg.model.path, "adapters": adapters,
               "transformer_config": wan.transformer_config_dict(transformer), "lora": dataclasses.asdict(cfg.model.lora),

@@ -584,3 +584,41 @@ def test_shipped_configs_load(name, target, tmp_path):
     if target == "phase2":
         with pytest.raises(ConfigError, match=r"distill\.teacher_lora"):
             load_config(DW.DistillTrainConfig, REPO / "configs" / "video" / f"{name}.yaml", ["data.shards=x.tar"])
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_equal_one(tmp_path):
+    """``accelerate launch`` + DeepSpeed ZeRO-2 on 2 CPU processes (batch 1 each) against one process
+    (batch 2) on one-sample shards: the same global batch, so the same losses and adapters. Checks
+    that the several forwards per step (teacher, JVP, student, fake score; adapters switched on one
+    module) go through the engine's gradient reduction like one process's backward."""
+    import socket
+
+    make_shards(MakeShardsConfig(out_dir=str(tmp_path / "d"), num_samples=2, samples_per_shard=1,
+                                 latent_shape=[16, 9, 4, 6], embed_shape=[16, 32], seed=0))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(k, None)
+    common = [f"data.shards={tmp_path / 'd' / 'shard_*.tar'}", "train.tracker=none", "train.log_every=1",
+              "train.validate_every=0", "train.max_steps=3", "train.checkpoint_every=3", "distill.dmd.start_step=1",
+              "train.optim.kind=adamw"]
+
+    def run(cmd):
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-6000:]
+
+    run([sys.executable, "distill_rcm.py", "--config", "configs/video/rcm_tiny_cpu.yaml", *common,
+         f"train.run_dir={tmp_path / 'one'}", "train.batch_size=2"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env["DS_ACCELERATOR"] = "cpu"
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2_2proc.yaml",
+         "--main_process_port", str(port), "distill_rcm.py", "--config", "configs/video/rcm_tiny_cpu.yaml", *common,
+         f"train.run_dir={tmp_path / 'two'}", "train.batch_size=1"])
+    a, b = _adapter_files(tmp_path / "one", 3), _adapter_files(tmp_path / "two", 3)
+    for name in a:
+        for k in a[name]:
+            torch.testing.assert_close(b[name][k], a[name][k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{name} {k}: {m}")
+    loss = lambda run_dir: [float(r.split(",")[1]) for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert loss(tmp_path / "two") == pytest.approx(loss(tmp_path / "one"), rel=1e-4)

@@ -340,7 +340,8 @@ def test_path_prior_input_round_trip_and_old_sizes(tmp_path, kind):
 
 def test_shipped_maze_model_overlays_validate():
     """Every shipped overlay merges and validates; the result overlay uses the forms issue 5 reports
-    (missing-frame refiner, uniform indices, no D_phi features, path prior on phase-1 and baseline alike)."""
+    (missing-frame refiner reading the local wall geometry, uniform indices, no D_phi features, path prior on
+    phase-1 and baseline alike)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs" / "maze"
@@ -349,7 +350,7 @@ def test_shipped_maze_model_overlays_validate():
         cfg = load_maze_config([a for f in files for a in ("--config", str(f))])
     cfg = load_maze_config([a for f in ("small", "small_model", "small_result") for a in ("--config", str(root / f"{f}.yaml"))])
     assert cfg.phase2.output == "missing_residual" and cfg.eval.index_source == "uniform" and cfg.phase1.feat_diffs == "none"
-    assert cfg.phase1.model.path_prior and cfg.baseline.model.path_prior
+    assert cfg.phase1.model.path_prior and cfg.baseline.model.path_prior and cfg.phase2.model.wall_feat
     assert cfg.phase1.wall_weight == cfg.baseline.wall_weight and cfg.phase1.optim.steps == cfg.baseline.optim.steps
 
 

@@ -18,10 +18,18 @@
 # Locally on any CUDA box: OUT=runs/device bash benchmarks/run_device.sh
 # SECTIONS picks a subset (default all): tests kbench train compile ncu; TRAIN_VARIANTS and
 # COMPILE_VARIANTS override bench_train.py's --variants lists.
+# Opt-in section `distill` (not in the default: the default already takes 7-9 minutes): the rCM
+# distillation step of the 1.3B configs (benchmarks/bench_distill.py: full sCM+DMD, full discrete,
+# phase1, phase2; step time, peak memory, passes, MFU, time split) -> distill.log, distill.json.
+# Estimated 2.5-4 minutes on one H200 (never measured: the full-sequence JVP runs on chunked math
+# attention), capped at 300 s; it runs last, so it cannot starve the other sections. Alone:
+#     run(command="SECTIONS=distill INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=420)
+# DISTILL_VARIANTS overrides bench_distill.py's --variants list.
 set -uo pipefail
 SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
 COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile,cudnn:attention_ffn:1,cudnn:attention_ffn:0.9}
+DISTILL_VARIANTS=${DISTILL_VARIANTS:-full,full_discrete,phase1,phase2}
 on() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
@@ -51,7 +59,7 @@ T0=$SECONDS
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-rc_tests=skipped rc_bench=skipped rc_train=skipped rc_compile=skipped rc_ncu=skipped
+rc_tests=skipped rc_bench=skipped rc_train=skipped rc_compile=skipped rc_ncu=skipped rc_distill=skipped
 if on tests; then
     echo "== [$((SECONDS - T0)) s] kernel gpu tests"
     timeout 100 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
@@ -87,5 +95,13 @@ if on ncu && command -v ncu >/dev/null 2>&1; then
     rc_ncu=$?
 fi
 
-echo "[$((SECONDS - T0)) s] gpu tests rc=$rc_tests, kernel bench rc=$rc_bench, train rc=$rc_train, compile rc=$rc_compile, ncu rc=$rc_ncu" | tee -a "$OUT/env.txt"
-for rc in "$rc_tests" "$rc_bench" "$rc_train" "$rc_compile"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done
+# last: the longest and least certain section (opt-in, see the header)
+if on distill; then
+    echo "== [$((SECONDS - T0)) s] rCM distillation step, 1.3B configs"
+    timeout 300 $PY benchmarks/bench_distill.py --steps 2 --warmup 1 \
+        --variants "$DISTILL_VARIANTS" --json "$OUT/distill.json" 2>&1 | tee "$OUT/distill.log"
+    rc_distill=${PIPESTATUS[0]}
+fi
+
+echo "[$((SECONDS - T0)) s] gpu tests rc=$rc_tests, kernel bench rc=$rc_bench, train rc=$rc_train, compile rc=$rc_compile, ncu rc=$rc_ncu, distill rc=$rc_distill" | tee -a "$OUT/env.txt"
+for rc in "$rc_tests" "$rc_bench" "$rc_train" "$rc_compile" "$rc_distill"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done

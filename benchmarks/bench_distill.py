@@ -52,12 +52,11 @@ channels; the LoRA term only when an adapter is active) times:
   counted, although it is what makes the JVP slow. With ``distill.jvp=finite_difference`` the JVP
   is 3 plain forwards (1 x each).
 
-  What torch executes is more: ``torch.func.jvp`` (and ``torch.autograd.forward_ad``) also multiply
-  the frozen weights' zero tangents (``x dW``), so a linear layer costs 3 x, not 2 x (torch 2.14.1,
-  CPU: ``FlopCounterMode`` counts 3 matmuls for ``jvp(lambda x: x @ W, ...)`` and it takes 3 x the
-  forward's time; through the tiny Wan the JVP's ``bmm`` FLOPs are exactly 3 x the forward's
-  attention, its ``mm``/``addmm`` 2.8 x the forward's matmuls). ``jvp_zero_tangent_tflop_per_step``
-  is that extra work (1 x the JVP calls' matmul FLOPs); it is not in the MFU.
+  torch's own forward-AD rule for ``linear`` would do more: it also multiplies the weights' zero
+  tangents (``x dW``), 3 matmuls per layer (torch 2.14.1, ``FlopCounterMode``, CPU). The library's
+  ``distill_wan.jvp_constant_weights`` gives every ``nn.Linear`` a one-matmul tangent inside the JVP,
+  so what runs is the 2 x counted here (the patch-embedding convolution, a small share, keeps
+  torch's rule).
 
 Time split (``parts_s``; CUDA events on the device, ``perf_counter`` on CPU; medians over the
 timed steps): ``teacher`` (adapters off, cond + uncond, at x_t and at the DMD point, or the phase-2
@@ -299,7 +298,7 @@ def passes_and_flops(calls: list[dict], mcfg: dict, cfg: DW.DistillTrainConfig) 
     passes = {"fwd": 0, "grad": 0, "jvp": 0}
     calls_by_part: dict[str, int] = {}
     samples_by_part: dict[str, int] = {}
-    total = zero_tangent = 0.0
+    total = 0.0
     for c in calls:
         mm, attn = bench_train.wan_forward_flops(
             mcfg, c["frames"], c["H"], c["W"], c["text_len"], lora.rank if c["lora"] else 0,
@@ -308,7 +307,6 @@ def passes_and_flops(calls: list[dict], mcfg: dict, cfg: DW.DistillTrainConfig) 
         if c["part"] == "jvp" and cfg.distill.jvp == "autograd":
             passes["jvp"] += B
             total += B * (2 * mm + 3 * attn)
-            zero_tangent += B * mm
         elif c["grad"]:
             passes["grad"] += B
             total += B * 3 * (mm + attn)
@@ -319,7 +317,7 @@ def passes_and_flops(calls: list[dict], mcfg: dict, cfg: DW.DistillTrainConfig) 
         samples_by_part[c["part"]] = samples_by_part.get(c["part"], 0) + B
     tokens = sorted({c["frames"] // pt * (c["H"] // ph) * (c["W"] // pw) for c in calls})
     return {"passes": passes, "calls_by_part": calls_by_part, "samples_by_part": samples_by_part,
-            "model_flop_per_step": total, "jvp_zero_tangent_tflop_per_step": zero_tangent / 1e12, "tokens": tokens}
+            "model_flop_per_step": total, "tokens": tokens}
 
 
 # --- one variant ----------------------------------------------------------------------------------

@@ -54,7 +54,6 @@ def test_tiny_smoke_every_variant(bench, tmp_path):
         assert all(math.isfinite(v) and v >= 0 for v in r["parts_s"].values())
         assert sum(r["parts_s"].values()) <= 1.5 * r["step_s_median"]
         assert (r["parts_s"]["jvp"] > 0) == (r["passes"]["jvp"] > 0)
-        assert (r["jvp_zero_tangent_tflop_per_step"] > 0) == (r["passes"]["jvp"] > 0)
     assert res["variants"]["phase1"]["tokens"] == [3 * 2 * 3]  # K = 3 keyframes of 4 x 6 latents, 2 x 2 patches
     assert res["variants"]["full"]["tokens"] == [9 * 2 * 3]
 

@@ -622,3 +622,39 @@ def test_deepspeed_zero2_two_processes_equal_one(tmp_path):
             torch.testing.assert_close(b[name][k], a[name][k], rtol=1e-4, atol=5e-5, msg=lambda m: f"{name} {k}: {m}")
     loss = lambda run_dir: [float(r.split(",")[1]) for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]  # noqa: E731
     assert loss(tmp_path / "two") == pytest.approx(loss(tmp_path / "one"), rel=1e-4)
+
+
+def test_jvp_constant_weights_same_tangent_fewer_matmuls():
+    """``jvp_constant_weights``: the JVP through the tiny Wan (LoRA adapter on, keyframe rope) equals
+    ``torch.func.jvp``'s own in fp64, with 2 instead of 3 matmuls per linear layer (FlopCounterMode:
+    the tangent's linear-layer FLOPs halve), and the plain forwards are restored on exit."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    tr = _tiny()
+    DW.add_adapters(tr, wan.LoraSpec(rank=2, alpha=2), [DW.STUDENT], seed=0)
+    tr.double()
+    _randomise_lora(tr)
+    B, C, K, H, W = 2, 16, 3, 4, 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, K, H, W, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    emb = torch.randn(B, 16, 32, generator=g, dtype=torch.float64)
+    idx = torch.tensor([[0, 4, 8], [0, 2, 8]])
+    F = D.trig_model(lambda xs, ts: wan.wan_forward(tr, xs, ts, emb, frame_idx_B_K=idx))
+    dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0.3, -0.2], dtype=torch.float64)
+
+    def run(const):
+        with DW.jvp_attention(tr), DW.jvp_constant_weights(tr, const), FlopCounterMode(display=False) as fc:
+            out, jv = D.jvp(F, x, t, dx, dt, "autograd")
+        return out, jv, fc.get_total_flops()
+
+    out0, jv0, fl0 = run(False)
+    out1, jv1, fl1 = run(True)
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(jv1, jv0, rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        F(x, t)
+    fwd = fc.get_total_flops()
+    assert fl0 > 2.5 * fwd and fl1 < fl0 - 0.5 * fwd, (fwd, fl0, fl1)  # one matmul per linear layer saved
+    assert not any("forward" in m.__dict__ for m in tr.modules())

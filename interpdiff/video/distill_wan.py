@@ -422,6 +422,57 @@ def jvp_attention(transformer, enabled: bool = True, chunk: int = 0):
             p._attention_backend = b
 
 
+class _ConstantWeightLinear(torch.autograd.Function):
+    """``F.linear`` whose forward-mode derivative treats ``weight`` and ``bias`` as constants.
+
+    torch's forward-AD rule for ``linear`` also multiplies the weight's (zero) tangent, even for a
+    weight that is not a dual tensor: 3 matmuls per JVP instead of 2 (measured with
+    ``FlopCounterMode`` on CPU, for ``torch.func.jvp`` and ``torch.autograd.forward_ad`` alike). Here
+    the tangent is ``linear(dx, weight)``: the same value, one matmul. Only for JVPs under no_grad
+    (the stop-gradient student of sCM): it has no backward."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, dx, dweight, dbias):
+        return torch.nn.functional.linear(dx, ctx.weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("_ConstantWeightLinear is for forward-mode JVPs without gradients only")
+
+
+def _constant_weight_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _ConstantWeightLinear.apply(x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def jvp_constant_weights(transformer, enabled: bool = True):
+    """Within the block every plain ``nn.Linear`` of ``transformer`` (the frozen base layers and the
+    LoRA factors of peft, which wraps plain ``nn.Linear`` modules) computes its forward-mode tangent
+    with one matmul instead of three (``_ConstantWeightLinear``). The JVP of sCM runs under no_grad
+    with every weight constant, so the result is the same (tested against ``torch.func.jvp``); the
+    plain forward methods are restored on exit. Modules that already carry an instance-level
+    ``forward`` (hooks of other libraries) are left alone."""
+    if not enabled:
+        yield
+        return
+    mods = [m for m in wan.unwrap_model(transformer).modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    for m in mods:
+        m.forward = functools.partial(_constant_weight_linear_forward, m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+
+
 # --- negative prompt embedding ------------------------------------------------------------------
 
 
@@ -530,7 +581,8 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
     F_student_sg = D.trig_model(_velocity(base, emb, idx))  # same weights, called under no_grad
     if dc.mode == "scm":
         cs = (torch.cos(t_B) * torch.sin(t_B))
-        with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk), use_adapter(base, STUDENT):
+        with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk), jvp_constant_weights(base, dc.jvp == "autograd"), \
+                use_adapter(base, STUDENT):
             F_sg, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
         r = D.tangent_warmup(step, dc.tangent_warmup)
         g_raw = D.scm_tangent(x_t, t_B, F_sg, F_T, jv, r, norm_c=0.0)

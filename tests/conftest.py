@@ -13,3 +13,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Bad-input tests: loading the Wan transformer or the text encoder fails the test (the error must
+    come first)."""
+    from interpdiff.video import wan
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was detected")
+
+    monkeypatch.setattr(wan, "load_transformer", boom)
+    monkeypatch.setattr(wan, "load_text_encoder", boom)

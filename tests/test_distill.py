@@ -230,10 +230,9 @@ def _randomise_lora(tr, std=0.1, seed=1):
                 p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
 
 
-def test_forward_ad_through_wan_attention_and_fd_jvp():
-    """Finding (written in distill_wan's docstring): the CPU SDPA kernel diffusers' sdpa backend
-    dispatches to has no forward-AD rule; the math kernel (``jvp_attention``, also chunked) has,
-    and the autograd JVP through attention, LoRA and keyframe rope equals a central difference."""
+def _jvp_case():
+    """A tiny fp64 Wan with a random student adapter and keyframe rope, its TrigFlow model ``F`` and a
+    JVP point ``(x, t)`` with tangent ``(dx, dt)``."""
     torch.manual_seed(0)
     tr = _tiny()
     wan.set_attention_backend(tr, "sdpa")
@@ -248,6 +247,14 @@ def test_forward_ad_through_wan_attention_and_fd_jvp():
     idx = torch.tensor([[0, 4, 8], [0, 2, 8]])
     F = D.trig_model(lambda xs, ts: wan.wan_forward(tr, xs, ts, emb, frame_idx_B_K=idx))
     dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0.3, -0.2], dtype=torch.float64)
+    return tr, F, x, t, dx, dt
+
+
+def test_forward_ad_through_wan_attention_and_fd_jvp():
+    """Finding (written in distill_wan's docstring): the CPU SDPA kernel diffusers' sdpa backend
+    dispatches to has no forward-AD rule; the math kernel (``jvp_attention``, also chunked) has,
+    and the autograd JVP through attention, LoRA and keyframe rope equals a central difference."""
+    tr, F, x, t, dx, dt = _jvp_case()
     with pytest.raises(NotImplementedError, match="forward AD"):
         D.jvp(F, x, t, dx, dt, "autograd")
     with DW.jvp_attention(tr):
@@ -509,15 +516,6 @@ def test_students_sample_playable_mp4_through_sample_py(shards, teachers, tmp_pa
 # --- bad inputs: clear errors before any model work -------------------------------------------------
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was detected")
-
-    monkeypatch.setattr(wan, "load_transformer", boom)
-    monkeypatch.setattr(wan, "load_text_encoder", boom)
-
-
 @pytest.mark.parametrize("override,exc,match", [
     ("distill.jvp_mode=fast", ConfigError, r"distill\.jvp_mode"),
     ("distill.target=keyframes", ConfigError, r"distill\.target='keyframes'.*full.*phase1.*phase2"),
@@ -630,19 +628,7 @@ def test_jvp_constant_weights_same_tangent_fewer_matmuls():
     the tangent's linear-layer FLOPs halve), and the plain forwards are restored on exit."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    tr = _tiny()
-    DW.add_adapters(tr, wan.LoraSpec(rank=2, alpha=2), [DW.STUDENT], seed=0)
-    tr.double()
-    _randomise_lora(tr)
-    B, C, K, H, W = 2, 16, 3, 4, 6
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, C, K, H, W, generator=g, dtype=torch.float64)
-    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
-    emb = torch.randn(B, 16, 32, generator=g, dtype=torch.float64)
-    idx = torch.tensor([[0, 4, 8], [0, 2, 8]])
-    F = D.trig_model(lambda xs, ts: wan.wan_forward(tr, xs, ts, emb, frame_idx_B_K=idx))
-    dx, dt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0.3, -0.2], dtype=torch.float64)
+    tr, F, x, t, dx, dt = _jvp_case()
 
     def run(const):
         with DW.jvp_attention(tr), DW.jvp_constant_weights(tr, const), FlopCounterMode(display=False) as fc:

@@ -165,14 +165,6 @@ def test_sample_two_phase_and_full_write_playable_mp4(shards, tmp_path):
 # --- bad inputs: clear errors before the model is built -------------------------------------------
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was detected")
-
-    monkeypatch.setattr(wan, "load_transformer", boom)
-
-
 def test_missing_shard_pattern(tmp_path, no_model):
     with pytest.raises(ConfigError, match=r"data\.shards"):
         _run(train_phase2, ["--config", str(REPO / "configs/video/tiny_cpu.yaml"), f"train.run_dir={tmp_path}/r"])

@@ -343,15 +343,6 @@ def test_phase1_training_step_with_selector_policy(trained, cluster_data, tmp_pa
         assert idx == LABELS[_cluster_of(emb)][0], (idx, _cluster_of(emb))
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was detected")
-
-    monkeypatch.setattr(wan, "load_transformer", boom)
-    monkeypatch.setattr(wan, "load_text_encoder", boom)
-
-
 def test_selector_policy_config_errors_before_model_load(cluster_data, trained, tmp_path, no_model):
     train_phase1 = _load_script("train_phase1")
     train_phase2 = _load_script("train_phase2")

@@ -254,10 +254,6 @@ def _tuner_layers(model) -> list:
     return [m for m in wan.unwrap_model(model).modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _adapter_state(model):
-    return [(m, m._active_adapter, m._disable_adapters) for m in _tuner_layers(model)]
-
-
 def _set_adapter_state(layers, name: str | None) -> None:
     for m in layers:
         if name is None:
@@ -271,14 +267,10 @@ def _set_adapter_state(layers, name: str | None) -> None:
 def use_adapter(model, name: str | None):
     """Within the block the LoRA layers apply only adapter ``name`` (``None``: no adapter = the
     teacher). ``requires_grad`` of every adapter is left alone (see the module docstring)."""
-    saved = _adapter_state(model)
-    _set_adapter_state([m for m, _, _ in saved], name)
-    try:
+    layers = _tuner_layers(model)
+    with _restore_on_exit(layers):
+        _set_adapter_state(layers, name)
         yield
-    finally:
-        for m, active, disabled in saved:
-            m._active_adapter = active
-            m._disable_adapters = disabled
 
 
 def active_adapter(model) -> str | None:
@@ -367,6 +359,7 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") 
 
 @contextlib.contextmanager
 def _restore_on_exit(layers):
+    """Within the block the adapter flags of ``layers`` may change; they are restored on exit."""
     saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
     try:
         yield

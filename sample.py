@@ -14,9 +14,9 @@ with mode=full, the base Wan2.1 flow-matching sampler with CFG, on the same prom
         prompts_file=prompts.txt out_dir=samples/full
 
     # distilled students (distill_rcm.py; a checkpoint's trainable_ema/student folder; CFG is distilled in):
-    python sample.py model_path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers mode=full student_steps=4 \
+    python sample.py model_path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers mode=full \
         student_lora=runs/rcm_wan1.3b_full/checkpoints/step_00006000/trainable_ema/student prompts_file=prompts.txt
-    python sample.py model_path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers student_steps=4 \
+    python sample.py model_path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
         phase1_student_lora=runs/rcm_wan1.3b_phase1/checkpoints/step_00006000/trainable_ema/student \
         phase2_student_lora=runs/rcm_wan1.3b_phase2/checkpoints/step_00004000/trainable_ema/student \
         prompts_file=prompts.txt out_dir=samples/two_phase_distilled

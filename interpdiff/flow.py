@@ -17,9 +17,14 @@ import torch
 DENSITIES = ("uniform", "logit_normal", "shifted_uniform")
 
 
+def _time_dtype(like: torch.Tensor) -> torch.dtype:
+    """Times and sigmas are computed in float32, or float64 when ``like`` is float64 (never bf16/fp16)."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _b(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample ``[B]`` tensor (or float) against ``like`` (batch first)."""
-    v = torch.as_tensor(v, device=like.device, dtype=torch.float32)
+    v = torch.as_tensor(v, device=like.device, dtype=_time_dtype(like))
     if v.dim() == 0:
         return v
     return v.view([-1] + [1] * (like.dim() - 1))
@@ -28,7 +33,7 @@ def _b(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 def flow_match_xt(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x_sigma = (1 - sigma) x0 + sigma eps`` (``sigma`` float or ``[B]``)."""
     s = _b(sigma, x0)
-    return ((1 - s) * x0.float() + s * eps.float()).to(x0.dtype)
+    return ((1 - s) * x0.to(s.dtype) + s * eps.to(s.dtype)).to(x0.dtype)
 
 
 def flow_match_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -99,13 +104,13 @@ def trig_to_flow_time(theta: torch.Tensor | float) -> torch.Tensor:
 
 def flow_to_trig_x(x_sigma: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x_theta = x_sigma / sqrt((1 - sigma)^2 + sigma^2)`` (same point, TrigFlow scale)."""
-    s = _b(torch.as_tensor(sigma, dtype=torch.float32), x_sigma)
+    s = _b(sigma, x_sigma)
     return x_sigma / torch.sqrt((1 - s) ** 2 + s**2).to(x_sigma.dtype)
 
 
 def trig_to_flow_x(x_theta: torch.Tensor, theta: torch.Tensor | float) -> torch.Tensor:
     """``x_sigma = x_theta / (sin(theta) + cos(theta))``."""
-    t = _b(torch.as_tensor(theta, dtype=torch.float32), x_theta)
+    t = _b(theta, x_theta)
     return x_theta / (torch.sin(t) + torch.cos(t)).to(x_theta.dtype)
 
 
@@ -115,7 +120,7 @@ def flow_velocity_to_trig(v: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.T
     ``x0 = x - sigma v`` and ``eps = x + (1 - sigma) v`` recover the pair the flow model
     implies at ``(x_sigma, sigma)``.
     """
-    s = _b(torch.as_tensor(sigma, dtype=torch.float32), x_sigma)
+    s = _b(sigma, x_sigma)
     x0 = x_sigma - s * v
     eps = x_sigma + (1 - s) * v
     th = torch.atan2(s, 1 - s)
@@ -127,7 +132,7 @@ def trig_velocity_to_flow(F: torch.Tensor, x_theta: torch.Tensor, theta: torch.T
 
     ``x0 = cos(theta) x - sin(theta) F`` and ``eps = sin(theta) x + cos(theta) F``.
     """
-    t = _b(torch.as_tensor(theta, dtype=torch.float32), x_theta)
+    t = _b(theta, x_theta)
     x0 = torch.cos(t) * x_theta - torch.sin(t) * F
     eps = torch.sin(t) * x_theta + torch.cos(t) * F
     return eps - x0

@@ -356,6 +356,31 @@ def test_each_adapter_gets_gradients_only_from_its_own_terms(tmp_path, monkeypat
     assert _is_nonzero(_grads(tr, DW.STUDENT)) and _is_zero(_grads(tr, DW.FAKE))
 
 
+def test_scm_loss_uses_the_students_own_forward_as_the_stop_gradient_copy(tmp_path, monkeypatch):
+    """The JVP's primal comes from another attention kernel (math, chunked) than the student forward,
+    so in bf16 it differs from it; it must not enter the loss (rCM uses ``F_theta.detach()``): shifting
+    the primal the JVP returns by a constant leaves the loss and the student's gradients unchanged."""
+    cfg = _cfg(tmp_path, "unused_*.tar", "distill.dmd.weight=0", "distill.teacher_guidance=1")
+    tr = DW.build_distill_transformer(cfg, None)
+    _randomise_lora(tr, 0.05)
+    ctx = DW.LossContext(cfg=cfg, policy=None, neg_L_D=None, p2=None, seed=0)
+    orig = D.jvp
+
+    def run(shift):
+        tr.zero_grad(set_to_none=True)
+        monkeypatch.setattr(D, "jvp", lambda *a, **k: (lambda o: (o[0] + shift, o[1]))(orig(*a, **k)))
+        loss, _ = DW.gaussian_target_loss(tr, _batch(), 3, ctx)
+        loss.backward()
+        monkeypatch.undo()
+        return loss.detach(), [g.clone() for g in _grads(tr, DW.STUDENT)]
+
+    (l0, g0), (l1, g1) = run(0.0), run(0.5)
+    assert _is_nonzero(g0)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_keeps_each_forwards_adapter(tmp_path):
     """Recomputation in backward runs after the adapter context is left: the checkpoint wrapper
     must restore each block's adapter, so the gradients equal those without checkpointing."""
@@ -523,6 +548,7 @@ def test_students_sample_playable_mp4_through_sample_py(shards, teachers, tmp_pa
     ("distill.mode=ect", ConfigError, r"distill\.mode='ect'"),
     ("distill.jvp=forward", ConfigError, r"distill\.jvp='forward'"),
     ("distill.sampler.mid_times=[1.6]", ConfigError, r"must decrease"),
+    ("model.lora.dropout=0.1", ConfigError, r"model\.lora\.dropout=0\.1 with distill\.mode=scm"),
 ])
 def test_bad_distill_inputs_fail_at_startup(shards, tmp_path, no_model, override, exc, match):
     with pytest.raises(exc, match=match):
@@ -644,3 +670,15 @@ def test_jvp_constant_weights_same_tangent_fewer_matmuls():
     fwd = fc.get_total_flops()
     assert fl0 > 2.5 * fwd and fl1 < fl0 - 0.5 * fwd, (fwd, fl0, fl1)  # one matmul per linear layer saved
     assert not any("forward" in m.__dict__ for m in tr.modules())
+
+
+def test_sample_student_sampler_defaults_come_from_the_student():
+    """sample.py's full / phase-1 students sample with the steps, mid times and sigma_max they were
+    distilled with unless the sample config sets them; other step counts fall back to the default times."""
+    from interpdiff.video.pipeline import SampleConfig, student_sampler_args
+
+    meta = {"extra": {"distill": {"sampler": {"steps": 3, "mid_times": [1.2, 0.7, 0.3], "sigma_max": 40.0}}}}
+    assert student_sampler_args(SampleConfig(), meta) == {"steps": 3, "mid_times": [1.2, 0.7, 0.3], "sigma_max": 40.0}
+    assert student_sampler_args(SampleConfig(student_steps=2), meta) == {"steps": 2, "mid_times": None, "sigma_max": 40.0}
+    assert student_sampler_args(SampleConfig(student_steps=2, student_mid_times=[0.9]), meta)["mid_times"] == [0.9]
+    assert student_sampler_args(SampleConfig(), {}) == {"steps": 4, "mid_times": None, "sigma_max": 80.0}

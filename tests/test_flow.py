@@ -53,3 +53,22 @@ def test_sample_sigmas():
         assert s.shape == (1000,) and torch.all((s >= 0) & (s <= 1))
     with pytest.raises(ValueError, match="density"):
         flow.sample_sigmas(3, "beta")
+
+
+def test_trigflow_conversions_keep_float64_precision():
+    """fp64 inputs stay fp64 through the conversions (times included), so the fp64 JVP checks of the
+    distillation code are fp64-accurate; bf16/fp32 inputs still compute times in fp32."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95], dtype=torch.float64)
+    theta = flow.flow_to_trig_time(sigma)
+    th = theta[:, None]
+    x_theta = torch.cos(th) * x0 + torch.sin(th) * eps
+    x_sigma = flow.flow_match_xt(x0, eps, sigma)
+    F = torch.cos(th) * eps - torch.sin(th) * x0
+    v = flow.flow_match_target(x0, eps)
+    for got, want in ((flow.flow_to_trig_x(x_sigma, sigma), x_theta), (flow.trig_to_flow_x(x_theta, theta), x_sigma),
+                      (flow.flow_velocity_to_trig(v, x_sigma, sigma), F), (flow.trig_velocity_to_flow(F, x_theta, theta), v)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert flow.flow_velocity_to_trig(v.bfloat16(), x_sigma.bfloat16(), sigma).dtype == torch.float32

@@ -14,10 +14,10 @@ Targets (``distill.target``):
   (1 step), or ``x_0`` and the intermediate level ``m`` (2 steps), straight to the output of the
   teacher's full S-level TACoS chain (``corruption.refine``, no sampling noise by default, so the
   target is a deterministic function of ``x_0``): regression to the teacher chain, loss weighted
-  like ``phase2_loss``. In the 2-step student the level-m input during training is the teacher
-  chain's state at level m; at sampling it is the TACoS jump ``x_m = x_0 - I(x0_hat, M_0) +
-  I(x0_hat, M_m)`` from the student's own level-0 prediction (equal when the student matches the
-  teacher).
+  like ``phase2_loss``. In the 2-step student the level-m input is the TACoS jump
+  ``x_m = x_0 - I(x0_hat, M_0) + I(x0_hat, M_m)``: from the teacher chain's output in training,
+  from the student's own level-0 prediction at sampling (the teacher chain's state at level m would
+  differ from it once ``sigma_0 > 0``).
 
 **Memory-friendly model layout.** One frozen base Wan transformer carries the teacher (its
 LoRA, if any, is *merged into the base weights* at load, ``merge_lora_into_base``; phase-2 mask
@@ -145,6 +145,9 @@ class DistillTrainConfig:
         if self.model.checkpoint_policy not in wan.CHECKPOINT_POLICIES:
             raise ConfigError(f"model.checkpoint_policy={self.model.checkpoint_policy!r} is not one of "
                               f"{list(wan.CHECKPOINT_POLICIES)}")
+        if self.distill.mode == "scm" and self.distill.target != "phase2" and self.model.lora.dropout > 0:
+            raise ConfigError(f"model.lora.dropout={self.model.lora.dropout} with distill.mode=scm: the student's forward and "
+                              "its JVP would draw different dropout masks; set model.lora.dropout=0")
         check_teacher(self)
         if self.distill.target == "phase1" and self.phase1.num_keyframes < 2:
             raise ConfigError(f"phase1.num_keyframes must be >= 2, got {self.phase1.num_keyframes}")
@@ -576,12 +579,16 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
         cs = (torch.cos(t_B) * torch.sin(t_B))
         with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk), jvp_constant_weights(base, dc.jvp == "autograd"), \
                 use_adapter(base, STUDENT):
-            F_sg, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
+            _, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
+        # the stop-gradient copy is F_theta itself (as rCM): the JVP's own primal comes from another
+        # attention kernel (math, chunked) and differs from F_theta in bf16; that difference would be
+        # trained into the student next to g
+        F_sg = F_theta.detach()
         r = D.tangent_warmup(step, dc.tangent_warmup)
         g_raw = D.scm_tangent(x_t, t_B, F_sg, F_T, jv, r, norm_c=0.0)
         g = D.normalise_tangent(g_raw, dc.tangent_norm) if dc.tangent_norm > 0 else g_raw
         loss_B = dc.scm_weight * D.scm_loss(F_theta, F_sg, g)
-        # the loss value is scm_weight * ||g_normalised||^2 (F_theta = F_sg numerically); the raw tangent's
+        # the loss value is scm_weight * ||g_normalised||^2 (F_sg = F_theta.detach()); the raw tangent's
         # RMS is the progress signal (0 at the teacher's exact consistency function)
         metrics.update(loss_scm=loss_B.mean().detach(), tangent_rms=g_raw.pow(2).mean().sqrt().float().detach(),
                        tangent_r=r)
@@ -680,8 +687,11 @@ def phase2_distill_loss(model, batch: dict, step: int, ctx: LossContext):
                                confidence=p2.confidence, generator=gen, return_all=True)
     s_B = torch.tensor(lv, device=dev)
     ar = torch.arange(B, device=dev)
-    x_in = torch.stack(xs)[s_B, ar]  # (B, C, T, H, W): the teacher chain's state at each sample's level
     mask_in = masks_B_S_T[ar, s_B]
+    # the input at level s is built as the sampler builds it (phase2_student_refine): the TACoS jump from
+    # x_start by the (teacher's) prediction, x_0 - I(x0, M_first) + I(x0, M_s); at the first level it is x_start.
+    # (The teacher chain's own state at level s differs from it once sigma_0 > 0.)
+    x_in = tacos_step(x_start, target, masks_B_S_T[:, levels[0]], mask_in, time_dim=2)
     t_in = t_S_B[s_B, ar]
     x0_hat = phase2_restore(model, x_in, mask_in, t_in, emb, p2)
     w_B_T = torch.where(mask_in, p2.keyframe_weight, p2.missing_weight).float()

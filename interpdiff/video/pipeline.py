@@ -472,8 +472,8 @@ class SampleConfig:
     student_lora: str = ""  # mode=full: the few-step full-sequence student (replaces the CFG Euler sampler)
     phase1_student_lora: str = ""  # two_phase: the few-step phase-1 student (replaces phase1_lora)
     phase2_student_lora: str = ""  # two_phase: the 1-2 step phase-2 student (replaces phase2_lora)
-    student_steps: int = 4  # consistency steps of the full / phase-1 student (no CFG: distilled in)
-    student_mid_times: list[float] = field(default_factory=list)  # TrigFlow times after t_0; [] = [1.5, 1.4, 1.0][:steps-1]
+    student_steps: int = 0  # consistency steps of the full / phase-1 student (no CFG: distilled in); 0 = its distill.sampler
+    student_mid_times: list[float] = field(default_factory=list)  # TrigFlow times after t_0; [] = the student's distill.sampler
     phase2_student_steps: int = 0  # 0 = the steps the phase-2 student was distilled for
 
     def validate(self) -> None:
@@ -496,9 +496,10 @@ class SampleConfig:
                               "python -m interpdiff.video.train_selector), which is not set")
         if self.phase2_noise not in ("none", "constant", "level"):
             raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
-        if self.student_steps < 1 or self.phase2_student_steps not in (0, 1, 2):
+        if self.student_steps < 0 or self.phase2_student_steps not in (0, 1, 2):
             raise ConfigError(f"student_steps={self.student_steps}, phase2_student_steps={self.phase2_student_steps}: "
-                              "expected student_steps >= 1 and phase2_student_steps in 0 (from the student), 1, 2")
+                              "expected student_steps >= 0 (0: from the student) and phase2_student_steps in 0 (from the "
+                              "student), 1, 2")
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -628,24 +629,40 @@ def load_students(cfg: SampleConfig, device, st: Phase2Settings | None) -> dict:
     return out
 
 
+def student_sampler_args(cfg: SampleConfig, meta: dict) -> dict:
+    """``steps``, ``mid_times`` and ``sigma_max`` of a full / phase-1 student's few-step sampler: the
+    sample config's values where set, else those the student was distilled with (its ``distill.sampler``)."""
+    sm = ((meta.get("extra") or {}).get("distill") or {}).get("sampler") or {}
+    steps = cfg.student_steps or int(sm.get("steps", 4))
+    mid = list(cfg.student_mid_times) or (list(sm.get("mid_times") or []) if steps == int(sm.get("steps", -1)) else [])
+    return {"steps": steps, "mid_times": mid or None, "sigma_max": float(sm.get("sigma_max", 80.0))}
+
+
 def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> dict:
     """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students."""
     from interpdiff.video.distill_wan import phase2_student_levels, phase2_student_refine, student_sample
 
     fns = {}
     if "phase1" in students:
-        tr1 = students["phase1"][0]
+        tr1, meta1 = students["phase1"]
+        a1 = student_sampler_args(cfg, meta1)
 
         def phase1_fn(emb, idx, chw, generator):
             C, H, W = chw
-            return student_sample(tr1, emb, (C, idx.shape[1], H, W), cfg.student_steps, cfg.student_mid_times or None,
+            return student_sample(tr1, emb, (C, idx.shape[1], H, W), a1["steps"], a1["mid_times"], a1["sigma_max"],
                                   idx_B_K=idx, generator=generator)
 
         fns["phase1_fn"] = phase1_fn
     if "phase2" in students:
         tr2, meta = students["phase2"]
         dist = meta["extra"]["distill"]
-        steps = cfg.phase2_student_steps or int(dist["sampler"]["steps"])
+        trained = int(dist["sampler"]["steps"])
+        steps = cfg.phase2_student_steps or trained
+        if steps > trained:
+            from interpdiff.config import ConfigError
+
+            raise ConfigError(f"phase2_student_steps={steps}: the phase-2 student in {cfg.phase2_student_lora!r} was distilled "
+                              f"for {trained} step(s); its level-m input was never trained")
         levels = phase2_student_levels(len(st.budgets), steps, dist.get("phase2_levels") if steps == dist["sampler"]["steps"] else None)
 
         def phase2_fn(x_start, masks, emb, generator):
@@ -714,8 +731,8 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
                     if "full" in students:
                         from interpdiff.video.distill_wan import student_sample
 
-                        lat = student_sample(tr, emb, (C, T, H, W), cfg.student_steps, cfg.student_mid_times or None,
-                                             generator=g)
+                        a = student_sampler_args(cfg, students["full"][1])
+                        lat = student_sample(tr, emb, (C, T, H, W), a["steps"], a["mid_times"], a["sigma_max"], generator=g)
                     else:
                         lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
         with timer.stage("vae_decode"):

@@ -113,9 +113,9 @@ def wall_features(occ_B_G_G: torch.Tensor, x_B_L_2: torch.Tensor, max_cells: flo
     ``n`` is the unit vector pointing away from the nearest wall (free side), and
     ``a = clip(1 - sd / max_cells, 0, 1)`` fades it out far from walls. Cell ``[r, c]`` is the box
     ``u in [c, c+1] / G, v in [r, r+1] / G`` (the ``maze.mazes`` frame; outside the grid is wall, as in
-    ``maze.mazes.wall_distance``). Unlike the bilinear
-    ``sdf_at`` (cell-centre samples), this is exact at corners, where the interpolation of a plan cuts
-    through walls. The refiner reads it at its input ``x_s`` (``BackboneConfig.wall_feat``).
+    ``maze.mazes.wall_distance``). Unlike the bilinear ``sdf_at`` (cell-centre samples), this is exact
+    at corners, where the interpolation of a plan cuts through walls. The refiner reads it at its input
+    ``x_s`` (``BackboneConfig.wall_feat``).
     """
     B, G, _ = occ_B_G_G.shape
     occ = F.pad(occ_B_G_G.float(), (1, 1, 1, 1), value=1.0)  # outside the grid counts as wall (maze.mazes)
@@ -123,8 +123,8 @@ def wall_features(occ_B_G_G: torch.Tensor, x_B_L_2: torch.Tensor, max_cells: flo
     lo_v, lo_u = torch.meshgrid(lo, lo, indexing="ij")  # (G+2, G+2): row -> v, col -> u
     lo_uv = torch.stack([lo_u, lo_v], -1).reshape(1, 1, -1, 2)
     p = x_B_L_2.float()[:, :, None, :]  # (B, L, 1, 2)
-    q = torch.minimum(torch.maximum(p, lo_uv), lo_uv + 1.0 / G)  # nearest point of each cell box (B, L, G*G, 2)
-    d = (p - q).norm(dim=-1)  # (B, L, G*G)
+    q = torch.minimum(torch.maximum(p, lo_uv), lo_uv + 1.0 / G)  # nearest point of each cell box (B, L, N, 2)
+    d = (p - q).norm(dim=-1)  # (B, L, N), N = (G + 2)^2 cells of the padded grid
     wall = (occ.reshape(B, 1, -1) > 0.5).expand_as(d)
     inf = torch.full_like(d, float("inf"))
     d_wall, i_wall = torch.where(wall, d, inf).min(-1)  # (B, L)

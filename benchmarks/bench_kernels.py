@@ -323,6 +323,13 @@ def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -
                 if not (torch.equal(oi[0], ref_idx) and torch.equal(ot[:, 0], ref_tot)):
                     raise AssertionError(f"dp B={B} T={T} K={K} impl={other}: kernel differs from dp_select_reference")
                 others[other] = timer(lambda: kdp.dp_select_many_triton(cost, [K], impl=other))
+            if impl == "sweep":  # the sweep kernel with the other prefetch setting (kdp.SWEEP_PREFETCH)
+                pf = not kdp.SWEEP_PREFETCH
+                oi, ot = kdp.dp_select_many_triton(cost, [K], prefetch=pf)
+                if not (torch.equal(oi[0], ref_idx) and torch.equal(ot[:, 0], ref_tot)):
+                    raise AssertionError(f"dp B={B} T={T} K={K} sweep prefetch={pf}: kernel differs from the reference")
+                others["sweep+prefetch" if pf else "sweep-prefetch"] = timer(
+                    lambda: kdp.dp_select_many_triton(cost, [K], prefetch=pf))
             tr = timer(lambda: dp_select_reference(cost, K))
             t0 = time.perf_counter()
             for b in range(n_np):
@@ -376,13 +383,15 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
     ref_idx, _ = dp_select_reference(cost, K)
     for impl in kdp.DP_IMPLS:
         for split in ((1, 2) if impl == "sweep" else (None,)):
-            for nw in ((2, 4, 8) if impl == "sweep" else (1, 2, 4, 8, 16)):
-                idx, _ = kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl, split=split)
-                if not torch.equal(idx[0], ref_idx):
-                    raise AssertionError(f"sweep dp impl={impl} split={split} num_warps={nw}: differs from the reference")
-                t = timer(lambda: kdp.dp_select_many_triton(cost, [K], num_warps=nw, impl=impl, split=split))
-                out["dp"].append({"B": B, "T": T, "K": K, "impl": impl if split is None else f"{impl}{split}",
-                                  "num_warps": nw, **t})
+            for pf in ((False, True) if impl == "sweep" else (None,)):
+                for nw in ((2, 4, 8) if impl == "sweep" else (1, 2, 4, 8, 16)):
+                    kw = dict(num_warps=nw, impl=impl, split=split, prefetch=pf)
+                    idx, _ = kdp.dp_select_many_triton(cost, [K], **kw)
+                    if not torch.equal(idx[0], ref_idx):
+                        raise AssertionError(f"sweep dp {kw}: differs from the reference")
+                    t = timer(lambda: kdp.dp_select_many_triton(cost, [K], **kw))
+                    name = impl if split is None else f"{impl}{split}" + ("+prefetch" if pf else "")
+                    out["dp"].append({"B": B, "T": T, "K": K, "impl": name, "num_warps": nw, **t})
     out["dp"].sort(key=lambda r: r["ms"])
     return out
 
@@ -492,10 +501,15 @@ def static_report(cfg: BenchKernelsConfig) -> dict:
          ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
          dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
         ("dp sweep, T=128 K<=16", kdp._dp_sweep_kernel,
-         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT", c_ptr="*fp32", back_ptr="*i8",
-             dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
+         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT PREFETCH", c_ptr="*fp32",
+             back_ptr="*i8", dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
          ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
-         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT), 4),
+         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT, PREFETCH=False), 4),
+        ("dp sweep + prefetch, T=128 K<=16", kdp._dp_sweep_kernel,
+         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT PREFETCH", c_ptr="*fp32",
+             back_ptr="*i8", dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
+         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
+         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT, PREFETCH=True), 4),
         ("dp backtrack", kdp._backtrack_kernel,
          sig(bt_names, back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64",
              tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],

@@ -16,7 +16,10 @@ once and relaxes every row with cost row ``s``: ``best[r, t] = min(best[r, t], D
 c[s, t])``. Column ``s`` of all rows is final when the walk reaches it, so its owner publishes
 ``D[:, s]`` to a per-sample scratch (one barrier per step); the state is a ``[K, T]`` register
 tile and each cost row is read once. Once ``s`` passes the lower half of the columns only the
-upper half is relaxed. On an H200 (B=4096, T=128, K=16) it takes 0.51 ms, 10x the torch
+upper half is relaxed. ``PREFETCH`` (``prefetch=True``; off by default until a GPU run times it)
+loads the cost rows of step ``s + 1`` at the top of step ``s``: the walk is a serial chain of ``T``
+steps per sample, and without it each step waits for its cost row from HBM on top of the
+publish/barrier round trip. On an H200 (B=4096, T=128, K=16) it takes 0.51 ms, 10x the torch
 reference and 14x the tile kernel below, which spilled registers with triton 3.6
 (``benchmarks/RESULTS.md``).
 
@@ -66,6 +69,9 @@ STREAM_BLOCK_S = 32
 DP_IMPLS = ("tile", "sweep")
 SWEEP_MAX_K = 32
 SWEEP_SPLIT = 2  # column halves in the sweep kernel (1: one full tile)
+# Sweep kernel: load the cost rows of step s + 1 during step s. Bit-identical either way; off until a
+# GPU run times it against the measured default (benchmarks/bench_kernels.py times both).
+SWEEP_PREFETCH = False
 
 
 def default_impl(T: int, k_max: int) -> str:
@@ -150,11 +156,16 @@ def _dp_kernel(
 
 
 @triton.jit
-def _sweep_relax(best, arg, d_prev, c_base, s, t, T, sci, scj):
+def _sweep_row(c_base, s, t, T, sci, scj):
+    """Cost row ``c[s, t]`` for the columns ``t`` of one block (``+inf`` where ``t <= s`` or ``t >= T``)."""
+    return tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=float("inf")).to(tl.float32)
+
+
+@triton.jit
+def _sweep_relax(best, arg, d_prev, c_row, s):
     """``best[r, t] = min(best[r, t], D[r-1, s] + c[s, t])`` for the columns ``t`` of one block;
     strict ``<`` over increasing ``s`` keeps the smallest ``s`` on ties. Row 0 gets
     ``d_prev = inf`` and never changes."""
-    c_row = tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=float("inf")).to(tl.float32)
     cand = d_prev[:, None] + c_row[None, :]
     take = cand < best
     return tl.where(take, cand, best), tl.where(take, s, arg)
@@ -176,6 +187,7 @@ def _dp_sweep_kernel(
     BLOCK_T: tl.constexpr,
     K_PAD: tl.constexpr,
     SPLIT: tl.constexpr = 2,
+    PREFETCH: tl.constexpr = False,
 ):
     """All DP rows in one sweep over ``s`` for sample ``program_id(0)``; each cost row read once.
 
@@ -204,21 +216,42 @@ def _dp_sweep_kernel(
     arg_lo = tl.full([K_PAD, H], 0, tl.int32)
     best_hi = tl.full([K_PAD, H], inf, tl.float32)
     arg_hi = tl.full([K_PAD, H], 0, tl.int32)
+    # PREFETCH: the cost rows of step s + 1 are loaded at the top of step s, so their HBM latency
+    # overlaps the publish / barrier / relax of step s instead of stalling step s + 1 (the loop is
+    # a serial chain of T steps per sample; without it every step waits for one DRAM round trip)
+    if PREFETCH:
+        c_lo = _sweep_row(c_base, 0, t_lo, T, sci, scj)
+        c_hi = _sweep_row(c_base, 0, t_hi, T, sci, scj)
     for s in range(0, tl.minimum(H, T - 1)):
+        if PREFETCH:
+            n_lo = _sweep_row(c_base, s + 1, t_lo, T, sci, scj)
+            n_hi = _sweep_row(c_base, s + 1, t_hi, T, sci, scj)
+        else:
+            c_lo = _sweep_row(c_base, s, t_lo, T, sci, scj)
+            c_hi = _sweep_row(c_base, s, t_hi, T, sci, scj)
         buf = dcol_base + (s % 2) * K_PAD
         tl.store(buf + r2 + t_lo[None, :] * 0, best_lo, mask=t_lo[None, :] == s)  # owner publishes D[:, s]
         tl.debug_barrier()
         d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)  # D[r-1, s] for row r
-        best_lo, arg_lo = _sweep_relax(best_lo, arg_lo, d_prev, c_base, s, t_lo, T, sci, scj)
+        best_lo, arg_lo = _sweep_relax(best_lo, arg_lo, d_prev, c_lo, s)
         if SPLIT == 2:
-            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_base, s, t_hi, T, sci, scj)
+            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_hi, s)
+        if PREFETCH:
+            c_lo = n_lo
+            c_hi = n_hi
     if SPLIT == 2:
         for s in range(H, T - 1):
+            if PREFETCH:
+                n_hi = _sweep_row(c_base, s + 1, t_hi, T, sci, scj)
+            else:
+                c_hi = _sweep_row(c_base, s, t_hi, T, sci, scj)
             buf = dcol_base + (s % 2) * K_PAD
             tl.store(buf + r2 + t_hi[None, :] * 0, best_hi, mask=t_hi[None, :] == s)
             tl.debug_barrier()
             d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)
-            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_base, s, t_hi, T, sci, scj)
+            best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_hi, s)
+            if PREFETCH:
+                c_hi = n_hi
         _sweep_finish(best_hi, arg_hi, t_hi, r2, back_base, dlast_base, T, k_max, back_ptr)
     _sweep_finish(best_lo, arg_lo, t_lo, r2, back_base, dlast_base, T, k_max, back_ptr)
 
@@ -286,7 +319,7 @@ def _budget_tensors(ks: tuple[int, ...], dev: torch.device) -> tuple[torch.Tenso
 
 def dp_select_many_triton(
     cost_B_T_T: torch.Tensor, ks: Sequence[int], num_warps: int | None = None, impl: str | None = None,
-    split: int | None = None,
+    split: int | None = None, prefetch: bool | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Optimal index sets for several budgets from one DP pass.
 
@@ -334,6 +367,7 @@ def dp_select_many_triton(
                 T, k_max,
                 c.stride(0), c.stride(1), c.stride(2),
                 BLOCK_T=bt, K_PAD=k_pad, SPLIT=split or SWEEP_SPLIT,
+                PREFETCH=SWEEP_PREFETCH if prefetch is None else bool(prefetch),
                 num_warps=num_warps or max(1, min(4, bt // 32)),
             )
         else:

@@ -427,11 +427,16 @@ def _brute_force(cost_T_T: torch.Tensor, k: int) -> tuple[list[int], float]:
 
 
 def _dp(K, c, k, impl):
-    idx, tot = K.dp.dp_select_many_triton(c, [k], impl=impl)
+    # "sweep_prefetch": the sweep kernel loading cost row s + 1 during step s
+    pf = impl == "sweep_prefetch"
+    idx, tot = K.dp.dp_select_many_triton(c, [k], impl="sweep" if pf else impl, prefetch=pf)
     return idx[0], tot[:, 0]
 
 
-@pytest.mark.parametrize("impl", ["tile", "sweep"])
+DP_VARIANTS = ["tile", "sweep", "sweep_prefetch"]
+
+
+@pytest.mark.parametrize("impl", DP_VARIANTS)
 def test_dp_brute_force_with_ties(K, impl):
     """Integer costs in {0, 1, 2}: many optimal sets; kernel and reference pick the documented one."""
     T = 9
@@ -445,14 +450,14 @@ def test_dp_brute_force_with_ties(K, impl):
             assert idx[b].tolist() == bf_idx and float(tot[b]) == bf_tot
 
 
-@pytest.mark.parametrize("impl", ["tile", "sweep"])
+@pytest.mark.parametrize("impl", DP_VARIANTS)
 @pytest.mark.parametrize("T", [2, 5, 17, 33])
 def test_dp_matches_reference_bitwise(K, T, impl):
     g = torch.Generator().manual_seed(T)
     c = torch.rand(4, T, T, generator=g) * 10
     c = c.masked_fill(~torch.ones(T, T, dtype=torch.bool).triu(1), float("nan"))  # i >= j is ignored
     for k in sorted({2, min(3, T), max(2, (T + 1) // 2), T}):
-        if impl == "sweep" and k > K.dp.SWEEP_MAX_K:
+        if impl.startswith("sweep") and k > K.dp.SWEEP_MAX_K:
             with pytest.raises(ValueError, match="impl='sweep' needs"):
                 _dp(K, c, k, impl)
             continue
@@ -461,6 +466,21 @@ def test_dp_matches_reference_bitwise(K, T, impl):
         assert idx.dtype == torch.long and tot.dtype == torch.float32
         assert torch.equal(idx, ref_idx), (T, k)
         assert torch.equal(tot, ref_tot), (T, k)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_dp_sweep_split_prefetch_bitwise(K, split, prefetch):
+    """Every sweep variant (one full tile or two column halves; cost rows loaded in the step or
+    one step ahead) gives the reference's indices and totals, incl. T = 3 (one step) and T = 40
+    (padded to 64, the second half partly past T)."""
+    for T in (3, 17, 40):
+        c = torch.rand(3, T, T, generator=torch.Generator().manual_seed(T + 100)) * 10
+        ks = sorted({2, min(T, 5), min(T, 32)})
+        idx, tot = K.dp.dp_select_many_triton(c, ks, impl="sweep", split=split, prefetch=prefetch)
+        for i, k in enumerate(ks):
+            ref_idx, ref_tot = dp_select_reference(c, k)
+            assert torch.equal(idx[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (T, k)
 
 
 def test_dp_non_contiguous_fp64_and_inf(K):
@@ -575,9 +595,9 @@ def test_kernels_compile_for_sm90_without_spills():
     sw["dcol_ptr"] = sw.pop("dbuf_ptr")
     for name in ("BLOCK_S", "ON_CHIP"):
         sw.pop(name)
-    sw["K_PAD"] = sw["SPLIT"] = "constexpr"
-    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp, SPLIT=sp), 4)
-              for kp in (8, 16, 32) for sp in (1, 2)]
+    sw["K_PAD"] = sw["SPLIT"] = sw["PREFETCH"] = "constexpr"
+    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp, SPLIT=sp, PREFETCH=pf), 4)
+              for kp in (8, 16, 32) for sp in (1, 2) for pf in (False, True)]
     for info in infos:
         assert "0 bytes spill stores" in info and "0 bytes spill loads" in info, info
 

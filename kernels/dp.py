@@ -157,8 +157,12 @@ def _dp_kernel(
 
 @triton.jit
 def _sweep_row(c_base, s, t, T, sci, scj):
-    """Cost row ``c[s, t]`` for the columns ``t`` of one block (``+inf`` where ``t <= s`` or ``t >= T``)."""
-    return tl.load(c_base + s * sci + t * scj, mask=(t > s) & (t < T), other=float("inf")).to(tl.float32)
+    """Cost row ``c[s, t]`` as a ``[1, BLOCK]`` tile for the columns ``t`` of one block (``+inf``
+    where ``t <= s`` or ``t >= T``). Loaded in 2-D so that it gets the layout of the ``[K, BLOCK]``
+    state tile it is added to: a 1-D load got a layout of its own and went through shared memory
+    (two layout conversions, i.e. barriers) at every step."""
+    t2 = t[None, :]
+    return tl.load(c_base + s * sci + t2 * scj, mask=(t2 > s) & (t2 < T), other=float("inf")).to(tl.float32)
 
 
 @triton.jit
@@ -166,7 +170,7 @@ def _sweep_relax(best, arg, d_prev, c_row, s):
     """``best[r, t] = min(best[r, t], D[r-1, s] + c[s, t])`` for the columns ``t`` of one block;
     strict ``<`` over increasing ``s`` keeps the smallest ``s`` on ties. Row 0 gets
     ``d_prev = inf`` and never changes."""
-    cand = d_prev[:, None] + c_row[None, :]
+    cand = d_prev[:, None] + c_row
     take = cand < best
     return tl.where(take, cand, best), tl.where(take, s, arg)
 
@@ -230,7 +234,11 @@ def _dp_sweep_kernel(
             c_lo = _sweep_row(c_base, s, t_lo, T, sci, scj)
             c_hi = _sweep_row(c_base, s, t_hi, T, sci, scj)
         buf = dcol_base + (s % 2) * K_PAD
-        tl.store(buf + r2 + t_lo[None, :] * 0, best_lo, mask=t_lo[None, :] == s)  # owner publishes D[:, s]
+        # the owner of column s publishes D[:, s]. The address is buf + r on the active lane; the
+        # "+ (t - s)" makes it contiguous along t like the state tile, so the compiler keeps the
+        # tile's layout for the store (with "+ t * 0" it chose a layout contiguous along r, kept a
+        # second copy of the lower tile in it and relaxed that copy too: 96 instead of 64 registers)
+        tl.store(buf + r2 + (t_lo[None, :] - s), best_lo, mask=t_lo[None, :] == s)
         tl.debug_barrier()
         d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)  # D[r-1, s] for row r
         best_lo, arg_lo = _sweep_relax(best_lo, arg_lo, d_prev, c_lo, s)
@@ -246,7 +254,7 @@ def _dp_sweep_kernel(
             else:
                 c_hi = _sweep_row(c_base, s, t_hi, T, sci, scj)
             buf = dcol_base + (s % 2) * K_PAD
-            tl.store(buf + r2 + t_hi[None, :] * 0, best_hi, mask=t_hi[None, :] == s)
+            tl.store(buf + r2 + (t_hi[None, :] - s), best_hi, mask=t_hi[None, :] == s)  # see above
             tl.debug_barrier()
             d_prev = tl.load(buf + r - 1, mask=r >= 1, other=inf)
             best_hi, arg_hi = _sweep_relax(best_hi, arg_hi, d_prev, c_hi, s)

@@ -5,17 +5,33 @@ Forward at level ``s`` (Soft-Diffusion style)::
     x_s = I(x_0, M_s) + sigma_s * eps * (1 - M_s)        D(x_0, s) := I(x_0, M_s)
 
 Gaussian noise only on missing frames; ``sigma_s`` decreases with ``s`` (``level_sigmas``).
-Sampling, coarse to fine (TACoS form of cold diffusion)::
+Sampling, coarse to fine (TACoS form of cold diffusion, METHOD.md section 5)::
 
     x0_hat  = R(x_s, s, M_s)
     x_{s+1} = x_s - D(x0_hat, s) + D(x0_hat, s+1)
 
-then the keyframes of ``M_s`` are clamped to their values in ``x_s`` (they are known: phase-1
-keyframes at level 0, earlier updates later; the update leaves them unchanged in exact
-arithmetic, the clamp removes rounding drift), optional sampling noise is added on the frames
-still missing at ``s+1`` and positions are clipped when asked. With a perfect restorer
-(``x0_hat = x_0``) and no sampling noise, ``x_{s+1} = I(x_0, M_{s+1})`` and the last level
-(``M_S`` all ones) returns ``x_0`` exactly.
+**The noise part of the residual follows the level's sigma.** The residual ``x_s - D(x0_hat, s)``
+has two parts: ``I(x_s - x0_hat, M_s)``, the restorer's error at the anchors spread over the gaps
+(what TACoS carries so that the update stays consistent with the known keyframes), and
+``n_s = x_s - I(x_s, M_s)``, the part of ``x_s`` that is not piecewise linear between its
+anchors: the noise ``sigma_s eps`` of the corruption (``n_s = 0`` at the anchors). Carried as is,
+``n_s`` would keep level 0's noise ``sigma_0 eps`` at every later level, on the frames that become
+keyframes too, and in the output, while training shows level ``s+1`` the smaller
+``sigma_{s+1}`` and exact keyframes. So the update is (``tacos_step``)::
+
+    x_{s+1} = D(x0_hat, s+1) + I(x_s - x0_hat, M_s) + rho * n_s * (1 - M_{s+1})
+    rho     = sigma_{s+1} / sigma_s   (noise "none"; 1 when sigma_s = 0 or is not given: plain TACoS)
+            = 0, plus fresh noise_scale * sigma_{s+1} * z on the frames missing in M_{s+1}  (noise "level")
+
+With ``rho = 1`` this is the literal TACoS update except on the new keyframes of ``M_{s+1}``,
+which get no noise (as in training). ``noise="none"`` rescales the sampler's own noise estimate
+``n_s / sigma_s`` (DDIM-like, deterministic); ``"level"`` replaces it with fresh noise of the
+training scale; ``"constant"`` adds ``noise_scale * z`` on top of the deterministic update. The
+keyframes of ``M_s`` are then clamped to their values in ``x_s`` (they are known: phase-1
+keyframes at level 0, earlier updates later) and positions are clipped when asked. With a
+perfect restorer (``x0_hat = x_0``) and ``x_s = I(x_0, M_s) + sigma_s eps (1 - M_s)``, the step
+gives exactly ``I(x_0, M_{s+1}) + sigma_{s+1} eps (1 - M_{s+1})`` (noise ``none``): the training
+input of level ``s+1``, and the last level (``M_S`` all ones, ``sigma_S = 0``) returns ``x_0``.
 
 ``anchor_confidence`` is the per-frame input channel that tells the refiner which frames are
 anchors. Training and sampling must build it from the *same* level's mask ``M_s``.
@@ -104,18 +120,23 @@ def tacos_step(
     mask_next: torch.Tensor,
     time_dim: int = 1,
     noise: str = "none",
-    sigma_next: float = 0.0,
+    sigma_next: float | torch.Tensor = 0.0,
     noise_scale: float = 1.0,
     clip: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    sigma_s: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One coarse-to-fine step ``x_s -> x_{s+1}`` (see the module docstring).
 
     Args:
-        noise: ``none`` (deterministic), ``constant`` (``noise_scale`` on every step) or
-            ``level`` (``noise_scale * sigma_next``, the training schedule), added only on frames
-            missing in ``mask_next``.
+        noise: ``none`` (deterministic; the noise in ``x_s`` is rescaled by ``sigma_next /
+            sigma_s``), ``level`` (that noise replaced by fresh ``noise_scale * sigma_next``
+            noise, the training schedule) or ``constant`` (the deterministic update plus
+            ``noise_scale`` noise on every step), noise only on frames missing in ``mask_next``.
+        sigma_next, sigma_s: the corruption sigmas of the next and this level, floats or ``[B]``
+            (per-sample levels); ``sigma_s`` ``None`` (or 0) carries the noise part unscaled
+            (plain TACoS) with ``noise`` ``none``/``constant``.
         clip: ``(lo, hi)`` to clip values after the update (maze positions: ``(0, 1)``).
     """
     if noise not in NOISE_MODES:
@@ -123,14 +144,37 @@ def tacos_step(
     if not bool((mask_s <= mask_next).all()):
         raise ValueError("tacos_step: mask_next must contain every keyframe of mask_s (nested levels)")
     td = time_dim % x_s.dim()
-    x_next = x_s - degrade(x0_hat, mask_s, td, backend) + degrade(x0_hat, mask_next, td, backend)
+    B = x_s.shape[0]
+    bshape = [B] + [1] * (x_s.dim() - 1)
+
+    def per_sample(v, name):  # float or [B] -> [B, 1, ...] float64 on x's device
+        t = torch.as_tensor(v, dtype=torch.float64).to(x_s.device)
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
+            raise ValueError(f"tacos_step: {name} must be a float or a [B={B}] tensor, got shape {list(t.shape)}")
+        if bool((t < 0).any()):
+            raise ValueError(f"tacos_step: {name} must be >= 0, got {t.tolist()}")
+        return t.expand(B).reshape(bshape)
+
+    sig_next = per_sample(sigma_next, "sigma_next")
+    lin_s = degrade(x_s, mask_s, td, backend)  # I(x_s, M_s)
+    # D(x0_hat, s+1) + I(x_s - x0_hat, M_s)  (= D(x0_hat, s+1) + I(x_s, M_s) - D(x0_hat, s))
+    x_next = degrade(x0_hat, mask_next, td, backend) + (lin_s - degrade(x0_hat, mask_s, td, backend))
+    miss_next = _missing(mask_next, x_s, td)
+    if noise != "level":
+        if sigma_s is None:
+            rho = torch.ones_like(sig_next)
+        else:
+            sig_s = per_sample(sigma_s, "sigma_s")
+            rho = torch.where(sig_s > 0, sig_next / sig_s.clamp_min(1e-300), torch.ones_like(sig_next))
+        # n_s = x_s - I(x_s, M_s), rescaled to the next level and kept on the frames still missing
+        x_next = x_next + (rho.to(x_s.dtype) * (x_s - lin_s)) * miss_next
     keep = ~_missing(mask_s, x_s, td)
     x_next = torch.where(keep, x_s, x_next)
     if noise != "none":
-        scale = noise_scale if noise == "constant" else noise_scale * float(sigma_next)
-        if scale > 0:
+        scale = torch.full_like(sig_next, noise_scale) if noise == "constant" else noise_scale * sig_next
+        if bool((scale > 0).any()):
             eps = torch.randn(x_s.shape, generator=generator, device=x_s.device, dtype=torch.float32).to(x_s.dtype)
-            x_next = x_next + scale * eps * _missing(mask_next, x_s, td)
+            x_next = x_next + scale.to(x_s.dtype) * eps * miss_next
     if clip is not None:
         x_next = x_next.clamp(*clip)
     return x_next
@@ -152,6 +196,10 @@ def refine(
 ):
     """Run the phase-2 sampler from level 0 to the last level.
 
+    ``sigmas[s]`` are the training corruption levels (``level_sigmas``): each step rescales the
+    noise in ``x_s`` from ``sigmas[s]`` to ``sigmas[s+1]``; ``None`` = plain TACoS, no sampling noise
+    scale (``noise="level"`` then adds none).
+
     ``restorer(x_s, s, mask_s, conf_s) -> x0_hat`` with ``s`` a python int and ``conf_s`` the
     anchor confidence built from ``mask_s`` (exactly as in training). ``x_start`` is level 0's
     input (usually ``I(keyframes, M_0)``). Returns the final ``x`` (and every level's ``x`` and
@@ -164,7 +212,8 @@ def refine(
         m, m_next = masks_B_S_T[:, s], masks_B_S_T[:, s + 1]
         x0_hat = restorer(x, s, m, anchor_confidence(m, confidence))
         sig = 0.0 if sigmas is None else float(sigmas[s + 1])
-        x = tacos_step(x, x0_hat, m, m_next, time_dim, noise, sig, noise_scale, clip, generator, backend)
+        sig_s = None if sigmas is None else float(sigmas[s])
+        x = tacos_step(x, x0_hat, m, m_next, time_dim, noise, sig, noise_scale, clip, generator, backend, sig_s)
         xs.append(x)
         x0s.append(x0_hat)
     if return_all:

@@ -71,3 +71,81 @@ def test_level_sigmas_and_confidence():
     m = torch.tensor([[True, False, False, False, True]])
     assert anchor_confidence(m).tolist() == [[1, 0, 0, 0, 1]]
     assert torch.allclose(anchor_confidence(m, "tent"), torch.tensor([[1, 0.5, 0, 0.5, 1]]))
+
+
+@pytest.mark.parametrize("layout", ["maze", "video"])
+def test_oracle_with_level0_noise_walks_the_training_inputs(layout):
+    """A perfect restorer started from the *noisy* level-0 input (as the video sampler starts) sees at
+    every level exactly the training corruption ``I(x0, M_s) + sigma_s eps (1 - M_s)`` (same eps,
+    rescaled), exact new keyframes, and returns ``x0``. Carrying the residual unscaled (literal TACoS)
+    kept ``sigma_0 eps`` on every frame outside M_0 up to the output."""
+    gen = torch.Generator().manual_seed(3)
+    B, T = 3, 21
+    budgets = [3, 6, 11, 21]
+    if layout == "maze":
+        x0, td = torch.rand(B, T, 2, generator=gen, dtype=torch.float64), 1
+    else:
+        x0, td = torch.randn(B, 4, T, 3, 5, generator=gen, dtype=torch.float64), 2
+    masks = random_nested_masks(B, T, budgets, gen)
+    sig = level_sigmas(len(budgets), 0.1, 0.01).double()
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+
+    def corrupt64(s):  # the training input of level s, in fp64 (corrupt() computes in fp32)
+        miss = (~masks[:, s]).double().view([B] + [T if d == td else 1 for d in range(1, x0.dim())])
+        return interpolate(x0, masks[:, s], time_dim=td) + float(sig[s]) * eps * miss
+
+    x_start = corrupt64(0)
+    out, xs, _ = refine(lambda *a: x0, x_start, masks, time_dim=td, sigmas=sig, return_all=True)
+    for s in range(len(budgets)):
+        expect = corrupt64(s)
+        torch.testing.assert_close(xs[s], expect, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, x0, atol=1e-12, rtol=0)
+
+
+def test_level_noise_replaces_the_carried_noise():
+    """``noise="level"``: the frames missing at s+1 carry fresh noise of std sigma_{s+1} (not sigma_s
+    plus it); keyframes of M_{s+1} are exact for a perfect restorer; the output is x0."""
+    gen = torch.Generator().manual_seed(4)
+    B, T = 64, 33
+    budgets = [3, 9, 17, 33]
+    x0 = torch.randn(B, 8, T, generator=gen, dtype=torch.float64)
+    masks = uniform_nested_masks(B, T, budgets)
+    sig = torch.tensor([0.5, 0.2, 0.05, 0.0], dtype=torch.float64)
+    miss0 = (~masks[:, 0]).double()[:, None, :]
+    x_start = interpolate(x0, masks[:, 0], time_dim=2) + 0.5 * torch.randn(x0.shape, generator=gen, dtype=torch.float64) * miss0
+    out, xs, _ = refine(lambda *a: x0, x_start, masks, time_dim=2, sigmas=sig, noise="level", generator=gen,
+                        return_all=True)
+    for s in (1, 2):
+        m = masks[:, s][:, None, :].expand_as(x0)
+        d = xs[s] - interpolate(x0, masks[:, s], time_dim=2)
+        assert torch.equal(d[m], torch.zeros_like(d[m]))
+        assert float(d[~m].std()) == pytest.approx(float(sig[s]), rel=0.1)
+    torch.testing.assert_close(out, x0, atol=1e-12, rtol=0)
+
+
+def test_tacos_step_keeps_the_tacos_correction():
+    """Without sigmas the step is the literal TACoS update ``x_s - D(x0_hat, s) + D(x0_hat, s+1)``
+    (restorer errors at the anchors included) except on the new keyframes of M_{s+1}, which take
+    ``D(x0_hat, s+1) + I(x_s - x0_hat, M_s)`` (no noise part); with sigmas the part of ``x_s`` that is not
+    piecewise linear between its anchors is rescaled by sigma_{s+1} / sigma_s, per sample."""
+    gen = torch.Generator().manual_seed(5)
+    B, T = 4, 17
+    x0 = torch.randn(B, T, 3, generator=gen, dtype=torch.float64)
+    masks = random_nested_masks(B, T, [4, 9, 17], gen)
+    m0, m1 = masks[:, 0], masks[:, 1]
+    x_s = corrupt(x0, m0, 0.3, time_dim=1, generator=gen)
+    x_hat = x0 + 0.2 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)  # wrong at the anchors too
+    literal = x_s - interpolate(x_hat, m0) + interpolate(x_hat, m1)
+    got = tacos_step(x_s, x_hat, m0, m1)
+    new_key = m1 & ~m0
+    n_s = x_s - interpolate(x_s, m0)
+    torch.testing.assert_close(got[~new_key], literal[~new_key], atol=1e-12, rtol=0)
+    torch.testing.assert_close(got[new_key], (literal - n_s)[new_key], atol=1e-12, rtol=0)
+    sig_s = torch.tensor([0.3, 0.3, 0.6, 0.0], dtype=torch.float64)
+    sig_n = torch.tensor([0.1, 0.3, 0.2, 0.0], dtype=torch.float64)
+    scaled = tacos_step(x_s, x_hat, m0, m1, sigma_next=sig_n, sigma_s=sig_s)
+    rho = torch.tensor([1 / 3, 1.0, 1 / 3, 1.0], dtype=torch.float64)[:, None, None]  # sigma_s = 0: unscaled
+    expect = torch.where(m1[..., None], got, got - n_s + rho * n_s)
+    torch.testing.assert_close(scaled, expect, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="sigma_s"):
+        tacos_step(x_s, x_hat, m0, m1, sigma_next=0.1, sigma_s=torch.ones(3))

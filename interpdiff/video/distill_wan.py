@@ -15,7 +15,9 @@ Targets (``distill.target``):
   teacher's full S-level TACoS chain (``corruption.refine``, no sampling noise by default, so the
   target is a deterministic function of ``x_0``): regression to the teacher chain, loss weighted
   like ``phase2_loss``. In the 2-step student the level-m input is the TACoS jump
-  ``x_m = x_0 - I(x0_hat, M_0) + I(x0_hat, M_m)``: from the teacher chain's output in training,
+  ``x_m = I(x0_hat, M_m) + I(x_0 - x0_hat, M_0) + (sigma_m / sigma_0) n_0 (1 - M_m)`` with
+  ``n_0 = x_0 - I(x_0, M_0)`` the level-0 noise (``corruption.tacos_step``; the noise of ``x_m``
+  is then that of the teacher's training input at level m): from the teacher chain's output in training,
   from the student's own level-0 prediction at sampling (the teacher chain's state at level m would
   differ from it once ``sigma_0 > 0``).
 
@@ -689,9 +691,10 @@ def phase2_distill_loss(model, batch: dict, step: int, ctx: LossContext):
     ar = torch.arange(B, device=dev)
     mask_in = masks_B_S_T[ar, s_B]
     # the input at level s is built as the sampler builds it (phase2_student_refine): the TACoS jump from
-    # x_start by the (teacher's) prediction, x_0 - I(x0, M_first) + I(x0, M_s); at the first level it is x_start.
-    # (The teacher chain's own state at level s differs from it once sigma_0 > 0.)
-    x_in = tacos_step(x_start, target, masks_B_S_T[:, levels[0]], mask_in, time_dim=2)
+    # x_start by the (teacher's) prediction, its noise rescaled from sigma_first to sigma_s (corruption.tacos_step);
+    # at the first level it is x_start. (The teacher chain's own state at level s differs from it once sigma_0 > 0.)
+    x_in = tacos_step(x_start, target, masks_B_S_T[:, levels[0]], mask_in, time_dim=2,
+                      sigma_next=sig.to(dev)[s_B], sigma_s=float(sig[levels[0]]))
     t_in = t_S_B[s_B, ar]
     x0_hat = phase2_restore(model, x_in, mask_in, t_in, emb, p2)
     w_B_T = torch.where(mask_in, p2.keyframe_weight, p2.missing_weight).float()
@@ -911,7 +914,8 @@ def phase2_student_refine(transformer, x_start_B_C_T_H_W: torch.Tensor, masks_B_
                           init_noise: bool = True) -> torch.Tensor:
     """The 1-2 step phase-2 student: level-0 input as in ``pipeline.phase2_refine`` (noise
     ``sigma_0`` on missing frames), the student at each of ``levels`` with a TACoS jump between
-    them, the last prediction with the current level's keyframes clamped."""
+    them (noise rescaled to the next level's sigma, ``corruption.tacos_step``), the last
+    prediction with the current level's keyframes clamped."""
     B, C, T, H, W = x_start_B_C_T_H_W.shape
     S = masks_B_S_T.shape[1]
     sig = level_sigmas(S, st.sigma_max, st.sigma_min)
@@ -926,7 +930,8 @@ def phase2_student_refine(transformer, x_start_B_C_T_H_W: torch.Tensor, masks_B_
         x0_hat = phase2_restore(transformer, x, m, t_S_B[s], emb_B_L_D, p2,
                                 conf_B_T=anchor_confidence(m, st.confidence))
         if i + 1 < len(levels):
-            x = tacos_step(x, x0_hat, m, masks_B_S_T[:, levels[i + 1]], time_dim=2)
+            x = tacos_step(x, x0_hat, m, masks_B_S_T[:, levels[i + 1]], time_dim=2,
+                           sigma_next=float(sig[levels[i + 1]]), sigma_s=float(sig[s]))
         else:
             x = torch.where(m[:, None, :, None, None], x, x0_hat.float())
     return x

@@ -2,7 +2,9 @@
 
 Every file is written to a temporary name in the target folder, flushed, fsynced and renamed,
 so a crash never leaves a half-written file under the final name and never clobbers the
-previous version before the new one is complete.
+previous version before the new one is complete. The file gets the mode an ordinary ``open``
+would give it (``0o666 & ~umask``), not ``mkstemp``'s private ``0o600``, so shards, caches and
+checkpoints are readable by whoever the umask allows.
 
 A checkpoint file (``save_checkpoint``) is a ``torch.save`` dict::
 
@@ -32,11 +34,30 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint path is missing, unreadable, or lacks what the caller needs."""
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status``
+    on Linux >= 4.7); elsewhere set-and-restore (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + ``os.replace``;
+    the file's mode is ``0o666 & ~umask`` (as ``open(path, "wb")`` would create it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

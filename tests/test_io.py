@@ -37,3 +37,26 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"x": 1}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an interpdiff checkpoint"):
         load_checkpoint(tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize("umask,expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600), (0o027, 0o640)])
+def test_atomic_write_mode_follows_umask(tmp_path, umask, expected):
+    """An atomic write gets ``0o666 & ~umask`` like a plain ``open``, not mkstemp's 0o600 (reference:
+    a file created with ``open`` under the same umask), also when it replaces an older file."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+        ref = stat.S_IMODE(os.stat(tmp_path / "plain.bin").st_mode)
+        atomic_write_text(tmp_path / "a.txt", "one")
+        atomic_torch_save({"a": 1}, tmp_path / "a.txt")  # replace: the new file gets the mode too
+        save_checkpoint(tmp_path / "ck" / "m.pt", {"w": torch.ones(1)}, {"d": 1})
+    finally:
+        os.umask(old)
+    assert ref == expected
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == expected
+    assert stat.S_IMODE(os.stat(tmp_path / "ck" / "m.pt").st_mode) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ck", "plain.bin"]  # no temp left

@@ -75,6 +75,49 @@ def test_make_shards_format_read_with_tarfile(tmp_path):
     assert torch.equal(lat, ref_lat) and torch.equal(emb, ref_emb) and prompt == ref_prompt
 
 
+def _members(path):
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+def test_make_shards_start_index_appends_new_samples(tmp_path):
+    """Reference: one run writing all 4 shards at once. Appending shards 2..3 with start_index=2 to
+    a 2-shard set must give the same members (new keys sample_4..7, new contents), no duplicates."""
+    kw = dict(num_samples=4, samples_per_shard=2, latent_shape=LAT, embed_shape=EMB, seed=1)
+    make_shards_main([f"out_dir={tmp_path / 'ref'}", "num_samples=8", "samples_per_shard=2", "seed=1",
+                      f"latent_shape=[{','.join(map(str, LAT))}]", f"embed_shape=[{','.join(map(str, EMB))}]"])
+    from interpdiff.video.make_shards import make_shards
+
+    make_shards(MakeShardsConfig(out_dir=str(tmp_path / "app"), **kw))
+    make_shards(MakeShardsConfig(out_dir=str(tmp_path / "app"), start_index=2, **kw))
+    names = [f"shard_{s:06d}.tar" for s in range(4)]
+    assert sorted(p.name for p in (tmp_path / "app").iterdir()) == names
+    keys, latents = [], []
+    for n in names:
+        got, ref = _members(tmp_path / "app" / n), _members(tmp_path / "ref" / n)
+        assert got == ref
+        keys += sorted({m.split(".")[0] for m in got})
+        latents += [v for m, v in got.items() if m.endswith(".latent.pt")]
+    assert keys == [f"sample_{i:09d}" for i in range(8)]
+    assert len(set(latents)) == 8  # contents unique too
+
+
+def test_load_annotations_collision_suffix_never_reuses_a_key(tmp_path):
+    """Two captions of clip.mp4 and a video named clip_1.mp4 (and clip_1_1.mp4): every key unique,
+    captions keep their order, each item still points at its own video."""
+    entries = [{"video": "clip.mp4", "caption": "first"}, {"video": "clip.mp4", "caption": "second"},
+               {"video": "clip_1.mp4", "caption": "other video"}, {"video": "clip_1_1.mp4", "caption": "third video"},
+               {"video": "clip.mp4", "caption": "third caption"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
+    items = didemo.load_annotations(tmp_path, [tmp_path / "a.jsonl"])
+    keys = [it.key for it in items]
+    assert len(set(keys)) == len(keys) == 5
+    assert [it.prompt for it in items] == [e["caption"] for e in entries]
+    assert [it.video.rsplit("/", 1)[1] for it in items] == [e["video"] for e in entries]
+    assert keys[:2] == ["clip", "clip_1"]  # the first of each base keeps the plain name / first suffix
+    assert all("." not in k and "/" not in k for k in keys)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_round_trip_values_keys_prompts(tmp_path, num_workers):
     d, cfg = _make(tmp_path)

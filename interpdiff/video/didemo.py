@@ -112,18 +112,28 @@ def _consensus_moment(times) -> tuple[float, float] | None:
 def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[str | os.PathLike] = ()) -> list[VideoItem]:
     """Items from DiDeMo-style JSON / JSONL annotation files, or from ``*.txt`` prompt sidecars of
     the videos in ``video_root`` when no file is given. Raises ``FileNotFoundError``/``ValueError``
-    naming the file and the entry that is malformed."""
+    naming the file and the entry that is malformed.
+
+    Keys are the (sanitised) ``annotation_id`` or video stem; a key already handed out gets the
+    first free suffix ``_1``, ``_2``, ... (checked against every key so far, so two captions of
+    ``clip.mp4`` and a video ``clip_1.mp4`` give ``clip``, ``clip_1``, ``clip_1_1``)."""
     root = Path(video_root)
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {str(root)!r} does not exist")
     items: list[VideoItem] = []
-    seen: dict[str, int] = {}
+    used: set[str] = set()  # every key handed out (a suffixed key may equal another item's base)
+    next_n: dict[str, int] = {}  # per base: the suffix to try first (keeps repeated bases O(1))
 
     def add(video: str, prompt: str, moment, ann_id=None):
         base = _sanitize(str(ann_id)) if ann_id is not None else _sanitize(Path(video).stem)
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        key = base if n == 0 else f"{base}_{n}"
+        key, n = base, next_n.get(base, 0)
+        if n or key in used:
+            n = max(n, 1)
+            while f"{base}_{n}" in used:
+                n += 1
+            key = f"{base}_{n}"
+        next_n[base] = n + 1
+        used.add(key)
         items.append(VideoItem(key=key, video=str(_resolve_video(root, video)), prompt=prompt.strip(),
                                moment_s=moment))
 

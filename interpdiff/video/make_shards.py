@@ -10,7 +10,9 @@ length, like UMT5 output), ``{key}.prompt.txt``. Latents are temporally smooth (
 interpolation between a few random anchor frames plus small noise), so keyframe interpolation
 has something to do; they are not meant to decode to real video. Shards are
 ``shard_000000.tar, ...``, each written to a temporary name and renamed; existing shards are
-overwritten. Everything is seeded (``seed``): the same command writes the same bytes.
+overwritten. ``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
+``k * samples_per_shard, ...`` (new keys and contents; the same bytes as one run writing every
+shard, when the earlier run's last shard was full). Everything is seeded (``seed``): the same command writes the same bytes.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class MakeShardsConfig:
     anchors: int = 4  # random anchor frames per latent (smoothness)
     noise: float = 0.1
     seed: int = 0
-    start_index: int = 0  # first shard index (to append to an existing set)
+    start_index: int = 0  # first shard index (to append to an existing set): shard start_index + s holds
+    #                       samples (start_index + s) * samples_per_shard + j, so keys and contents are new
 
     def validate(self) -> None:
         if self.num_samples < 1 or self.samples_per_shard < 1:
             raise ValueError(f"num_samples ({self.num_samples}) and samples_per_shard ({self.samples_per_shard}) "
                              f"must be >= 1")
+        if self.start_index < 0:
+            raise ValueError(f"start_index must be >= 0, got {self.start_index}")
         if len(self.latent_shape) != 4 or min(self.latent_shape) < 1:
             raise ValueError(f"latent_shape must be [C, T, H, W] with positive sizes, got {self.latent_shape}")
         if len(self.embed_shape) != 2 or min(self.embed_shape) < 1:
@@ -93,8 +98,10 @@ def make_shards(cfg: MakeShardsConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     n_shards = -(-cfg.num_samples // cfg.samples_per_shard)
+    first = cfg.start_index * cfg.samples_per_shard  # appended shards continue the sample numbering
     for s in range(n_shards):
-        lo, hi = s * cfg.samples_per_shard, min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
+        lo = first + s * cfg.samples_per_shard
+        hi = first + min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
         samples = [encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(lo, hi)]
         paths.append(write_shard(out / f"shard_{cfg.start_index + s:06d}.tar", samples))
     return paths

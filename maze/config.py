@@ -8,6 +8,7 @@ One top-level ``MazeConfig``; each entry point reads the whole file and uses its
 - ``selector``   -> ``python -m maze.train_selector``
 - ``phase1``, ``phase2``, ``baseline``, ``eval``, ``demo`` -> the model sections of
   ``maze.config_model`` (part 2 of the prototype).
+- ``distill``    -> ``python -m maze.distill`` (step-distilled students, ``maze.config_model.MazeDistillConfig``)
 
 Every entry point takes ``--config configs/maze/small.yaml`` plus ``section.key=value``
 overrides; unknown keys fail at start-up (``interpdiff.config``).
@@ -20,7 +21,7 @@ from typing import Optional
 
 from interpdiff.masks import budget_schedule
 from interpdiff.selection import SCHEDULES, check_budgets
-from maze.config_model import BaselineConfig, DemoConfig, EvalConfig, Phase1Config, Phase2Config
+from maze.config_model import BaselineConfig, DemoConfig, EvalConfig, MazeDistillConfig, Phase1Config, Phase2Config
 from maze.mazes import MAZE_NAMES
 
 
@@ -176,12 +177,13 @@ class MazeConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    distill: MazeDistillConfig = field(default_factory=MazeDistillConfig)  # maze.distill (step distillation)
 
     def validate(self) -> None:
         self.data.validate()
         self.keyframes.validate()
         self.keyframes.resolved_budgets(self.data.T)
-        for sec in (self.phase1, self.phase2, self.baseline, self.eval):
+        for sec in (self.phase1, self.phase2, self.baseline, self.eval, self.distill):
             v = getattr(sec, "validate", None)
             if callable(v):
                 v()

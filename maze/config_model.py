@@ -26,6 +26,12 @@ LEVEL_WEIGHTS = ("none", "inv_sigma2")
 # two_phase_uniform: the two-phase planner with uniform keyframe indices (no selector, no D_phi cost at sampling
 # beyond the features), to separate the selector's effect and cost from the rest of the method
 EVAL_METHODS = ("two_phase", "full", "interp_only", "two_phase_uniform")
+# step-distilled planners (maze.distill): the 4-step consistency baseline, and phase-1 student + interpolation
+# + the 1-2 step phase-2 student (two_phase_distilled) or without phase 2 (interp_distilled)
+DISTILLED_METHODS = ("full_distilled", "two_phase_distilled", "interp_distilled")
+DISTILL_TARGETS = ("full", "phase1", "phase2")
+DISTILL_MODES = ("scm", "discrete")
+DISTILL_JVP = ("autograd", "finite_difference")
 
 
 @dataclass
@@ -210,10 +216,84 @@ class EvalConfig:
         if self.index_source not in INDEX_SOURCES:
             raise ValueError(f"eval.index_source={self.index_source!r} is not one of {INDEX_SOURCES}")
         for m in self.methods:
-            if m not in EVAL_METHODS:
-                raise ValueError(f"eval.methods: {m!r} is not one of {list(EVAL_METHODS)}")
+            if m not in EVAL_METHODS + DISTILLED_METHODS:
+                raise ValueError(f"eval.methods: {m!r} is not one of {list(EVAL_METHODS + DISTILLED_METHODS)}")
         if self.episodes < 1 or self.n_open_loop < 1:
             raise ValueError(f"eval: episodes and n_open_loop must be >= 1, got {self.episodes}, {self.n_open_loop}")
+
+
+@dataclass
+class StudentConfig:
+    """One distilled student (``maze.distill``): its run folder, sampling steps and training schedule."""
+
+    run_dir: str = ""  # holds model.pt (+ config.yaml, model_metrics.csv); the evaluator reads it from here
+    steps: int = 1  # consistency steps (full / phase1) or refiner calls (phase2: 1 or 2)
+    # TrigFlow times after t_0 = atan(sigma_max) (full / phase1); [] = interpdiff.distill's default (rCM's Wan times)
+    mid_times: list[float] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=2000, batch_size=64, lr=1e-4, warmup=100, ema=0.99,
+                                                                    ckpt_every=500))
+
+
+@dataclass
+class MazeDistillConfig:
+    """Step distillation of the maze teachers (``python -m maze.distill``; module doc of ``maze.distill``).
+
+    ``target`` picks the teacher (``full``: ``baseline.run_dir``, ``phase1``: ``phase1.run_dir``,
+    ``phase2``: ``phase2.run_dir``) and the student section written (``distill.<target>``).
+    """
+
+    target: str = "full"  # full | phase1 | phase2
+    mode: str = "scm"  # scm (continuous time, JVP) | discrete (no JVP)
+    jvp: str = "autograd"  # autograd (torch.func.jvp, attention on the math SDPA kernel) | finite_difference
+    fd_size: float = 1e-3  # finite-difference step in TrigFlow time (radians)
+    p_mean: float = 0.0  # student times: tan t = exp(N(p_mean, p_std^2)) (sCM's log-normal proposal)
+    p_std: float = 1.6
+    tangent_warmup: int = 500  # steps of sCM tangent warmup (r: 0 -> 1)
+    tangent_norm: float = 0.1  # c in g / (||g|| + c); 0 disables
+    scm_weight: float = 1.0  # loss scale of the sCM term (AdamW is scale-free; it only matters against grad_clip)
+    delta: float = 0.05  # discrete mode: teacher step t -> t - delta (radians)
+    sigma_max: float = 80.0  # student sampling starts at t_0 = atan(sigma_max)
+    phase2_levels: list[int] = field(default_factory=list)  # phase2 student levels; [] = [0] (1 step) or [0, (S-1)//2]
+    phase2_teacher_noise: str = "none"  # the teacher chain's sampling noise (none: a deterministic target)
+    full: StudentConfig = field(default_factory=lambda: StudentConfig(run_dir="runs/maze/small/distill/full", steps=4,
+                                                                      mid_times=[1.25, 0.8, 0.35]))
+    phase1: StudentConfig = field(default_factory=lambda: StudentConfig(run_dir="runs/maze/small/distill/phase1", steps=2,
+                                                                        mid_times=[0.8]))
+    phase2: StudentConfig = field(default_factory=lambda: StudentConfig(run_dir="runs/maze/small/distill/phase2", steps=1))
+
+    def student(self, target: str | None = None) -> StudentConfig:
+        return getattr(self, target or self.target)
+
+    def validate(self) -> None:
+        if self.target not in DISTILL_TARGETS:
+            raise ValueError(f"distill.target={self.target!r} is not one of {list(DISTILL_TARGETS)}")
+        if self.mode not in DISTILL_MODES:
+            raise ValueError(f"distill.mode={self.mode!r} is not one of {list(DISTILL_MODES)}")
+        if self.jvp not in DISTILL_JVP:
+            raise ValueError(f"distill.jvp={self.jvp!r} is not one of {list(DISTILL_JVP)}")
+        if self.fd_size <= 0 or not 0 < self.delta < 1.5707963:
+            raise ValueError(f"distill.fd_size={self.fd_size}, distill.delta={self.delta}: expected > 0 (delta < pi/2)")
+        if self.p_std <= 0 or self.tangent_norm < 0 or self.scm_weight <= 0 or self.tangent_warmup < 0 or self.sigma_max <= 0:
+            raise ValueError(f"distill: p_std={self.p_std}, tangent_norm={self.tangent_norm}, scm_weight={self.scm_weight}, "
+                             f"tangent_warmup={self.tangent_warmup}, sigma_max={self.sigma_max}: expected p_std > 0, "
+                             "tangent_norm >= 0, scm_weight > 0, tangent_warmup >= 0, sigma_max > 0")
+        if self.phase2_teacher_noise not in ("none", "level"):
+            raise ValueError(f"distill.phase2_teacher_noise={self.phase2_teacher_noise!r} is not one of ['none', 'level']")
+        for name in DISTILL_TARGETS:
+            st = self.student(name)
+            st.optim.validate(f"distill.{name}.optim")
+            if st.steps < 1:
+                raise ValueError(f"distill.{name}.steps={st.steps}: expected >= 1")
+        if self.phase2.steps not in (1, 2):
+            raise ValueError(f"distill.phase2.steps={self.phase2.steps}: the phase-2 student takes 1 or 2 steps")
+        from interpdiff.distill import consistency_times
+
+        for name in ("full", "phase1"):
+            st = self.student(name)
+            try:
+                consistency_times(st.steps, st.mid_times, self.sigma_max)
+            except ValueError as e:
+                raise ValueError(f"distill.{name}.steps={st.steps}, distill.{name}.mid_times={st.mid_times}: {e}") from None
 
 
 @dataclass

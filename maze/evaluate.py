@@ -40,6 +40,14 @@ goal), normalised D4RL-style ``100 (R - R_random) / (R_expert - R_random)`` with
 (uniform random actions) and ``R_expert`` (part 1's waypoint controller on the shortest cell path,
 without action noise) measured on the same episodes.
 
+**Step-distilled methods** (``maze.distill``; listed in ``eval.methods``, students from
+``distill.<target>.run_dir``): ``full_distilled`` (few-step consistency baseline),
+``two_phase_distilled`` (phase-1 student + interpolation + 1-2 step phase-2 student) and
+``interp_distilled`` (its keyframes + interpolation) get the same open-loop metrics (sampled after
+every other method with their own generator, seed ``eval.seed + 1``, so the existing rows do not
+change), closed-loop rows and cost; ``distilled_keyframe_collision`` is the phase-1 student's
+keyframe bound.
+
 **Cost** per plan (batch 1): network evaluations per model, FLOPs from
 ``torch.utils.flop_counter.FlopCounterMode`` (every matmul/attention of every model the method
 calls, maze encoders included), and median wall time over ``eval.cost_repeats`` runs.
@@ -60,7 +68,7 @@ from interpdiff.corruption import anchor_confidence
 from interpdiff.interpolate import interpolate
 from interpdiff.io import atomic_write_bytes, atomic_write_text
 from interpdiff.masks import gap_stats
-from maze.config_model import load_maze_config
+from maze.config_model import DISTILLED_METHODS, load_maze_config
 from maze.planner import Planner
 
 # ----------------------------------------------------------------------------- open-loop metrics
@@ -151,6 +159,10 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
     short = np.array([shortest_length_world(mazes[j], data.start[i], data.goal[i]) for j, i in enumerate(rows)])
     S = len(planner.budgets) if planner.budgets else 0
     keys = ["interp", "refined", "oracle_interp", "oracle_refined", "interp_uniform", "refined_uniform", "full"]
+    distilled = [m for m in ec.methods if m in DISTILLED_METHODS]
+    keys += [m for m in DISTILLED_METHODS if m in distilled or (m == "interp_distilled" and "two_phase_distilled" in distilled)]
+    gen_d = torch.Generator().manual_seed(ec.seed + 1)
+    kf_dist = []
     out = {k: [] for k in keys}
     lv = {k: [[] for _ in range(max(S - 1, 0))] for k in ("interp", "refined", "oracle_interp", "oracle_refined")}
     masks_all, kf_all = [], []
@@ -187,6 +199,17 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
                 out["refined_uniform"].append(u["plan"])
         if planner.baseline is not None:
             out["full"].append(planner.sample(cond, "full", generator=generator)["plan"])
+        for m in distilled:  # after every other method, own generator: the rows above do not change
+            if m == "interp_distilled" and "two_phase_distilled" in distilled:
+                continue  # the interpolation of two_phase_distilled's keyframes (same sample)
+            r = planner.sample(cond, m, generator=gen_d)
+            if m == "full_distilled":
+                out[m].append(r["plan"])
+                continue
+            kf_dist.append(r["keyframes"])
+            out["interp_distilled"].append(r["interp"])
+            if m == "two_phase_distilled":
+                out[m].append(r["plan"])
     gt = data.pos[rows]
     goal = data.goal[rows]
     mid = data.maze_id[rows]
@@ -207,6 +230,11 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
                                    short[mid == i])
                 for i, name in enumerate(data.maze_names) if (mid == i).any()
             }
+    if distilled:
+        kf = torch.cat(kf_dist).numpy() if kf_dist else None
+        if kf is not None:
+            res["distilled_keyframe_collision"] = keyframe_collision(kf, mazes, radius_world)
+            arrays["keyframes_distilled"] = kf
     if have_two:
         for k, per in lv.items():
             res["levels"][k] = [plan_metrics(torch.cat(v).numpy(), gt, mazes, goal, radius_world, short) for v in per]
@@ -364,7 +392,7 @@ def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
         planner.settings.index_source = "uniform"
     nfe = planner.nfe("two_phase" if method == "two_phase_uniform" else method)
     out = {"nfe": nfe, "nfe_total": int(sum(nfe.values())), "flops": flops, "wall_s": float(np.median(times))}
-    if method != "full":  # where the FLOPs go: index selection, D_phi features, phase-1 + phase-2
+    if method not in ("full", "full_distilled"):  # where the FLOPs go: index selection, D_phi features, phase-1 + phase-2
         with FlopCounterMode(display=False) as fs:
             masks = planner.masks_for(cond)
         with FlopCounterMode(display=False) as fd:
@@ -379,11 +407,18 @@ def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
 
 
 def load_planner(cfg) -> Planner:
-    return Planner.from_checkpoint(
+    """The planner of every stage's run folder, plus the distilled students the ``eval.methods`` need."""
+    from maze.planner import STUDENTS_OF
+
+    planner = Planner.from_checkpoint(
         cfg.eval.run_dir, require=(),
         paths={"phase1": cfg.phase1.run_dir, "phase2": cfg.phase2.run_dir, "baseline": cfg.baseline.run_dir,
                "dphi": cfg.dphi.run_dir, "selector": cfg.selector.run_dir},
     )
+    targets = sorted({t for m in cfg.eval.methods if m in STUDENTS_OF for t in STUDENTS_OF[m]})
+    if targets:
+        planner.load_students({t: cfg.distill.student(t).run_dir for t in targets})
+    return planner
 
 
 def main(cfg, closed: bool = True) -> dict:

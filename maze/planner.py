@@ -20,7 +20,12 @@ be changed on the instance. Methods:
 - ``two_phase``: selector (or uniform) masks -> phase-1 keyframes -> interpolation -> phase-2
   levels (TACoS), ``maze.sampler.two_phase``;
 - ``interp_only``: the same without phase-2 (keyframes + linear interpolation);
-- ``full``: the full-sequence baseline.
+- ``full``: the full-sequence baseline;
+- step-distilled (``maze.distill``; students loaded with ``Planner.load_students``):
+  ``full_distilled`` (the few-step consistency baseline), ``two_phase_distilled`` (phase-1 student
+  keyframes -> interpolation -> the 1-2 step phase-2 student), ``interp_distilled`` (without phase 2).
+  Masks and ``kp_feat`` are built as for ``two_phase``; steps and times come from the students'
+  checkpoints.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from interpdiff.io import CheckpointError
 from maze.models import load_model
 from maze.sampler import dphi_pair_cost, keyframe_features, policy_masks, sample_full, two_phase
 
-METHODS = ("two_phase", "full", "interp_only")
+METHODS = ("two_phase", "full", "interp_only", "full_distilled", "two_phase_distilled", "interp_distilled")
+STUDENTS_OF = {"full_distilled": ("full",), "two_phase_distilled": ("phase1", "phase2"), "interp_distilled": ("phase1",)}
 MODEL_FILE = "model.pt"
 
 
@@ -118,6 +124,7 @@ class Planner:
         self.settings = settings or SampleSettings()
         self.feat_diffs = feat_diffs
         self.run_dir = run_dir
+        self.students: dict = {}  # distill target -> (model, meta), ``load_students``
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -165,6 +172,54 @@ class Planner:
         return cls(loaded.get("phase1"), loaded.get("phase2"), loaded.get("baseline"), dphi, selector, budgets, st,
                    feat_diffs, str(root))
 
+    def load_students(self, paths: dict) -> None:
+        """Load distilled students ``{target: run folder or model.pt}`` (``maze.distill.load_student``;
+        a missing path is a ``CheckpointError`` naming it); their T, G and budgets must match."""
+        from maze.distill import load_student
+
+        for target, path in paths.items():
+            model, meta = load_student(path, target)
+            if model.T != self.T or model.backbone.G != self.G:
+                raise CheckpointError(f"distilled {target} student {str(path)!r}: T={model.T}, G={model.backbone.G}; "
+                                      f"the planner has T={self.T}, G={self.G}")
+            if target != "full" and self.budgets is not None and list(meta.get("budgets", [])) != list(self.budgets):
+                raise CheckpointError(f"distilled {target} student {str(path)!r}: budgets {meta.get('budgets')} differ "
+                                      f"from the planner's {self.budgets}")
+            self.students[target] = (model, meta)
+
+    def _student(self, method: str, target: str):
+        if target not in self.students:
+            raise CheckpointError(f"Planner: method {method!r} needs the distilled {target} student "
+                                  f"(`python -m maze.distill distill.target={target}`, then Planner.load_students)")
+        return self.students[target]
+
+    @torch.no_grad()
+    def sample_distilled(self, cond: dict, method: str, masks=None, generator=None) -> dict:
+        """Plans of the step-distilled methods (module doc), normalised frame."""
+        from interpdiff.interpolate import interpolate
+        from interpdiff.masks import mask_to_indices
+        from maze.distill import (consistency_sample_full, consistency_sample_keyframes, phase2_student_refine,
+                                  student_times)
+        from maze.sampler import gather_keyframes, scatter_keyframes
+
+        if method == "full_distilled":
+            model, meta = self._student(method, "full")
+            return {"plan": consistency_sample_full(model, cond, student_times(meta), generator)}
+        p1, m1 = self._student(method, "phase1")
+        if masks is None:
+            masks = self.masks_for(cond, generator=generator)
+        m0 = masks[:, 0]
+        idx = mask_to_indices(m0)
+        feat = gather_keyframes(self.kp_feat(cond, m0), idx)
+        kp = consistency_sample_keyframes(p1, cond, idx, feat, student_times(m1), generator)
+        interp = interpolate(scatter_keyframes(kp, idx, self.T), m0, time_dim=1)
+        out = {"plan": interp, "masks": masks, "keyframes": kp, "interp": interp}
+        if method == "two_phase_distilled":
+            p2, m2 = self._student(method, "phase2")
+            d = m2["distill"]
+            out["plan"] = phase2_student_refine(p2, interp, masks, cond, d["levels"], d["confidence"], d["pos_clip"])
+        return out
+
     # ------------------------------------------------------------------ batched sampling (normalised frame)
     def masks_for(self, cond: dict, index_source: str | None = None, generator=None) -> torch.Tensor:
         src = index_source or self.settings.index_source
@@ -189,6 +244,10 @@ class Planner:
         st = self.settings
         if method not in METHODS:
             raise ValueError(f"Planner.plan: method={method!r} is not one of {METHODS}")
+        if method in STUDENTS_OF:
+            if oracle_x0 is not None:
+                raise ValueError(f"Planner.sample: oracle_x0 is not supported by method {method!r}")
+            return self.sample_distilled(cond, method, masks=masks, generator=generator)
         if method == "full":
             if self.baseline is None:
                 raise CheckpointError(f"Planner: method 'full' needs the baseline checkpoint ({self.run_dir}/baseline/{MODEL_FILE})")
@@ -211,6 +270,14 @@ class Planner:
     def nfe(self, method: str) -> dict:
         """Network evaluations per plan, by model (the maze encoder runs once per model)."""
         st = self.settings
+        if method in STUDENTS_OF:
+            out = {f"{t}_student": int(self._student(method, t)[1]["distill"]["steps"]) for t in STUDENTS_OF[method]}
+            if method != "full_distilled":
+                if self.feat_diffs == "dphi":
+                    out["dphi"] = 1
+                if self.selector is not None and st.index_source == "selector":
+                    out["selector"] = 1
+            return out
         if method == "full":
             return {"baseline": st.baseline_steps}
         out = {"phase1": st.phase1_steps}

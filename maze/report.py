@@ -14,7 +14,10 @@ Figures (matplotlib, Agg):
 - ``fig_closed_loop.png``: the first closed-loop plans per maze and method.
 
 The acceptance checks of the issue are evaluated here from the measured numbers and printed
-as PASS / MISS, never assumed.
+as PASS / MISS, never assumed. When step-distilled methods were evaluated (``maze.distill``), the
+report opens with the milestone table of METHOD.md section 1 (``milestone_rows``, ``milestone``:
+distilled two-phase vs the distilled full-sequence baseline, undistilled teachers for reference),
+also written to ``<eval.run_dir>/milestone.json`` and printed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,21 @@ METHOD_LABEL = {
     "interp_uniform": "uniform indices: keyframes + interpolation",
     "refined_uniform": "uniform indices: two-phase (refined)",
     "full": "full-sequence baseline",
+    "full_distilled": "distilled full-sequence baseline (consistency student)",
+    "two_phase_distilled": "distilled two-phase (phase-1 student + interpolation + phase-2 student)",
+    "interp_distilled": "distilled phase-1 keyframes + interpolation",
 }
+
+# the milestone table's rows: (open-loop key, closed-loop / cost method, label)
+MILESTONE_ROWS = [
+    ("two_phase_distilled", "two_phase_distilled", "two-phase, distilled"),
+    ("full_distilled", "full_distilled", "full-sequence, distilled"),
+    ("interp_distilled", "interp_distilled", "distilled keyframes + interpolation (no phase 2)"),
+    ("refined", "two_phase", "two-phase teacher (undistilled)"),
+    ("full", "full", "full-sequence teacher (undistilled)"),
+    ("interp", "interp_only", "keyframes + interpolation teacher (undistilled)"),
+]
+MILESTONE_FLOPS_RATIO = 0.5  # "clearly lower compute": at most half the distilled baseline's FLOPs per plan
 
 
 def _plt():
@@ -236,6 +253,71 @@ def acceptance(res) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def milestone_rows(res) -> list[dict]:
+    """Per method: open-loop collision / crossings / MSE, mean closed-loop success over mazes, FLOPs and
+    network evaluations per plan (the methods present in ``res``)."""
+    meth, cl, cost = res["open_loop"]["methods"], res.get("closed_loop", {}), res.get("cost", {})
+    rows = []
+    for key, m, label in MILESTONE_ROWS:
+        if key not in meth:
+            continue
+        succ = [r["policies"][m]["success"] for r in cl.values() if m in r["policies"]]
+        rows.append({"method": m, "label": label, "collision": meth[key]["collision"], "crossings": meth[key]["crossings"],
+                     "mse": meth[key]["mse"], "success": float(np.mean(succ)) if succ else None,
+                     "success_per_maze": {n: r["policies"][m]["success"] for n, r in cl.items() if m in r["policies"]},
+                     "flops": cost.get(m, {}).get("flops"), "nfe": cost.get(m, {}).get("nfe_total"),
+                     "nfe_by_model": cost.get(m, {}).get("nfe")})
+    return rows
+
+
+def milestone(res) -> list[tuple[str, bool | None, str]]:
+    """METHOD.md section 1's milestone on the maze: the distilled two-phase planner against the distilled
+    full-sequence baseline. Quality: each open-loop rate / MSE no worse than the baseline's, closed-loop
+    success no lower in any maze; compute: FLOPs per plan <= ``MILESTONE_FLOPS_RATIO`` x the baseline's."""
+    meth, cl, cost = res["open_loop"]["methods"], res.get("closed_loop", {}), res.get("cost", {})
+    a, b = "two_phase_distilled", "full_distilled"
+    if a not in meth or b not in meth:
+        return []
+    out = []
+    for k, fmt in (("collision", ".3f"), ("crossings", ".3f"), ("mse", ".2e")):
+        va, vb = meth[a][k], meth[b][k]
+        out.append((f"(a) {k}: two-phase distilled <= full-sequence distilled", va <= vb,
+                    f"{va:{fmt}} vs {vb:{fmt}} (ratio {va / vb:.2f})" if vb > 0 else f"{va:{fmt}} vs {vb:{fmt}}"))
+    for name, r in cl.items():
+        p = r["policies"]
+        if a in p and b in p:
+            out.append((f"(a) closed-loop success ({name}): two-phase distilled >= full-sequence distilled",
+                        p[a]["success"] >= p[b]["success"],
+                        f"{p[a]['success']:.2f} vs {p[b]['success']:.2f} ({r['episodes']} episodes)"))
+    if a in cost and b in cost:
+        fr = cost[a]["flops"] / max(cost[b]["flops"], 1)
+        out.append((f"(b) FLOPs per plan: two-phase distilled <= {MILESTONE_FLOPS_RATIO} x full-sequence distilled",
+                    fr <= MILESTONE_FLOPS_RATIO, f"{cost[a]['flops'] / 1e6:.1f} M vs {cost[b]['flops'] / 1e6:.1f} M "
+                    f"(ratio {fr:.3f}); NFE {cost[a]['nfe_total']} vs {cost[b]['nfe_total']}"))
+    return out
+
+
+def milestone_markdown(res) -> list[str]:
+    """The milestone section (table + checks); empty when no distilled method was evaluated."""
+    rows = milestone_rows(res)
+    if not any(r["method"].endswith("_distilled") for r in rows):
+        return []
+    L = ["## Step distillation milestone (METHOD.md section 1)", "",
+         f"Open loop: {res['open_loop']['n']} eval plans; closed-loop success: mean over mazes; FLOPs / NFE per plan "
+         "(batch 1). Students from `maze.distill`.", "",
+         "| method | collision | crossings | MSE to GT | closed-loop success | FLOPs / plan | NFE |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nfe = "n/a" if r["nfe"] is None else f"{r['nfe']} (" + ", ".join(f"{m} {n}" for m, n in r["nfe_by_model"].items()) + ")"
+        fl = "n/a" if r["flops"] is None else f"{r['flops'] / 1e6:.1f} M"
+        L.append(f"| {r['label']} | {_f(r['collision'])} | {_f(r['crossings'])} | {_f(r['mse'], '.2e')} | {_f(r['success'], '.2f')} | "
+                 f"{fl} | {nfe} |")
+    checks = milestone(res)
+    if checks:
+        L += ["", "| milestone check | result | numbers |", "|---|---|---|"]
+        L += [f"| {name} | {'PASS' if ok else 'MISS'} | {nums} |" for name, ok, nums in checks]
+    return L + [""]
+
+
 def write_report(cfg, res=None, arr=None, stage_times: dict | None = None) -> Path:
     rd = Path(cfg.eval.run_dir)
     if res is None:
@@ -268,6 +350,11 @@ def write_report(cfg, res=None, arr=None, stage_times: dict | None = None) -> Pa
     L += ["## Acceptance checks (measured)", "", "| target | result | numbers |", "|---|---|---|"]
     for name, ok, nums in acceptance(res):
         L.append(f"| {name} | {'PASS' if ok else 'MISS'} | {nums} |")
+    ms = milestone_markdown(res)
+    if ms:
+        L += [""] + ms
+        atomic_write_text(rd / "milestone.json", json.dumps({"rows": milestone_rows(res), "checks": [
+            {"check": n, "pass": ok, "numbers": v} for n, ok, v in milestone(res)]}, indent=1))
     ol = res["open_loop"]
     L += ["", f"## Open loop (eval split, {ol['n']} trajectories, agent radius {ol['radius_world']} world units)", "",
           "| method | collision (plans) | collision (points) | wall crossings (plans) | crossings / plan | MSE to GT | goal err (world) | length / shortest |",
@@ -348,6 +435,9 @@ def write_report(cfg, res=None, arr=None, stage_times: dict | None = None) -> Pa
 def main(cfg) -> Path:
     tp = Path(cfg.eval.run_dir) / "demo_times.json"  # stage times of maze.demo, when it ran here
     p = write_report(cfg, stage_times=json.loads(tp.read_text()) if tp.is_file() else None)
+    ms = milestone_markdown(json.loads((Path(cfg.eval.run_dir) / "eval.json").read_text()))
+    if ms:
+        print("\n".join(ms))
     print(f"[maze.report] -> {p}")
     return p
 

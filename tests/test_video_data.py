@@ -245,6 +245,77 @@ def test_crop_frames(tmp_path):
         vdata.LatentLoader(_cfg(d / "shard_*.tar", crop_mode="middle"))
 
 
+def _first_batch_or_error(loader, timeout=60.0):
+    """``next(iter(loader))`` in a thread: the batch, the exception, or ``"hang"`` after ``timeout``
+    (a loader that neither yields nor raises must fail the test, not hang it)."""
+    import threading
+
+    out = []
+
+    def run():
+        try:
+            out.append(next(iter(loader)))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return out[0] if out else "hang"
+
+
+def test_config_errors_raise_instead_of_skipping_forever(tmp_path):
+    """A crop longer than the clips or a wrong latent_shape makes every sample fail: a config error,
+    not corruption. Declared shapes are checked at start-up; otherwise a resampled loader (which
+    never ends on its own) must raise after max_consecutive_skips skips in a row, naming the
+    reason and the shard, also through DataLoader workers."""
+    d, _ = _make(tmp_path, n=4, per=2)  # LAT: T = 5
+    shards = d / "shard_*.tar"
+    with pytest.raises(ValueError, match=r"data\.crop_frames=9 .*T=5"):
+        vdata.LatentLoader(_cfg(shards, crop_frames=9, latent_shape=LAT))
+    with pytest.raises(ValueError, match=r"data\.latent_shape"):
+        vdata.LatentLoader(_cfg(shards, latent_shape=[4, 5, 2]))
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        vdata.LatentLoader(_cfg(shards, max_consecutive_skips=-1))
+    cases = [(dict(crop_frames=9), 0, r"crop of 9 latent frames requested but the sample has only 5"),
+             (dict(crop_frames=9, max_consecutive_skips=7), 2, r"only 5"),
+             (dict(latent_shape=[4, 6, 2, 3], max_consecutive_skips=7), 0, r"latent has shape \(4, 5, 2, 3\)")]
+    for kw, workers, reason in cases:
+        loader = vdata.LatentLoader(_cfg(shards, resampled=True, num_workers=workers, **kw))
+        got = _first_batch_or_error(loader)
+        assert isinstance(got, RuntimeError), f"{kw}: expected an error, got {got!r}"
+        n = kw.get("max_consecutive_skips", 100)
+        assert f"{n} samples in a row were skipped" in str(got)
+        assert "max_consecutive_skips" in str(got) and "shard_00000" in str(got)
+        assert __import__("re").search(reason, str(got)), str(got)
+
+
+def test_isolated_corrupt_samples_stay_skipped_under_the_consecutive_limit(tmp_path):
+    """Shard order fixed, no shuffle: good, bad, bad, good, bad, bad, bad, good. With a limit of 3
+    the two-in-a-row run is skipped and counted; the three-in-a-row run stops the loader."""
+    _, cfg = _make(tmp_path, n=1, per=1)
+    d = tmp_path / "mixed"
+    d.mkdir()
+
+    def bad(i):
+        s = vdata.encode_latent_sample(*synthetic_sample(i, cfg))
+        s["latent.pt"] = b"garbage"
+        return s
+
+    good = lambda i: vdata.encode_latent_sample(*synthetic_sample(i, cfg))  # noqa: E731
+    write_shard(d / "shard_000000.tar", [good(0), bad(1), bad(2), good(3)])
+    write_shard(d / "shard_000001.tar", [good(4), bad(5), bad(6), bad(7), good(8)])
+    kw = dict(shuffle_buffer=0, shuffle_shards=False, batch_size=1, max_consecutive_skips=3)
+    loader = vdata.LatentLoader(_cfg(d / "shard_000000.tar", **kw))
+    assert sorted(_collect(loader)) == ["sample_000000000", "sample_000000003"] and loader.skipped == 2
+    loader = vdata.LatentLoader(_cfg(d / "shard_*.tar", **kw))
+    keys = []
+    with pytest.raises(vdata.TooManySkipsError, match=r"(?s)3 samples in a row.*shard_000001\.tar.*sample_000000007\.latent\.pt"):
+        for b in loader:
+            keys += b.keys
+    assert keys == ["sample_000000000", "sample_000000003", "sample_000000004"]
+
+
 def test_epoch_resume_continues_where_it_stopped(tmp_path):
     d, _ = _make(tmp_path, n=12, per=2)
     cfg = _cfg(d / "shard_*.tar", num_workers=2, batch_size=2, seed=3)

@@ -29,6 +29,11 @@ made in the workers), counts samples seen and samples skipped (summed over worke
 * **Corrupt / incomplete samples** (unreadable tar member, missing ``latent.pt``/``embed.pt``/
   ``prompt.txt``, a tensor that does not load, a wrong rank/shape/dtype) go to webdataset's
   ``handler`` hook: counted, logged (the first few in full, then every 100th), skipped.
+  A worker that skips ``max_consecutive_skips`` (default 100) samples in a row without one good
+  sample in between raises ``TooManySkipsError`` naming the last skip reason and shard: that is a
+  config error (``crop_frames`` longer than the clips, a wrong ``latent_shape``/``embed_shape``)
+  or a data set broken throughout, and in resampled mode the loader would otherwise spin forever
+  without yielding or raising (under DDP: an NCCL timeout much later). ``0`` disables the check.
 * **Shapes**: ``latent_shape`` / ``embed_shape`` (``-1`` = any) are checked per sample; without
   them the first good sample of each worker fixes the shape, so one odd sample cannot break
   collation.
@@ -62,6 +67,7 @@ __all__ = [
     "LatentShardDataset",
     "LatentLoader",
     "SkipCounter",
+    "TooManySkipsError",
     "resolve_shards",
     "decode_latent_sample",
     "collate_latents",
@@ -254,6 +260,8 @@ def _tar_members(sources: Iterator[dict], handler: Callable[[BaseException], boo
                     tf.members = []  # do not keep every TarInfo of the shard
         except Exception as exn:  # truncated / corrupt shard: keep what was read, count, go on
             exn.args = exn.args + (url,)
+            if hasattr(handler, "current_url"):
+                handler.current_url = url
             if not handler(exn):
                 return
         yield {}
@@ -270,20 +278,43 @@ def tar_samples(handler: Callable[[BaseException], bool]):
     return stage
 
 
-class SkipCounter:
-    """A webdataset ``handler``: counts and logs the exception, returns True (= skip, continue)."""
+class TooManySkipsError(RuntimeError):
+    """A loader worker skipped ``data.max_consecutive_skips`` samples in a row (see the module
+    docstring): almost always a config error, never a few corrupt samples."""
 
-    def __init__(self, where: str = "", log_first: int = 5, log_every: int = 100):
+
+class SkipCounter:
+    """A webdataset ``handler``: counts and logs the exception, returns True (= skip, continue).
+
+    ``ok()`` marks a good sample; ``max_consecutive`` skips in a row (``> 0``) raise
+    ``TooManySkipsError`` naming the last error and ``current_url`` (the shard the stage that
+    failed was reading; set by the stages before they call the handler)."""
+
+    def __init__(self, where: str = "", log_first: int = 5, log_every: int = 100, max_consecutive: int = 0):
         self.count = 0
+        self.consecutive = 0
+        self.max_consecutive = max_consecutive
         self.where = where
         self.log_first, self.log_every = log_first, log_every
         self.last_error = ""
+        self.current_url = ""
+
+    def ok(self) -> None:
+        self.consecutive = 0
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
+        self.consecutive += 1
         self.last_error = f"{type(exn).__name__}: {exn}"
         if self.count <= self.log_first or self.count % self.log_every == 0:
             log.warning("skipping corrupt/incomplete sample #%d %s: %s", self.count, self.where, self.last_error)
+        if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
+            raise TooManySkipsError(
+                f"data loader {self.where}: {self.consecutive} samples in a row were skipped without a good one "
+                f"(data.max_consecutive_skips={self.max_consecutive}); last skip in shard {self.current_url!r}: "
+                f"{self.last_error}. This is a config error (data.crop_frames longer than the clips, a wrong "
+                f"data.latent_shape / data.embed_shape) or shards that are corrupt throughout; fix it, or raise "
+                f"data.max_consecutive_skips (0 = never stop) if the data really has such long bad runs") from exn
         return True
 
 
@@ -312,7 +343,11 @@ class LatentBatch(NamedTuple):
 
 
 def _load_tensor(data: bytes, name: str) -> torch.Tensor:
-    t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # the error names the member (torch's own message does not)
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{name}: not a loadable torch tensor file ({type(e).__name__}: {msg[:160]})") from None
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
     return t
@@ -427,6 +462,7 @@ class LatentDataConfig:
     latent_shape: list[int] | None = None  # e.g. [16, 21, 60, 104]; -1 = any
     embed_shape: list[int] | None = None  # e.g. [512, 4096]
     partial_batches: bool = False  # epoch mode: yield the last, smaller batch of each worker
+    max_consecutive_skips: int = 100  # a worker skipping this many samples in a row raises (0 = never)
     pin_memory: bool = False
     prefetch_factor: int = 2
     rank: int = -1  # -1: from torch.distributed / RANK env
@@ -441,6 +477,20 @@ class LatentDataConfig:
             raise ValueError(f"data.crop_mode {self.crop_mode!r} is not one of random, start, center")
         if self.crop_frames < 0:
             raise ValueError(f"data.crop_frames must be >= 0, got {self.crop_frames}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"data.max_consecutive_skips must be >= 0 (0 = never stop), got {self.max_consecutive_skips}")
+        for name, shape, dims in (("latent_shape", self.latent_shape, "[C, T, H, W]"),
+                                  ("embed_shape", self.embed_shape, "[L, D]")):
+            if shape is None:
+                continue
+            if (not isinstance(shape, (list, tuple)) or len(shape) != dims.count(",") + 1
+                    or any(not isinstance(v, int) or (v < 1 and v != -1) for v in shape)):
+                raise ValueError(f"data.{name} must be {dims} with positive sizes or -1 (= any), got {shape!r}")
+        if self.crop_frames > 0 and self.latent_shape is not None and self.latent_shape[1] != -1:
+            if self.crop_frames > self.latent_shape[1]:
+                raise ValueError(f"data.crop_frames={self.crop_frames} is longer than the clips: data.latent_shape="
+                                 f"{list(self.latent_shape)} has T={self.latent_shape[1]} latent frames "
+                                 f"(expected crop_frames <= T, or 0 = all)")
 
 
 class LatentShardDataset(torch.utils.data.IterableDataset):
@@ -477,6 +527,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         ref_shapes: dict[str, tuple] = {}
 
         def decode(sample: dict) -> dict:
+            counter.current_url = sample.get("__url__", "")
             out = decode_latent_sample(sample, cfg.latent_shape, cfg.embed_shape)
             for name in ("latent", "embed"):
                 shp = tuple(out[name].shape)
@@ -485,6 +536,7 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
                     raise ValueError(f"sample {out['key']!r}: {name} shape {shp} differs from this stream's {ref}; "
                                      f"set data.{name}_shape to make the expected shape explicit")
             out["latent"], out["frame_offset"] = crop_frames(out["latent"], cfg.crop_frames, cfg.crop_mode, rng)
+            counter.ok()
             return out
 
         stages.append(wds.map(decode, handler=counter))
@@ -492,7 +544,8 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[LatentBatch]:
         worker, _ = _worker_info()
-        counter = SkipCounter(where=f"(rank {self.rank}, worker {worker})")
+        counter = SkipCounter(where=f"(rank {self.rank}, worker {worker})",
+                              max_consecutive=self.cfg.max_consecutive_skips)
         batch: list[dict] = []
         n = 0
         for s in self._samples(worker, counter):
@@ -558,8 +611,9 @@ class LatentLoader:
             self.dataset.source.offset = self.samples_seen
         to_skip = self._skip_batches
         self._skip_batches = 0
+        it = iter(self._dataloader())
         try:
-            for batch in self._dataloader():
+            for batch in it:
                 if isinstance(batch, WorkerStats):
                     self._skipped_now[batch.worker] = batch.skipped
                     continue
@@ -575,6 +629,11 @@ class LatentLoader:
         finally:
             self._skipped_done += sum(self._skipped_now.values())
             self._skipped_now = {}
+            # stop the workers now: an exception's traceback keeps the iterator alive, and a later
+            # fork would inherit it (its __del__ then runs in a child: "can only test a child process")
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if not self.cfg.resampled:
             self.dataset.epoch += 1
             self.samples_in_epoch = 0

@@ -422,7 +422,8 @@ def test_precompute_cache_tiny_writes_shards_the_loader_reads(tmp_path):
             "clip.num_frames=5", "clip.height=32", "clip.width=32", "clip.time_crop=center", "device=cpu",
             "num_workers=0", "max_length=16", "batch_size=2"]
     counts = precompute_main(args)
-    assert counts == {"items": 4, "shards": 2, "written": 1, "skipped_shards": 0, "samples": 2, "skipped_videos": 2}
+    assert counts == {"items": 4, "shards": 2, "written": 1, "skipped_shards": 0, "stale_shards": 0, "samples": 2,
+                      "skipped_videos": 2}
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard_000000.tar"]
     got = _collect(vdata.LatentLoader(_cfg(out / "shard_*.tar", latent_shape=[16, 2, 4, 4], embed_shape=[16, 32])))
     assert sorted(got) == ["1", "2"]
@@ -444,5 +445,72 @@ def test_precompute_cache_tiny_writes_shards_the_loader_reads(tmp_path):
     assert json.loads((out / "cache_meta.json").read_text())["counts"] == counts2
     # two processes split the shards: rank 1 of 2 owns shard 1 only (all its videos are bad)
     counts_r1 = precompute_main(args + [f"out_dir={tmp_path / 'cache2'}", "rank=1", "world_size=2"])
-    assert counts_r1 == {"items": 4, "shards": 1, "written": 0, "skipped_shards": 0, "samples": 0, "skipped_videos": 2}
+    assert counts_r1 == {"items": 4, "shards": 1, "written": 0, "skipped_shards": 0, "stale_shards": 0, "samples": 0,
+                         "skipped_videos": 2}
     assert (tmp_path / "cache2" / "cache_meta_rank001.json").is_file()
+
+
+def test_precompute_cache_resume_redoes_shards_made_from_other_items_or_settings(tmp_path, caplog):
+    """Resume keeps a shard only if it was made from the same items and sample settings. Reference:
+    the keys/prompts each shard must hold, written out by hand for 4 videos a..d and 2 per shard,
+    and the latent shape [16, 1 + (F-1)/4, H/8, W/8] of the clip spec."""
+    from interpdiff.video import wan
+    from interpdiff.video.precompute_cache import PrecomputeConfig, precompute
+
+    root = tmp_path / "v"
+    root.mkdir()
+    for n in "abcd":
+        _write_ramp_video(root / f"{n}.mp4", n_frames=8)
+        (root / f"{n}.txt").write_text(f"prompt {n}")
+    out = tmp_path / "cache"
+    comps = wan.load_wan("tiny", components=("vae", "text_encoder", "tokenizer"))
+
+    def cfg_run(height=16, **kw):
+        base = dict(model="tiny", videos=str(root), out_dir=str(out), samples_per_shard=2, device="cpu",
+                    num_workers=0, max_length=8, batch_size=2,
+                    clip=didemo.ClipSpec(num_frames=5, height=height, width=16, clip_seconds=0.5, time_crop="center"))
+        base.update(kw)
+        return precompute(PrecomputeConfig(**base), comps)
+
+    def shards():
+        got = {}
+        for p in sorted(out.glob("shard_*.tar")):
+            m = _members(p)
+            got[p.name] = {k.split(".")[0]: (m[k.split(".")[0] + ".prompt.txt"].decode(),
+                                             tuple(torch.load(io.BytesIO(v), weights_only=True).shape))
+                           for k, v in m.items() if k.endswith(".latent.pt")}
+        return got
+
+    lat16 = (16, 2, 2, 2)
+    c1 = cfg_run(max_items=3)
+    assert c1["written"] == 2
+    assert shards() == {"shard_000000.tar": {"a": ("prompt a", lat16), "b": ("prompt b", lat16)},
+                        "shard_000001.tar": {"c": ("prompt c", lat16)}}
+    t0 = (out / "shard_000000.tar").stat().st_mtime_ns
+    # all 4 items: shard 1 now covers c, d -> re-encoded; shard 0 is current -> kept untouched
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.precompute_cache"):
+        c2 = cfg_run()
+    assert shards()["shard_000001.tar"] == {"c": ("prompt c", lat16), "d": ("prompt d", lat16)}
+    assert (c2["skipped_shards"], c2["stale_shards"], c2["written"], c2["samples"]) == (1, 1, 1, 2)
+    assert "shard 1 on disk is stale" in caplog.text and "['c', 'd']" in caplog.text
+    assert (out / "shard_000000.tar").stat().st_mtime_ns == t0
+    # 2 items: shard 1 is no longer part of the cache -> removed
+    c3 = cfg_run(max_items=2)
+    assert c3["stale_shards"] == 1 and sorted(shards()) == ["shard_000000.tar"] and not (out / "shard_000001.json").exists()
+    # a changed prompt re-encodes the shard that holds it
+    (root / "b.txt").write_text("prompt b, rewritten")
+    c4 = cfg_run(max_items=2)
+    assert c4["stale_shards"] == 1 and shards()["shard_000000.tar"]["b"] == ("prompt b, rewritten", lat16)
+    # a changed clip spec re-encodes everything; the log names the setting
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.precompute_cache"):
+        c5 = cfg_run(height=32, max_items=2)
+    assert c5["stale_shards"] == 1 and "clip.height: 16 -> 32" in caplog.text
+    assert shards() == {"shard_000000.tar": {"a": ("prompt a", (16, 2, 4, 2)),
+                                             "b": ("prompt b, rewritten", (16, 2, 4, 2))}}
+    # a shard without its manifest (older version / crash before the manifest) is redone too
+    (out / "shard_000000.json").unlink()
+    c6 = cfg_run(height=32, max_items=2)
+    assert c6["stale_shards"] == 1 and c6["written"] == 1 and (out / "shard_000000.json").is_file()
+    c7 = cfg_run(height=32, max_items=2)
+    assert (c7["skipped_shards"], c7["stale_shards"], c7["written"]) == (1, 0, 0)

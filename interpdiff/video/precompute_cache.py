@@ -11,10 +11,23 @@ latents (VAE posterior mode, ``(z - mean) / std``), ``{key}.embed.pt`` bf16 ``[m
 (UMT5 output, zero past the prompt, as ``WanPipeline`` builds it), ``{key}.prompt.txt``.
 
 Shard ``s`` holds annotation items ``[s * samples_per_shard, (s+1) * samples_per_shard)`` of the
-(deterministic) item list, so a rerun knows which items a shard covers: shards already on disk
-are skipped (resume after a crash; each shard is written to a temp name and renamed, so a shard
-that exists is complete). Missing/unreadable videos are skipped and counted; the shard then holds
-fewer samples. ``cache_meta.json`` records the config, the counts and the code version.
+(deterministic) item list. Next to each shard, ``shard_NNNNNN.json`` (its manifest, written after
+the shard) records what the shard was made from: the items of its range (key, video path relative
+to ``videos``, prompt, moment) and the settings that determine the bytes of a sample (``model``,
+``clip.*``, ``max_length``, ``text_dtype``, ``vae_dtype``, ``seed``, ``samples_per_shard``).
+
+Resume: a shard on disk is kept only when its manifest equals what this run would write (a crash
+leaves either a complete shard + manifest, or a shard that is redone: each file is written to a
+temp name and renamed). Any other shard is stale and re-encoded: a changed ``max_items``,
+annotation file, set of video names or ``samples_per_shard`` re-encodes exactly the shards whose
+items changed (a video file replaced under the same name is not detected: file contents are not
+hashed); a changed clip spec / model / text length re-encodes all of them. The run logs
+which shards are stale and why (the differing settings by name, or the changed items) before it
+starts, so an ``out_dir`` reused by mistake shows up at once. Shards past the new last shard (a
+smaller item list) are removed by rank 0, and a stale shard whose videos are now all unreadable
+is removed, so the folder always holds exactly the current config's cache. Missing/unreadable
+videos are skipped and counted; the shard then holds fewer samples. ``cache_meta.json`` records
+the config, the counts (``stale_shards``: shards re-encoded or removed) and the code version.
 
 Several processes (``torchrun --nproc-per-node 8 -m interpdiff.video.precompute_cache ...``)
 split the shards ``s % world_size == rank`` (rank/world from the arguments, torch.distributed or
@@ -72,10 +85,82 @@ def _shard_path(out: Path, s: int) -> Path:
     return out / f"shard_{s:06d}.tar"
 
 
+def _manifest_path(out: Path, s: int) -> Path:
+    return out / f"shard_{s:06d}.json"
+
+
+MANIFEST_FORMAT = "interpdiff-cache-shard"
+
+
+def content_config(cfg: PrecomputeConfig) -> dict:
+    """The settings that determine the bytes of a cached sample (besides its item)."""
+    return {"model": cfg.model, "clip": to_dict(cfg.clip), "max_length": cfg.max_length, "text_dtype": cfg.text_dtype,
+            "vae_dtype": cfg.vae_dtype, "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
+
+
+def shard_manifest(cfg: PrecomputeConfig, items: list, s: int) -> dict:
+    """What shard ``s`` is made from (JSON-ready; compared as written/read back)."""
+    root = Path(cfg.videos)
+    lo, hi = s * cfg.samples_per_shard, min(len(items), (s + 1) * cfg.samples_per_shard)
+
+    def rel(v: str) -> str:
+        try:
+            return str(Path(v).relative_to(root))
+        except ValueError:
+            return str(v)
+
+    man = {"format": MANIFEST_FORMAT, "version": 1, "shard": s, "first_item": lo, "content": content_config(cfg),
+           "items": [[it.key, rel(it.video), it.prompt, list(it.moment_s) if it.moment_s else None]
+                     for it in items[lo:hi]]}
+    return json.loads(json.dumps(man))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stale_reason(out: Path, s: int, expected: dict) -> str | None:
+    """``None`` when shard ``s`` on disk matches ``expected``, else why it does not."""
+    if not _shard_path(out, s).is_file():
+        return "missing"
+    mp = _manifest_path(out, s)
+    try:
+        got = json.loads(mp.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no manifest {mp.name} (written by an older version, or interrupted before the manifest)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest {mp.name}: {type(e).__name__}: {e}"
+    if not isinstance(got, dict) or got.get("format") != MANIFEST_FORMAT:
+        return f"{mp.name} is not a cache shard manifest"
+    if got == expected:
+        return None
+    old_c, new_c = _flatten(got.get("content") or {}), _flatten(expected["content"])
+    diff = [f"{k}: {old_c.get(k)!r} -> {new_c.get(k)!r}" for k in sorted(set(old_c) | set(new_c))
+            if old_c.get(k) != new_c.get(k)]
+    if diff:
+        return "settings differ (" + ", ".join(diff) + ")"
+    old_i, new_i = got.get("items") or [], expected["items"]
+    if old_i != new_i:
+        old_k, new_k = [i[0] for i in old_i], [i[0] for i in new_i]
+        if old_k != new_k:
+            return f"items differ: keys {old_k[:4]}{'...' if len(old_k) > 4 else ''} ({len(old_k)}) -> " \
+                   f"{new_k[:4]}{'...' if len(new_k) > 4 else ''} ({len(new_k)})"
+        changed = [n for n, (a, b) in enumerate(zip(old_i, new_i)) if a != b]
+        return f"items differ: video/prompt/moment of {[new_k[n] for n in changed[:4]]}"
+    return "manifest differs"
+
+
 def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     """Run the cache step; ``comps`` (a ``WanComponents`` with vae/text_encoder/tokenizer) may be
     passed to reuse loaded models. Returns this rank's counts ``{items (all), shards (this rank's),
-    written, skipped_shards (already on disk), samples, skipped_videos}``."""
+    written, skipped_shards (already on disk and current), stale_shards (re-encoded or removed:
+    made from other items/settings), samples, skipped_videos}``."""
     from tqdm.auto import tqdm
 
     from interpdiff.video import wan
@@ -89,9 +174,28 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     n_shards = -(-len(items) // cfg.samples_per_shard)
     rank, world = dist_info(cfg.rank, cfg.world_size)
     mine = [s for s in range(n_shards) if s % world == rank]
-    todo = [s for s in mine if not _shard_path(out, s).is_file()]
+    manifests = {s: shard_manifest(cfg, items, s) for s in mine}
+    reasons = {s: stale_reason(out, s, manifests[s]) for s in mine}
+    todo = [s for s in mine if reasons[s] is not None]
+    stale = [s for s in todo if reasons[s] != "missing"]
+    for s in stale:
+        log.warning("shard %d on disk is stale and will be re-encoded: %s", s, reasons[s])
+    if stale:
+        log.warning("%d of this rank's %d shards in %s were made from other items/settings; re-encoding them",
+                    len(stale), len(mine), out)
+    extra = []
+    if rank == 0:  # shards past the last one (a smaller item list / larger shards): not part of this cache
+        for p in sorted(out.glob("shard_*.tar")):
+            num = p.name[len("shard_"):-len(".tar")]
+            if num.isdigit() and int(num) >= n_shards:
+                extra.append(int(num))
+        for s in extra:
+            log.warning("removing %s (+ manifest): past the last shard %d of %d items", _shard_path(out, s),
+                        n_shards - 1, len(items))
+            _shard_path(out, s).unlink(missing_ok=True)
+            _manifest_path(out, s).unlink(missing_ok=True)
     counts = {"items": len(items), "shards": len(mine), "written": 0, "skipped_shards": len(mine) - len(todo),
-              "samples": 0, "skipped_videos": 0}
+              "stale_shards": len(stale) + len(extra), "samples": 0, "skipped_videos": 0}
     if todo:
         if cfg.device == "cuda" and torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -120,10 +224,13 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                     for i, key in enumerate(batch["keys"]):
                         samples.append(encode_latent_sample(key, lat[i], emb[i], batch["prompts"][i]))
                 bar.update(n)
+            _manifest_path(out, s).unlink(missing_ok=True)  # the old manifest never describes the new shard
             if samples:
                 write_shard(_shard_path(out, s), samples)
+                atomic_write_text(_manifest_path(out, s), json.dumps(manifests[s], indent=1))
             else:
                 log.warning("shard %d: every video was missing/unreadable; no shard written", s)
+                _shard_path(out, s).unlink(missing_ok=True)  # a stale one must not stay in the cache
             counts["written"] += 1 if samples else 0
             counts["samples"] += len(samples)
         bar.close()

@@ -7,6 +7,9 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
 - **Accelerator** (``make_accelerator``): bf16 autocast on CUDA, fp32 on CPU
   (``mixed_precision=auto``), gradient accumulation, DDP or DeepSpeed ZeRO from the
   ``accelerate launch --config_file`` the user picks. CPU + DeepSpeed: see ``make_accelerator``.
+  Under DeepSpeed the engine runs in fp32 mode and the loop autocasts to bf16 itself, exactly as
+  on the DDP path: DeepSpeed's bf16 mode would cast the trainable weights (LoRA, widened input
+  channels) and Wan's fp32 modules to bf16 (a JSON with ``bf16.enabled: true`` is refused).
 - **Optimizer**: AdamW, fused on CUDA (``optim.kind=auto``), bitsandbytes 8-bit AdamW on request
   (``adamw_8bit``; a clear error when bitsandbytes is missing). LR: linear warmup then constant
   or cosine down to ``min_lr_ratio * lr``. Gradient clipping by global norm.
@@ -32,7 +35,9 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
   run has none, so a preemptible job can always pass it); ``resume=PATH`` must be a checkpoint
   folder (a clear ``CheckpointError`` otherwise, raised before the model is built when the
   entry script calls ``resolve_resume`` first). The data position is restored by skipping the
-  micro-batches already consumed in the current epoch of the (deterministic) data stream.
+  micro-batches already consumed in the current epoch of the (deterministic) data stream; each
+  rank writes its own position (``data_state_rank{r}.json``: ranks read different shards, so in
+  epoch mode their positions differ) and reads it back on resume with the same world size.
 - **Logging**: TensorBoard by default (``tracker=wandb`` or ``none``), metrics also appended to
   ``metrics.csv`` / ``metrics.jsonl`` in the run folder, the loss all-reduced (mean over ranks and
   micro-batches; the logged value is the mean over the optimizer steps since the last log) before
@@ -401,21 +406,52 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
 
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.tracker=wandb needs the wandb package (pip install wandb); or use tensorboard")
+    # DeepSpeed's own bf16 mode casts *every* parameter of the module to bf16 (its keep-fp32 rule
+    # only reads ``_keep_in_fp32_modules_strict``): the LoRA, the widened input channels and the
+    # modules Wan keeps in fp32 (time embedder, norms, scale_shift_table) would train in bf16 and
+    # differ from the DDP path and from sampling. So under DeepSpeed the Accelerator gets
+    # mixed_precision="no" (the JSON's "bf16": {"enabled": "auto"} becomes false) and the loop
+    # runs the same torch.autocast(bf16) the DDP path gets (``autocast_context``); the frozen base
+    # is already bf16 and the trainable weights, gradients and optimizer states stay fp32.
+    ds_bf16 = _deepspeed_requested() and mp == "bf16"
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=mp,
+        mixed_precision="no" if ds_bf16 else mp,
         cpu=cpu,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
         kwargs_handlers=kwargs_handlers,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the world size
     )
+    acc.interpdiff_bf16_autocast = ds_bf16
+    if _is_deepspeed(acc):
+        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+        on = [k for k in ("bf16", "fp16") if str(ds_cfg.get(k, {}).get("enabled", False)).lower() == "true"]
+        if on:
+            raise ConfigError(
+                f"the DeepSpeed config enables {on[0]} ({on[0]}.enabled = true): DeepSpeed would cast every parameter, "
+                f"the trainable ones included, to {on[0]}. Use \"{on[0]}\": {{\"enabled\": \"auto\"}} (as in "
+                "accelerate_configs/deepspeed/*.json); train.mixed_precision (auto = bf16 on CUDA) sets the autocast"
+            )
     if _deepspeed_requested() and acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(
             f"DeepSpeed run with WORLD_SIZE={os.environ['WORLD_SIZE']} but Accelerate sees 1 process "
             "(no distributed backend was picked; see interpdiff.training.make_accelerator)"
         )
     return acc
+
+
+def uses_bf16(acc) -> bool:
+    """Whether the loop computes in bf16 autocast (Accelerate's mixed precision or, under
+    DeepSpeed, the loop's own autocast; see ``make_accelerator``)."""
+    return acc.mixed_precision == "bf16" or getattr(acc, "interpdiff_bf16_autocast", False)
+
+
+def autocast_context(acc):
+    """The forward's autocast: ``acc.autocast()``, or bf16 ``torch.autocast`` under DeepSpeed."""
+    if getattr(acc, "interpdiff_bf16_autocast", False):
+        return torch.autocast(acc.device.type, torch.bfloat16)
+    return acc.autocast()
 
 
 def _is_deepspeed(acc) -> bool:
@@ -554,6 +590,7 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
     acc.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(acc) else {}
     acc.save_state(str(tmp), **kwargs)
+    write_data_state(tmp, acc.process_index, acc.num_processes, state)
     acc.wait_for_everyone()
     if acc.is_main_process:
         meta = dict(spec.meta, step=state.step, code_version=code_version(), **cfg_meta)
@@ -571,6 +608,37 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
 def load_checkpoint_dir(acc, path: Path) -> None:
     kwargs = {"load_module_strict": False} if _is_deepspeed(acc) else {}
     acc.load_state(str(path), **kwargs)
+
+
+DATA_STATE_FILE = "data_state_rank{rank}.json"
+
+
+def write_data_state(folder: Path, rank: int, world: int, state: TrainState) -> None:
+    """This rank's data position (``epoch``, ``batches_in_epoch``). Accelerate saves the registered
+    ``TrainState`` from the main process only, but ranks read different shards and, in epoch mode,
+    consume different numbers of micro-batches per epoch: each rank keeps its own position."""
+    d = {"rank": rank, "world_size": world, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch}
+    atomic_write_text(Path(folder) / DATA_STATE_FILE.format(rank=rank), json.dumps(d))
+
+
+def read_data_state(folder: Path, rank: int, world: int, state: TrainState) -> str:
+    """Restore this rank's data position from ``write_data_state``'s file; returns what was done.
+
+    A checkpoint without the file (older runs) keeps the main process's position. With another
+    world size the shard split differs, so no rank's position maps onto the new split: the main
+    process's is kept (resampled streams are unaffected; epoch streams replay or skip a little)."""
+    f = Path(folder) / DATA_STATE_FILE.format(rank=rank)
+    if not f.is_file():
+        return f"no {f.name}: main-process data position"
+    try:
+        d = json.loads(f.read_text())
+        epoch, pos, saved_world = int(d["epoch"]), int(d["batches_in_epoch"]), int(d["world_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable data position ({e}); expected keys epoch, batches_in_epoch, world_size") from e
+    if saved_world != world:
+        return f"saved with world size {saved_world}, now {world}: main-process data position"
+    state.epoch, state.batches_in_epoch = epoch, pos
+    return f"rank {rank}: epoch {epoch}, batch {pos}"
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -633,7 +701,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     first_batch = None
     if cfg.check_batch and resume_path is None:
         first_batch = _move(next(stream), device)
-        bf16 = acc.mixed_precision == "bf16"
+        bf16 = uses_bf16(acc)
         loss0 = check_one_batch(
             model, spec.loss_fn, first_batch, 0, lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
         )
@@ -652,7 +720,9 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         acc.register_for_checkpointing(ema)
     if resume_path is not None:
         load_checkpoint_dir(acc, resume_path)
-        acc.print(f"[train] resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+        how = read_data_state(resume_path, acc.process_index, acc.num_processes, state)
+        acc.print(f"[train] resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch "
+                  f"{state.batches_in_epoch} on the main process; data position: {how})")
         stream = _micro_batches(spec, state)
         first_batch = None
     elif cfg.resume == "latest":
@@ -700,7 +770,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         batch = first_batch if first_batch is not None else _move(next(stream), device)
         first_batch = None
         with acc.accumulate(model):
-            with acc.autocast():
+            with autocast_context(acc):
                 loss, extra = spec.loss_fn(model, batch, state.step)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0 and not _is_deepspeed(acc):

@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent(
     res = train(cfg, spec)
     acc = res.accelerator
     report = {{"rank": rank, "num_processes": acc.num_processes, "process_index": acc.process_index,
-              "distributed_type": acc.distributed_type.value, "losses": res.losses}}
+              "distributed_type": acc.distributed_type.value, "losses": res.losses,
+              "dtypes": {{n: str(p.dtype) for n, p in spec.model.named_parameters()}}}}
     torch.save({{"adapter": {{k: v.detach().cpu().float() for k, v in spec.model.adapter.state_dict().items()}},
                 "report": report}}, os.path.join(cfg.run_dir, f"final_rank{{rank}}.pt"))
     """
@@ -132,6 +133,31 @@ def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_pr
 
 
 
+def test_accelerate_deepspeed_bf16_keeps_trainable_weights_fp32(script, tmp_path):
+    """ZeRO-2 with ``mixed_precision=bf16``: DeepSpeed's own bf16 mode would cast every parameter
+    (the trainable adapter and the fp32 base included) to bf16; the loop keeps DeepSpeed in fp32 and
+    autocasts itself, so every parameter keeps its dtype and the weights follow the one-process bf16
+    autocast run (same samples and noise; sums in another order, bf16 matmuls)."""
+    args = [*ARGS, "mixed_precision=bf16", "max_steps=2", "ema_decay=0"]
+    one = tmp_path / "one"
+    _run([PY, str(script), f"run_dir={one}", "batch_size=4", *args], _env())
+    ref = torch.load(one / "final_rank0.pt")
+    env = _env()
+    env["DS_ACCELERATOR"] = "cpu"
+    run = tmp_path / "ds_bf16"
+    _run([*ACCELERATE, "--config_file", str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml"),
+          "--main_process_port", str(_free_port()), str(script), f"run_dir={run}", "batch_size=1", "grad_accum=2",
+          *args], env)
+    runs = [torch.load(run / f"final_rank{r}.pt") for r in range(2)]
+    assert runs[0]["report"]["distributed_type"] == "DEEPSPEED"
+    for r in runs:
+        assert set(r["report"]["dtypes"].values()) == {"torch.float32"}, r["report"]["dtypes"]
+        for k, v in ref["adapter"].items():
+            torch.testing.assert_close(r["adapter"][k], v, rtol=0, atol=2e-3, msg=lambda m: f"{k}: {m}")
+    start = _toy_initial_adapter()
+    assert (ref["adapter"]["weight"] - start).abs().max() > 0.02  # it trained (the tolerance is below the update)
+
+
 @pytest.mark.slow
 def test_accelerate_deepspeed_zero2_resume_equals_uninterrupted(script, one_process, tmp_path):
     """ZeRO-2 run stopped after step 2 and resumed (engine module + optimizer shards, LR schedule,
@@ -169,6 +195,68 @@ def test_accelerate_deepspeed_zero3_cpu_equals_one_process(script, one_process, 
     for k, v in one_process["adapter"].items():
         torch.testing.assert_close(got[k].float(), v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert (run / "checkpoints" / "step_00000004" / "pytorch_model").is_dir()
+
+
+UNEVEN_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from interpdiff.config import parse_cli
+    from interpdiff.training import TrainLoopConfig, train
+    from test_training import make_toy_spec
+
+    cfg = parse_cli(TrainLoopConfig, sys.argv[1:])
+    rank = int(os.environ.get("RANK", 0))
+    spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+    X = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def batches(epoch, skip):  # epoch mode, rank r holds 3 + 2 r micro-batches per epoch
+        for i in range(skip, 3 + 2 * rank):
+            seen.append([epoch, i])
+            k = torch.tensor([(epoch * 7 + i) % 64])
+            yield {{"x": X[k], "key": k}}
+
+    spec.batches = batches
+    train(cfg, spec)
+    with open(os.path.join(cfg.run_dir, f"seen_rank{{rank}}_{{len(os.listdir(cfg.run_dir))}}.json"), "w") as f:
+        json.dump(seen, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_resume_restores_each_ranks_data_position(tmp_path):
+    """Epoch-mode streams of different lengths per rank (3 and 5 micro-batches per epoch): a run
+    stopped at step 4 and resumed reads, on every rank, the micro-batches the uninterrupted run
+    reads after step 4. (Accelerate saves the registered TrainState from the main process only;
+    with its data position rank 1 replayed or skipped batches.)"""
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN_SCRIPT.format(tests=str(REPO / "tests")))
+    args = ["batch_size=1", "max_steps=9", "tracker=none", "log_every=1", "checkpoint_every=4", "seed=3",
+            "optim.lr=0.01", "ema_decay=0"]
+
+    def launch(run, *extra):
+        _run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script),
+              f"run_dir={run}", *args, *extra], _env())
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(full)
+    launch(part, "stop_at_step=4")
+    for f in part.glob("seen_rank*.json"):
+        f.rename(f.with_name("first_" + f.name))
+    launch(part, "resume=latest")
+    import json
+
+    for rank in (0, 1):
+        (ref,) = [json.loads(f.read_text()) for f in full.glob(f"seen_rank{rank}_*.json")]
+        (resumed,) = [json.loads(f.read_text()) for f in part.glob(f"seen_rank{rank}_*.json")]
+        assert len(ref) == 9 and resumed == ref[4:], (rank, ref, resumed)
+    for rank in (0, 1):
+        state = json.loads((part / "checkpoints" / "step_00000004" / f"data_state_rank{rank}.json").read_text())
+        assert [state["epoch"], state["batches_in_epoch"]] == [[1, 1], [0, 4]][rank]
 
 
 def _toy_initial_adapter() -> torch.Tensor:
@@ -261,4 +349,6 @@ def test_accelerate_configs_parse(name, dist, procs, machines, stage):
     hidden_keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
     assert all(ds["zero_optimization"].get(k) != "auto" for k in hidden_keys)
     for f in ("zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"):
-        json.loads((REPO / "accelerate_configs" / "deepspeed" / f).read_text())
+        d = json.loads((REPO / "accelerate_configs" / "deepspeed" / f).read_text())
+        # never enabled outright: DeepSpeed's own bf16/fp16 casts the trainable weights too (make_accelerator)
+        assert all(d.get(k, {}).get("enabled", "auto") == "auto" for k in ("bf16", "fp16")), f

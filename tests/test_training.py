@@ -267,3 +267,22 @@ def test_resume_flag_to_override():
     assert resume_flag_to_override(["--resume=runs/a/checkpoints/step_00000010"]) == ["train.resume=runs/a/checkpoints/step_00000010"]
     with pytest.raises(ConfigError, match="--resume needs a value"):
         resume_flag_to_override(["--resume"])
+
+
+def test_data_state_per_rank_roundtrip_and_fallbacks(tmp_path):
+    """Each rank's data position round-trips; another world size or an older checkpoint without the
+    file keeps the (main-process) position already loaded; a corrupt file is a CheckpointError."""
+    from interpdiff.training import TrainState, read_data_state, write_data_state
+
+    for rank, (ep, pos) in enumerate([(3, 1), (2, 7)]):
+        write_data_state(tmp_path, rank, 2, TrainState(step=9, epoch=ep, batches_in_epoch=pos))
+    st = TrainState(step=9, epoch=3, batches_in_epoch=1)  # what Accelerate restored: rank 0's
+    read_data_state(tmp_path, 1, 2, st)
+    assert (st.epoch, st.batches_in_epoch, st.step) == (2, 7, 9)
+    st = TrainState(epoch=3, batches_in_epoch=1)
+    assert "world size 2, now 4" in read_data_state(tmp_path, 1, 4, st)
+    assert (st.epoch, st.batches_in_epoch) == (3, 1)
+    assert "no data_state_rank5.json" in read_data_state(tmp_path, 5, 8, st)
+    (tmp_path / "data_state_rank0.json").write_text('{"epoch": 1}')
+    with pytest.raises(CheckpointError, match="data_state_rank0.json"):
+        read_data_state(tmp_path, 0, 2, TrainState())

@@ -83,9 +83,13 @@ def segment_costs(
     Exact mode (``segment_cost_samples=None``) expands the squared error with prefix sums of
     ``x``, ``||x||^2`` and ``u * x_u`` (O(B T^2 D), float64 against cancellation).
     ``segment_cost_samples=n``: a segment with more than ``n`` interior frames is estimated from
-    ``n`` evenly spaced interior frames, rescaled by ``#interior / n`` (what the video teacher
-    does to bound its forward passes). Returned as float32; work is chunked over the batch so
-    that a temporary holds about ``max_elems`` elements.
+    ``n`` evenly spaced interior frames, rescaled by ``#interior / n`` (METHOD.md section 3's
+    option; the maze keyframe preparation exposes it as ``keyframes.segment_cost_samples``, default
+    ``None`` = exact). The video teacher (``interpdiff.video.dphi.teacher_costs``) does not
+    sample: it sums every interior frame of a segment, since one teacher forward over the whole
+    clip per (segment, time) gives all of them at once and sampling frames would save no
+    forward (at ``T = 21`` latent frames a segment has at most 19 interior frames). Returned as
+    float32; work is chunked over the batch so that a temporary holds about ``max_elems`` elements.
     """
     if scale is None:
         scale = kl_scale(**snr_kwargs)

@@ -71,6 +71,30 @@ def test_teacher_cost_matches_hand_computation(teacher):
         assert want > 0
 
 
+def test_teacher_cost_sums_every_interior_frame_of_a_long_segment(teacher):
+    """The video teacher does not sample a segment's frames (selection.segment_costs' docstring,
+    METHOD.md's ``segment_cost_samples=16`` option): a segment with 17 interior frames (> 16) costs the
+    sum over all 17 of the per-frame squared teacher difference, computed here frame by frame."""
+    x0, emb = _clip(4, T=19)
+    i, j = 0, 18
+    rec = teacher_costs(teacher, x0, emb, TeacherCostConfig(t_steps=4, times=[2]), torch.Generator().manual_seed(5),
+                        pairs_P_2=torch.tensor([[i, j]]))
+    sig = float(snr_weights(4, schedule="flow")[0][2])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    y = x0.clone()
+    for u in range(i + 1, j):
+        a = (u - i) / (j - i)
+        y[:, u] = (1 - a) * x0[:, i] + a * x0[:, j]
+    with torch.no_grad():
+        z = torch.stack([(1 - sig) * x0 + sig * eps, (1 - sig) * y + sig * eps])
+        v = teacher(hidden_states=z, timestep=torch.full((2,), 1000 * sig),
+                    encoder_hidden_states=emb[None].expand(2, -1, -1), return_dict=False)[0]
+    d = (z[0] - sig * v[0]) - (z[1] - sig * v[1])
+    per_frame = [float(d[:, u].pow(2).mean()) for u in range(i + 1, j)]
+    assert len(per_frame) == 17 and min(per_frame) > 0
+    assert rec["cost"][0, 0].item() == pytest.approx(sum(per_frame), rel=1e-4)
+
+
 def test_linear_clip_costs_nothing(teacher):
     """Where x0 is linear in time, I(x0, {i, j}) == x0, so the teacher sees the same input."""
     x0, emb = _clip(1)
@@ -145,6 +169,27 @@ def test_dphi_learns_teacher_costs_and_round_trips(tmp_path):
     assert c1 > 3 * c0
 
 
+def test_dphi_summary_reports_extrapolated_times_and_skipped_dp_ratio(tmp_path):
+    """Records at grid indices [1, 2] of t_steps=4 (like costs.times of the Wan config): the DP sums all 4
+    times, so D_phi extrapolates to indices 0 and 3. Their weight share, by hand from
+    w_k = clip(((1 - t_k) / t_k)^2, 0.1, 10) at t_k = (k + 0.5) / 4, is reported, and the partial
+    held-out records are counted as skipped by the DP-ratio check."""
+    recs = _synthetic_records(8)
+    for r in recs.values():
+        r["times"], r["cost"] = r["times"][1:3].clone(), r["cost"][1:3].clone()
+    cfg = from_dict(DphiTeacherConfig, {
+        "run_dir": str(tmp_path), "stages": ["dphi"], "device": "cpu", "costs": {"t_steps": 4},
+        "net": {"text_dim": 32, "d_model": 8, "hidden": 16, "depth": 1, "t_ref": 9},
+        "train": {"steps": 2, "clips_per_batch": 2, "entries_per_clip": 4, "holdout": 0.25},
+        "masks": {"k_min": 3, "n_levels": 3},
+    })
+    _, summary = stage_dphi(cfg, tmp_path, recs, torch.device("cpu"))
+    w = [min(max(((1 - (k + 0.5) / 4) / ((k + 0.5) / 4)) ** 2, 0.1), 10.0) for k in range(4)]
+    assert summary["times_trained"] == [1, 2] and summary["times_extrapolated"] == [0, 3]
+    assert summary["weight_extrapolated"] == pytest.approx((w[0] + w[3]) / sum(w), rel=1e-9)
+    assert summary["dp_ratio_skipped_partial"] == 2 and "dp_cost_ratio_dphi_over_teacher" not in summary
+
+
 def test_dphi_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"nope.*does not exist"):
         load_dphi(tmp_path / "nope")
@@ -213,6 +258,60 @@ def test_train_dphi_teacher_end_to_end_masks_feed_phase2(tmp_path):
     # stage masks alone with D_phi (costs and dphi reused from the run folder)
     res = main(base + ["stages=[dphi,masks]", "masks.source=dphi"])
     assert res["masks"]["clips"] == 6 and "holdout_spearman" in res["dphi"]
+
+
+def test_masks_stage_refuses_a_dphi_trained_on_another_cost_grid(tmp_path):
+    """Stage masks alone loads run_dir/dphi.pt: its DP cost is defined by the grid D_phi was trained on
+    (t_steps, s_min, s_max, gamma in the checkpoint). A config with another grid is a ConfigError that
+    names every differing key with both values (before anything is written); with the checkpoint's
+    grid (``costs.times`` may differ: it does not enter the matrix) the masks are the brute-force DP
+    of the hand-built sum ``sum_k w_k / 2 * D_phi(t_k)`` on that grid."""
+    from interpdiff.video.make_shards import main as make_shards
+
+    make_shards([f"out_dir={tmp_path / 'data'}", "num_samples=3", "samples_per_shard=3",
+                 "latent_shape=[16,7,4,6]", "embed_shape=[8,32]"])
+    net = {"text_dim": 32, "d_model": 8, "hidden": 16, "depth": 2, "t_ref": 7}
+    torch.manual_seed(0)
+    model = VideoDphi(DphiSizes(**net), floor=1e-4)
+    (tmp_path / "run").mkdir()
+    save_dphi(tmp_path / "run" / "dphi.pt", model, TeacherCostConfig(t_steps=4, s_max=5.0))
+
+    def cfg(costs):
+        return from_dict(DphiTeacherConfig, {
+            "run_dir": str(tmp_path / "run"), "stages": ["masks"], "device": "cpu", "net": net, "costs": costs,
+            "data": {"shards": str(tmp_path / "data" / "shard_*.tar"), "latent_shape": [16, -1, -1, -1]},
+            "masks": {"k_min": 3, "n_levels": 3}})
+
+    both = r"costs\.t_steps=16 \(checkpoint: 4\).*costs\.s_max=10\.0 \(checkpoint: 5\.0\)"
+    with pytest.raises(ConfigError, match=both):
+        run(cfg({}))
+    with pytest.raises(ConfigError, match=r"costs\.gamma=2\.0 \(checkpoint: 1\.0\)") as e:
+        run(cfg({"t_steps": 4, "s_max": 5.0, "gamma": 2.0}))
+    assert "costs.t_steps" not in str(e.value) and not (tmp_path / "run" / "config.yaml").exists()
+    res = run(cfg({"t_steps": 4, "s_max": 5.0, "times": [1]}))
+    assert res["masks"]["clips"] == 3
+    masks = torch.load(tmp_path / "run" / "dp_masks.pt")
+    t_k, w_k = snr_weights(4, 0.1, 5.0, 1.0, "flow")
+    from interpdiff.video.data import LatentDataConfig, LatentLoader
+
+    loader = LatentLoader(LatentDataConfig(shards=str(tmp_path / "data" / "shard_*.tar"), batch_size=1, num_workers=0,
+                                           resampled=False, shuffle_buffer=0, shuffle_shards=False,
+                                           partial_batches=True, latent_shape=[16, -1, -1, -1]))
+    seen = 0
+    with torch.no_grad():
+        for b in loader:
+            key, emb = b.keys[0], b.emb_B_L_D[:1].float()
+            c = torch.full((7, 7), math.inf)
+            for i in range(6):
+                c[i, i + 1] = 0.0
+                for j in range(i + 2, 7):
+                    c[i, j] = sum(float(w_k[k]) / 2 * float(model.predict_cost(
+                        model.pooled(emb), 7, torch.tensor([[float(i)]]), torch.tensor([[float(j)]]),
+                        torch.tensor([[float(t_k[k])]]))) for k in range(4))
+            idx = masks[key][0].nonzero().flatten()
+            assert float(c[idx[:-1], idx[1:]].sum()) == pytest.approx(_brute_dp(c, 3), rel=1e-5)
+            seen += 1
+    assert seen == 3
 
 
 def test_bad_config_is_a_clear_error(tmp_path):

@@ -183,6 +183,65 @@ def test_losses_against_hand_formulas():
         selector_loss(logits, torch.stack([_mask([0, 8])] * 3))
 
 
+def _bce_hand(logits_T: torch.Tensor, idx: list[int], K: int) -> float:
+    """Balanced interior BCE of one row, written out term by term (test_losses_against_hand_formulas)."""
+    terms, weights = [], []
+    for t in range(1, T - 1):
+        p = 1 / (1 + math.exp(-float(logits_T[t])))
+        y = 1.0 if t in idx else 0.0
+        w = (T - K) / (K - 2) if y else 1.0
+        terms.append(-w * (y * math.log(p) + (1 - y) * math.log(1 - p)))
+        weights.append(w)
+    return sum(terms) / sum(weights)
+
+
+def test_unlabelled_first_row_is_left_out_not_fatal(tmp_path):
+    """dp_precomputed: a sample without a label gets an all-zero row. When it is row 0, the budget
+    must still come from the level rule (not from row 0): the loss is the hand BCE of the labelled
+    rows, the overlap skips the unlabelled row, a batch with no label gives a zero loss that still
+    reaches every logit (DDP / ZeRO sync the same graph), and the training loss function counts it."""
+    from interpdiff.video.train_selector import DPLabels, LabelConfig, SelectorTrainConfig, build_selector, \
+        level_overlap, make_loss
+
+    # the trainer's loss function with row 0's key missing from the labels file
+    torch.save({"b": _label_stack("b")}, tmp_path / "dp.pt")
+    cfg = SelectorTrainConfig(net=SelectorSizes(text_dim=D, d_model=32, heads=4, depth=1, ffn_mult=2, n_freq=4),
+                              levels=LevelRule(budgets=BUDGETS),
+                              labels=LabelConfig(source="dp_precomputed", file=str(tmp_path / "dp.pt")))
+    labels = DPLabels(cfg.labels)
+    loss_fn, model = make_loss(cfg, labels), build_selector(cfg)
+    ge = torch.Generator().manual_seed(4)
+    emb = torch.stack([_embedding("a", ge), _embedding("b", ge)])
+    batch = {"lat": torch.zeros(2, 4, T, 2, 2), "emb": emb, "keys": ["a", "b"]}
+    loss, info = loss_fn(model, batch, 0)
+    s = BUDGETS.index(round(info["level"] * T))  # the level the step drew (K = 3 or 5; K = T trains nothing)
+    with torch.no_grad():
+        ref = _bce_hand(model(emb, T, torch.full((2,), BUDGETS[s] / T))[1], LABELS["b"][s][1:-1], BUDGETS[s])
+    assert float(loss.detach()) == pytest.approx(ref, rel=1e-5) and info["label_missing"] == 1.0
+    loss, info = loss_fn(model, {**batch, "keys": ["a", "c"]}, 1)
+    assert float(loss.detach()) == 0.0 and info["batch_unlabelled"] == 1.0 and info["label_missing"] == 3.0
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # selector_loss / level_overlap directly, row 0 unlabelled (all zero), K = 4
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, T, generator=g)
+    m = torch.stack([torch.zeros(T, dtype=torch.bool), _mask([0, 2, 6, 8]), _mask([0, 3, 4, 8])])
+    keep = torch.tensor([False, True, True])
+    want = (_bce_hand(logits[1], [2, 6], 4) + _bce_hand(logits[2], [3, 4], 4)) / 2
+    assert float(selector_loss(logits, m, "bce", keep, K=4)) == pytest.approx(want, rel=1e-5)
+    assert float(selector_loss(logits, m, "bce", keep)) == pytest.approx(want, rel=1e-5)  # K from a kept row
+    # overlap: top-2 interior logits of each labelled row against its keyframes, by hand; row 0 -> 0
+    for b, idx in ((1, [2, 6]), (2, [3, 4])):
+        top2 = sorted(range(1, T - 1), key=lambda t: -float(logits[b, t]))[:2]
+        assert float(level_overlap(logits, m, 4, keep)[b]) == pytest.approx(len(set(top2) & set(idx)) / 2)
+    assert float(level_overlap(logits, m, 4, keep)[0]) == 0.0
+    # no labelled row: zero loss, gradient defined (all zeros) on every logit
+    lg = logits.clone().requires_grad_(True)
+    none = selector_loss(lg, torch.zeros(3, T, dtype=torch.bool), "softmax", torch.zeros(3, dtype=torch.bool), K=4)
+    none.backward()
+    assert float(none.detach()) == 0.0 and lg.grad is not None and torch.equal(lg.grad, torch.zeros(3, T))
+
+
 def test_padding_rows_do_not_change_the_logits():
     """Zero rows past the prompt are padding: appending more of them leaves the logits unchanged."""
     sel = _tiny_selector().eval()

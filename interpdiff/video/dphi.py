@@ -15,8 +15,9 @@ and the DP cost is the KL proxy ``c[i, j] = sum_k w_k / 2 cost_k[i, j]`` with
 ``w_k = clip(SNR_k, s_min, s_max)^gamma``. Choices where METHOD.md is silent: the comparison is
 restricted to the segment's *interpolated* frames ``i+1..j-1`` (the endpoints are equal in both
 inputs), so the costs of a keyframe set add up over its segments with every missing frame counted
-once; frames outside the segment stay true in ``y_t`` (the teacher sees the real context);
-adjacent keyframes cost 0.
+once; every interior frame is summed, none sampled (METHOD.md's ``segment_cost_samples`` would save
+no forward here: one forward per segment and time covers the whole clip); frames outside the
+segment stay true in ``y_t`` (the teacher sees the real context); adjacent keyframes cost 0.
 
 One clip costs ``t_steps x (#pairs + 1)`` teacher forwards (``T = 21``, all 190 pairs, 16 times:
 3,056), which is why the method learns **D_phi**: a small network predicting

@@ -215,30 +215,43 @@ def select_nested(logits_by_level: torch.Tensor | Sequence[torch.Tensor], budget
 
 
 def selector_loss(logits_B_T: torch.Tensor, mask_B_T: torch.Tensor, kind: str = "bce",
-                  weight_B: torch.Tensor | None = None) -> torch.Tensor:
+                  weight_B: torch.Tensor | None = None, K: int | None = None) -> torch.Tensor:
     """Loss of the level-``s`` logits against the level-``s`` DP mask ``M_s`` (interior frames only;
-    the endpoints are always keyframes). ``K = |M_s|`` (the same in every row).
+    the endpoints are always keyframes). ``K = |M_s|``, the level budget, the same in every labelled
+    row: pass it (the trainer passes ``budgets[s]``); when omitted it is read from the first kept row.
 
     ``bce``: per-frame binary cross-entropy, positives weighted ``(T - K) / (K - 2)`` so both
     classes weigh the same; ``softmax``: ``-mean_{t in M_s interior} log softmax_interior(logits)_t``
     (the K-2 keyframes share one distribution over the interior frames). ``weight_B`` (0/1)
-    drops samples without a label; the result is the mean over the kept samples."""
+    drops samples without a label (their rows may be anything, e.g. all zero); the result is the
+    mean over the kept samples. With no kept sample the result is ``0 * logits.sum()``: zero, but
+    still connected to every logit, so a distributed backward (DDP / ZeRO) syncs the same graph."""
+    if kind not in LOSSES:
+        raise ValueError(f"selector_loss: kind={kind!r} is not one of {LOSSES}")
     B, T = mask_B_T.shape
-    y = mask_B_T.float()
-    K = int(mask_B_T[0].sum())
+    kept_B = torch.ones(B, dtype=torch.bool) if weight_B is None else weight_B.detach().cpu() > 0
+    if kept_B.shape != (B,):
+        raise ValueError(f"selector_loss: weight_B must be [{B}], got {list(weight_B.shape)}")
+    if not bool(kept_B.any()):
+        return logits_B_T.float().sum() * 0.0
+    if K is None:
+        K = int(mask_B_T[int(kept_B.nonzero()[0])].sum())
+    K = int(K)
     if K <= 2 or K >= T:
         raise ValueError(f"selector_loss: level budget K={K} leaves nothing to learn for T={T} (need 2 < K < T)")
+    counts = mask_B_T.detach().sum(1).cpu()
+    if bool((counts[kept_B] != K).any()):
+        raise ValueError(f"selector_loss: kept rows hold {counts[kept_B].tolist()} keyframes; expected K={K} in each")
+    y = mask_B_T.float()
     interior = torch.ones(T, dtype=torch.bool, device=logits_B_T.device)
     interior[0] = interior[-1] = False
     lg = logits_B_T.float()
     if kind == "bce":
         w = torch.where(mask_B_T, (T - K) / (K - 2), 1.0) * interior
         per = (F.binary_cross_entropy_with_logits(lg, y, reduction="none") * w).sum(1) / w.sum(1)
-    elif kind == "softmax":
+    else:  # softmax
         logp = torch.log_softmax(lg.masked_fill(~interior, -math.inf), dim=1)
         per = -(logp.masked_fill(~interior, 0.0) * y * interior).sum(1) / (K - 2)
-    else:
-        raise ValueError(f"selector_loss: kind={kind!r} is not one of {LOSSES}")
     if weight_B is None:
         return per.mean()
     wb = weight_B.float().to(per.device)

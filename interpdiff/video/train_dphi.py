@@ -11,10 +11,14 @@ exists (delete the file to redo it):
    held-out Spearman correlation and, where the held-out records hold every pair and time, the
    ratio "teacher cost of the DP keyframes chosen with D_phi's costs / teacher cost of the DP
    keyframes chosen with the teacher's costs" at each level budget (1.0 = as good as the
-   teacher).
+   teacher); partial records get no ratio (``dp_ratio_skipped_partial`` counts them). The
+   summary also says which grid times D_phi was trained on and what share of the DP cost's
+   weight lies at times outside them (``time_coverage``: extrapolated in t).
 3. ``masks``: for every clip of ``masks.shards`` (default ``data.shards``, one pass, or the first
    ``masks.max_clips``), nested per-level DP masks (``selection.dp_select_levels``) on D_phi's
-   cost matrix (``masks.source=dphi``) or on the teacher's full costs (``masks.source=teacher``,
+   cost matrix (``masks.source=dphi``; a ``dphi.pt`` loaded from ``run_dir`` must have been
+   trained on this config's cost grid ``costs.t_steps/s_min/s_max/gamma``, else a ``ConfigError``
+   names the differing keys, ``check_dphi_grid``) or on the teacher's full costs (``masks.source=teacher``,
    needs ``costs.pairs_per_clip=0`` and every time) -> ``dp_masks.pt`` ``{key: bool [S, T]}``
    (``phase2.dp_mask_file``, ``labels.file`` of the selector) and ``dp_index.pt``
    ``{key: bool [T]}`` at ``masks.phase1_k`` (``phase1.dp_index_file``).
@@ -204,6 +208,21 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
+def time_coverage(records: list[dict], cost_cfg: TeacherCostConfig) -> dict:
+    """Which grid times the teacher records (D_phi's training data) hold, against the grid the DP cost
+    sums over (``VideoDphi.cost_matrix``: every ``t_k`` with weight ``w_k``). Grid times below the
+    smallest or above the largest trained time are *extrapolated* by D_phi; ``weight_extrapolated`` is
+    their share ``sum w_k / sum w`` of the DP cost's weight (0 when the trained times span the grid).
+    With the flow grid the weights ``clip(SNR, s_min, s_max)`` are largest at small t, so leaving out
+    the first indices weighs most (``configs/video/dphi_teacher_wan1.3b.yaml``)."""
+    t, w, _ = cost_cfg.grid()
+    trained = sorted({int(k) for r in records for k in r["times"].tolist()})
+    lo, hi = float(t[trained[0]]), float(t[trained[-1]])
+    extra = [k for k in range(len(t)) if float(t[k]) < lo or float(t[k]) > hi]
+    frac = float(w[extra].sum() / w.sum()) if extra else 0.0
+    return {"times_trained": trained, "times_extrapolated": extra, "weight_extrapolated": frac}
+
+
 def stage_dphi(cfg: DphiTeacherConfig, run: Path, records: dict, dev: torch.device) -> tuple[VideoDphi, dict]:
     keys = sorted(records)
     if len(keys) < 2:
@@ -236,7 +255,12 @@ def stage_dphi(cfg: DphiTeacherConfig, run: Path, records: dict, dev: torch.devi
             rows.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
             log.info("dphi step %d loss %.4f", step, rows[-1]["loss"])
     model.eval()
-    summary = {"clips_fit": len(fit), "clips_holdout": len(hold), "floor": floor, "final_loss": rows[-1]["loss"]}
+    summary = {"clips_fit": len(fit), "clips_holdout": len(hold), "floor": floor, "final_loss": rows[-1]["loss"],
+               **time_coverage([records[k] for k in fit], cfg.costs)}
+    if summary["times_extrapolated"]:
+        log.warning("dphi: trained on grid times %s of %d; the DP cost extrapolates D_phi to times %s, %.0f%% of its "
+                    "weight (costs.times)", summary["times_trained"], cfg.costs.t_steps,
+                    summary["times_extrapolated"], 100 * summary["weight_extrapolated"])
     if hold:
         summary.update(evaluate_dphi(model, [records[k] for k in hold], cfg, dev))
     save_dphi(run / "dphi.pt", model.cpu(), cfg.costs, {"holdout": hold, "summary": summary})
@@ -254,7 +278,7 @@ def stage_dphi(cfg: DphiTeacherConfig, run: Path, records: dict, dev: torch.devi
 def evaluate_dphi(model: VideoDphi, recs: list[dict], cfg: DphiTeacherConfig, dev: torch.device) -> dict:
     """Held-out Spearman of predicted vs teacher entries; DP quality ratio on full records."""
     grid_t, _, _ = cfg.costs.grid()
-    preds, trues, ratios = [], [], {}
+    preds, trues, ratios, n_partial = [], [], {}, 0
     for r in recs:
         S, P = r["cost"].shape
         i = r["pairs"][:, 0].float().repeat(S)[None]
@@ -267,7 +291,8 @@ def evaluate_dphi(model: VideoDphi, recs: list[dict], cfg: DphiTeacherConfig, de
         try:
             c_true = dp_cost_from_teacher(r, cfg.costs)
         except ValueError:
-            continue  # a partial record: no DP comparison
+            n_partial += 1
+            continue  # a partial record (some pairs or times): no DP comparison
         T = int(r["T"])
         c_pred = model.cost_matrix(emb, T, cfg.costs)[0].cpu()
         for K in cfg.budgets(T)[:-1]:
@@ -275,10 +300,34 @@ def evaluate_dphi(model: VideoDphi, recs: list[dict], cfg: DphiTeacherConfig, de
             idx_t, tot_t = dp_select(c_true[None], K, backend="torch")
             tot_p = c_true[idx_p[0, :-1], idx_p[0, 1:]].sum()
             ratios.setdefault(K, []).append(float(tot_p / tot_t.clamp_min(1e-30)))
-    out = {"holdout_spearman": _spearman(torch.cat(preds), torch.cat(trues))}
+    out = {"holdout_spearman": _spearman(torch.cat(preds), torch.cat(trues)), "dp_ratio_skipped_partial": n_partial}
+    if n_partial:
+        log.warning("dphi: %d of %d held-out records hold only some pairs/times (costs.pairs_per_clip, costs.times): "
+                    "no DP cost ratio for them; only the Spearman of the computed entries checks D_phi",
+                    n_partial, len(recs))
     if ratios:
         out["dp_cost_ratio_dphi_over_teacher"] = {str(k): sum(v) / len(v) for k, v in ratios.items()}
     return out
+
+
+GRID_KEYS = ("t_steps", "s_min", "s_max", "gamma")  # the fields of TeacherCostConfig that define the DP cost
+
+
+def check_dphi_grid(ckpt: TeacherCostConfig, cur: TeacherCostConfig, path: Path | str) -> None:
+    """Refuse to build D_phi cost matrices on another grid than the one it was trained on.
+
+    ``VideoDphi.cost_matrix`` sums its predictions over the flow-time grid of ``costs`` with the
+    weights ``clip(SNR, s_min, s_max)^gamma``, so ``t_steps``, ``s_min``, ``s_max`` and ``gamma``
+    define the DP cost; a checkpoint trained on one grid and queried on another would give masks
+    of another cost, silently. ``costs.times``, ``pairs_per_clip``, ``max_gap`` and ``seg_batch``
+    only choose which teacher entries were computed and do not enter the matrix, so they may differ.
+    ``ConfigError`` names every differing key with the checkpoint's value and the config's."""
+    diff = [k for k in GRID_KEYS if float(getattr(ckpt, k)) != float(getattr(cur, k))]
+    if diff:
+        both = ", ".join(f"costs.{k}={getattr(cur, k)!r} (checkpoint: {getattr(ckpt, k)!r})" for k in diff)
+        raise ConfigError(f"masks: the D_phi checkpoint {str(path)!r} was trained on another cost grid than this "
+                          f"config's: {both}; set these keys to the checkpoint's values (its grid: "
+                          f"{ {k: getattr(ckpt, k) for k in GRID_KEYS} }) or retrain D_phi with stages=[dphi,masks]")
 
 
 def stage_masks(cfg: DphiTeacherConfig, run: Path, records: dict, model: VideoDphi | None, dev: torch.device) -> dict:
@@ -316,24 +365,26 @@ def stage_masks(cfg: DphiTeacherConfig, run: Path, records: dict, model: VideoDp
 def run(cfg: DphiTeacherConfig) -> dict:
     cfg.validate()
     run_dir = Path(cfg.run_dir)
+    dev = _device(cfg)
+    model = None
+    if "masks" in cfg.stages and cfg.masks.source == "dphi" and "dphi" not in cfg.stages:
+        # the D_phi of an earlier run: load it and check its cost grid before anything is written or run
+        model, ck_costs = load_dphi(run_dir / "dphi.pt")
+        check_dphi_grid(ck_costs, cfg.costs, run_dir / "dphi.pt")
+        model.to(dev)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
-    dev = _device(cfg)
     result: dict = {}
     records: dict = {}
     if "costs" in cfg.stages:
         records = stage_costs(cfg, run_dir, dev)
     elif (run_dir / "teacher_costs.pt").is_file():
         records = torch.load(run_dir / "teacher_costs.pt", weights_only=False)
-    model = None
     if "dphi" in cfg.stages:
         if not records:
             raise ConfigError(f"stage dphi: no teacher costs in {str(run_dir / 'teacher_costs.pt')!r}; run stage costs")
         model, result["dphi"] = stage_dphi(cfg, run_dir, records, dev)
     if "masks" in cfg.stages:
-        if cfg.masks.source == "dphi" and model is None:
-            model, _ = load_dphi(run_dir / "dphi.pt")
-            model.to(dev)
         result["masks"] = stage_masks(cfg, run_dir, records, model, dev)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str))
     return result

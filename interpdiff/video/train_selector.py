@@ -28,7 +28,9 @@ the level-``s`` logits (level scalar ``K_s / T``) against the level-``s`` DP mas
 - ``dp_precomputed``: a torch file ``{sample key: bool [S, T]}`` of nested per-level DP masks
   (the format of ``phase2.dp_mask_file``, e.g. DP on the Wan-teacher cost); a sample whose key
   is missing or whose stored mask does not match the level budgets is left out of the loss and
-  counted (``label_missing`` in the metrics).
+  counted (``label_missing`` in the metrics), wherever it sits in the batch (the level budget
+  ``K_s`` comes from the level rule, not from a row); a micro-batch with no labelled sample
+  contributes ``0 * logits.sum()`` and is counted (``batch_unlabelled``).
 
 The run uses the shared Accelerate loop (``interpdiff.training.train``: AdamW, warmup + cosine,
 EMA, atomic rotating checkpoints, ``--resume latest|PATH``, ``metrics.csv``/``metrics.jsonl``,
@@ -163,17 +165,32 @@ def trainable_levels(budgets: list[int], T: int) -> list[int]:
     return lv
 
 
-def level_overlap(logits_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``(|top-(K-2) interior by logits & M| ) / (K - 2)`` (one level, no nesting)."""
-    K = int(mask_B_T[0].sum())
-    lg = logits_B_T.detach().float().clone()
+def level_overlap(logits_B_T: torch.Tensor, mask_B_T: torch.Tensor, K: int,
+                  have_B: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``|top-(K-2) interior by logits & M| / (K - 2)`` (one level, no nesting) at the
+    level budget ``K`` (``2 < K <= T``). Unlabelled rows (``have_B`` False) are skipped: their entry is 0."""
+    B, T = mask_B_T.shape
+    K = int(K)
+    if K <= 2 or K > T:
+        raise ValueError(f"level_overlap: level budget K={K} needs 2 < K <= T={T}")
+    out = torch.zeros(B, device=logits_B_T.device)
+    rows = torch.arange(B) if have_B is None else have_B.detach().cpu().nonzero().flatten()
+    if rows.numel() == 0:
+        return out
+    rows = rows.to(logits_B_T.device)
+    lg = logits_B_T.detach().float()[rows].clone()
     lg[:, 0] = lg[:, -1] = -torch.inf
     top = lg.topk(K - 2, dim=1).indices
-    return mask_B_T.gather(1, top).float().mean(1)
+    out[rows] = mask_B_T.to(logits_B_T.device)[rows].gather(1, top).float().mean(1)
+    return out
 
 
 def make_loss(cfg: SelectorTrainConfig, labels: DPLabels):
+    """Loss of one step (module docstring). A batch with no labelled sample (``dp_precomputed``)
+    gives ``0 * logits.sum()`` (no update, same graph on every rank) and is counted
+    (``batch_unlabelled`` in the metrics, next to ``label_missing``)."""
     seed = cfg.train.seed
+    unlabelled = [0]
 
     def loss_fn(model, batch, step):
         emb = batch["emb"]
@@ -182,14 +199,18 @@ def make_loss(cfg: SelectorTrainConfig, labels: DPLabels):
         lv = trainable_levels(budgets, T)
         g = sample_generator(seed, step, "selector-level")
         s = lv[int(torch.randint(len(lv), (1,), generator=g))]
+        K = budgets[s]
         masks, have = labels(batch, budgets)
         m_B_T = masks[:, s].to(emb.device)
-        level_B = torch.full((emb.shape[0],), budgets[s] / T, device=emb.device)
+        level_B = torch.full((emb.shape[0],), K / T, device=emb.device)
         logits = model(emb, T, level_B)
-        loss = selector_loss(logits, m_B_T, cfg.loss, have)
+        loss = selector_loss(logits, m_B_T, cfg.loss, have, K=K)
+        if not bool(have.any()):
+            unlabelled[0] += 1
         w = have.float().to(emb.device)
-        overlap = (level_overlap(logits, m_B_T) * w).sum() / w.sum().clamp_min(1.0)
-        return loss, {"level": budgets[s] / T, "overlap": overlap.detach(), "label_missing": float(labels.missing)}
+        overlap = (level_overlap(logits, m_B_T, K, have) * w).sum() / w.sum().clamp_min(1.0)
+        return loss, {"level": K / T, "overlap": overlap.detach(), "label_missing": float(labels.missing),
+                      "batch_unlabelled": float(unlabelled[0])}
 
     return loss_fn
 

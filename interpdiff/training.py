@@ -56,6 +56,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -537,6 +538,35 @@ class MetricsWriter:
                 header = f.readline().strip()
                 self.fields = header.split(",") if header else None
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the rows logged after ``step`` (a resumed run logs those steps again); returns how
+        many were dropped. Both files are rewritten atomically."""
+        if not self.enabled:
+            return 0
+        dropped = 0
+        if self.jsonl_path.exists():
+            keep = []
+            for line in self.jsonl_path.read_text().splitlines():
+                try:
+                    later = int(json.loads(line).get("step", 0)) > step
+                except (ValueError, AttributeError):
+                    later = False  # not a row of ours: keep it
+                if later:
+                    dropped += 1
+                else:
+                    keep.append(line)
+            atomic_write_text(self.jsonl_path, "".join(x + "\n" for x in keep))
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and "step" in rows[0]:
+                i = rows[0].index("step")
+                body = [r for r in rows[1:] if not (len(r) > i and r[i].isdigit() and int(r[i]) > step)]
+                buf = io.StringIO()
+                csv.writer(buf).writerows([rows[0], *body])
+                atomic_write_text(self.csv_path, buf.getvalue())
+        return dropped
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
@@ -731,6 +761,10 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     if acc.is_main_process and cfg.tracker != "none":
         acc.init_trackers("train", config=_flat_config(full_config))
     metrics = MetricsWriter(run_dir, acc.is_main_process)
+    if resume_path is not None:
+        n_drop = metrics.truncate_after(state.step)
+        if n_drop:
+            acc.print(f"[train] metrics: dropped {n_drop} rows logged after step {state.step} (they are logged again)")
     ckpt_root = run_dir / "checkpoints"
     unwrapped = acc.unwrap_model(model)
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not acc.is_main_process, desc="train", dynamic_ncols=True)

@@ -286,3 +286,22 @@ def test_data_state_per_rank_roundtrip_and_fallbacks(tmp_path):
     (tmp_path / "data_state_rank0.json").write_text('{"epoch": 1}')
     with pytest.raises(CheckpointError, match="data_state_rank0.json"):
         read_data_state(tmp_path, 0, 2, TrainState())
+
+
+def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path):
+    """A run preempted after logging steps 4-5 but checkpointed at 3 resumes from 3: the rows of
+    steps 4-5 are dropped from metrics.csv / metrics.jsonl and logged again, so each file holds
+    every step once, with the uninterrupted run's losses."""
+    import csv
+    import shutil
+
+    common = dict(batch_size=2, grad_accum=2, checkpoint_every=3, log_every=1)
+    _, r_full = run_toy(tmp_path / "full", max_steps=8, **common)
+    run_toy(tmp_path / "cut", max_steps=8, stop_at_step=5, **common)
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000005")  # lost: the next start resumes from 3
+    run_toy(tmp_path / "cut", max_steps=8, resume="latest", **common)
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == pytest.approx(r_full.losses, rel=1e-6)
+    with open(tmp_path / "cut" / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))

@@ -67,6 +67,16 @@ def kl_scale(**snr_kwargs) -> float:
     return float(snr_weights(**snr_kwargs)[1].sum() / 2)
 
 
+def m1_of(n: torch.Tensor) -> torch.Tensor:
+    """``sum_{v=1..n} v``."""
+    return n * (n + 1) / 2
+
+
+def m2_of(n: torch.Tensor) -> torch.Tensor:
+    """``sum_{v=1..n} v^2``."""
+    return n * (n + 1) * (2 * n + 1) / 6
+
+
 def segment_costs(
     x: torch.Tensor,
     time_dim: int = 1,
@@ -80,8 +90,10 @@ def segment_costs(
     ``c[b, i, j] = scale * sum_{i<u<j} ||x[b, u] - I_ij(x)[b, u]||^2`` for ``i < j`` and ``+inf``
     for ``i >= j``, where ``scale = kl_scale(**snr_kwargs)`` unless given. Adjacent pairs cost 0.
 
-    Exact mode (``segment_cost_samples=None``) expands the squared error with prefix sums of
-    ``x``, ``||x||^2`` and ``u * x_u`` (O(B T^2 D), float64 against cancellation).
+    Exact mode (``segment_cost_samples=None``) expands the squared error into dot products of
+    frames: the Gram matrix ``x x^T`` and its (``u``-weighted) prefix sums give every segment's
+    error (one ``[T, D] x [D, T]`` matmul and O(T^2) memory per sample, float64 against
+    cancellation).
     ``segment_cost_samples=n``: a segment with more than ``n`` interior frames is estimated from
     ``n`` evenly spaced interior frames, rescaled by ``#interior / n`` (METHOD.md section 3's
     option; the maze keyframe preparation exposes it as ``keyframes.segment_cost_samples``, default
@@ -104,7 +116,7 @@ def segment_costs(
     n = (J - I - 1).clamp_min(0).to(torch.float64)  # interior frames
     span = (J - I).clamp_min(1).to(torch.float64)
     out = torch.empty(B, T, T, dtype=torch.float32, device=dev)
-    per = T * T * Dm * (1 if segment_cost_samples is None else int(segment_cost_samples))
+    per = T * T * (max(T, 8) if segment_cost_samples is None else Dm * int(segment_cost_samples))
     chunk = max(1, max_elems // max(per, 1))
     if segment_cost_samples is not None:
         n_s = int(segment_cost_samples)
@@ -121,22 +133,30 @@ def segment_costs(
     for b0 in range(0, B, chunk):
         xb = xt[b0 : b0 + chunk]  # (b, T, D)
         if segment_cost_samples is None:
-            # broadcasting instead of gathers: row index i on dim 1, column index j on dim 2
-            xi, xj = xb[:, :, None], xb[:, None, :]  # (b, T, 1, D), (b, 1, T, D)
-            zero = xb.new_zeros(xb.shape[0], 1, Dm)
-            Q1 = torch.cat([zero, xb.cumsum(1)], 1)  # Q1[t] = sum_{u<t} x_u
-            Qu = torch.cat([zero, (xb * ar.to(xb)[None, :, None]).cumsum(1)], 1)
-            q2 = torch.cat([zero[..., 0], (xb**2).sum(-1).cumsum(1)], 1)
-            S1 = Q1[:, None, :T] - Q1[:, 1:, None]  # sum of interior x_u       (b, T, T, D)
-            SU = Qu[:, None, :T] - Qu[:, 1:, None]  # sum of interior u * x_u
-            S2 = q2[:, None, :T] - q2[:, 1:, None]  # sum of interior ||x_u||^2 (b, T, T)
-            a = (xj - xi) / span[None, ..., None]  # slope
-            m1 = n * (n + 1) / 2  # sum_{v=1..n} v
-            m2 = n * (n + 1) * (2 * n + 1) / 6  # sum_{v=1..n} v^2
-            # sum_v ||y_v - a v||^2 with y_v = x_{i+v} - x_i
-            e_yy = S2 - 2 * (xi * S1).sum(-1) + n * (xi**2).sum(-1)
-            e_ya = (a * (SU - ar.to(xb)[None, :, None, None] * S1 - m1[..., None] * xi)).sum(-1)
-            err = (e_yy - 2 * e_ya + (a**2).sum(-1) * m2).clamp_min(0)
+            # Every term is a dot product of frames, so the Gram matrix G = x x^T ([b, T, T]) and its
+            # prefix sums carry all of it: memory O(T^2) per sample, not O(T^2 D) (a Wan latent,
+            # D = 16 x 60 x 104, needed 2 GB of temporaries), and one matmul over D.
+            G = xb @ xb.transpose(1, 2)  # (b, T, T)
+            arf = ar.to(xb)
+            zero = G.new_zeros(G.shape[0], T, 1)
+            P = torch.cat([zero, G.cumsum(2)], 2)  # P[k, t] = sum_{u<t} x_k . x_u      (b, T, T+1)
+            R = torch.cat([zero, (G * arf).cumsum(2)], 2)  # R[k, t] = sum_{u<t} u x_k . x_u
+            dg = torch.diagonal(G, dim1=1, dim2=2)  # ||x_t||^2                        (b, T)
+            q2 = torch.cat([zero[:, 0], dg.cumsum(1)], 1)  # sum_{u<t} ||x_u||^2     (b, T+1)
+            nxt = (ar + 1).clamp(max=T)
+            # sums over the interior u in (i, j) of x_i . x_u and x_j . x_u (and u-weighted), [i, j]
+            Pi = P[:, :, :T] - P[:, ar, nxt][:, :, None]
+            Ri = R[:, :, :T] - R[:, ar, nxt][:, :, None]
+            Pj = P[:, ar, ar][:, None, :] - P[:, :, 1:].transpose(1, 2)
+            Rj = R[:, ar, ar][:, None, :] - R[:, :, 1:].transpose(1, 2)
+            S2 = q2[:, None, :T] - q2[:, 1:, None]  # sum of interior ||x_u||^2
+            gii, gjj = dg[:, :, None], dg[:, None, :]
+            iv = arf[:, None]  # i on dim 1
+            # sum_v ||y_v - a v||^2 with y_v = x_{i+v} - x_i, a = (x_j - x_i) / span, v = u - i
+            e_yy = S2 - 2 * Pi + n * gii
+            e_ya = ((Rj - iv * Pj) - (Ri - iv * Pi) - m1_of(n) * (G - gii)) / span
+            a2 = (gjj - 2 * G + gii) / span**2
+            err = (e_yy - 2 * e_ya + a2 * m2_of(n)).clamp_min(0)
         else:
             xi, xj = xb[:, I], xb[:, J]  # (b, T, T, D)
             xu = xb[:, U]  # (b, T, T, S, D)

@@ -325,3 +325,20 @@ def test_bad_config_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no teacher costs"):
         main(["--config", "configs/video/dphi_teacher_tiny_cpu.yaml", "data.shards=x", "stages=[dphi]",
               f"run_dir={tmp_path / 'r2'}"])
+
+
+def test_trimmed_embeddings_pool_like_the_padded_ones():
+    """teacher_costs.pt stores embeddings without their zero padding; padded back to any length in a
+    batch, D_phi's pooled text equals the pooled full-length embedding."""
+    from interpdiff.video.dphi import DphiSizes, VideoDphi
+    from interpdiff.video.train_dphi import pad_stack, trim_padding
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.zeros(3, 40, 16)
+    for b, n in enumerate([5, 17, 0]):  # the last prompt embeds to all zeros
+        full[b, :n] = torch.randn(n, 16, generator=g)
+    full[1, 3] = 0  # a zero row inside the prompt stays
+    trimmed = [trim_padding(e) for e in full]
+    assert [t.shape[0] for t in trimmed] == [5, 17, 1]
+    model = VideoDphi(DphiSizes(text_dim=16, d_model=8, hidden=16, depth=1))
+    torch.testing.assert_close(model.pooled(pad_stack(trimmed)), model.pooled(full), rtol=1e-6, atol=1e-6)

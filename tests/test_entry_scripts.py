@@ -172,6 +172,24 @@ def test_missing_shard_pattern(tmp_path, no_model):
         _run(train_phase2, _args(str(tmp_path / "no_such_dir" / "shard_*.tar"), tmp_path / "r"))
 
 
+def test_validation_reads_its_own_shards(shards, tmp_path, no_model):
+    """``validation.shards`` = a held-out set: validation's batch comes from it (keys of the held-out
+    samples); a pattern that matches nothing stops the run before the model is built, naming the key."""
+    from interpdiff.config import parse_cli
+    from interpdiff.video.objectives import VideoTrainConfig, make_validation_batches
+
+    held = tmp_path / "held"
+    make_shards(MakeShardsConfig(out_dir=str(held), num_samples=2, samples_per_shard=2, latent_shape=[16, 9, 4, 6],
+                                 embed_shape=[16, 32], seed=3, start_index=7))
+    cfg = parse_cli(VideoTrainConfig, _args(shards, tmp_path / "r", f"validation.shards={held}/shard_*.tar"))
+    b = next(iter(make_validation_batches(cfg)(0, 0)))
+    train_keys = {k for bb in make_validation_batches(parse_cli(VideoTrainConfig, _args(shards, tmp_path / "r")))(0, 0)
+                  for k in bb["keys"]}
+    assert set(b["keys"]) == {"sample_000000014", "sample_000000015"} and not set(b["keys"]) & train_keys
+    with pytest.raises(ConfigError, match=r"validation\.shards.*nowhere"):
+        _run(train_phase2, _args(shards, tmp_path / "r", f"validation.shards={tmp_path}/nowhere/shard_*.tar"))
+
+
 def test_unknown_config_key(shards, tmp_path, no_model):
     with pytest.raises(ConfigError, match=r"train\.learning_rate"):
         _run(train_phase1, _args(shards, tmp_path / "r", "train.learning_rate=1e-4"))

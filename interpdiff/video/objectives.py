@@ -125,6 +125,9 @@ class Phase2Config:
 @dataclass
 class ValidationConfig:
     num_samples: int = 2  # latents of the first batch used for validation
+    # held-out shard pattern for validation (epoch 0, not resampled); "" = the first batch of the
+    # training stream (a training sample: fine for a smoke check, not for measuring generalisation)
+    shards: str = ""
     phase1_steps: int = 8
     shift: float = 5.0
     decode: bool = False  # VAE-decode and write mp4 (needs the VAE); else latent preview PNGs
@@ -493,9 +496,22 @@ def make_batches(cfg: VideoTrainConfig):
     return batches, loader
 
 
+def make_validation_batches(cfg: VideoTrainConfig):
+    """Validation's own loader (the training stream is untouched): ``validation.shards`` read once in
+    order, or, when empty, the training shards (their first batch)."""
+    if not cfg.validation.shards:
+        return make_batches(cfg)[0]
+    data = dataclasses.replace(cfg.data, shards=cfg.validation.shards, resampled=False)
+    try:
+        return make_batches(dataclasses.replace(cfg, data=data))[0]
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.shards", "validation.shards", 1)) from None
+
+
 def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
     """Everything ``interpdiff.training.train`` needs for phase 1 or 2 (cheap checks first)."""
     batches, _ = make_batches(cfg)
+    val_batches = make_validation_batches(cfg)
     if phase == 1:
         policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file,
                                 "phase1.index_policy", cfg.phase1.selector_ckpt, "phase1.selector_ckpt")
@@ -532,7 +548,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         batches=batches,
         save_trainable=save_trainable,
         load_trainable=load_trainable,
-        validate=make_validation(cfg, phase, make_batches(cfg)[0]),  # its own loader: the training stream is untouched
+        validate=make_validation(cfg, phase, val_batches),
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,

@@ -657,13 +657,13 @@ def test_gpu_dp_bitwise(KG, B, T, ks):
     c = torch.rand(B, T, T, device="cuda", generator=g)
     ci = torch.randint(0, 3, (B, T, T), device="cuda", generator=g).float()  # ties
     for cost in (c, ci):
-        for impl in ("tile", "sweep"):
+        for impl, pf in (("tile", None), ("sweep", False), ("sweep", True)):
             if impl == "sweep" and (T > KG.dp.MAX_ON_CHIP_T or max(ks) > KG.dp.SWEEP_MAX_K):
                 continue
-            idxs, tot = KG.dp.dp_select_many_triton(cost, ks, impl=impl)
+            idxs, tot = KG.dp.dp_select_many_triton(cost, ks, impl=impl, prefetch=pf)
             for i, k in enumerate(ks):
                 ref_idx, ref_tot = dp_select_reference(cost, k)
-                assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k, impl)
+                assert torch.equal(idxs[i], ref_idx) and torch.equal(tot[:, i], ref_tot), (B, T, k, impl, pf)
 
 
 # ------------------------------------------------------------------------------ benchmark script

@@ -255,6 +255,9 @@ class MazeDistillConfig:
     sigma_max: float = 80.0  # student sampling starts at t_0 = atan(sigma_max)
     phase2_levels: list[int] = field(default_factory=list)  # phase2 student levels; [] = [0] (1 step) or [0, (S-1)//2]
     phase2_teacher_noise: str = "none"  # the teacher chain's sampling noise (none: a deterministic target)
+    # write the teacher-initialised student without training (step 0): the reference of what distillation adds
+    # (the teacher's own weights in the few-step consistency sampler / called once or twice as the phase-2 student)
+    init_only: bool = False
     full: StudentConfig = field(default_factory=lambda: StudentConfig(run_dir="runs/maze/small/distill/full", steps=4,
                                                                       mid_times=[1.25, 0.8, 0.35]))
     phase1: StudentConfig = field(default_factory=lambda: StudentConfig(run_dir="runs/maze/small/distill/phase1", steps=2,

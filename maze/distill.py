@@ -438,6 +438,12 @@ def main(cfg) -> Path:
             if k in tmeta}
     extra = {**keep, "config": tmeta.get("config", {}), "distill": {**dmeta, "config": to_dict(dc)}}
     path = run_dir / MODEL_FILE
+    if dc.init_only:  # the step-0 reference: the teacher's weights under the student's sampler
+        from maze.models import save_model
+
+        save_model(path, student, student, {**extra, "step": 0})
+        print(f"[maze.distill] {target} student at step 0 (teacher weights, distill.init_only) -> {path}")
+        return path
     train_loop(student, loss_fn, st.optim, path, extra, f"distill {target}", generator=gen)
     print(f"[maze.distill] {target} student ({st.steps} steps) -> {path}")
     return path

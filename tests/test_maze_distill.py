@@ -444,3 +444,15 @@ def test_milestone_checks_on_hand_built_measurements():
     assert "| (b) FLOPs per plan: two-phase distilled <= 0.5 x full-sequence distilled | PASS | " in md
     del res["open_loop"]["methods"]["full_distilled"]
     assert milestone(res) == []
+
+
+def test_init_only_writes_the_teacher_weights_as_a_step_zero_student(monkeypatch, teachers):
+    import maze.data
+    from maze.distill import load_student, load_teacher, main
+
+    monkeypatch.setattr(maze.data, "load_split", lambda root, split, keyframes=None: tiny_split())
+    cfg = distill_cfg(teachers, "full", extra=["distill.init_only=true", f"distill.full.run_dir={teachers}/init/full"])
+    model, meta = load_student(main(cfg), "full")
+    teacher, _ = load_teacher(cfg, "full")
+    assert meta["step"] == 0 and meta["distill"]["times"][0] == pytest.approx(math.atan(80.0))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))

@@ -46,6 +46,15 @@ tangent ``g`` (tangent warm-up ``r`` over ``distill.tangent_warmup`` steps, norm
 no DMD regulariser (sCM alone). **Discrete** (``distill.mode=discrete``): one TrigFlow DDIM
 teacher step ``t -> t - delta`` and ``|f_theta(x_t, t) - sg(f_theta(x_t', t'))|^2 / delta^2``.
 
+**sCM on these teachers** (measured, ``configs/maze/distill_small.yaml``): the maze models embed the flow time
+as ``1000 sigma`` through unit-frequency sinusoids, so ``F`` wiggles in ``t`` on a ~1e-2 rad scale and the
+JVP's time part is as large as its ``x`` part (a central difference at 1e-2 rad differs from the exact JVP by
+40 % at ``t = 0.3``). sCM training degraded the students (phase-1 collapsed within 500 steps at lr 1e-4; at
+1e-5 the few-step plans got worse than the teacher's own weights in the same sampler); the discrete mode,
+which only sees the teacher ODE over ``delta = 0.05`` rad, did not, so the CPU runs use it. sCM's remedy
+(a small time-embedding scale) would need teachers trained with it. ``distill.init_only`` writes the
+teacher-initialised student without training: the step-0 reference of what distillation adds.
+
 **Few-step sampling**: ``interpdiff.distill.consistency_sample`` at the TrigFlow times
 ``consistency_times(steps, distill.<target>.mid_times, distill.sigma_max)`` (stored in the checkpoint).
 

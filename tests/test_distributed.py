@@ -352,3 +352,22 @@ def test_accelerate_configs_parse(name, dist, procs, machines, stage):
         d = json.loads((REPO / "accelerate_configs" / "deepspeed" / f).read_text())
         # never enabled outright: DeepSpeed's own bf16/fp16 casts the trainable weights too (make_accelerator)
         assert all(d.get(k, {}).get("enabled", "auto") == "auto" for k in ("bf16", "fp16")), f
+
+
+@pytest.mark.slow
+def test_train_phase2_zero3_bf16_base_fp32_trainables(one_sample_shards, tmp_path):
+    """ZeRO-3 on 2 CPU processes with the real entry script, a bf16 base and bf16 autocast: DeepSpeed
+    runs in fp32 mode over mixed-dtype parameters (frozen bf16 base, fp32 LoRA and mask channels),
+    trains, and the checkpoint holds fp32 trainable weights with a LoRA that moved off zero."""
+    from safetensors.torch import load_file
+
+    env = _env()
+    env["DS_ACCELERATOR"] = "cpu"
+    run = tmp_path / "z3"
+    _run([*ACCELERATE, "--config_file", str(REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml"),
+          "--main_process_port", str(_free_port()), "train_phase2.py", *_wan_args(one_sample_shards, run, 1),
+          "model.dtype=bf16", "train.mixed_precision=bf16", "train.ema_decay=0"], env)
+    d = run / "checkpoints" / "step_00000003" / "trainable"
+    lora, extra = load_file(str(d / "pytorch_lora_weights.safetensors")), load_file(str(d / "interpdiff_extra.safetensors"))
+    assert {v.dtype for v in [*lora.values(), *extra.values()]} == {torch.float32}
+    assert max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k) > 0

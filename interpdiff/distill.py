@@ -250,6 +250,25 @@ def consistency_sample(F: TrigModel, eps: torch.Tensor, times: Sequence[float],
     return x0.float()
 
 
+def phase2_student_levels(S: int, steps: int, levels: Sequence[int] | None = None) -> list[int]:
+    """The levels a 1-2 step phase-2 student runs at (video and maze): ``[0]`` (1 step),
+    ``[0, max(1, (S-1)//2)]`` (2 steps) or ``levels`` (strictly increasing from 0, at most ``S - 2``:
+    the last level has no missing frame). ``ValueError`` names ``distill.phase2_levels`` / the steps."""
+    if levels:
+        lv = [int(x) for x in levels]
+        if lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or lv[-1] > S - 2 or len(lv) != steps:
+            raise ValueError(f"distill.phase2_levels={lv}: expected {steps} strictly increasing levels starting at 0 "
+                             f"and <= {S - 2} (S = {S} levels)")
+        return lv
+    if steps == 1:
+        return [0]
+    if steps != 2:
+        raise ValueError(f"phase-2 student steps={steps}: the phase-2 student takes 1 or 2 steps")
+    if S < 3:
+        raise ValueError(f"a 2-step phase-2 student needs >= 3 levels, the teacher has {S}")
+    return [0, max(1, (S - 1) // 2)]
+
+
 # --- config -----------------------------------------------------------------------------------
 
 

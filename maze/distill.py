@@ -169,24 +169,6 @@ def _consistency(F, shape, times, generator, device) -> torch.Tensor:
     return D.consistency_sample(F, randn(), list(times), randn)
 
 
-def phase2_student_levels(S: int, steps: int, levels=None) -> list[int]:
-    """The levels the phase-2 student runs at: ``[0]`` (1 step), ``[0, max(1, (S-1)//2)]`` (2 steps) or
-    ``levels`` (strictly increasing from 0, at most ``S - 2``: the last level has no missing frame)."""
-    if levels:
-        lv = [int(x) for x in levels]
-        if lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or lv[-1] > S - 2 or len(lv) != steps:
-            raise ValueError(f"distill.phase2_levels={lv}: expected {steps} strictly increasing levels starting at 0 "
-                             f"and <= {S - 2} (S = {S} levels)")
-        return lv
-    if steps == 1:
-        return [0]
-    if steps != 2:
-        raise ValueError(f"distill.phase2.steps={steps}: the phase-2 student takes 1 or 2 steps")
-    if S < 3:
-        raise ValueError(f"a 2-step phase-2 student needs >= 3 levels, the teacher has {S}")
-    return [0, max(1, (S - 1) // 2)]
-
-
 @torch.no_grad()
 def phase2_student_refine(student, x_start_B_T_2: torch.Tensor, masks_B_S_T: torch.Tensor, cond: dict, levels,
                           confidence: str = "mask", pos_clip: bool = True) -> torch.Tensor:
@@ -407,7 +389,7 @@ def make_loss(cfg, target: str, teacher, tmeta: dict, data, gen: torch.Generator
     p2 = {"sigma_max": float(tmeta["sigma_max"]), "sigma_min": float(tmeta["sigma_min"]), "confidence": tmeta["confidence"],
           "pos_clip": bool((tmeta.get("config") or {}).get("pos_clip", True)),
           "noise_scale": float((tmeta.get("config") or {}).get("noise_scale", 1.0))}
-    levels = phase2_student_levels(len(budgets), st.steps, dc.phase2_levels)
+    levels = D.phase2_student_levels(len(budgets), st.steps, dc.phase2_levels)
     meta.update(levels=levels, teacher_noise=dc.phase2_teacher_noise, **p2)
 
     def loss_fn(model, step):

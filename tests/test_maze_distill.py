@@ -218,7 +218,8 @@ def test_phase2_target_is_the_teacher_tacos_chain():
 
 
 def test_phase2_student_sampler_matches_its_definition_and_a_perfect_student_hits_the_target():
-    from maze.distill import phase2_student_levels, phase2_student_refine, phase2_teacher_target
+    from interpdiff.distill import phase2_student_levels
+    from maze.distill import phase2_student_refine, phase2_teacher_target
 
     B = 3
     student, c, masks = refiner(seed=3), cond(B), masks_for(B, 1)
@@ -414,7 +415,7 @@ def test_errors_name_the_path_target_and_key(tmp_path, teachers):
         load_config(MazeConfig, None, ["distill.mode=dmd"])
     with pytest.raises(ValueError, match=r"eval.methods: 'full_distiled'"):
         load_config(MazeConfig, None, ["eval.methods=[full_distiled]"])
-    from maze.distill import phase2_student_levels
+    from interpdiff.distill import phase2_student_levels
 
     with pytest.raises(ValueError, match=r"distill.phase2_levels=\[0, 3\]"):
         phase2_student_levels(4, 2, [0, 3])

@@ -637,19 +637,11 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
 
 
 def phase2_student_levels(S: int, steps: int, levels: list[int] | None = None) -> list[int]:
-    """The levels the phase-2 student runs at: ``[0]`` (1 step), ``[0, max(1, (S-1)//2)]`` (2 steps)
-    or the given list (strictly increasing from 0, below ``S - 1``: the last level has no missing frame)."""
-    if levels:
-        lv = [int(x) for x in levels]
-        if lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or lv[-1] > S - 2 or len(lv) != steps:
-            raise ConfigError(f"distill.phase2_levels={lv}: expected {steps} strictly increasing levels starting at 0 "
-                              f"and <= {S - 2} (S = {S} levels)")
-        return lv
-    if steps == 1:
-        return [0]
-    if S < 3:
-        raise ConfigError(f"a 2-step phase-2 student needs >= 3 levels, the teacher has {S}")
-    return [0, max(1, (S - 1) // 2)]
+    """``interpdiff.distill.phase2_student_levels`` with its errors as ``ConfigError``."""
+    try:
+        return D.phase2_student_levels(S, steps, levels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def phase2_distill_loss(model, batch: dict, step: int, ctx: LossContext):

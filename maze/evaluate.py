@@ -49,12 +49,15 @@ change), closed-loop rows and cost; ``distilled_keyframe_collision`` is the phas
 keyframe bound.
 
 **Cost** per plan (batch 1): network evaluations per model, FLOPs from
-``torch.utils.flop_counter.FlopCounterMode`` (every matmul/attention of every model the method
-calls, maze encoders included), and median wall time over ``eval.cost_repeats`` runs.
+``torch.utils.flop_counter.FlopCounterMode`` with attention on the math backend (``counting_flops``:
+every matmul and attention of every model the method calls, maze encoders included), and median
+wall time over ``eval.cost_repeats`` runs. ``python -m maze.evaluate ... --recount-costs`` recounts
+only this section of an existing ``eval.json`` (same checkpoints; the plans are not resampled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -184,7 +187,8 @@ def open_loop(planner: Planner, data, cfg, radius_world: float, generator) -> tu
             B = x0.shape[0]
             for s in range(S - 1):
                 lv["interp"][s].append(r["levels"][s])
-                lv["refined"][s].append(r["x0_hats"][s])
+                x0h = r["x0_hats"][s]  # clipped like the oracle row below (and the sampler's state)
+                lv["refined"][s].append(x0h.clamp(0, 1) if planner.settings.pos_clip else x0h)
                 m_s = masks[:, s]
                 xi = interpolate(x0, m_s)  # teacher-forced oracle input at level s
                 conf = anchor_confidence(m_s, planner.settings.confidence)
@@ -372,14 +376,26 @@ def _expert(maze, dc, start, goal):
 # ----------------------------------------------------------------------------- cost
 
 
-@torch.no_grad()
-def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
+@contextlib.contextmanager
+def counting_flops():
+    """``FlopCounterMode`` with attention counted: on CPU ``F.scaled_dot_product_attention`` runs as
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which has no formula in torch's flop registry
+    (it counted 0: every maze figure before 2026-11-26 lacked attention). Under the math backend the
+    attention is its two batched matmuls, ``4 B h L N d`` FLOPs, counted like any matmul, on CPU and GPU
+    alike. Yields the counter (``get_total_flops()``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        yield fc
+
+
+@torch.no_grad()
+def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
     b = data.tensors([0])
     cond = {k: b[k] for k in ("occ", "sdf", "start", "goal")}
     gen = torch.Generator().manual_seed(0)
-    with FlopCounterMode(display=False) as fc:
+    with counting_flops() as fc:
         sample_method(planner, cond, method, gen)
     flops = int(fc.get_total_flops())
     times = []
@@ -393,9 +409,9 @@ def sampling_cost(planner: Planner, data, method: str, repeats: int) -> dict:
     nfe = planner.nfe("two_phase" if method == "two_phase_uniform" else method)
     out = {"nfe": nfe, "nfe_total": int(sum(nfe.values())), "flops": flops, "wall_s": float(np.median(times))}
     if method not in ("full", "full_distilled"):  # where the FLOPs go: index selection, D_phi features, phase-1 + phase-2
-        with FlopCounterMode(display=False) as fs:
+        with counting_flops() as fs:
             masks = planner.masks_for(cond)
-        with FlopCounterMode(display=False) as fd:
+        with counting_flops() as fd:
             planner.kp_feat(cond, masks[:, 0])
         sel, dph = int(fs.get_total_flops()), int(fd.get_total_flops())
         out["flops_breakdown"] = {"index_selection": sel, "dphi_features": dph, "phase1_phase2": flops - sel - dph}
@@ -438,6 +454,7 @@ def main(cfg, closed: bool = True) -> dict:
         res["gaps"], gap_masks = gap_table(planner, data, ec.n_open_loop)
         arrays.update({f"gapmask_{k}": v for k, v in gap_masks.items()})
     res["cost"] = {}
+    res["cost_counter"] = "FlopCounterMode, attention on the math SDPA backend (maze.evaluate.counting_flops)"
     for m in ec.methods:
         try:
             res["cost"][m] = sampling_cost(planner, data, m, ec.cost_repeats)
@@ -468,6 +485,38 @@ def summary(res: dict) -> str:
     return "\n".join(lines)
 
 
+def recount_costs(cfg) -> dict:
+    """Recount FLOPs and NFE in the ``cost`` section of ``<eval.run_dir>/eval.json`` with the current
+    counter (the rest of the file, measured on the same checkpoints, and the wall times are kept);
+    the previous section is kept under ``cost_previous``. ``FileNotFoundError`` names a missing
+    eval.json."""
+    from maze.data import load_split
+
+    path = Path(cfg.eval.run_dir) / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no eval.json to recount (run python -m maze.evaluate first)")
+    res = json.loads(path.read_text())
+    planner = load_planner(cfg)
+    planner.settings.index_source = cfg.eval.index_source
+    data = load_split(cfg.data.root, cfg.eval.split)
+    old = res.get("cost", {})
+    new = {m: sampling_cost(planner, data, m, 1) for m in old}
+    for m, c in new.items():  # FLOPs and NFE recounted; the wall time stays the original run's (a quiet machine)
+        if "wall_s" in old[m]:
+            c["wall_s"] = old[m]["wall_s"]
+    res["cost_previous"] = old
+    res["cost"] = new
+    res["cost_counter"] = "FlopCounterMode, attention on the math SDPA backend (maze.evaluate.counting_flops)"
+    atomic_write_text(path, json.dumps(res, indent=1, default=float))
+    print(summary(res))
+    return res
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(load_maze_config(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if "--recount-costs" in argv:
+        argv.remove("--recount-costs")
+        recount_costs(load_maze_config(argv))
+    else:
+        main(load_maze_config(argv))

@@ -82,8 +82,7 @@ def test_bad_plan_arguments(run_dir):
 
 
 def test_flops_and_nfe_are_counted_honestly(run_dir):
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from maze.evaluate import counting_flops as FlopCounterMode  # the evaluator's counter (attention included)
     from maze.evaluate import sampling_cost
 
     p = Planner.from_checkpoint(run_dir)
@@ -98,10 +97,10 @@ def test_flops_and_nfe_are_counted_honestly(run_dir):
     # independent count: one baseline forward (encoder included), times the 5 steps
     z = torch.zeros(1, T, 2)
     known = torch.zeros(1, T, dtype=torch.bool)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode() as fc:
         with torch.no_grad():
             p.baseline(z, torch.ones(1), known, cond)
-    with FlopCounterMode(display=False) as fe:
+    with FlopCounterMode() as fe:
         with torch.no_grad():
             p.baseline.encode(cond)
     one_fwd, enc = fc.get_total_flops(), fe.get_total_flops()
@@ -109,6 +108,24 @@ def test_flops_and_nfe_are_counted_honestly(run_dir):
     two = sampling_cost(p, One(), "two_phase", repeats=1)
     assert two["nfe"] == {"phase1": 3, "phase2": 3}
     assert two["flops"] > 0 and two["wall_s"] > 0
+
+
+def test_flop_counter_counts_attention():
+    """One ``scaled_dot_product_attention`` call counts its two matmuls, ``4 B h L N d`` (torch's
+    counter alone gives 0 for the CPU flash kernel), on top of the projections around it."""
+    import torch.nn.functional as F
+
+    from maze.evaluate import counting_flops
+
+    B, h, L, N, d = 2, 4, 16, 144, 16
+    q, k, v = torch.randn(B, h, L, d), torch.randn(B, h, N, d), torch.randn(B, h, N, d)
+    with counting_flops() as fc:
+        F.scaled_dot_product_attention(q, k, v)
+    assert fc.get_total_flops() == 4 * B * h * L * N * d
+    lin = torch.nn.Linear(d, d, bias=False)
+    with counting_flops() as fc:
+        F.scaled_dot_product_attention(lin(q), k, v)
+    assert fc.get_total_flops() == 4 * B * h * L * N * d + 2 * B * h * L * d * d
 
 
 def test_open_loop_metrics_hand_cases():

@@ -174,11 +174,14 @@ def test_saved_lora_loads_into_wan_pipeline_and_matches_training_model(tmp_path)
     assert all(k.startswith("transformer.blocks.") and ".lora_" in k for k in sd)
 
 
-def test_comfy_export_converts_back_through_diffusers(tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])
+def test_comfy_export_converts_back_through_diffusers(tmp_path, rslora):
+    """The kohya/ComfyUI export, read back by diffusers' converter, gives the trained model's output
+    (rsLoRA: scale alpha / sqrt(rank), written as alpha * sqrt(rank) for the alpha / rank readers)."""
     from safetensors.torch import load_file
 
     c = _components()
-    wan.add_lora(c.transformer, wan.LoraSpec(rank=4, alpha=2.0))
+    wan.add_lora(c.transformer, wan.LoraSpec(rank=4, alpha=2.0, use_rslora=rslora))
     _perturb_lora(c.transformer)
     out_train = _run_pipe(wan.make_pipeline(c))
     wan.save_lora(c.transformer, tmp_path / "lora", comfy=True)
@@ -556,3 +559,22 @@ def test_phase1_cfg_batched_equals_two_forwards():
     with torch.no_grad():
         ref = pipeline.euler_flow_sample(vel, x_T, 2, 5.0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_checkpointing_refuses_backends_without_fused_sdpa():
+    """The attention policies keep the outputs of torch's fused SDPA kernels: with the math backend
+    (plain matmuls) nothing would be kept, so both the live model and the config check refuse it;
+    the default backend is accepted."""
+    from interpdiff.config import ConfigError, parse_cli
+    from interpdiff.video.objectives import VideoTrainConfig
+
+    tr = wan.build_tiny_transformer()
+    assert wan.enable_checkpointing(tr, 1.0, "attention")  # native: fine
+    wan.set_attention_backend(tr, "math")
+    with pytest.raises(ValueError, match=r"checkpoint_policy='attention'.*'_native_math'"):
+        wan.enable_checkpointing(tr, 1.0, "attention")
+    assert wan.enable_checkpointing(tr, 1.0, "full")
+    base = ["--config", "configs/video/tiny_cpu.yaml", "data.shards=/x/*.tar", "model.checkpoint_policy=attention_ffn"]
+    with pytest.raises(ConfigError, match=r"attention backend 'xformers'"):
+        parse_cli(VideoTrainConfig, [*base, "model.attention=xformers"])
+    parse_cli(VideoTrainConfig, [*base, "model.attention=cudnn"])

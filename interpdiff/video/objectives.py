@@ -176,6 +176,10 @@ class VideoTrainConfig:
         if self.model.checkpoint_policy not in wan.CHECKPOINT_POLICIES:
             raise ConfigError(f"model.checkpoint_policy={self.model.checkpoint_policy!r} is not one of "
                               f"{list(wan.CHECKPOINT_POLICIES)}")
+        try:
+            wan.check_selective_checkpointing(self.model.checkpoint_policy, self.model.attention)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         # phase-2 settings that would otherwise only fail at the first loss, after the model is built
         p2 = self.phase2
         if not 0.0 <= p2.sigma_min <= p2.sigma_max:

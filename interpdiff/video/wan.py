@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import shutil
@@ -524,6 +525,29 @@ def set_gradient_checkpointing(transformer, enabled: bool = True) -> None:
 
 
 CHECKPOINT_POLICIES = ("full", "attention", "attention_ffn")
+# attention backends that run torch's fused SDPA kernels, whose outputs the selective policies save
+# (math decomposes into plain matmuls; xformers / flash / sage / flex call their own ops)
+SAC_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def check_selective_checkpointing(policy: str, backend: str) -> None:
+    """``ValueError`` when ``policy`` saves attention outputs but ``backend`` (an alias or dispatcher
+    name) runs no fused SDPA kernel: nothing would be saved and every block fully recomputed."""
+    name = _BACKEND_ALIASES.get(str(backend).lower(), str(backend).lower())
+    if policy in ("attention", "attention_ffn") and name not in SAC_BACKENDS:
+        raise ValueError(
+            f"model.checkpoint_policy={policy!r} keeps the outputs of torch's fused attention kernels, but attention "
+            f"backend {backend!r} ({name}) does not run them: nothing would be kept. Use attention=sdpa | cudnn | "
+            "sdpa_flash | sdpa_efficient with it, or checkpoint_policy=full")
+
+
+def _live_attention_backend(m) -> str:
+    for blk in getattr(m, "blocks", []):
+        proc = getattr(getattr(blk, "attn1", None), "processor", None)
+        if proc is not None:
+            b = getattr(proc, "_attention_backend", None)  # None (default: native) or an AttentionBackendName
+            return str(getattr(b, "value", b) or "native")
+    return "native"
 
 
 def _sdpa_ops() -> list:
@@ -578,6 +602,7 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") 
     if policy not in CHECKPOINT_POLICIES:
         raise ValueError(f"model.checkpoint_policy={policy!r} is not one of {list(CHECKPOINT_POLICIES)}")
     m = unwrap_model(transformer)
+    check_selective_checkpointing(policy, _live_attention_backend(m))
     n = len(m.blocks)
     k = round(ratio * n)
     if k == 0:
@@ -991,7 +1016,7 @@ def save_lora(
                                                                 metadata={"format": "pt"}))
         if comfy:
             atomic_write_bytes(tmp / "lora_comfy.safetensors",
-                               st_save(to_comfy_lora(sd, alpha=spec["alpha"]), metadata={"format": "pt"}))
+                               st_save(to_comfy_lora(sd, alpha=comfy_alpha(spec)), metadata={"format": "pt"}))
         atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2, default=str))
         os.chmod(tmp, 0o755)  # mkdtemp creates 0o700
         replace_dir(tmp, out)
@@ -1176,6 +1201,14 @@ _COMFY_MAP = [
     ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("ffn.net.0.proj", "ffn.0"),
     ("ffn.net.2", "ffn.2"),
 ]
+
+
+def comfy_alpha(spec: dict) -> float:
+    """The ``alpha`` to write for kohya/ComfyUI, which scale by ``alpha / rank``: peft's rsLoRA trains
+    with ``alpha / sqrt(rank)``, so its alpha is written as ``alpha * sqrt(rank)``."""
+    if spec.get("use_rslora"):
+        return float(spec["alpha"]) * math.sqrt(int(spec["rank"]))
+    return float(spec["alpha"])
 
 
 def to_comfy_lora(sd: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

@@ -445,26 +445,32 @@ class InterpolateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, time_dim, sigma, eps):
-        ctx.save_for_backward(mask, sigma)
+        # eps is kept only when sigma needs a gradient (d out / d sigma_b = sum of grad * eps on missing frames)
+        keep_eps = eps if (sigma is not None and sigma.requires_grad) else None
+        ctx.save_for_backward(mask, sigma, keep_eps)
         ctx.time_dim = time_dim
         ctx.x_meta = (x.shape, x.dtype)
         ctx.eps_meta = None if eps is None else (eps.shape, eps.dtype)
         return _forward(x, mask, time_dim, sigma, eps)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        mask, sigma = ctx.saved_tensors
+        mask, sigma, eps = ctx.saved_tensors
         td = ctx.time_dim
-        grad_x = grad_eps = None
+        grad_x = grad_sigma = grad_eps = None
         if ctx.needs_input_grad[0]:
             grad_x = _backward(grad_out, mask, td, *ctx.x_meta)
-        if ctx.eps_meta is not None and ctx.needs_input_grad[4]:
+        if ctx.eps_meta is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[3]):
             B, T = mask.shape
             nd = len(ctx.eps_meta[0])
             miss = (~mask).to(torch.float32).view([B] + [1] * (td - 1) + [T] + [1] * (nd - td - 1))
-            sig = sigma.view([B] + [1] * (nd - 1))
-            grad_eps = (grad_out.to(torch.float32) * sig * miss).to(ctx.eps_meta[1])
-        return grad_x, None, None, None, grad_eps
+            g_miss = grad_out.to(torch.float32) * miss
+            if ctx.needs_input_grad[4]:
+                grad_eps = (g_miss * sigma.view([B] + [1] * (nd - 1))).to(ctx.eps_meta[1])
+            if ctx.needs_input_grad[3]:
+                grad_sigma = (g_miss * eps.to(torch.float32)).reshape(B, -1).sum(1).to(sigma.dtype)
+        return grad_x, None, None, grad_sigma, grad_eps
 
 
 def interpolate_triton(
@@ -488,7 +494,8 @@ def interpolate_triton(
             device sync; ``interpdiff.interpolate`` has already checked, and ``check=False`` keeps
             the call asynchronous (CUDA graphs, benchmarks): frames 0 and ``T-1`` are then
             keyframes whatever the mask says.
-    Returns a contiguous tensor of ``x``'s shape and dtype. Differentiable in ``x`` (and ``eps``).
+    Returns a contiguous tensor of ``x``'s shape and dtype. Differentiable in ``x`` (and ``eps`` and
+    ``sigma``, as the torch path is); first-order only (``once_differentiable``).
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
         got = getattr(x, "dtype", type(x))

@@ -369,6 +369,30 @@ def test_interpolate_gradcheck_fp64(K):
     assert torch.autograd.gradcheck(lambda v: K.interp.interpolate_triton(v, m, 2), (x,), eps=1e-6, atol=1e-9)
 
 
+def test_fused_corruption_gradients_match_torch_path_sigma_included(K):
+    """The fused kernel's gradients w.r.t. x, eps and sigma equal the torch path's (the sigma
+    gradient was dropped; the fused noise is added in fp32 on both paths, so no fp64 gradcheck);
+    double backward refuses."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, 7, 2, dtype=torch.float64, generator=g)
+    eps = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    sig = torch.tensor([0.3, 0.7], dtype=torch.float32)
+    m = _masks(2, 7, "random", seed=24)
+    grads = {}
+    for be in ("torch", "triton"):
+        xx, ee, ss = (t.clone().requires_grad_() for t in (x, eps, sig))
+        out = interpolate_corrupt(xx, m, ss, ee, time_dim=2, backend=be)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        grads[be] = (xx.grad, ee.grad, ss.grad)
+    for a, b in zip(grads["torch"], grads["triton"]):
+        assert b is not None
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    xx = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(K.interp.interpolate_triton(xx, m, 2).sum(), xx, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
+
+
 # ------------------------------------------------------------------------------ dispatch
 
 

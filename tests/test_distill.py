@@ -297,6 +297,22 @@ def test_merge_lora_into_base_equals_the_peft_teacher(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_merged_teacher_keeps_the_mask_channel_weights_fp32(tmp_path):
+    """A bf16 base merged with a phase-2 LoRA keeps the fp32-trained mask-channel weights exactly
+    (rounding them to bf16 changed the teacher's output)."""
+    tr = _tiny(torch.float32, rope=False)
+    wan.widen_patch_embedding(tr, ("mask",))
+    wan.add_lora(tr, wan.LoraSpec(rank=4, alpha=8))
+    with torch.no_grad():
+        tr.patch_embedding.extra_weight.normal_(0, 0.1)
+    wan.save_lora(tr, tmp_path / "t", extra_meta={"phase": 2})
+    merged = _tiny(torch.bfloat16, rope=False, seed=0)
+    DW.merge_lora_into_base(merged, tmp_path / "t")
+    w = merged.patch_embedding.extra_weight
+    assert w.dtype == torch.float32 and not w.requires_grad
+    assert torch.equal(w, tr.patch_embedding.extra_weight.detach())
+
+
 def _cfg(tmp_path, shards="unused_*.tar", *over):
     return load_config(DW.DistillTrainConfig, REPO / "configs/video/rcm_tiny_cpu.yaml",
                        [f"data.shards={shards}", f"train.run_dir={tmp_path}/r", *over])

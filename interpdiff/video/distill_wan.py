@@ -229,9 +229,9 @@ def merge_lora_into_base(transformer, lora_dir: str | Path) -> dict:
         if not extra.is_file():
             raise wan.WanLoadError(f"LoRA folder {str(d)!r} records a widening but lacks {wan.EXTRA_WEIGHT_NAME!r}")
         w = load_file(str(extra))["patch_embedding.extra_weight"]
-        with torch.no_grad():
-            pe.extra_weight.copy_(w.to(pe.extra_weight))
-        pe.extra_weight.requires_grad_(False)
+        # kept in fp32, as trained (``WidenedConv3d`` casts its input): a bf16 base would round it
+        pe.extra_weight = torch.nn.Parameter(w.to(device=pe.extra_weight.device, dtype=torch.float32),
+                                             requires_grad=False)
     spec = meta["lora"]
     scale = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
     sd = load_file(str(d / wan.LORA_WEIGHT_NAME))

@@ -1,9 +1,10 @@
 """Text -> video: the two-phase sampler (phase-1 keyframes -> interpolation -> phase-2 levels) or,
 with mode=full, the base Wan2.1 flow-matching sampler with CFG, on the same prompts.
 
-    # tiny preset on CPU (random weights; writes playable mp4s of the requested frame count):
-    python sample.py model_path=tiny 'prompts=[a dog runs on the beach]' num_frames=17 height=32 width=48 \
-        phase1_steps=4 out_dir=samples/tiny
+    # tiny preset on CPU (random weights; writes playable mp4s of the requested frame count; 25 frames =
+    # 7 latent frames hold the phase-2 levels of k_min=3 keyframes):
+    python sample.py model_path=tiny 'prompts=[a dog runs on the beach]' num_frames=25 phase2.k_min=3 \
+        height=32 width=48 phase1_steps=4 out_dir=samples/tiny
 
     # Wan2.1 1.3B, trained LoRAs (a checkpoint's trainable/ folder), prompts from a file:
     python sample.py model_path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers \

@@ -482,3 +482,155 @@ def test_phase1_training_flow_matching_conventions(monkeypatch):
     eps = (seen["x_t"] - (1 - s) * x0_k) / s
     assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1) < 0.1
     torch.testing.assert_close(loss, ((v - (eps - x0_k)) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+
+# --- sample.py: per-prompt seeds, batched text encoding, the docstring example, bad values -------------
+
+_TINY_SAMPLE = ["model_path=tiny", "num_frames=25", "phase2.k_min=3", "height=32", "width=48", "phase1_steps=2",
+                "full_steps=2", "text_max_length=16"]
+
+
+def _sample_capture(monkeypatch, argv):
+    """sample.main(argv) -> (final latents [N, C, T, H, W] in prompt order, initial noises handed to
+    the Euler sampler (phase-1 keyframes or full), the embeddings each sampling batch got, the batch
+    sizes the text encoder was called with)."""
+    from interpdiff.video import pipeline
+
+    lats, inits, embs, enc_sizes = [], [], [], []
+    dec, euler, tps, enc = wan.vae_decode, pipeline.euler_flow_sample, pipeline.two_phase_sample, wan.encode_prompts
+
+    def vae_decode(vae, lat):
+        lats.append(lat.detach().clone())
+        return dec(vae, lat)
+
+    def euler_flow_sample(velocity, x_T, steps, shift):
+        inits.append(x_T.detach().clone())
+        return euler(velocity, x_T, steps, shift)
+
+    def two_phase_sample(p1, p2, emb, *a, **k):
+        embs.append(emb.detach().clone())
+        return tps(p1, p2, emb, *a, **k)
+
+    def encode_prompts(e, t, prompts, *a, **k):
+        enc_sizes.append(len(prompts))
+        return enc(e, t, prompts, *a, **k)
+
+    monkeypatch.setattr(wan, "vae_decode", vae_decode)
+    monkeypatch.setattr(pipeline, "euler_flow_sample", euler_flow_sample)
+    monkeypatch.setattr(pipeline, "two_phase_sample", two_phase_sample)
+    monkeypatch.setattr(wan, "encode_prompts", encode_prompts)
+    sample.main(argv)
+    monkeypatch.undo()
+    return torch.cat(lats), inits, embs, enc_sizes
+
+
+def test_sample_noise_is_per_prompt_not_per_batch(tmp_path, monkeypatch):
+    """Reference: prompt i's noise comes from its own generator seeded seed * 1_000_003 + i (the
+    documented contract), so (a) a prompt's latents are those of the batch_size=1 run whatever
+    batch it is in (up to float rounding of batched kernels), (b) the same text at two positions
+    gets different noise, (c) prompt i + 1 at seed s is not prompt i at seed s + 1 (the old
+    per-batch generator seed + start made those equal), (d) each row's phase-1 / full initial noise
+    is torch.randn from exactly that seed."""
+    p = "prompts=[a dog runs,a cat sits,a dog runs]"
+    one, init1, _, _ = _sample_capture(monkeypatch, [*_TINY_SAMPLE, p, "batch_size=1", f"out_dir={tmp_path / 'b1'}"])
+    two, _, embs, sizes = _sample_capture(monkeypatch, [*_TINY_SAMPLE, p, "batch_size=2", f"out_dir={tmp_path / 'b2'}"])
+    assert one.shape[0] == two.shape[0] == 3
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-4)  # measured 3e-6 (batched CPU matmuls)
+    far = 0.1 * float(one.std())
+    assert float((one[0] - one[2]).abs().max()) > far  # same text, prompt 0 vs prompt 2
+    shifted, _, _, _ = _sample_capture(monkeypatch, [*_TINY_SAMPLE, "prompts=[a dog runs]", "seed=2",
+                                                     f"out_dir={tmp_path / 's2'}"])
+    assert float((shifted[0] - one[2]).abs().max()) > far  # old code: bit-equal (both seeded 2)
+    C, K, H, W = 16, 3, 4, 6
+    for i, x in enumerate(init1):  # batch_size=1: one phase-1 initial noise per prompt
+        torch.testing.assert_close(x[0], torch.randn((C, K, H, W), generator=torch.Generator().manual_seed(i)),
+                                   rtol=0, atol=0)
+    # item 4: the text encoder sees at most batch_size prompts at a time, and each batch gets the
+    # embeddings of one encoder call over all prompts (padded to text_max_length: batch-independent)
+    assert sizes[:2] == [2, 1] and max(sizes) <= 2
+    enc, tok = wan.load_text_encoder("tiny", dtype=torch.float32)
+    ref = wan.encode_prompts(enc, tok, ["a dog runs", "a cat sits", "a dog runs"], max_length=16)
+    torch.testing.assert_close(torch.cat(embs), ref, rtol=0, atol=1e-5)
+    # full mode: per-prompt initial noise stacked into the batch, seed 1 -> 1_000_003 + i
+    _, initf, _, _ = _sample_capture(monkeypatch, [*_TINY_SAMPLE, "prompts=[a dog runs,a cat sits]", "mode=full",
+                                                   "batch_size=2", "seed=1", f"out_dir={tmp_path / 'full'}"])
+    assert len(initf) == 1 and initf[0].shape == (2, C, 7, H, W)
+    for i in range(2):
+        ref_i = torch.randn((C, 7, H, W), generator=torch.Generator().manual_seed(1_000_003 + i))
+        torch.testing.assert_close(initf[0][i], ref_i, rtol=0, atol=0)
+
+
+def test_sample_docstring_tiny_example_runs(tmp_path):
+    """The tiny command in sample.py's docstring must run as written (out_dir redirected)."""
+    import re
+    import shlex
+
+    doc = sample.__doc__.replace("\\\n", " ")
+    line = next(ln for ln in doc.splitlines() if "python sample.py model_path=tiny" in ln)
+    argv = shlex.split(line.split("python sample.py", 1)[1])
+    argv = [a for a in argv if not a.startswith("out_dir=")] + [f"out_dir={tmp_path}", "text_max_length=16"]
+    out = sample.main(argv)
+    frames = int(re.search(r"num_frames=(\d+)", line).group(1))
+    import imageio.v2 as imageio
+
+    assert len(out["videos"]) == 1 and len([f for f in imageio.get_reader(str(out["videos"][0]))]) == frames
+
+
+@pytest.mark.parametrize("override,match", [
+    ("width=0", r"width=0"),
+    ("height=-16", r"height=-16"),
+    ("text_max_length=0", r"text_max_length=0"),
+    ("shift=0", r"shift=0"),
+    ("shift=-1", r"shift=-1"),
+    ("fps=0", r"fps=0"),
+    ("guidance=-2", r"guidance=-2"),
+    ("guidance=0.5", r"guidance=0\.5.*>= 1"),
+    ("phase1_guidance=0", r"phase1_guidance=0"),
+    ("guidance=nan", r"guidance=nan"),
+])  # fmt: skip
+def test_sample_bad_values_fail_before_models_load(tmp_path, no_model, override, match):
+    with pytest.raises(ConfigError, match=match):
+        sample.main(["prompts=[x]", "num_frames=25", "phase2.k_min=3", "height=32", "width=64", override,
+                     f"out_dir={tmp_path}"])
+    from interpdiff.video.pipeline import SampleConfig
+
+    SampleConfig(prompts=["x"], guidance=1.0, phase1_guidance=1.0).validate()  # 1 = no CFG, accepted
+
+
+@pytest.mark.parametrize("noise", ["level", "constant", "none"])
+def test_phase2_refine_per_row_generators_match_corruption_refine(monkeypatch, noise):
+    """Reference: ``corruption.refine`` (the shared TACoS loop) with the level-0 noise and the device
+    generator built as documented. One generator: the batch equals refine's output exactly; one
+    generator per row: row b equals the single-row run with generator b (noise per prompt)."""
+    from interpdiff.corruption import level_sigmas, refine
+    from interpdiff.masks import uniform_nested_masks
+    from interpdiff.video import pipeline
+    from interpdiff.video.objectives import Phase2Config
+
+    B, C, T, H, W = 2, 3, 9, 2, 2
+    st = pipeline.Phase2Settings.from_phase2_config(Phase2Config(k_min=3, n_levels=3), T, noise=noise, noise_scale=0.7)
+    masks = uniform_nested_masks(B, T, st.budgets)
+    x_start = torch.randn(B, C, T, H, W, generator=torch.Generator().manual_seed(5))
+    emb = torch.zeros(B, 4, 32)
+
+    def fake_restore(model, x_s, mask_B_T, t_B, emb, p2, conf_B_T=None):  # any smooth x0_hat
+        return 0.5 * x_s.flip(2) + 0.01 * t_B.view(-1, 1, 1, 1, 1)
+
+    monkeypatch.setattr(pipeline, "phase2_restore", fake_restore)
+    got = pipeline.phase2_refine(None, x_start, masks, emb, st, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    sig = level_sigmas(len(st.budgets), st.sigma_max, st.sigma_min)
+    x = x_start + float(sig[0]) * torch.randn(x_start.shape, generator=g) * (~masks[:, 0]).float()[:, None, :, None, None]
+    dev = None
+    if noise != "none":
+        dev = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    t_S = [1000 * (1 - k / T) for k in st.budgets]
+    ref = refine(lambda xs, s, m, c: fake_restore(None, xs, m, torch.full((B,), t_S[s]), emb, None), x, masks, time_dim=2,
+                 sigmas=sig, noise=noise, noise_scale=st.noise_scale, confidence=st.confidence, generator=dev)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # t_S in float64 here
+    gens = [torch.Generator().manual_seed(21), torch.Generator().manual_seed(22)]
+    rows = pipeline.phase2_refine(None, x_start, masks, emb, st, gens)
+    for b, seed in enumerate((21, 22)):
+        one = pipeline.phase2_refine(None, x_start[b : b + 1], masks[b : b + 1], emb[b : b + 1], st,
+                                     torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(rows[b : b + 1], one, rtol=0, atol=0)

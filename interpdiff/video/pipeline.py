@@ -8,7 +8,7 @@ Two-phase, for latents ``[B, C, T, H, W]`` (``T = 1 + (frames - 1) / 4``)::
     idx_B_K        = indices of M_0 (endpoints 0, T-1)
     key_B_C_K_H_W  = Euler flow sampler, N steps, shift s, rope at idx   (phase1_sample)
     x_0            = I(scatter(key), M_0) + sigma_0 eps (1 - M_0)  (level-0 input, as in training)
-    x_{s+1}        = TACoS step with x0_hat = phase-2 model(x_s, M_s)    (corruption.refine)
+    x_{s+1}        = TACoS step with x0_hat = phase-2 model(x_s, M_s)    (phase2_refine: corruption.refine's loop)
     video          = VAE decode(x_S) -> mp4
 
 The level-0 masks ``M_0`` and the later nested masks are uniform (``masks.uniform_nested_masks``,
@@ -35,6 +35,12 @@ LoRA (``distill_wan.load_student_transformer``); full / phase-1 sample with ``st
 TrigFlow consistency steps (no CFG: distilled in), phase 2 runs the 1-2 step refiner
 (``distill_wan.phase2_student_refine``). Without these keys nothing changes.
 
+Seeds: in ``run_sampling`` every prompt has its own CPU generator, seeded ``prompt_seed(seed, i) =
+(seed * 1_000_003 + i) mod 2**63`` with ``i`` its position among the prompts; all of that prompt's
+noise (phase-1 / full initial noise, phase-2 level-0 and sampling noise, the students' noise) comes
+from it and the batch is stacked, so a prompt's video does not depend on ``batch_size`` or on the
+other prompts of its batch (up to floating-point differences of batched kernels on some devices).
+
 Per-stage times are measured with ``torch.cuda.synchronize`` on CUDA (``StageTimer``).
 """
 
@@ -51,7 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from interpdiff.corruption import level_sigmas, refine
+from interpdiff.corruption import anchor_confidence, level_sigmas, tacos_step
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import check_nested, mask_to_indices, uniform_nested_masks
@@ -103,8 +109,50 @@ def latent_frames(num_frames: int) -> int:
     return 1 + (num_frames - 1) // 4
 
 
-def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32):
+PROMPT_SEED_STRIDE = 1_000_003
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index`` (its 0-based position in ``prompts`` + ``prompts_file``) under the
+    run seed ``seed``: ``(seed * 1_000_003 + index) mod 2**63``. Each prompt has its own generator, so
+    its video depends on ``(seed, index)`` only, not on ``batch_size`` or on the other prompts of its
+    batch, and prompt ``i + 1`` at seed ``s`` does not reuse the noise of prompt ``i`` at seed ``s + 1``
+    (distinct for fewer than 1,000,003 prompts)."""
+    return (int(seed) * PROMPT_SEED_STRIDE + int(index)) % (1 << 63)
+
+
+def prompt_generators(seed: int, start: int, n: int) -> list[torch.Generator]:
+    """CPU generators of prompts ``start .. start + n - 1`` (``prompt_seed``)."""
+    return [torch.Generator().manual_seed(prompt_seed(seed, start + i)) for i in range(n)]
+
+
+def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None, device, dtype=torch.float32):
+    """Standard normal ``shape`` drawn on the CPU: from one generator (``None``: the global one) for the
+    whole tensor, or, with a list of generators (one per batch row), row ``b`` from ``generator[b]``
+    (a row's noise is then independent of the batch it is in)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: expected one per row")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32)
+                            for g in generator]).to(device, dtype)
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+def _device_randn(shape, generator, device):
+    """Like ``_randn`` but drawn on ``device`` with device generators (``phase2_refine``'s sampling noise)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32)
+                            for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _per_row(fn, generator, *batched):
+    """``fn(*rows, generator=g)`` once per batch row with that row's generator, concatenated, when
+    ``generator`` is a list (samplers that draw one batch from one generator, e.g. the distilled
+    students); otherwise one call on the whole batch."""
+    if not isinstance(generator, (list, tuple)):
+        return fn(*batched, generator=generator)
+    return torch.cat([fn(*(t[b : b + 1] for t in batched), generator=g) for b, g in enumerate(generator)])
 
 
 @torch.no_grad()
@@ -159,9 +207,10 @@ def phase1_sample(
     shift: float = 5.0,
     guidance: float = 1.0,
     neg_emb_B_L_D: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Keyframe latents ``[B, C, K, H, W]`` at true frame indices ``idx_B_K`` (rope positions)."""
+    """Keyframe latents ``[B, C, K, H, W]`` at true frame indices ``idx_B_K`` (rope positions).
+    ``generator``: one for the batch, or one per row (``prompt_generators``)."""
     C, H, W = chw
     B, K = idx_B_K.shape
     x = _randn((B, C, K, H, W), generator, emb_B_L_D.device)
@@ -204,10 +253,15 @@ def phase2_refine(
     masks_B_S_T: torch.Tensor,
     emb_B_L_D: torch.Tensor,
     st: Phase2Settings,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     init_noise: bool = True,
 ) -> torch.Tensor:
-    """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)`` (``corruption.refine``)."""
+    """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)``: ``corruption.refine``'s loop
+    (restorer at level s on ``x_s`` with ``M_s`` and its anchor confidence, then ``tacos_step`` to
+    level s + 1), with the sampling noise drawn here so that ``generator`` may be one per batch row
+    (``prompt_generators``): row b's level-0 noise is drawn on the CPU from ``generator[b]``, its
+    sampling noise on the device from a device generator seeded from ``generator[b]``. With one
+    generator (or ``None``) the batch is drawn from it, as ``refine`` does."""
     B, C, T, H, W = x_start_B_C_T_H_W.shape
     S = masks_B_S_T.shape[1]
     sig = level_sigmas(S, st.sigma_max, st.sigma_min)
@@ -220,17 +274,29 @@ def phase2_refine(
     # level timesteps computed once on the host and moved once (no per-level host->device copy)
     t_S_B = level_timestep(st.budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(x.device)
 
-    def restorer(x_s, s, mask_s, conf_s):
-        # conf_s = anchor_confidence(M_s) built by refine from this level's mask, as in training
-        return phase2_restore(transformer, x_s, mask_s, t_S_B[s], emb_B_L_D, p2, conf_B_T=conf_s)
-
-    # refine draws sampling noise with ``generator`` on the tensor's device: use a device generator
+    # sampling noise is drawn on the tensor's device: device generators seeded from ``generator``
     dev_gen = None
     if st.noise != "none" and generator is not None:
-        dev_gen = torch.Generator(device=x.device)
-        dev_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    return refine(restorer, x, masks_B_S_T, time_dim=2, sigmas=sig, noise=st.noise, noise_scale=st.noise_scale,
-                  confidence=st.confidence, generator=dev_gen)
+        def device_gen(g):
+            d = torch.Generator(device=x.device)
+            d.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            return d
+
+        dev_gen = [device_gen(g) for g in generator] if isinstance(generator, (list, tuple)) else device_gen(generator)
+    for s in range(S - 1):
+        m, m_next = masks_B_S_T[:, s], masks_B_S_T[:, s + 1]
+        # conf = anchor_confidence(M_s) built from this level's mask, as in training
+        x0_hat = phase2_restore(transformer, x, m, t_S_B[s], emb_B_L_D, p2, conf_B_T=anchor_confidence(m, st.confidence))
+        sig_next, sig_s = float(sig[s + 1]), float(sig[s])
+        # the deterministic part of tacos_step (noise_scale 0 draws nothing), then its noise term
+        x = tacos_step(x, x0_hat, m, m_next, time_dim=2, noise=st.noise, sigma_next=sig_next, noise_scale=0.0,
+                       sigma_s=sig_s)
+        scale = st.noise_scale if st.noise == "constant" else st.noise_scale * sig_next
+        if st.noise != "none" and scale > 0:
+            miss_next = (~m_next)[:, None, :, None, None]
+            eps = _device_randn(x.shape, dev_gen, x.device).to(x.dtype)
+            x = x + torch.tensor(scale, dtype=torch.float64).to(x.dtype) * eps * miss_next
+    return x
 
 
 @torch.no_grad()
@@ -245,7 +311,7 @@ def two_phase_sample(
     shift: float = 5.0,
     guidance: float = 1.0,
     neg_emb_B_L_D: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     timer: StageTimer | None = None,
     idx_B_K: torch.Tensor | None = None,
     masks_B_S_T: torch.Tensor | None = None,
@@ -298,9 +364,10 @@ def full_sample(
     shift: float = 5.0,
     guidance: float = 5.0,
     neg_emb_B_L_D: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Base Wan2.1 flow-matching sampler with CFG on all frames -> latents ``[B, C, T, H, W]``."""
+    """Base Wan2.1 flow-matching sampler with CFG on all frames -> latents ``[B, C, T, H, W]``.
+    ``generator``: one for the batch, or one per row (``prompt_generators``)."""
     B = emb_B_L_D.shape[0]
     x = _randn((B, *shape_CTHW), generator, emb_B_L_D.device)
     return euler_flow_sample(_cfg_velocity(transformer, emb_B_L_D, neg_emb_B_L_D, guidance), x, steps, shift)
@@ -459,11 +526,11 @@ class SampleConfig:
     phase1_steps: int = 8
     phase1_guidance: float = 5.0
     full_steps: int = 50
-    guidance: float = 5.0  # CFG scale of --mode full
+    guidance: float = 5.0  # CFG scale of --mode full, >= 1 (1 = no CFG; phase1_guidance likewise)
     shift: float = 5.0
     phase2_noise: str = "level"  # none | constant | level
-    seed: int = 0
-    batch_size: int = 1
+    seed: int = 0  # prompt i's noise comes from its own generator, seeded prompt_seed(seed, i) = seed * 1_000_003 + i
+    batch_size: int = 1  # prompts per sampling batch (the videos do not depend on it)
     text_max_length: int = 512
     out_dir: str = "samples"
     fps: int = 16
@@ -485,10 +552,23 @@ class SampleConfig:
             latent_frames(self.num_frames)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.height % 16 or self.width % 16:
-            raise ConfigError(f"height={self.height}, width={self.width}: both must be multiples of 16 (VAE 8 x patch 2)")
+        if self.height < 16 or self.width < 16 or self.height % 16 or self.width % 16:
+            raise ConfigError(f"height={self.height}, width={self.width}: both must be positive multiples of 16 "
+                              "(VAE 8 x patch 2), e.g. 480, 832")
         if self.batch_size < 1 or self.phase1_steps < 1 or self.full_steps < 1:
             raise ConfigError("batch_size, phase1_steps and full_steps must be >= 1")
+        if self.text_max_length < 1:
+            raise ConfigError(f"text_max_length={self.text_max_length}: expected >= 1 UMT5 tokens (Wan uses 512)")
+        if not self.shift > 0:
+            raise ConfigError(f"shift={self.shift}: expected a timestep shift > 0 (Wan uses 5.0; 1 = no shift)")
+        if self.fps < 1:
+            raise ConfigError(f"fps={self.fps}: expected the mp4 frame rate, an integer >= 1 (Wan uses 16)")
+        for key in ("guidance", "phase1_guidance"):
+            v = getattr(self, key)
+            if not v >= 1.0:  # also refuses nan
+                raise ConfigError(f"{key}={v}: expected a CFG scale >= 1 (1 = no CFG: the conditional velocity only, "
+                                  "the negative prompt is not encoded; diffusers' WanPipeline also runs no CFG at "
+                                  "scale <= 1)")
         if self.keyframe_source not in KEYFRAME_SOURCES:
             raise ConfigError(f"keyframe_source={self.keyframe_source!r} is not one of {KEYFRAME_SOURCES}")
         if self.keyframe_source == "selector" and self.mode == "two_phase" and not self.selector_ckpt:
@@ -639,7 +719,9 @@ def student_sampler_args(cfg: SampleConfig, meta: dict) -> dict:
 
 
 def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> dict:
-    """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students."""
+    """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students. With one
+    generator per batch row (``run_sampling``), the students (which draw a whole batch from one
+    generator) run row by row, so a prompt's noise is its own generator's whatever the batch."""
     from interpdiff.video.distill_wan import phase2_student_levels, phase2_student_refine, student_sample
 
     fns = {}
@@ -649,8 +731,12 @@ def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> d
 
         def phase1_fn(emb, idx, chw, generator):
             C, H, W = chw
-            return student_sample(tr1, emb, (C, idx.shape[1], H, W), a1["steps"], a1["mid_times"], a1["sigma_max"],
-                                  idx_B_K=idx, generator=generator)
+
+            def one(e, i, generator):
+                return student_sample(tr1, e, (C, i.shape[1], H, W), a1["steps"], a1["mid_times"], a1["sigma_max"],
+                                      idx_B_K=i, generator=generator)
+
+            return _per_row(one, generator, emb, idx)  # the student draws a batch from one generator
 
         fns["phase1_fn"] = phase1_fn
     if "phase2" in students:
@@ -666,7 +752,10 @@ def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> d
         levels = phase2_student_levels(len(st.budgets), steps, dist.get("phase2_levels") if steps == dist["sampler"]["steps"] else None)
 
         def phase2_fn(x_start, masks, emb, generator):
-            return phase2_student_refine(tr2, x_start, masks, emb, st, levels, generator)
+            def one(x, m, e, generator):
+                return phase2_student_refine(tr2, x, m, e, st, levels, generator)
+
+            return _per_row(one, generator, x_start, masks, emb)
 
         fns["phase2_fn"] = phase2_fn
     return fns
@@ -691,7 +780,12 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
         enc, tok = wan.load_text_encoder(cfg.model_path, dtype=dtype)
         enc = enc.to(device)
     with timer.stage("text_encoder"):
-        emb_all = wan.encode_prompts(enc, tok, prompts, max_length=cfg.text_max_length)
+        # encoded batch_size prompts at a time and kept on the host (hundreds of prompts through
+        # UMT5-XXL in one forward, or all their embeddings on the GPU, would run out of memory);
+        # each prompt's embedding is padded to text_max_length, so it does not depend on its batch
+        emb_all = torch.cat([wan.encode_prompts(enc, tok, prompts[i : i + cfg.batch_size],
+                                                max_length=cfg.text_max_length).cpu()
+                             for i in range(0, len(prompts), cfg.batch_size)])
         guid = cfg.phase1_guidance if cfg.mode == "two_phase" else cfg.guidance
         neg = wan.encode_prompts(enc, tok, [cfg.negative_prompt], max_length=cfg.text_max_length) if guid != 1.0 else None
     del enc
@@ -714,7 +808,7 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
         chunk = prompts[start : start + cfg.batch_size]
         emb = emb_all[start : start + len(chunk)].to(device)
         neg_b = neg.expand(len(chunk), -1, -1).to(device) if neg is not None else None
-        g = torch.Generator().manual_seed(cfg.seed + start)
+        g = prompt_generators(cfg.seed, start, len(chunk))  # one per prompt: prompt_seed(seed, index)
         with ctx:
             if cfg.mode == "two_phase":
                 masks = None
@@ -732,7 +826,8 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
                         from interpdiff.video.distill_wan import student_sample
 
                         a = student_sampler_args(cfg, students["full"][1])
-                        lat = student_sample(tr, emb, (C, T, H, W), a["steps"], a["mid_times"], a["sigma_max"], generator=g)
+                        lat = _per_row(lambda e, generator: student_sample(tr, e, (C, T, H, W), a["steps"], a["mid_times"],
+                                                                           a["sigma_max"], generator=generator), g, emb)
                     else:
                         lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
         with timer.stage("vae_decode"):

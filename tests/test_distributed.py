@@ -133,6 +133,7 @@ def test_accelerate_launch_deepspeed_zero2_cpu_equals_one_process(script, one_pr
 
 
 
+@pytest.mark.slow
 def test_accelerate_deepspeed_bf16_keeps_trainable_weights_fp32(script, tmp_path):
     """ZeRO-2 with ``mixed_precision=bf16``: DeepSpeed's own bf16 mode would cast every parameter
     (the trainable adapter and the fp32 base included) to bf16; the loop keeps DeepSpeed in fp32 and

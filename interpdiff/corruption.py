@@ -107,6 +107,19 @@ def corrupt(
     return interpolate_corrupt(x0, mask_s, sigma_s, eps, time_dim=time_dim, backend=backend)
 
 
+def randn_rows(like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Standard normal noise of ``like``'s shape, float32 on its device, from one generator for the
+    whole batch or, with a list of generators (one per batch row), row ``b`` from ``generator[b]``:
+    a row's noise then does not depend on the batch it is sampled in (``sample.py``'s per-prompt
+    seeds). Generators must live on ``like``'s device."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}: expected one per row")
+        return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g, device=like.device, dtype=torch.float32)
+                            for g in generator])
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
 def _missing(mask_B_T: torch.Tensor, like: torch.Tensor, time_dim: int) -> torch.Tensor:
     shape = [1] * like.dim()
     shape[0], shape[time_dim] = mask_B_T.shape
@@ -138,6 +151,7 @@ def tacos_step(
             (per-sample levels); ``sigma_s`` ``None`` (or 0) carries the noise part unscaled
             (plain TACoS) with ``noise`` ``none``/``constant``.
         clip: ``(lo, hi)`` to clip values after the update (maze positions: ``(0, 1)``).
+        generator: one generator, or one per batch row (``randn_rows``).
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"tacos_step: noise={noise!r} is not one of {NOISE_MODES}")
@@ -173,7 +187,7 @@ def tacos_step(
     if noise != "none":
         scale = torch.full_like(sig_next, noise_scale) if noise == "constant" else noise_scale * sig_next
         if bool((scale > 0).any()):
-            eps = torch.randn(x_s.shape, generator=generator, device=x_s.device, dtype=torch.float32).to(x_s.dtype)
+            eps = randn_rows(x_s, generator).to(x_s.dtype)
             x_next = x_next + scale.to(x_s.dtype) * eps * miss_next
     if clip is not None:
         x_next = x_next.clamp(*clip)

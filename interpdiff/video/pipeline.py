@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from interpdiff.corruption import anchor_confidence, level_sigmas, tacos_step
+from interpdiff.corruption import anchor_confidence, level_sigmas, refine
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import check_nested, mask_to_indices, uniform_nested_masks
@@ -136,14 +136,6 @@ def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None,
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32)
                             for g in generator]).to(device, dtype)
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-
-def _device_randn(shape, generator, device):
-    """Like ``_randn`` but drawn on ``device`` with device generators (``phase2_refine``'s sampling noise)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=torch.float32)
-                            for g in generator])
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 def _per_row(fn, generator, *batched):
@@ -256,12 +248,11 @@ def phase2_refine(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     init_noise: bool = True,
 ) -> torch.Tensor:
-    """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)``: ``corruption.refine``'s loop
-    (restorer at level s on ``x_s`` with ``M_s`` and its anchor confidence, then ``tacos_step`` to
-    level s + 1), with the sampling noise drawn here so that ``generator`` may be one per batch row
-    (``prompt_generators``): row b's level-0 noise is drawn on the CPU from ``generator[b]``, its
-    sampling noise on the device from a device generator seeded from ``generator[b]``. With one
-    generator (or ``None``) the batch is drawn from it, as ``refine`` does."""
+    """Coarse-to-fine refinement from ``x_start = I(keyframes, M_0)`` (``corruption.refine``).
+
+    ``generator`` may be one per batch row (``prompt_generators``): row b's level-0 noise is drawn on
+    the CPU from ``generator[b]``, its sampling noise on the device from a device generator seeded
+    from ``generator[b]`` (``corruption.randn_rows``). One generator (or ``None``) draws the batch."""
     B, C, T, H, W = x_start_B_C_T_H_W.shape
     S = masks_B_S_T.shape[1]
     sig = level_sigmas(S, st.sigma_max, st.sigma_min)
@@ -274,7 +265,11 @@ def phase2_refine(
     # level timesteps computed once on the host and moved once (no per-level host->device copy)
     t_S_B = level_timestep(st.budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(x.device)
 
-    # sampling noise is drawn on the tensor's device: device generators seeded from ``generator``
+    def restorer(x_s, s, mask_s, conf_s):
+        # conf_s = anchor_confidence(M_s) built by refine from this level's mask, as in training
+        return phase2_restore(transformer, x_s, mask_s, t_S_B[s], emb_B_L_D, p2, conf_B_T=conf_s)
+
+    # refine draws sampling noise on the tensor's device: device generators seeded from ``generator``
     dev_gen = None
     if st.noise != "none" and generator is not None:
         def device_gen(g):
@@ -283,20 +278,8 @@ def phase2_refine(
             return d
 
         dev_gen = [device_gen(g) for g in generator] if isinstance(generator, (list, tuple)) else device_gen(generator)
-    for s in range(S - 1):
-        m, m_next = masks_B_S_T[:, s], masks_B_S_T[:, s + 1]
-        # conf = anchor_confidence(M_s) built from this level's mask, as in training
-        x0_hat = phase2_restore(transformer, x, m, t_S_B[s], emb_B_L_D, p2, conf_B_T=anchor_confidence(m, st.confidence))
-        sig_next, sig_s = float(sig[s + 1]), float(sig[s])
-        # the deterministic part of tacos_step (noise_scale 0 draws nothing), then its noise term
-        x = tacos_step(x, x0_hat, m, m_next, time_dim=2, noise=st.noise, sigma_next=sig_next, noise_scale=0.0,
-                       sigma_s=sig_s)
-        scale = st.noise_scale if st.noise == "constant" else st.noise_scale * sig_next
-        if st.noise != "none" and scale > 0:
-            miss_next = (~m_next)[:, None, :, None, None]
-            eps = _device_randn(x.shape, dev_gen, x.device).to(x.dtype)
-            x = x + torch.tensor(scale, dtype=torch.float64).to(x.dtype) * eps * miss_next
-    return x
+    return refine(restorer, x, masks_B_S_T, time_dim=2, sigmas=sig, noise=st.noise, noise_scale=st.noise_scale,
+                  confidence=st.confidence, generator=dev_gen)
 
 
 @torch.no_grad()

@@ -125,8 +125,10 @@ def interpolate_corrupt(
     in ``interpolate``.
     """
     td = _check_x(x, mask, time_dim, check_values)
-    if eps.shape != x.shape:
-        raise ValueError(f"interpolate_corrupt: eps must have x's shape {list(x.shape)}, got {list(eps.shape)}")
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape or not eps.is_floating_point() or eps.device != x.device:
+        got = (f"{list(eps.shape)} {eps.dtype} on {eps.device}" if isinstance(eps, torch.Tensor) else type(eps).__name__)
+        raise ValueError(f"interpolate_corrupt: eps must be a float tensor of x's shape {list(x.shape)} on {x.device}, "
+                         f"got {got}")
     B = x.shape[0]
     sigma_B = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
     if sigma_B.numel() == 1:

@@ -83,6 +83,15 @@ def test_corrupt_adds_noise_only_on_missing_frames():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_corrupt_refuses_bad_eps_on_every_backend():
+    """An integer or mis-shaped eps is refused by the torch path as by the Triton one (it was cast)."""
+    x = torch.randn(2, 6, 3)
+    mask = torch.tensor([[True, False, True, False, False, True]] * 2)
+    for eps in (torch.randint(0, 3, (2, 6, 3)), torch.randn(2, 6, 2)):
+        with pytest.raises(ValueError, match="eps must be a float tensor of x's shape"):
+            interpolate_corrupt(x, mask, 0.1, eps, backend="torch")
+
+
 @pytest.mark.parametrize(
     "x,mask,msg",
     [

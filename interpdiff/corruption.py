@@ -107,17 +107,23 @@ def corrupt(
     return interpolate_corrupt(x0, mask_s, sigma_s, eps, time_dim=time_dim, backend=backend)
 
 
-def randn_rows(like: torch.Tensor, generator=None) -> torch.Tensor:
-    """Standard normal noise of ``like``'s shape, float32 on its device, from one generator for the
-    whole batch or, with a list of generators (one per batch row), row ``b`` from ``generator[b]``:
-    a row's noise then does not depend on the batch it is sampled in (``sample.py``'s per-prompt
-    seeds). Generators must live on ``like``'s device."""
+def randn_rows(shape, generator=None, device=None) -> torch.Tensor:
+    """Standard normal float32 noise of ``shape`` on ``device``, from one generator for the whole
+    tensor or, with a list of generators (one per batch row), row ``b`` from ``generator[b]``: a
+    row's noise then does not depend on the batch it is sampled in (``sample.py``'s per-prompt
+    seeds). Each draw happens on its generator's device (a CPU generator draws on the CPU, then the
+    noise moves), so the numbers are the generator's whatever ``device``; ``None`` draws on ``device``."""
+    shape = tuple(shape)
+
+    def draw(sh, g):
+        where = device if g is None else g.device
+        return torch.randn(sh, generator=g, device=where, dtype=torch.float32)
+
     if isinstance(generator, (list, tuple)):
-        if len(generator) != like.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}: expected one per row")
-        return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g, device=like.device, dtype=torch.float32)
-                            for g in generator])
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: expected one per row")
+        return torch.stack([draw(shape[1:], g).to(device) for g in generator])
+    return draw(shape, generator).to(device)
 
 
 def _missing(mask_B_T: torch.Tensor, like: torch.Tensor, time_dim: int) -> torch.Tensor:
@@ -187,7 +193,7 @@ def tacos_step(
     if noise != "none":
         scale = torch.full_like(sig_next, noise_scale) if noise == "constant" else noise_scale * sig_next
         if bool((scale > 0).any()):
-            eps = randn_rows(x_s, generator).to(x_s.dtype)
+            eps = randn_rows(x_s.shape, generator, x_s.device).to(x_s.dtype)
             x_next = x_next + scale.to(x_s.dtype) * eps * miss_next
     if clip is not None:
         x_next = x_next.clamp(*clip)

@@ -425,6 +425,13 @@ def test_student_sample_shapes_and_phase2_levels():
     idx = torch.tensor([[0, 4, 8], [0, 5, 8]])
     key = DW.student_sample(tr, emb, (16, 3, 4, 6), steps=2, idx_B_K=idx, generator=torch.Generator().manual_seed(0))
     assert key.shape == (2, 16, 3, 4, 6)
+    # one generator per row (sample.py's per-prompt seeds): each row equals its own single-row run
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    both = DW.student_sample(tr, emb, (16, 3, 4, 6), steps=2, idx_B_K=idx, generator=gens())
+    for b in range(2):
+        one = DW.student_sample(tr, emb[b : b + 1], (16, 3, 4, 6), steps=2, idx_B_K=idx[b : b + 1],
+                                generator=[gens()[b]])
+        torch.testing.assert_close(both[b : b + 1], one, rtol=1e-5, atol=1e-5)
     assert DW.phase2_student_levels(4, 1) == [0] and DW.phase2_student_levels(4, 2) == [0, 1]
     assert DW.phase2_student_levels(5, 2) == [0, 2]
     with pytest.raises(ConfigError, match=r"phase2_levels=\[0, 3\]"):

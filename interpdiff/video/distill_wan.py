@@ -78,7 +78,7 @@ import torch
 
 from interpdiff import distill as D
 from interpdiff.config import ConfigError, from_dict
-from interpdiff.corruption import anchor_confidence, level_sigmas, refine, tacos_step
+from interpdiff.corruption import anchor_confidence, level_sigmas, randn_rows, refine, tacos_step
 from interpdiff.flow import flow_match_target, flow_match_xt, shift_sigma
 from interpdiff.interpolate import interpolate_corrupt
 from interpdiff.io import CheckpointError
@@ -893,8 +893,8 @@ def student_sample(transformer, emb_B_L_D: torch.Tensor, shape_CTHW: tuple[int, 
     dev = emb_B_L_D.device
     times = D.consistency_times(steps, mid_times, sigma_max)
 
-    def randn():
-        return torch.randn((B, *shape_CTHW), generator=generator).to(dev)
+    def randn():  # one generator, or one per batch row (corruption.randn_rows)
+        return randn_rows((B, *shape_CTHW), generator, dev)
 
     F = D.trig_model(_velocity(transformer, emb_B_L_D, idx_B_K))
     return D.consistency_sample(F, randn(), times, randn)
@@ -915,7 +915,7 @@ def phase2_student_refine(transformer, x_start_B_C_T_H_W: torch.Tensor, masks_B_
     x = x_start_B_C_T_H_W.float()
     if init_noise and float(sig[0]) > 0:
         miss = (~masks_B_S_T[:, 0]).float()[:, None, :, None, None]
-        x = x + float(sig[0]) * torch.randn(x.shape, generator=generator).to(x.device) * miss
+        x = x + float(sig[0]) * randn_rows(x.shape, generator, x.device) * miss
     t_S_B = level_timestep(st.budgets, torch.arange(S), T)[:, None].expand(S, B).contiguous().to(x.device)
     for i, s in enumerate(levels):
         m = masks_B_S_T[:, s]

@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from interpdiff.corruption import anchor_confidence, level_sigmas, refine
+from interpdiff.corruption import anchor_confidence, level_sigmas, randn_rows, refine
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import check_nested, mask_to_indices, uniform_nested_masks
@@ -127,24 +127,9 @@ def prompt_generators(seed: int, start: int, n: int) -> list[torch.Generator]:
 
 
 def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None, device, dtype=torch.float32):
-    """Standard normal ``shape`` drawn on the CPU: from one generator (``None``: the global one) for the
-    whole tensor, or, with a list of generators (one per batch row), row ``b`` from ``generator[b]``
-    (a row's noise is then independent of the batch it is in)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: expected one per row")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32)
-                            for g in generator]).to(device, dtype)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-
-
-def _per_row(fn, generator, *batched):
-    """``fn(*rows, generator=g)`` once per batch row with that row's generator, concatenated, when
-    ``generator`` is a list (samplers that draw one batch from one generator, e.g. the distilled
-    students); otherwise one call on the whole batch."""
-    if not isinstance(generator, (list, tuple)):
-        return fn(*batched, generator=generator)
-    return torch.cat([fn(*(t[b : b + 1] for t in batched), generator=g) for b, g in enumerate(generator)])
+    """Standard normal ``shape``: one generator for the whole tensor, or one per batch row
+    (``corruption.randn_rows``; CPU generators draw on the CPU)."""
+    return randn_rows(shape, generator, device).to(dtype)
 
 
 @torch.no_grad()
@@ -702,9 +687,8 @@ def student_sampler_args(cfg: SampleConfig, meta: dict) -> dict:
 
 
 def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> dict:
-    """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students. With one
-    generator per batch row (``run_sampling``), the students (which draw a whole batch from one
-    generator) run row by row, so a prompt's noise is its own generator's whatever the batch."""
+    """``phase1_fn`` / ``phase2_fn`` for ``two_phase_sample`` from the loaded students (one generator,
+    or one per batch row: ``run_sampling``'s per-prompt generators)."""
     from interpdiff.video.distill_wan import phase2_student_levels, phase2_student_refine, student_sample
 
     fns = {}
@@ -715,11 +699,8 @@ def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> d
         def phase1_fn(emb, idx, chw, generator):
             C, H, W = chw
 
-            def one(e, i, generator):
-                return student_sample(tr1, e, (C, i.shape[1], H, W), a1["steps"], a1["mid_times"], a1["sigma_max"],
-                                      idx_B_K=i, generator=generator)
-
-            return _per_row(one, generator, emb, idx)  # the student draws a batch from one generator
+            return student_sample(tr1, emb, (C, idx.shape[1], H, W), a1["steps"], a1["mid_times"], a1["sigma_max"],
+                                  idx_B_K=idx, generator=generator)
 
         fns["phase1_fn"] = phase1_fn
     if "phase2" in students:
@@ -735,10 +716,7 @@ def student_samplers(cfg: SampleConfig, students: dict, st: Phase2Settings) -> d
         levels = phase2_student_levels(len(st.budgets), steps, dist.get("phase2_levels") if steps == dist["sampler"]["steps"] else None)
 
         def phase2_fn(x_start, masks, emb, generator):
-            def one(x, m, e, generator):
-                return phase2_student_refine(tr2, x, m, e, st, levels, generator)
-
-            return _per_row(one, generator, x_start, masks, emb)
+            return phase2_student_refine(tr2, x_start, masks, emb, st, levels, generator)
 
         fns["phase2_fn"] = phase2_fn
     return fns
@@ -809,8 +787,8 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
                         from interpdiff.video.distill_wan import student_sample
 
                         a = student_sampler_args(cfg, students["full"][1])
-                        lat = _per_row(lambda e, generator: student_sample(tr, e, (C, T, H, W), a["steps"], a["mid_times"],
-                                                                           a["sigma_max"], generator=generator), g, emb)
+                        lat = student_sample(tr, emb, (C, T, H, W), a["steps"], a["mid_times"], a["sigma_max"],
+                                             generator=g)
                     else:
                         lat = full_sample(tr, emb, (C, T, H, W), cfg.full_steps, cfg.shift, cfg.guidance, neg_b, g)
         with timer.stage("vae_decode"):

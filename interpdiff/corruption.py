@@ -20,8 +20,9 @@ keyframes too, and in the output, while training shows level ``s+1`` the smaller
 ``sigma_{s+1}`` and exact keyframes. So the update is (``tacos_step``)::
 
     x_{s+1} = D(x0_hat, s+1) + I(x_s - x0_hat, M_s) + rho * n_s * (1 - M_{s+1})
-    rho     = sigma_{s+1} / sigma_s   (noise "none"; 1 when sigma_s = 0 or is not given: plain TACoS)
+    rho     = sigma_{s+1} / sigma_s   (noise "none"; 1 when sigma_s = 0)
             = 0, plus fresh noise_scale * sigma_{s+1} * z on the frames missing in M_{s+1}  (noise "level")
+            = 1 when sigma_s is not given (no schedule: plain TACoS, whatever the noise mode)
 
 With ``rho = 1`` this is the literal TACoS update except on the new keyframes of ``M_{s+1}``,
 which get no noise (as in training). ``noise="none"`` rescales the sampler's own noise estimate
@@ -180,12 +181,14 @@ def tacos_step(
     # D(x0_hat, s+1) + I(x_s - x0_hat, M_s)  (= D(x0_hat, s+1) + I(x_s, M_s) - D(x0_hat, s))
     x_next = degrade(x0_hat, mask_next, td, backend) + (lin_s - degrade(x0_hat, mask_s, td, backend))
     miss_next = _missing(mask_next, x_s, td)
-    if noise != "level":
-        if sigma_s is None:
-            rho = torch.ones_like(sig_next)
-        else:
-            sig_s = per_sample(sigma_s, "sigma_s")
-            rho = torch.where(sig_s > 0, sig_next / sig_s.clamp_min(1e-300), torch.ones_like(sig_next))
+    if sigma_s is None:  # no schedule: plain TACoS, the noise part carried as is (any noise mode)
+        rho = torch.ones_like(sig_next)
+    elif noise == "level":  # replaced by fresh noise of the next level's sigma below
+        rho = torch.zeros_like(sig_next)
+    else:
+        sig_s = per_sample(sigma_s, "sigma_s")
+        rho = torch.where(sig_s > 0, sig_next / sig_s.clamp_min(1e-300), torch.ones_like(sig_next))
+    if bool((rho != 0).any()):
         # n_s = x_s - I(x_s, M_s), rescaled to the next level and kept on the frames still missing
         x_next = x_next + (rho.to(x_s.dtype) * (x_s - lin_s)) * miss_next
     keep = ~_missing(mask_s, x_s, td)

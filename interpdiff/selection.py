@@ -136,7 +136,10 @@ def segment_costs(
             # Every term is a dot product of frames, so the Gram matrix G = x x^T ([b, T, T]) and its
             # prefix sums carry all of it: memory O(T^2) per sample, not O(T^2 D) (a Wan latent,
             # D = 16 x 60 x 104, needed 2 GB of temporaries), and one matmul over D.
-            G = xb @ xb.transpose(1, 2)  # (b, T, T)
+            # centred per sample first: the cost is shift-invariant, and a large common offset would
+            # otherwise cancel catastrophically in the Gram terms (|x|^2 ~ D M^2)
+            xc = xb - xb.mean(1, keepdim=True)
+            G = xc @ xc.transpose(1, 2)  # (b, T, T)
             arf = ar.to(xb)
             zero = G.new_zeros(G.shape[0], T, 1)
             P = torch.cat([zero, G.cumsum(2)], 2)  # P[k, t] = sum_{u<t} x_k . x_u      (b, T, T+1)

@@ -149,3 +149,5 @@ def test_tacos_step_keeps_the_tacos_correction():
     torch.testing.assert_close(scaled, expect, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="sigma_s"):
         tacos_step(x_s, x_hat, m0, m1, sigma_next=0.1, sigma_s=torch.ones(3))
+    # no schedule (sigma_s not given): plain TACoS whatever the noise mode (level adds 0 noise here)
+    torch.testing.assert_close(tacos_step(x_s, x_hat, m0, m1, noise="level"), got, atol=0, rtol=0)

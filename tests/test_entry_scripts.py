@@ -186,6 +186,12 @@ def test_validation_reads_its_own_shards(shards, tmp_path, no_model):
     train_keys = {k for bb in make_validation_batches(parse_cli(VideoTrainConfig, _args(shards, tmp_path / "r")))(0, 0)
                   for k in bb["keys"]}
     assert set(b["keys"]) == {"sample_000000014", "sample_000000015"} and not set(b["keys"]) & train_keys
+    # fewer held-out samples than validation.num_samples / the batch size, and more ranks than shards:
+    # one partial batch, read whole (it used to raise StopIteration at the first validation)
+    cfg = parse_cli(VideoTrainConfig, _args(shards, tmp_path / "r", f"validation.shards={held}/shard_*.tar",
+                                            "validation.num_samples=5", "train.batch_size=4", "data.world_size=4",
+                                            "data.rank=3"))
+    assert len(next(iter(make_validation_batches(cfg)(0, 0)))["keys"]) == 2
     with pytest.raises(ConfigError, match=r"validation\.shards.*nowhere"):
         _run(train_phase2, _args(shards, tmp_path / "r", f"validation.shards={tmp_path}/nowhere/shard_*.tar"))
 

@@ -502,14 +502,31 @@ def make_batches(cfg: VideoTrainConfig):
 
 def make_validation_batches(cfg: VideoTrainConfig):
     """Validation's own loader (the training stream is untouched): ``validation.shards`` read once in
-    order, or, when empty, the training shards (their first batch)."""
+    order, or, when empty, the training shards (their first batch).
+
+    Held-out shards are read whole by every rank (no shard split: validation needs one batch, and a
+    held-out set may have fewer shards than ranks), as one possibly partial batch of
+    ``validation.num_samples``; that batch is read now, so an empty or unreadable set stops the run
+    before training, naming ``validation.shards``."""
     if not cfg.validation.shards:
         return make_batches(cfg)[0]
-    data = dataclasses.replace(cfg.data, shards=cfg.validation.shards, resampled=False)
+    from interpdiff.video.data import LatentLoader, resolve_shards
+
+    data = dataclasses.replace(cfg.data, shards=cfg.validation.shards, resampled=False, partial_batches=True,
+                               rank=0, world_size=1, batch_size=max(1, cfg.validation.num_samples), num_workers=0)
     try:
-        return make_batches(dataclasses.replace(cfg, data=data))[0]
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("data.shards", "validation.shards", 1)) from None
+        resolve_shards(data.shards)
+        first = next(iter(LatentLoader(data)), None)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"validation.shards={cfg.validation.shards!r}: {e}") from None
+    if first is None:
+        raise ConfigError(f"validation.shards={cfg.validation.shards!r}: the shards hold no readable sample")
+    batch = batch_to_dict(first)
+
+    def batches(epoch: int, skip: int):
+        yield batch
+
+    return batches
 
 
 def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:

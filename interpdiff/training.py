@@ -414,6 +414,9 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
     # mixed_precision="no" (the JSON's "bf16": {"enabled": "auto"} becomes false) and the loop
     # runs the same torch.autocast(bf16) the DDP path gets (``autocast_context``); the frozen base
     # is already bf16 and the trainable weights, gradients and optimizer states stay fp32.
+    if _deepspeed_requested() and mp == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 with DeepSpeed: DeepSpeed's fp16 mode casts every parameter, the "
+                          "trainable ones included, to fp16; use bf16 (the loop's own autocast, fp32 trainable weights)")
     ds_bf16 = _deepspeed_requested() and mp == "bf16"
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,

@@ -305,3 +305,13 @@ def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path):
     assert [r["loss"] for r in rows] == pytest.approx(r_full.losses, rel=1e-6)
     with open(tmp_path / "cut" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
+
+
+def test_fp16_with_deepspeed_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """DeepSpeed's fp16 mode would cast the trainable weights to fp16: refused in make_accelerator,
+    before the Accelerator (and any process group) is created."""
+    from interpdiff.training import TrainLoopConfig, make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 with DeepSpeed"):
+        make_accelerator(TrainLoopConfig(run_dir=str(tmp_path), mixed_precision="fp16"), tmp_path)

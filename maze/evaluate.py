@@ -500,11 +500,17 @@ def recount_costs(cfg) -> dict:
     planner.settings.index_source = cfg.eval.index_source
     data = load_split(cfg.data.root, cfg.eval.split)
     old = res.get("cost", {})
-    new = {m: sampling_cost(planner, data, m, 1) for m in old}
-    for m, c in new.items():  # FLOPs and NFE recounted; the wall time stays the original run's (a quiet machine)
-        if "wall_s" in old[m]:
-            c["wall_s"] = old[m]["wall_s"]
-    res["cost_previous"] = old
+    new = {}
+    for m in old:
+        try:
+            new[m] = sampling_cost(planner, data, m, 1)
+        except FileNotFoundError as e:  # a student not loaded with this config: keep its old entry
+            print(f"[maze.evaluate] recount: keeping {m} as it was: {e}")
+            new[m] = old[m]
+            continue
+        if "wall_s" in old[m]:  # FLOPs and NFE recounted; the wall time stays the original run's
+            new[m]["wall_s"] = old[m]["wall_s"]
+    res.setdefault("cost_previous", old)  # the first recount keeps the original numbers
     res["cost"] = new
     res["cost_counter"] = "FlopCounterMode, attention on the math SDPA backend (maze.evaluate.counting_flops)"
     atomic_write_text(path, json.dumps(res, indent=1, default=float))

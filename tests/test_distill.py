@@ -297,6 +297,13 @@ def test_merge_lora_into_base_equals_the_peft_teacher(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_student_metadata_records_the_tacos_rule(tmp_path):
+    """Students record which phase-2 jump they were trained on (the noise-rescaled TACoS step), so a
+    2-step phase-2 student from before the change can be recognised at load."""
+    cfg = _cfg(tmp_path)
+    assert DW.distill_meta(cfg, None)["distill"]["tacos_rule"] == DW.TACOS_RULE == "noise_rescaled"
+
+
 def test_merged_teacher_keeps_the_mask_channel_weights_fp32(tmp_path):
     """A bf16 base merged with a phase-2 LoRA keeps the fp32-trained mask-channel weights exactly
     (rounding them to bf16 changed the teacher's output)."""

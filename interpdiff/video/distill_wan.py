@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ from interpdiff.video.objectives import (
     phase2_budgets,
     phase2_restore,
 )
+
+log = logging.getLogger(__name__)
 
 STUDENT = "student"
 FAKE = "fake_score"
@@ -785,13 +788,20 @@ def make_distill_validation(cfg: DistillTrainConfig, ctx: LossContext, batches):
 # --- training spec ------------------------------------------------------------------------------
 
 
+# The phase-2 jump a 2-step student is trained on and sampled with (corruption.tacos_step): since
+# 2026-11-26 the noise part is rescaled to the next level's sigma. Students written before carry no
+# such key and were trained on the unscaled jump.
+TACOS_RULE = "noise_rescaled"
+
+
 def distill_meta(cfg: DistillTrainConfig, p2: Phase2Config | None) -> dict:
     """What a sampler needs to rebuild the student (stored as ``extra`` in its LoRA folder)."""
     d = cfg.distill
     phase = TARGET_PHASE[d.target]
     out = {"phase": phase, "distill": {"target": d.target, "teacher_lora": str(Path(d.teacher_lora).resolve()) if d.teacher_lora else "",
                                        "mode": d.mode, "sampler": dataclasses.asdict(d.sampler),
-                                       "phase2_levels": list(d.phase2_levels), "adapter": STUDENT}}
+                                       "phase2_levels": list(d.phase2_levels), "adapter": STUDENT,
+                                       "tacos_rule": TACOS_RULE}}
     if phase == 1:
         out["phase1"] = dataclasses.asdict(cfg.phase1)
     if phase == 2:
@@ -871,6 +881,10 @@ def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str =
     dist = meta["extra"]["distill"]
     if want_target is not None and dist["target"] != want_target:
         raise ConfigError(f"{str(lora_dir)!r} is a distilled {dist['target']!r} student, expected {want_target!r}")
+    if dist["target"] == "phase2" and int(dist["sampler"]["steps"]) > 1 and dist.get("tacos_rule") != TACOS_RULE:
+        log.warning("%s: a 2-step phase-2 student written before the TACoS noise rescaling (no tacos_rule=%r in its "
+                    "metadata): it was trained on the unscaled level-m jump and now sees the rescaled one; redistil it",
+                    lora_dir, TACOS_RULE)
     tr = wan.load_transformer(model_path, dtype=base_dtype(ModelConfig(dtype=dtype)))
     wan.set_attention_backend(tr, attention)
     teacher = dist.get("teacher_lora") or ""

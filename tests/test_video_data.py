@@ -508,9 +508,20 @@ def test_precompute_cache_resume_redoes_shards_made_from_other_items_or_settings
     assert c5["stale_shards"] == 1 and "clip.height: 16 -> 32" in caplog.text
     assert shards() == {"shard_000000.tar": {"a": ("prompt a", (16, 2, 4, 2)),
                                              "b": ("prompt b, rewritten", (16, 2, 4, 2))}}
-    # a shard without its manifest (older version / crash before the manifest) is redone too
+    # a shard without its manifest (older version / crash before the manifest): refused by default,
+    # re-encoded with legacy_shards=redo, kept with legacy_shards=adopt when its keys are the items
     (out / "shard_000000.json").unlink()
-    c6 = cfg_run(height=32, max_items=2)
+    with pytest.raises(ValueError, match=r"shard_000000.tar.*legacy_shards=adopt"):
+        cfg_run(height=32, max_items=2)
+    c6 = cfg_run(height=32, max_items=2, legacy_shards="redo")
     assert c6["stale_shards"] == 1 and c6["written"] == 1 and (out / "shard_000000.json").is_file()
+    manifest = (out / "shard_000000.json").read_text()
+    (out / "shard_000000.json").unlink()
+    c6b = cfg_run(height=32, max_items=2, legacy_shards="adopt")
+    assert (c6b["skipped_shards"], c6b["written"]) == (1, 0) and (out / "shard_000000.json").read_text() == manifest
+    (out / "shard_000000.json").unlink()
+    c6c = cfg_run(height=32, max_items=1, samples_per_shard=1, legacy_shards="adopt")  # keys [a, b] vs items [a]
+    assert c6c["written"] == 1 and sorted(shards()["shard_000000.tar"]) == ["a"]
+    cfg_run(height=32, max_items=2)  # back to the two-item shard (settings differ: re-encoded)
     c7 = cfg_run(height=32, max_items=2)
     assert (c7["skipped_shards"], c7["stale_shards"], c7["written"]) == (1, 0, 0)

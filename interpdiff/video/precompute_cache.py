@@ -73,9 +73,16 @@ class PrecomputeConfig:
     text_dtype: str = "bfloat16"
     vae_dtype: str = "float32"
     seed: int = 0
+    # shards without a manifest (written before manifests existed, or a crash between the shard and
+    # its manifest): "error" = stop and say so; "adopt" = keep the shard when its keys are exactly
+    # the expected items (its settings cannot be checked: only for a cache made with the same
+    # settings) and write its manifest; "redo" = re-encode it
+    legacy_shards: str = "error"
 
     def validate(self) -> None:
         self.clip.validate()
+        if self.legacy_shards not in ("error", "adopt", "redo"):
+            raise ValueError(f"legacy_shards={self.legacy_shards!r} is not one of ['error', 'adopt', 'redo']")
         if self.samples_per_shard < 1 or self.batch_size < 1:
             raise ValueError(f"samples_per_shard ({self.samples_per_shard}) and batch_size ({self.batch_size}) "
                              f"must be >= 1")
@@ -123,6 +130,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _tar_keys(path: Path) -> list[str]:
+    """Sample keys of a shard in member order (``{key}.latent.pt`` / ``.embed.pt`` / ``.prompt.txt``)."""
+    import tarfile
+
+    keys: list[str] = []
+    try:
+        with tarfile.open(path) as tf:
+            for name in tf.getnames():
+                k = name.split(".", 1)[0]
+                if not keys or keys[-1] != k:
+                    keys.append(k)
+    except (OSError, tarfile.TarError):
+        return []
+    return keys
 
 
 def stale_reason(out: Path, s: int, expected: dict) -> str | None:
@@ -176,6 +199,22 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     mine = [s for s in range(n_shards) if s % world == rank]
     manifests = {s: shard_manifest(cfg, items, s) for s in mine}
     reasons = {s: stale_reason(out, s, manifests[s]) for s in mine}
+    legacy = [s for s in mine if (reasons[s] or "").startswith("no manifest")]
+    if legacy and cfg.legacy_shards == "error":
+        raise ValueError(
+            f"{out}: {len(legacy)} shard(s) without a manifest (e.g. {_shard_path(out, legacy[0]).name}), written by an "
+            "older version or interrupted before the manifest; their settings cannot be checked. Pass "
+            "legacy_shards=adopt to keep those whose keys are the expected items (same settings as this run), or "
+            "legacy_shards=redo to re-encode them")
+    if cfg.legacy_shards == "adopt":
+        for s in legacy:
+            keys = _tar_keys(_shard_path(out, s))
+            if keys == [it[0] for it in manifests[s]["items"]]:
+                atomic_write_text(_manifest_path(out, s), json.dumps(manifests[s], indent=1))
+                reasons[s] = None
+                log.warning("adopted %s (keys match the items; settings assumed to be this run's)", _shard_path(out, s).name)
+            else:
+                reasons[s] = f"no manifest, and its keys {keys[:4]} are not the expected items"
     todo = [s for s in mine if reasons[s] is not None]
     stale = [s for s in todo if reasons[s] != "missing"]
     for s in stale:

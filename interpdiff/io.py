@@ -21,6 +21,7 @@ import io
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,6 +35,9 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint path is missing, unreadable, or lacks what the caller needs."""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (``/proc/self/status``
     on Linux >= 4.7); elsewhere set-and-restore (``os.umask`` has no read-only form)."""
@@ -44,8 +48,9 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    mask = os.umask(0o022)
-    os.umask(mask)
+    with _UMASK_LOCK:  # set-and-restore: our own threads never see the temporary value
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 

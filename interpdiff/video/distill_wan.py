@@ -718,19 +718,15 @@ def make_distill_validation(cfg: DistillTrainConfig, ctx: LossContext, batches):
 
     Appends to ``validation/metrics.jsonl`` and writes ``val_XXXXXXXX.png`` latent previews."""
     from interpdiff.masks import uniform_nested_masks
-    from interpdiff.video.pipeline import Phase2Settings, _cfg_velocity, euler_flow_sample, latent_preview, phase2_refine
+    from interpdiff.video.pipeline import (Phase2Settings, _cfg_velocity, euler_flow_sample, latent_preview, phase2_refine,
+                                          validation_batch)
 
     held: dict = {}
     vc, d = cfg.validation, cfg.distill
 
     def validate(model, step: int, folder: Path, is_main: bool):
-        if "batch" not in held:
-            b = next(iter(batches(0, 0)))
-            n = min(vc.num_samples, b["lat"].shape[0])
-            held["batch"] = {"lat": b["lat"][:n], "emb": b["emb"][:n]}
         dev = next(model.parameters()).device
-        lat = held["batch"]["lat"].to(dev).float()
-        emb = held["batch"]["emb"].to(dev)
+        lat, emb = validation_batch(held, batches, vc.num_samples, dev)
         B, C, T, H, W = lat.shape
         g = torch.Generator().manual_seed(cfg.train.seed)
         amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()

@@ -408,6 +408,16 @@ def latent_preview(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path) -
 # --- validation during training ----------------------------------------------------------------
 
 
+def validation_batch(held: dict, batches, num_samples: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lat float32, emb)`` of the first ``num_samples`` of the first batch of epoch 0, read once
+    into ``held`` (the validators' fixed batch), moved to ``dev``."""
+    if "batch" not in held:
+        b = next(iter(batches(0, 0)))
+        n = min(num_samples, b["lat"].shape[0])
+        held["batch"] = {"lat": b["lat"][:n], "emb": b["emb"][:n]}
+    return held["batch"]["lat"].to(dev).float(), held["batch"]["emb"].to(dev)
+
+
 def make_validation(cfg, phase: int, batches) -> Callable:
     """``validate(model, step, folder, is_main)`` for ``TrainSpec``: on a fixed batch (the first of
     epoch 0), phase 1 samples keyframes at uniform indices and compares them with the true ones;
@@ -419,13 +429,8 @@ def make_validation(cfg, phase: int, batches) -> Callable:
     vcfg = cfg.validation
 
     def validate(model, step: int, folder: Path, is_main: bool):
-        if "batch" not in held:
-            b = next(iter(batches(0, 0)))
-            n = min(vcfg.num_samples, b["lat"].shape[0])
-            held["batch"] = {"lat": b["lat"][:n], "emb": b["emb"][:n], "keys": b["keys"][:n]}
         dev = next(model.parameters()).device
-        lat = held["batch"]["lat"].to(dev).float()
-        emb = held["batch"]["emb"].to(dev)
+        lat, emb = validation_batch(held, batches, vcfg.num_samples, dev)
         B, C, T, H, W = lat.shape
         g = torch.Generator().manual_seed(cfg.train.seed)
         ctx = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()

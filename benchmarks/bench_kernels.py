@@ -424,7 +424,8 @@ def compiled_kernel_info() -> list[dict]:
 
 
 def profile_launches(device, gen, cuda: bool) -> dict:
-    """One launch each of the forward (Wan, K=6), backward (Wan, K=6) and DP (T=128, K=16) kernels.
+    """One launch each of the forward (Wan, K=6; default and the other ``impl``), backward (Wan,
+    K=6) and DP (T=128, K=16; each impl, the sweep with and without prefetch) kernels.
 
     Meant for ``ncu -k regex:_kernel python benchmarks/bench_kernels.py profile_only=true``: the
     first launch of each shape compiles, the second is the one to read.
@@ -437,11 +438,15 @@ def profile_launches(device, gen, cuda: bool) -> dict:
     for _ in range(2):
         y = kint.interpolate_triton(x, m, 2)
         y.backward(torch.ones_like(y))
+        with torch.no_grad():
+            kint._forward(x.detach(), m, 2, impl="tloop" if kint.FWD_IMPL == "tile" else "tile")
         for impl in kdp.DP_IMPLS:
             kdp.dp_select_many_triton(cost, [K], impl=impl)
+        kdp.dp_select_many_triton(cost, [K], impl="sweep", prefetch=not kdp.SWEEP_PREFETCH)
     if cuda:
         torch.cuda.synchronize()
-    print("profile_only: launched interp fwd/bwd (Wan, K=6) and DP (B=4096, T=128, K=16, each impl) twice each")
+    print("profile_only: launched interp fwd (both impls)/bwd (Wan, K=6) and DP (B=4096, T=128, K=16, each impl, "
+          "sweep with and without prefetch) twice each")
     return {"profile_only": True}
 
 

@@ -163,6 +163,16 @@ class Timer:
         return {"ms": statistics.median(ts), "ms_p20": min(ts), "ms_p80": max(ts)}
 
 
+def fill_bandwidth(timer: Timer, nbytes: int, device) -> dict:
+    """GB/s of ``dst.fill_(1)`` for ``nbytes`` (written only): the write-only ceiling at that size.
+    A forward interpolation with few keyframes is almost all writes (K=2 at T=21: 21 rows
+    written, 2 read), so next to the copy rate it shows what a write-dominated kernel can reach."""
+    dst = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    t = timer(lambda: dst.fill_(1.0))
+    moved = dst.numel() * 4
+    return {"bytes": moved, **t, "GBps": moved / (t["ms"] * 1e-3) / 1e9}
+
+
 def copy_bandwidth(timer: Timer, nbytes: int, device) -> dict:
     """GB/s of ``dst.copy_(src)`` for ``nbytes`` (read + write counted)."""
     src = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device).uniform_()
@@ -213,7 +223,9 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
         nbytes = x.numel() * x.element_size()
         if nbytes not in copies:
             copies[nbytes] = copy_bandwidth(timer, nbytes, device)
+            copies[nbytes]["fill"] = fill_bandwidth(timer, nbytes, device)
         copy = copies[nbytes]
+        default_impl = kint._default_impl(T, x.numel() // (B * T))
         for K in case["ks"]:
             m = random_masks(B, T, K, device, gen)
             ref = interpolate_reference(x, m, td)
@@ -224,7 +236,9 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                 kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c, f"interpolate_corrupt {shape} K={K}",
                 scale + ref_c.double().abs(),
             )
-            _check_close(kint._forward(x, m, td, impl="tloop"), ref, f"interpolate tloop {shape} K={K}", scale)
+            others = [i for i in kint.FWD_IMPLS if i != default_impl]
+            for impl in others:
+                _check_close(kint._forward(x, m, td, impl=impl), ref, f"interpolate {impl} {shape} K={K}", scale)
             frac_key = K / T
             ops = {
                 # check=False: the mask was validated above; the value check is a host sync that
@@ -240,11 +254,12 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                     2 * nbytes,  # keyframe rows of x + missing rows of eps (= one x), every row written
                 ),
             }
-            ops["forward (tloop kernel)"] = (
-                lambda: kint._forward(x, m, td, impl="tloop"),
-                lambda: interpolate_reference(x, m, td),
-                nbytes * (1 + frac_key),
-            )
+            for impl in others:  # the forward kernels the dispatch does not pick at this shape
+                ops[f"forward ({impl} kernel)"] = (
+                    lambda impl=impl: kint._forward(x, m, td, impl=impl),
+                    lambda: interpolate_reference(x, m, td),
+                    nbytes * (1 + frac_key),
+                )
             if case.get("backward"):
                 xg = x.detach().requires_grad_(True)
                 g = torch.randn(shape, generator=gen).to(dtype).to(device)
@@ -269,7 +284,9 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                 rows.append({
                     "case": case["name"], "op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                     "K": K, "bytes": int(moved), "triton": tk, "torch": tr, "GBps": gbps,
-                    "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"], **eager,
+                    "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
+                    "fill_GBps": copy["fill"]["GBps"],
+                    "impl": op.split("(")[1].split()[0] if "(" in op else default_impl, **eager,
                 })
     return rows
 
@@ -323,8 +340,8 @@ def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -
                 if not (torch.equal(oi[0], ref_idx) and torch.equal(ot[:, 0], ref_tot)):
                     raise AssertionError(f"dp B={B} T={T} K={K} impl={other}: kernel differs from dp_select_reference")
                 others[other] = timer(lambda: kdp.dp_select_many_triton(cost, [K], impl=other))
-            if impl == "sweep":  # the sweep kernel with the other prefetch setting (kdp.SWEEP_PREFETCH)
-                pf = not kdp.SWEEP_PREFETCH
+            if impl == "sweep":  # the sweep kernel with the other prefetch setting (kdp.sweep_prefetch)
+                pf = not kdp.sweep_prefetch(T, K)
                 oi, ot = kdp.dp_select_many_triton(cost, [K], prefetch=pf)
                 if not (torch.equal(oi[0], ref_idx) and torch.equal(ot[:, 0], ref_tot)):
                     raise AssertionError(f"dp B={B} T={T} K={K} sweep prefetch={pf}: kernel differs from the reference")
@@ -336,7 +353,8 @@ def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -
                 dp_numpy(cost_np[b], K)
             np_ms = (time.perf_counter() - t0) * 1e3 * B / n_np
             rows.append({
-                "B": B, "T": T, "K": K, "cost_bytes": cost_bytes, "triton": tk, "impl": impl, "other_impls": others,
+                "B": B, "T": T, "K": K, "cost_bytes": cost_bytes, "triton": tk,
+                "impl": impl + ("+prefetch" if impl == "sweep" and kdp.sweep_prefetch(T, K) else ""), "other_impls": others,
                 "torch": tr,
                 "numpy_ms": np_ms, "numpy_samples": n_np, "speedup_torch": tr["ms"] / tk["ms"],
                 "speedup_numpy": np_ms / tk["ms"], "copy_GBps": copy["GBps"], "bound_ms": t_bound_ms,
@@ -369,12 +387,13 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                                  scale)
                     t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi))
                     out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": qi, **t})
-    for bq in (512, 1024, 2048):
-        for nw in (4, 8):
-            got = kint._forward(x, m, td, block_q=bq, num_warps=nw, impl="tloop")
-            _check_close(got, ref, f"sweep interpolate tloop BLOCK_Q={bq} num_warps={nw}", scale)
-            t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw, impl="tloop"))
-            out["interpolate"].append({"impl": "tloop", "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": 1, **t})
+    for impl in ("tloop", "seg"):
+        for bq in (512, 1024, 2048):
+            for nw in (4, 8):
+                got = kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl)
+                _check_close(got, ref, f"sweep interpolate {impl} BLOCK_Q={bq} num_warps={nw}", scale)
+                t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl))
+                out["interpolate"].append({"impl": impl, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": 1, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
     default = kint._fwd_blocks(shape[td], _inner(shape, td))
     out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))
@@ -433,16 +452,21 @@ def profile_launches(device, gen, cuda: bool) -> dict:
     wan = [8, 16, 21, 60, 104] if cuda else [2, 3, 7, 4, 5]
     x = torch.randn(wan, generator=gen).to(torch.bfloat16).to(device).requires_grad_(True)
     m = random_masks(wan[0], wan[2], 6 if cuda else 3, device, gen)
+    m2 = random_masks(wan[0], wan[2], 2, device, gen)
     B, T, K = (4096, 128, 16) if cuda else (4, 16, 4)
     cost = torch.rand(B, T, T, generator=gen).to(device)
     for _ in range(2):
         y = kint.interpolate_triton(x, m, 2)
         y.backward(torch.ones_like(y))
-        with torch.no_grad():
-            kint._forward(x.detach(), m, 2, impl="tloop" if kint.FWD_IMPL == "tile" else "tile")
+        with torch.no_grad():  # the forward kernels the dispatch does not pick, and K=2 (almost all writes)
+            default = kint._default_impl(wan[2], wan[3] * wan[4])
+            for impl in kint.FWD_IMPLS:
+                if impl != default:
+                    kint._forward(x.detach(), m, 2, impl=impl)
+            kint._forward(x.detach(), m2, 2)
         for impl in kdp.DP_IMPLS:
             kdp.dp_select_many_triton(cost, [K], impl=impl)
-        kdp.dp_select_many_triton(cost, [K], impl="sweep", prefetch=not kdp.SWEEP_PREFETCH)
+        kdp.dp_select_many_triton(cost, [K], impl="sweep", prefetch=not kdp.sweep_prefetch(T, K))
     if cuda:
         torch.cuda.synchronize()
     print("profile_only: launched interp fwd (both impls)/bwd (Wan, K=6) and DP (B=4096, T=128, K=16, each impl, "
@@ -588,6 +612,13 @@ def markdown(res: dict) -> str:
         L.append(f"| {r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['op']} | {r['K']} | "
                  f"{r['triton']['ms']:.4f} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['of_copy']:.0%} | "
                  f"{r['torch']['ms']:.4f}{flag} | {r['speedup']:.1f}x | {eg} |")
+    fills = {}
+    for r in res["interpolate"]:
+        fills.setdefault(f"{r['case']} {'x'.join(map(str, r['shape']))} {r['dtype']}", (r.get("fill_GBps"), r["copy_GBps"]))
+    L += ["", "Write-only ceiling at the same size (`fill_`, GB/s written; copy GB/s = read + written): " + "; ".join(
+        f"{k}: fill {f:.0f}, copy {c:.0f}" for k, (f, c) in fills.items() if f is not None) + ". `forward` rows use "
+        "the kernel the dispatch picks at that shape (" + ", ".join(sorted({f"{r['case']}: {r['impl']}" for r in res["interpolate"]
+                                                                            if r["op"] == "forward" and "impl" in r})) + ")."]
     L += ["", "| DP | K | triton ms (impl) | other impl ms | torch ms | vs torch | numpy ms (scaled) | vs numpy | "
           "bound ms | of bound | eager: triton ms, torch ms, vs torch |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

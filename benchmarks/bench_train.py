@@ -125,7 +125,8 @@ def build(args, dev, dtype):
     for _, p in wan.trainable_parameters(tr):
         p.data = p.data.float()
     if not args.no_ckpt:
-        wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy)
+        wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy,
+                                 placement=getattr(args, "ckpt_placement", None) or ("inside" if args.compile else "outside"))
     tr.to(dev).train()
     if args.compile:
         tr.compile_repeated_blocks(fullgraph=True)
@@ -133,35 +134,55 @@ def build(args, dev, dtype):
 
 
 def parse_variant(spec: str) -> dict:
-    """``attention:policy[:ratio][:compile]``, e.g. ``cudnn:attention``, ``sdpa:full:0.8``,
-    ``cudnn:attention:1:compile``."""
+    """``attention:policy[:ratio][:compile[:placement]]``, e.g. ``cudnn:attention``,
+    ``sdpa:full:0.8``, ``cudnn:attention:1:compile``, ``cudnn:attention:0.7:compile:outside``
+    (placement of the checkpoint relative to the compiled blocks, ``wan.enable_checkpointing``;
+    default ``inside`` when compiled)."""
     parts = spec.split(":")
-    if not 2 <= len(parts) <= 4 or parts[1] not in wan.CHECKPOINT_POLICIES + ("none",):
-        raise SystemExit(f"bench_train.py: bad --variants entry {spec!r}; expected attention:policy[:ratio][:compile] "
-                         f"with policy one of {list(wan.CHECKPOINT_POLICIES) + ['none']}")
+    ok = 2 <= len(parts) <= 5 and parts[1] in wan.CHECKPOINT_POLICIES + ("none",)
+    ok = ok and (len(parts) < 4 or parts[3] in ("compile", "eager")) and (len(parts) < 5 or parts[4] in ("inside", "outside"))
+    if not ok:
+        raise SystemExit(f"bench_train.py: bad --variants entry {spec!r}; expected attention:policy[:ratio][:compile|eager"
+                         f"[:inside|outside]] with policy one of {list(wan.CHECKPOINT_POLICIES) + ['none']}")
+    compiled = len(parts) > 3 and parts[3] == "compile"
     return {"attention": parts[0], "ckpt_policy": parts[1], "ckpt_ratio": float(parts[2]) if len(parts) > 2 else 1.0,
-            "compile": len(parts) > 3 and parts[3] == "compile"}
+            "compile": compiled, "placement": parts[4] if len(parts) > 4 else ("inside" if compiled else "outside")}
 
 
 def bench_train_variants(args, dev, write) -> list[dict]:
-    """Several training-step variants on one model (attention kernel and checkpointing are
-    switched in place; a fresh optimizer each); an error in one is recorded, the rest still run."""
+    """Several training-step variants (a fresh optimizer each); an error in one is recorded, the
+    rest still run. Variants that can share a model switch the attention kernel and the
+    checkpointing in place: the eager ones, and the compiled ones with the checkpoint outside the
+    compiled blocks. A compiled variant with the checkpoint inside the blocks is traced with its
+    policy, so it gets a fresh model (and a fresh Dynamo cache)."""
+    import gc
+
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tr, mcfg = build(args, dev, dtype)
+    tr = mcfg = kind = None
     out = []
     for spec in args.variants.split(","):
         v = parse_variant(spec)
         args.attention, args.ckpt_policy, args.ckpt_ratio = v["attention"], v["ckpt_policy"], v["ckpt_ratio"]
         args.no_ckpt = v["ckpt_policy"] == "none"
+        args.ckpt_placement = v["placement"]
+        want = ("compiled" if v["placement"] == "outside" or args.no_ckpt else "fresh") if v["compile"] else "eager"
         try:
-            wan.set_attention_backend(tr, args.attention)
-            if args.no_ckpt:
-                wan.unwrap_model(tr).disable_gradient_checkpointing()
+            if tr is None or want == "fresh" or want != kind:
+                tr = mcfg = None
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+                args.compile = v["compile"]
+                tr, mcfg = build(args, dev, dtype)
+                kind = want
             else:
-                wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy)
-            if v["compile"] and not args.compile:
-                args.compile = True
-                tr.compile_repeated_blocks(fullgraph=True)
+                wan.set_attention_backend(tr, args.attention)
+                if args.no_ckpt:
+                    wan.remove_block_checkpointing(tr)
+                    wan.unwrap_model(tr).disable_gradient_checkpointing()
+                else:
+                    wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy, placement="outside")
             r = bench_train_step(args, dev, (tr, mcfg))
         except Exception as e:  # noqa: BLE001 - a benchmark variant that cannot run is a result too
             r = {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -193,34 +214,44 @@ def bench_train_step(args, dev, built=None) -> dict:
     times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
-        _sync(dev)
-        t0 = time.perf_counter()
+
+    def one_step(i):
         with ctx():
             loss, _ = phase2_loss(tr, batch, i, cfg, policy, seed=0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = one_step(i)
         _sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
+    prof = profile_step(lambda: one_step(args.warmup + args.steps), dev, step) if getattr(args, "profile", False) else None
     fwd = wan_forward_flops(mcfg, T, H, W, Lt, args.lora_rank, extra_channels=1) * args.batch
     out = {
         "latent": [C, T, H, W], "batch": args.batch, "lora_rank": args.lora_rank,
         "grad_ckpt": 0.0 if args.no_ckpt else args.ckpt_ratio, "ckpt_policy": "none" if args.no_ckpt else args.ckpt_policy,
         "compile": args.compile, "attention": args.attention, "step_s_median": step, "step_s_all": times,
+        "ckpt_placement": None if args.no_ckpt else (getattr(args, "ckpt_placement", None)
+                                                     or ("inside" if args.compile else "outside")),
         "samples_per_s": args.batch / step, "fwd_tflop": fwd / 1e12, "loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
     }
+    if prof is not None:
+        out["profile"] = prof
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak(torch.cuda.get_device_name())
         if peak:
             out["device_peak_tflops"] = peak / 1e12
             out["mfu"] = 3 * fwd / step / peak
-    if args.tiny:  # cross-check the analytic count on the real module
+    if args.tiny and not args.compile:  # cross-check the analytic count on the real module (a dispatch mode: eager only)
         from torch.utils.flop_counter import FlopCounterMode
 
         from interpdiff.video.objectives import phase2_restore
@@ -238,6 +269,63 @@ def bench_train_step(args, dev, built=None) -> dict:
     if built is None:
         del tr
     return out
+
+
+# kernel-name patterns per category, first match wins (attention before GEMM: cuDNN/flash
+# attention kernels also carry "sm90"/"gemm"-like parts in their names)
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "sdpa", "attn", "attention")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "cublas")),
+    ("triton (inductor fusions, our kernels)", ("triton",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for cat, pats in KERNEL_CATEGORIES:
+        if any(p in low for p in pats):
+            return cat
+    return "other"
+
+
+def profile_step(step_fn, dev, step_s: float) -> dict:
+    """One more training step under ``torch.profiler``: device time per kernel category (attention,
+    GEMM, inductor/Triton fusions, optimizer, other), the top kernels, and how much of the median
+    unprofiled step the device is idle (``idle_s = step_s - kernel time``: host gaps, syncs).
+    On CPU (``--tiny``) the CPU operator times stand in for the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        step_fn()
+        _sync(dev)
+    per_cat: dict[str, float] = {}
+    kernels: list[tuple[str, float, int]] = []
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0) if cuda \
+            else (e.self_cpu_time_total if e.key.startswith("aten::") else 0)
+        if us <= 0:
+            continue
+        kernels.append((e.key, us / 1e6, e.count))
+        cat = kernel_category(e.key)
+        per_cat[cat] = per_cat.get(cat, 0.0) + us / 1e6
+    busy = sum(per_cat.values())
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "kernel_s": busy, "step_s": step_s, "idle_s": step_s - busy,
+        "by_category_s": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "s": t, "calls": c} for n, t, c in kernels[:15]],
+    }
+
+
+def _fmt_profile(p: dict) -> str:
+    cats = ", ".join(f"{k} {v:.3f} s ({v / p['step_s']:.0%})" for k, v in p["by_category_s"].items())
+    top = "\n".join(f"      {k['s'] * 1e3:8.1f} ms x{k['calls']:<4d} {k['name'][:110]}" for k in p["top_kernels"][:8])
+    return (f"    profile: kernels {p['kernel_s']:.3f} s of the {p['step_s']:.3f} s step (idle {p['idle_s']:.3f} s): {cats}\n"
+            f"    top kernels:\n{top}")
 
 
 def bench_sampler(args, dev) -> dict:
@@ -301,10 +389,11 @@ def _fmt_train(t: dict) -> str:
     if "error" in t:
         return f"  {t.get('variant', '')}: ERROR {t['error'][:300]}"
     head = (f"  {t.get('variant') or 'step'}: latent {t['latent']} batch {t['batch']} lora r{t['lora_rank']} "
-            f"ckpt {t['ckpt_policy']}@{t['grad_ckpt']} compile {t['compile']} attn {t['attention']}\n")
+            f"ckpt {t['ckpt_policy']}@{t['grad_ckpt']} ({t.get('ckpt_placement')}) compile {t['compile']} attn {t['attention']}\n")
     return head + (f"    step {t['step_s_median']:.3f} s | {t['samples_per_s']:.3f} samples/s | fwd {t['fwd_tflop']:.2f} TFLOP"
                    + (f" | peak mem {t['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in t else "")
-                   + (f" | MFU {100 * t['mfu']:.1f}% of {t['device_peak_tflops']:.0f} TFLOP/s" if "mfu" in t else ""))
+                   + (f" | MFU {100 * t['mfu']:.1f}% of {t['device_peak_tflops']:.0f} TFLOP/s" if "mfu" in t else "")
+                   + ("\n" + _fmt_profile(t["profile"]) if "profile" in t else ""))
 
 
 def main(argv=None):
@@ -318,6 +407,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
     ap.add_argument("--no-ckpt", action="store_true", help="gradient checkpointing off")
     ap.add_argument("--ckpt-ratio", type=float, default=1.0, help="fraction of blocks recomputed (1 = all)")
+    ap.add_argument("--ckpt-placement", default=None, choices=("inside", "outside"),
+                    help="checkpoint inside the compiled blocks (default with --compile) or around them")
     ap.add_argument("--ckpt-policy", default="full", choices=wan.CHECKPOINT_POLICIES,
                     help="full: recompute whole blocks; attention: keep the attention outputs (selective)")
     ap.add_argument("--variants", default="",
@@ -325,6 +416,8 @@ def main(argv=None):
                          "sdpa:full,cudnn:full,cudnn:attention (overrides --attention/--ckpt-*)")
     ap.add_argument("--policy-mix", default="uniform:0.3,random_nested:0.3,dp:0.4")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's bf16 dense peak")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step under torch.profiler: device time by kernel category and idle time")
     ap.add_argument("--no-sampler", action="store_true")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--sampler-attention", default="", help="attention kernel for the sampler (default --attention)")

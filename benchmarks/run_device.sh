@@ -30,6 +30,9 @@ SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
 COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile,cudnn:attention_ffn:1,cudnn:attention_ffn:0.93,cudnn:attention_ffn:0.9}
 DISTILL_VARIANTS=${DISTILL_VARIANTS:-full,full_discrete,phase1,phase2}
+KBENCH_ARGS=${KBENCH_ARGS:-sweep=true}   # bench_kernels.py options (sweep=false: about 40 s shorter)
+COMPILE_ARGS=${COMPILE_ARGS:-}           # extra bench_train.py options of the compile section, e.g. --profile
+# (compile variants: attention:policy:ratio:compile[:inside|outside], checkpoint placement, see wan.enable_checkpointing)
 on() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
@@ -68,7 +71,7 @@ fi
 
 if on kbench; then
     echo "== [$((SECONDS - T0)) s] kernel benchmark"
-    timeout 200 $PY benchmarks/bench_kernels.py sweep=true json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
+    timeout 200 $PY benchmarks/bench_kernels.py $KBENCH_ARGS json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
     rc_bench=${PIPESTATUS[0]}
 fi
 
@@ -81,18 +84,22 @@ fi
 
 if on compile; then
     echo "== [$((SECONDS - T0)) s] regional torch.compile variants" | tee -a "$OUT/train.log"
-    timeout 230 $PY benchmarks/bench_train.py --steps 5 --warmup 2 --no-sampler \
-        --variants "$COMPILE_VARIANTS" --json "$OUT/train_compile.json" 2>&1 | tee -a "$OUT/train.log"
+    timeout ${COMPILE_TIMEOUT:-230} $PY benchmarks/bench_train.py --steps 5 --warmup 2 --no-sampler \
+        --variants "$COMPILE_VARIANTS" $COMPILE_ARGS --json "$OUT/train_compile.json" 2>&1 | tee -a "$OUT/train.log"
     rc_compile=${PIPESTATUS[0]}
 fi
 
 if on ncu && command -v ncu >/dev/null 2>&1; then
     echo "== [$((SECONDS - T0)) s] ncu"
     # first launches of each kernel at the issue sizes; DRAM/SM throughput, occupancy, registers
-    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 12 -k regex:'_interp_fwd_kernel|_interp_fwd_tloop_kernel|_interp_bwd_kernel|_dp_kernel|_dp_sweep_kernel|_backtrack_kernel' \
+    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 24 -k regex:'_interp_fwd_kernel|_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel|_interp_bwd_kernel|_dp_kernel|_dp_sweep_kernel|_backtrack_kernel' \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__grid_size,launch__block_size \
         $PY benchmarks/bench_kernels.py profile_only=true >"$OUT/ncu.txt" 2>&1
     rc_ncu=$?
+    # the time-walk forwards (the Wan default) in detail: stall reasons, memory workload, K=6 and K=2
+    timeout 60 ncu --clock-control none --launch-count 6 -k regex:'_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel' \
+        --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        $PY benchmarks/bench_kernels.py profile_only=true >>"$OUT/ncu.txt" 2>&1 || rc_ncu=$?
 fi
 
 # last: the longest and least certain section (opt-in, see the header)

@@ -69,9 +69,19 @@ STREAM_BLOCK_S = 32
 DP_IMPLS = ("tile", "sweep")
 SWEEP_MAX_K = 32
 SWEEP_SPLIT = 2  # column halves in the sweep kernel (1: one full tile)
-# Sweep kernel: load the cost rows of step s + 1 during step s. Bit-identical either way; off until a
-# GPU run times it against the measured default (benchmarks/bench_kernels.py times both).
-SWEEP_PREFETCH = False
+# Sweep kernel: load the cost rows of step s + 1 during step s. Bit-identical either way. None: by
+# shape (`sweep_prefetch`); True/False forces it.
+SWEEP_PREFETCH = None
+
+
+def sweep_prefetch(T: int, k_max: int) -> bool:
+    """Whether the sweep kernel prefetches the next cost row. H200 (benchmarks/RESULTS.md,
+    B=4096): at T=128 it helps with many rows per step (K=16: 0.325 -> 0.320 ms, K=32: 0.638 ->
+    0.605 ms) and costs a little with few (K=8: 0.229 -> 0.231 ms; T=21, K=6: 0.022 -> 0.023 ms):
+    the extra registers only pay off when a step's relaxation is long enough to hide the load."""
+    if SWEEP_PREFETCH is not None:
+        return bool(SWEEP_PREFETCH)
+    return T > 64 and k_max >= 16
 
 
 def default_impl(T: int, k_max: int) -> str:
@@ -375,7 +385,7 @@ def dp_select_many_triton(
                 T, k_max,
                 c.stride(0), c.stride(1), c.stride(2),
                 BLOCK_T=bt, K_PAD=k_pad, SPLIT=split or SWEEP_SPLIT,
-                PREFETCH=SWEEP_PREFETCH if prefetch is None else bool(prefetch),
+                PREFETCH=sweep_prefetch(T, k_max) if prefetch is None else bool(prefetch),
                 num_warps=num_warps or max(1, min(4, bt // 32)),
             )
         else:

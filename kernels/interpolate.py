@@ -207,6 +207,70 @@ def _interp_fwd_tloop_kernel(
 
 
 @triton.jit
+def _interp_fwd_seg_kernel(
+    x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
+    T, P, Q,
+    sxb, sxp, sxt, sxq,
+    seb, sep, set_, seq,
+    smb, smt,
+    T_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The time walk by segments (``impl="seg"``): like ``tloop`` a program owns ``BLOCK_Q``
+    columns of one ``(b, p)`` row and reads each keyframe row once, but it loads the mask row as
+    one vector and jumps from keyframe to keyframe (the next one is a min-reduction over the
+    row, not a chain of per-frame scalar loads), and it issues the load of the *next* keyframe
+    row before writing the current segment, so a keyframe load overlaps the stores instead of
+    stalling them. Frames 0 and ``T-1`` are keyframes by definition: both rows are loaded at
+    the start together with the mask (no dependent load before the first segment at ``K=2``).
+    Same arithmetic as the other kernels."""
+    pid_bp = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    x_base = x_ptr + b * sxb + p * sxp + q * sxq
+    o_base = out_ptr + (b * P + p) * T * Q + q
+    e_base = eps_ptr + b * seb + p * sep + q * seq
+    ts = tl.arange(0, T_PAD)
+    key = ((tl.load(m_ptr + b * smb + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
+    x_first = tl.load(x_base, mask=q_ok, other=0.0)
+    x_last = tl.load(x_base + (T - 1) * sxt, mask=q_ok, other=0.0)
+    sig = 0.0
+    if HAS_NOISE:
+        sig = tl.load(sig_ptr + b).to(tl.float32)
+    tl.store(o_base, x_first, mask=q_ok)  # frame 0 is a keyframe
+    # first keyframe after 0 (T-1 when T == 1: the loop below does not run)
+    r = tl.reduce(tl.where(key & (ts > 0), ts, T - 1), 0, _ELEMENTWISE_MIN)
+    x_r = tl.where(r == T - 1, x_last, tl.load(x_base + r * sxt, mask=q_ok & (r != T - 1), other=0.0))
+    xl = x_first.to(ACC)
+    l = r * 0
+    while l < T - 1:
+        # prefetch the keyframe after r (none after T-1: the load is masked off)
+        r_next = tl.reduce(tl.where(key & (ts > r), ts, T - 1), 0, _ELEMENTWISE_MIN)
+        x_n = tl.where(r_next == T - 1, x_last,
+                       tl.load(x_base + r_next * sxt, mask=q_ok & (r_next != T - 1), other=0.0))
+        xr = x_r.to(ACC)
+        span = r - l
+        for u in range(l + 1, r):
+            w = _div(u - l, span, ACC)
+            out = xl * (1 - w) + xr * w
+            if HAS_NOISE:
+                e = tl.load(e_base + u * set_, mask=q_ok, other=0.0)
+                # round to x's dtype first, then add the noise in fp32 (the reference's order)
+                out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + sig * e.to(tl.float32)
+            tl.store(o_base + u * Q, out.to(out_ptr.dtype.element_ty), mask=q_ok)
+        tl.store(o_base + r * Q, x_r, mask=q_ok)
+        xl = xr
+        l = r
+        r = r_next
+        x_r = x_n
+
+
+@triton.jit
 def _interp_bwd_kernel(
     g_ptr, m_ptr, gx_ptr,
     T, P, Q,
@@ -330,11 +394,26 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 # Column blocks per forward program: the frame-index work (mask load, left/right keyframe
 # reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
 FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
-# Forward kernels: "tile" (frames x columns tiles; measured default) and "tloop" (a walk over
-# time reading each keyframe row once; not yet measured on a GPU, selectable for benchmarks).
-FWD_IMPLS = ("tile", "tloop")
-FWD_IMPL = "tile"
+# Forward kernels: "tile" (frames x columns tiles), "tloop" (a walk over time reading each
+# keyframe row once) and "seg" (the walk by segments with the next keyframe row prefetched).
+# FWD_IMPL=None picks by shape (`_default_impl`); a name forces that kernel everywhere.
+FWD_IMPLS = ("tile", "tloop", "seg")
+FWD_IMPL = None
 TLOOP_BLOCK_Q = 1024
+# The walks hold the mask row as one [T_PAD] vector (seg) / run T sequential steps: for long
+# sequences with few columns the tile kernel is the better shape.
+WALK_MIN_Q = 1024
+WALK_MAX_T = 1024
+
+
+def _default_impl(T: int, Q: int) -> str:
+    """The forward kernel for a ``[B, P, T, Q]`` problem (H200, benchmarks/RESULTS.md): at Wan
+    size (``Q = H*W = 6240``) the time walk reads each keyframe row once and beats the tile
+    kernel (76 % vs 69 % of the copy bandwidth at K=6); with few columns per row (maze,
+    ``Q = 2``) a walk has too little work per program (4.5x slower than the tile kernel)."""
+    if FWD_IMPL is not None:
+        return FWD_IMPL
+    return "tloop" if Q >= WALK_MIN_Q and T <= WALK_MAX_T else "tile"
 
 
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
@@ -360,11 +439,11 @@ def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
 def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None, q_iters=None,
              impl=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
-    impl = impl or FWD_IMPL
+    impl = impl or _default_impl(T, Q)
     if impl not in FWD_IMPLS:
         raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
-    if impl == "tloop":
-        return _forward_tloop(x, xr, (B, P, T, Q), sx, mask, td, sigma, eps, block_q, num_warps)
+    if impl in ("tloop", "seg"):
+        return _forward_walk(impl, x, xr, (B, P, T, Q), sx, mask, td, sigma, eps, block_q, num_warps)
     if T > MAX_BLOCK_T:
         raise ValueError(
             f"interpolate_triton: T={T} frames exceeds the kernel's limit {MAX_BLOCK_T}; use backend='torch'"
@@ -396,8 +475,12 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     return out
 
 
-def _forward_tloop(x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
+def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     B, P, T, Q = dims
+    if impl == "seg" and T > MAX_BLOCK_T:
+        raise ValueError(
+            f"interpolate_triton: T={T} frames exceeds the seg kernel's limit {MAX_BLOCK_T}; use impl='tloop'"
+        )
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -410,14 +493,12 @@ def _forward_tloop(x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     else:
         er, se, sig = xr, sx, m8  # unused (HAS_NOISE=False); any valid pointers
     grid = (B * P, triton.cdiv(Q, block_q))
-    _interp_fwd_tloop_kernel[grid](
-        xr, m8, er, sig, out,
-        T, P, Q,
-        *sx, *se,
-        m8.stride(0), m8.stride(1),
-        BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype),
-        num_warps=num_warps,
-    )
+    args = (xr, m8, er, sig, out, T, P, Q, *sx, *se, m8.stride(0), m8.stride(1))
+    meta = dict(BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
+    if impl == "seg":
+        _interp_fwd_seg_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), **meta)
+    else:
+        _interp_fwd_tloop_kernel[grid](*args, **meta)
     return out
 
 

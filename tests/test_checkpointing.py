@@ -26,6 +26,9 @@ class _CountSDPA(TorchDispatchMode):
 
 def _model():
     tr = wan.build_tiny_transformer(dtype=torch.float32)
+    # explicitly torch's SDPA: diffusers keeps the last backend set on any model as its active
+    # default, so a test that set "math" before would otherwise change what runs here
+    wan.set_attention_backend(tr, "sdpa")
     wan.freeze(tr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -139,18 +142,49 @@ def test_config_checkpoint_policy_is_validated_and_used(tmp_path):
         cfg.validate()
 
 
+@pytest.mark.parametrize("policy", ["full", "attention"])
+def test_inside_placement_eager_matches_and_is_undone(policy):
+    """``placement="inside"`` (each chosen block's forward wrapped in the checkpoint) gives the
+    uncheckpointed gradients, recomputes attention only under ``full``, and is removed by
+    ``remove_block_checkpointing`` / a new ``enable_checkpointing`` call; ``auto`` picks it once
+    the blocks are set up for ``torch.compile`` (nothing is traced by that)."""
+    ref_loss, ref_grads = _loss_and_grads(_model())
+    tr = _model()
+    chosen = wan.enable_checkpointing(tr, 1.0, policy, placement="inside")
+    assert not tr.gradient_checkpointing and all("forward" in b.__dict__ for b in tr.blocks)
+    mode = _CountSDPA()
+    loss, grads = _loss_and_grads(tr, mode)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert mode.n == (4 if policy == "full" else 2) * len(chosen)
+    with torch.no_grad():  # no checkpoint without grad
+        tr(hidden_states=torch.zeros(1, 16, 5, 4, 6), timestep=torch.tensor([1.0]),
+           encoder_hidden_states=torch.zeros(1, 7, wan.tiny_transformer_config()["text_dim"]))
+    wan.remove_block_checkpointing(tr)
+    assert not any("forward" in b.__dict__ for b in tr.blocks)
+    assert wan.enable_checkpointing(tr, 1.0, policy) and tr.gradient_checkpointing  # auto, eager: outside
+    tr.compile_repeated_blocks(fullgraph=True)
+    wan.enable_checkpointing(tr, 0.5, policy)  # auto, compiled: inside
+    assert not tr.gradient_checkpointing and sum("forward" in b.__dict__ for b in tr.blocks) == round(0.5 * len(tr.blocks))
+    assert wan.enable_checkpointing(tr, 0.0, policy) == [] and not any("forward" in b.__dict__ for b in tr.blocks)
+    with pytest.raises(ValueError, match="placement='middle'"):
+        wan.enable_checkpointing(tr, 1.0, policy, placement="middle")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", ["outside", "inside"])
 @pytest.mark.parametrize("policy", ["full", "attention", "attention_ffn"])
-def test_checkpointing_policies_under_regional_compile(policy):
+def test_checkpointing_policies_under_regional_compile(policy, placement):
     """``wan1.3b_phase2.yaml`` combines ``model.compile`` (diffusers' regional compile of the
     blocks) with selective checkpointing: the gradients must equal the eager, uncheckpointed
-    model's (inductor on CPU here; the same code path compiles for CUDA)."""
+    model's for both placements (inductor on CPU here; the same code path compiles for CUDA)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     ref_loss, ref = _loss_and_grads(_model())
     tr = _model()
-    wan.enable_checkpointing(tr, 1.0, policy)
+    wan.enable_checkpointing(tr, 1.0, policy, placement=placement)
     tr.compile_repeated_blocks(fullgraph=True)
     for _ in range(2):  # the first call compiles
         for p in tr.parameters():
@@ -159,3 +193,39 @@ def test_checkpointing_policies_under_regional_compile(policy):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
         for n in ref:
             torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_inside_placement_under_compile_applies_the_policy():
+    """Checkpoint inside the compiled blocks: the partitioner applies the policy to the traced
+    graph. Counted with the profiler over the backward (no dispatch mode is involved, so the
+    counts are the kernels that ran): ``full`` re-runs every attention call, ``attention`` none,
+    and ``attention_ffn`` also keeps the FFN up-projection (one matmul fewer per block), which the
+    outside placement cannot do under compile (inductor calls ``mm.out``)."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = wan.tiny_transformer_config()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg["in_channels"], 5, 4, 6, generator=g)
+    emb = torch.randn(2, 7, cfg["text_dim"], generator=g)
+    t = torch.tensor([100.0, 700.0])
+
+    def backward_counts(policy, placement):
+        torch._dynamo.reset()
+        tr = _model()
+        wan.enable_checkpointing(tr, 1.0, policy, placement=placement)
+        tr.compile_repeated_blocks(fullgraph=True)
+        for _ in range(2):  # the first step compiles
+            out = tr(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                (out ** 2).mean().backward()
+        c = {e.key: e.count for e in prof.key_averages()}
+        sdpa = sum(v for k, v in c.items() if k.startswith("aten::_scaled_dot_product") and not k.endswith("backward"))
+        return sdpa, c.get("aten::mm", 0) + c.get("aten::addmm", 0), len(tr.blocks)
+
+    full, attn, ffn = (backward_counts(p, "inside") for p in ("full", "attention", "attention_ffn"))
+    n_blocks = full[2]
+    assert full[0] == 2 * n_blocks and attn[0] == 0 and ffn[0] == 0  # self + cross attention per block
+    assert ffn[1] == attn[1] - n_blocks
+    assert full[1] >= attn[1]

@@ -274,24 +274,50 @@ def test_interpolate_unchecked_mask_treats_endpoints_as_keyframes(K):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["tloop", "seg"])
 @pytest.mark.parametrize("kind", ["random", "k2", "all", "adjacent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_interpolate_time_loop_kernel(K, kind, dtype):
-    """The time-walk forward (``impl="tloop"``) against the reference (fp32/fp64 bit-exact) and
-    the tile kernel (same arithmetic, bit-identical in every dtype), with and without the fused
-    corruption, on a non-contiguous Wan-layout view and a partial last column block."""
+def test_interpolate_time_walk_kernels(K, impl, kind, dtype):
+    """The time-walk forwards (``impl="tloop"``, ``impl="seg"``) against the reference
+    (fp32/fp64 bit-exact) and the tile kernel (same arithmetic, bit-identical in every dtype),
+    with and without the fused corruption, on a non-contiguous Wan-layout view and a partial
+    last column block."""
     g = torch.Generator().manual_seed(30)
     x = torch.randn(2, 13, 3, 5, generator=g).to(dtype).movedim(1, 2)  # [B, C, T, Q], time not contiguous
     m = _masks(2, 13, kind, seed=31)
-    got = K.interp._forward(x, m, 2, block_q=4, impl="tloop")
+    got = K.interp._forward(x, m, 2, block_q=4, impl=impl)
     assert torch.equal(got, K.interp._forward(x, m, 2, impl="tile"))
     assert_same(got, interpolate_reference(x, m, 2))
     eps = torch.randn(x.shape, generator=g).to(dtype)
     sigma = torch.tensor([0.3, 1.5])
-    got_c = K.interp._forward(x, m, 2, sigma=sigma, eps=eps, block_q=4, impl="tloop")
+    got_c = K.interp._forward(x, m, 2, sigma=sigma, eps=eps, block_q=4, impl=impl)
     assert torch.equal(got_c, K.interp._forward(x, m, 2, sigma=sigma, eps=eps, impl="tile"))
     with pytest.raises(ValueError, match="impl='nope' is not one of"):
         K.interp._forward(x, m, 2, impl="nope")
+
+
+@pytest.mark.parametrize("impl", ["tloop", "seg"])
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_interpolate_time_walk_short_sequences(K, impl, T):
+    """T = 1, 2, 3 (no interior frame, one segment) and an unchecked mask that omits frame T-1:
+    the walks treat 0 and T-1 as keyframes like the tile kernel."""
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(3, T, 6, generator=g)
+    m = torch.zeros(3, T, dtype=torch.bool)
+    m[:, 0] = True
+    assert torch.equal(K.interp._forward(x, m, 1, block_q=4, impl=impl), K.interp._forward(x, m, 1, impl="tile"))
+    m[:, -1] = True
+    assert_same(K.interp._forward(x, m, 1, block_q=4, impl=impl), interpolate_reference(x, m, 1))
+
+
+def test_interpolate_default_forward_kernel_by_shape(K, monkeypatch):
+    """Auto choice: the time walk for many columns per row (Wan, Q = H*W), the tile kernel for
+    few (maze, Q = 2) or very long rows; FWD_IMPL forces one kernel."""
+    assert K.interp._default_impl(21, 60 * 104) == "tloop"
+    assert K.interp._default_impl(128, 2) == "tile"
+    assert K.interp._default_impl(4096, 4096) == "tile"
+    monkeypatch.setattr(K.interp, "FWD_IMPL", "seg")
+    assert K.interp._default_impl(128, 2) == "seg"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -492,6 +518,15 @@ def test_dp_matches_reference_bitwise(K, T, impl):
         assert torch.equal(tot, ref_tot), (T, k)
 
 
+def test_dp_sweep_prefetch_default_by_shape(K, monkeypatch):
+    """Prefetch where the H200 timing favours it (T=128 with K >= 16), not for few rows or short
+    sequences; SWEEP_PREFETCH forces it either way."""
+    assert K.dp.sweep_prefetch(128, 16) and K.dp.sweep_prefetch(128, 32)
+    assert not K.dp.sweep_prefetch(128, 8) and not K.dp.sweep_prefetch(21, 6)
+    monkeypatch.setattr(K.dp, "SWEEP_PREFETCH", False)
+    assert not K.dp.sweep_prefetch(128, 32)
+
+
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_dp_sweep_split_prefetch_bitwise(K, split, prefetch):
@@ -615,6 +650,9 @@ def test_kernels_compile_for_sm90_without_spills():
     infos += [_ptxas_info(k.interp._interp_fwd_tloop_kernel, tl_sig,
                           dict(BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
                           max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
+    infos += [_ptxas_info(k.interp._interp_fwd_seg_kernel, dict(tl_sig, T_PAD="constexpr"),
+                          dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
+                          max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
     sw = dict(dp)
     sw["dcol_ptr"] = sw.pop("dbuf_ptr")
     for name in ("BLOCK_S", "ON_CHIP"):
@@ -645,7 +683,8 @@ def test_gpu_interpolate_wan_size(KG, dtype):
     out = KG.interp.interpolate_triton(x, m, 2)
     ref = interpolate_reference(x, m, 2)
     assert_ulp_close(out, ref, 1, scale=_gpu_scale(x, m, 2, ref))
-    assert_ulp_close(KG.interp._forward(x, m, 2, impl="tloop"), ref, 1, scale=_gpu_scale(x, m, 2, ref))
+    for impl in KG.interp.FWD_IMPLS:
+        assert_ulp_close(KG.interp._forward(x, m, 2, impl=impl), ref, 1, scale=_gpu_scale(x, m, 2, ref))
     eps = torch.randn_like(x)
     sig = torch.rand(8, device="cuda")
     ref_c = interpolate_corrupt(x, m, sig, eps, 2, backend="torch")
@@ -709,5 +748,8 @@ def test_bench_kernels_cpu_smoke(tmp_path):
 
     data = json.loads(out.read_text())
     assert data["cpu_smoke"] and data["device"].startswith("CPU")
-    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward", "forward (tloop kernel)"}
+    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward",
+                                                      "forward (tloop kernel)", "forward (seg kernel)"}
+    assert {r["impl"] for r in data["interpolate"] if r["op"] == "forward"} == {"tile"}  # tiny shapes: Q < WALK_MIN_Q
+    assert all(r["fill_GBps"] > 0 for r in data["interpolate"])
     assert [(r["T"], r["K"]) for r in data["dp"]] == [(16, 4), (21, 6)]

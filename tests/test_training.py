@@ -247,9 +247,18 @@ def test_bench_train_tiny_runs_and_flop_formula_matches_counter():
     spec = importlib.util.spec_from_file_location("bench_train", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    res = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--full-steps", "1"])
+    res = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--full-steps", "1", "--profile"])
     t = res["train_step"]
     assert t["step_s_median"] > 0 and math.isfinite(t["loss"])
+    prof = t["profile"]  # CPU: aten operator self times stand in for the kernels
+    assert prof["kernel_s"] > 0 and prof["kernel_s"] == pytest.approx(sum(prof["by_category_s"].values()))
+    assert any(k["name"] == "aten::mm" or k["name"] == "aten::addmm" for k in prof["top_kernels"])
+    for name, cat in [("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+                      ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"), ("nvjet_tst_256x128", "gemm"),
+                      ("triton_per_fused__to_copy_add_mul_native_layer_norm_3", "triton (inductor fusions, our kernels)"),
+                      ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+                      ("void at::native::elementwise_kernel<128, 2>", "other")]:
+        assert bench.kernel_category(name) == cat, name
     assert t["fwd_flop_analytic_matmul"] == pytest.approx(t["fwd_flop_counted"], rel=0.02)
     assert res["sampler"]["two_phase"]["phase2"] > 0 and res["sampler"]["full"]["full"] > 0
     # hand-computed: one block of the 1.3B model without LoRA, L = 21*30*52 tokens, 512 text tokens

@@ -331,7 +331,8 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") 
     """``wan.enable_checkpointing`` (same blocks, same policies) with the adapter state of each
     checkpointed block's forward restored for its recomputation in backward."""
     try:
-        chosen = wan.enable_checkpointing(transformer, ratio, policy)
+        # outside: the adapter-restoring wrapper below replaces diffusers' checkpointing function
+        chosen = wan.enable_checkpointing(transformer, ratio, policy, placement="outside")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not chosen:

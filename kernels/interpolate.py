@@ -185,12 +185,15 @@ def _interp_fwd_tloop_kernel(
     if HAS_NOISE:
         sig = tl.load(sig_ptr + b).to(tl.float32)
     x_l = tl.load(x_base, mask=q_ok, other=0.0)
+    # frame T-1 is a keyframe by definition: its row is loaded now, in parallel with frame 0 and
+    # the first mask entries, so a last segment (all of them at K=2) waits for no dependent load
+    x_last = tl.load(x_base + (T - 1) * sxt, mask=q_ok, other=0.0)
     tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
     xl = x_l.to(ACC)
     l = 0
     for t in range(1, T):
-        if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
-            x_r = tl.load(x_base + t * sxt, mask=q_ok, other=0.0)
+        if (t == T - 1) | (tl.load(m_ptr + b * smb + t * smt) != 0):  # T-1 is a keyframe by definition
+            x_r = tl.where(t == T - 1, x_last, tl.load(x_base + t * sxt, mask=q_ok & (t != T - 1), other=0.0))
             xr = x_r.to(ACC)
             span = t - l
             for u in range(l + 1, t):

@@ -286,7 +286,8 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                     "K": K, "bytes": int(moved), "triton": tk, "torch": tr, "GBps": gbps,
                     "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
                     "fill_GBps": copy["fill"]["GBps"],
-                    "impl": op.split("(")[1].split()[0] if "(" in op else default_impl, **eager,
+                    "impl": op.split("(")[1].split()[0] if "(" in op else kint._default_impl(
+                        T, x.numel() // (B * T), op == "fused corruption"), **eager,
                 })
     return rows
 
@@ -425,8 +426,9 @@ def _inner(shape, td) -> int:
 def compiled_kernel_info() -> list[dict]:
     """Registers / spills of every compiled variant (CUDA only; empty under the interpreter)."""
     info = []
-    for name, fn in [("interp_fwd", kint._interp_fwd_kernel), ("interp_bwd", kint._interp_bwd_kernel),
-                     ("dp", kdp._dp_kernel), ("dp_backtrack", kdp._backtrack_kernel)]:
+    for name, fn in [("interp_fwd", kint._interp_fwd_kernel), ("interp_fwd_tloop", kint._interp_fwd_tloop_kernel),
+                     ("interp_fwd_seg", kint._interp_fwd_seg_kernel), ("interp_bwd", kint._interp_bwd_kernel),
+                     ("dp", kdp._dp_kernel), ("dp_sweep", kdp._dp_sweep_kernel), ("dp_backtrack", kdp._backtrack_kernel)]:
         for dev_cache in getattr(fn, "device_caches", {}).values():
             try:
                 kernels = dev_cache[0].values()

@@ -304,9 +304,18 @@ def profile_step(step_fn, dev, step_s: float) -> dict:
         _sync(dev)
     per_cat: dict[str, float] = {}
     kernels: list[tuple[str, float, int]] = []
+    from torch.autograd import DeviceType
+
     for e in prof.key_averages():
-        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0) if cuda \
-            else (e.self_cpu_time_total if e.key.startswith("aten::") else 0)
+        if cuda:
+            # the kernels themselves (device events); a CPU op's "self device time" repeats the
+            # time of the kernels it launched, and runtime markers ("Command Buffer Full": the
+            # host waiting for room in the launch queue) are not device work
+            if getattr(e, "device_type", None) != DeviceType.CUDA or "Command Buffer Full" in e.key:
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        else:
+            us = e.self_cpu_time_total if e.key.startswith("aten::") else 0
         if us <= 0:
             continue
         kernels.append((e.key, us / 1e6, e.count))

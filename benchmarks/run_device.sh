@@ -28,7 +28,7 @@
 set -uo pipefail
 SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
-COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile,cudnn:attention_ffn:1,cudnn:attention_ffn:0.93,cudnn:attention_ffn:0.9}
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile:outside,cudnn:attention:0.7:compile,cudnn:attention_ffn:1:compile,cudnn:attention_ffn:0.9:compile}
 DISTILL_VARIANTS=${DISTILL_VARIANTS:-full,full_discrete,phase1,phase2}
 KBENCH_ARGS=${KBENCH_ARGS:-sweep=true}   # bench_kernels.py options (sweep=false: about 40 s shorter)
 COMPILE_ARGS=${COMPILE_ARGS:-}           # extra bench_train.py options of the compile section, e.g. --profile

@@ -29,7 +29,15 @@ holds all ``T`` frames, else by comparing its frames with the whole row. It then
 ``x[l(t)]`` and ``x[r(t)]`` as two ``[BLOCK_T, BLOCK_Q]`` tiles. Only keyframe rows are
 addressed, so HBM reads are the keyframe rows (the repeated rows hit L1/L2), every output row
 is written once, and no ``[B, T, ...]`` temporary exists. All loads of a program are independent
-(no serial chain over keyframes), which is what keeps the memory system busy.
+(no serial chain over keyframes). This ``tile`` kernel is the default for few columns per row
+(maze) and for the fused corruption.
+
+Two time-walk forwards read each keyframe row exactly once: a program owns ``BLOCK_Q`` columns
+of one ``(b, p)`` row and streams the output frames, holding the current left and right
+keyframe rows in registers. ``tloop`` tests the mask frame by frame (the default for the plain
+forward at video sizes); ``seg`` loads the mask row as one vector, jumps from keyframe to
+keyframe by reductions and prefetches the next keyframe row (fastest with few keyframes). The
+choice by shape and its measurements are in ``_default_impl``.
 
 Backward (``d out[t] / d x[l] = 1 - w``, ``d out[t] / d x[r] = w``): a program owns a
 ``(b, p)`` plane and a ``BLOCK_Q`` tile and walks ``t`` once, keeping the gradient of the
@@ -185,15 +193,12 @@ def _interp_fwd_tloop_kernel(
     if HAS_NOISE:
         sig = tl.load(sig_ptr + b).to(tl.float32)
     x_l = tl.load(x_base, mask=q_ok, other=0.0)
-    # frame T-1 is a keyframe by definition: its row is loaded now, in parallel with frame 0 and
-    # the first mask entries, so a last segment (all of them at K=2) waits for no dependent load
-    x_last = tl.load(x_base + (T - 1) * sxt, mask=q_ok, other=0.0)
     tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
     xl = x_l.to(ACC)
     l = 0
     for t in range(1, T):
-        if (t == T - 1) | (tl.load(m_ptr + b * smb + t * smt) != 0):  # T-1 is a keyframe by definition
-            x_r = tl.where(t == T - 1, x_last, tl.load(x_base + t * sxt, mask=q_ok & (t != T - 1), other=0.0))
+        if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
+            x_r = tl.load(x_base + t * sxt, mask=q_ok, other=0.0)
             xr = x_r.to(ACC)
             span = t - l
             for u in range(l + 1, t):
@@ -398,24 +403,33 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 # reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
 FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
 # Forward kernels: "tile" (frames x columns tiles), "tloop" (a walk over time reading each
-# keyframe row once) and "seg" (the walk by segments with the next keyframe row prefetched).
-# FWD_IMPL=None picks by shape (`_default_impl`); a name forces that kernel everywhere.
+# keyframe row once) and "seg" (the walk by segments: mask row as one vector, next keyframe row
+# prefetched). FWD_IMPL=None picks by shape (`_default_impl`); a name forces that kernel everywhere.
 FWD_IMPLS = ("tile", "tloop", "seg")
 FWD_IMPL = None
 TLOOP_BLOCK_Q = 1024
-# The walks hold the mask row as one [T_PAD] vector (seg) / run T sequential steps: for long
-# sequences with few columns the tile kernel is the better shape.
+# The walks run T sequential steps per program (seg holds the mask row as one [T_PAD] vector):
+# for few columns per row or very long rows the tile kernel is the better shape.
 WALK_MIN_Q = 1024
 WALK_MAX_T = 1024
 
 
-def _default_impl(T: int, Q: int) -> str:
-    """The forward kernel for a ``[B, P, T, Q]`` problem (H200, benchmarks/RESULTS.md): at Wan
-    size (``Q = H*W = 6240``) the time walk reads each keyframe row once and beats the tile
-    kernel (76 % vs 69 % of the copy bandwidth at K=6); with few columns per row (maze,
-    ``Q = 2``) a walk has too little work per program (4.5x slower than the tile kernel)."""
+def _default_impl(T: int, Q: int, noise: bool = False) -> str:
+    """The forward kernel for a ``[B, P, T, Q]`` problem, from the H200 runs of 2026-11-26
+    (benchmarks/RESULTS.md, % of the copy bandwidth at Wan size, K = 2 / 6 / 11 keyframes):
+
+    * plain forward: ``tloop`` 67 / 76 / 75, ``tile`` 67 / 69 / 70, ``seg`` 83 / 71 / 64. The
+      method's phase-2 levels interpolate from K = 6, 9, 14 keyframes, so ``tloop`` at Wan size;
+      ``seg`` is the K = 2 kernel (its per-segment reductions cost more than the chain of
+      per-frame mask loads they replace once there are more than a few segments).
+    * fused corruption (the phase-2 training call): ``tile`` 74 / 73 / 72, ``tloop`` 66 / 71 / 71.
+    * few columns per row (maze, ``Q = 2``): ``tile``; a walk has too little work per program
+      (``tloop`` 4.5x, ``seg`` 2.7x slower).
+    """
     if FWD_IMPL is not None:
         return FWD_IMPL
+    if noise:
+        return "tile"
     return "tloop" if Q >= WALK_MIN_Q and T <= WALK_MAX_T else "tile"
 
 
@@ -442,7 +456,7 @@ def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
 def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_warps=None, q_iters=None,
              impl=None):
     xr, (B, P, T, Q), sx = _as_bptq(x, td)
-    impl = impl or _default_impl(T, Q)
+    impl = impl or _default_impl(T, Q, eps is not None)
     if impl not in FWD_IMPLS:
         raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
     if impl in ("tloop", "seg"):

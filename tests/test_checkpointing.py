@@ -173,19 +173,26 @@ def test_inside_placement_eager_matches_and_is_undone(policy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["outside", "inside"])
+@pytest.mark.parametrize("placement", ["outside", "inside", "auto_after_compile"])
 @pytest.mark.parametrize("policy", ["full", "attention", "attention_ffn"])
 def test_checkpointing_policies_under_regional_compile(policy, placement):
     """``wan1.3b_phase2.yaml`` combines ``model.compile`` (diffusers' regional compile of the
     blocks) with selective checkpointing: the gradients must equal the eager, uncheckpointed
-    model's for both placements (inductor on CPU here; the same code path compiles for CUDA)."""
+    model's for both placements (inductor on CPU here; the same code path compiles for CUDA).
+    ``auto_after_compile`` is the training scripts' order: the blocks are compiled when the
+    model is built, the loop enables checkpointing later (``auto`` -> inside)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     ref_loss, ref = _loss_and_grads(_model())
     tr = _model()
-    wan.enable_checkpointing(tr, 1.0, policy, placement=placement)
-    tr.compile_repeated_blocks(fullgraph=True)
+    if placement == "auto_after_compile":
+        tr.compile_repeated_blocks(fullgraph=True)
+        wan.enable_checkpointing(tr, 1.0, policy)
+        assert not tr.gradient_checkpointing and all("forward" in b.__dict__ for b in tr.blocks)
+    else:
+        wan.enable_checkpointing(tr, 1.0, policy, placement=placement)
+        tr.compile_repeated_blocks(fullgraph=True)
     for _ in range(2):  # the first call compiles
         for p in tr.parameters():
             p.grad = None

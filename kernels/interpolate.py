@@ -502,7 +502,10 @@ def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warp
     if out.numel() == 0:
         return out
     block_q = block_q or max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
-    num_warps = num_warps or max(1, min(8, block_q // 128))  # 4 columns per thread (no spills at sm_90)
+    # tloop without noise: 4 warps (8 columns per thread at BLOCK_Q=1024, 64 registers at sm_90):
+    # 14.68 us against 15.19 us with 8 warps in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md).
+    # With the fused noise 4 warps would spill (72 registers), and seg was measured with 8.
+    num_warps = num_warps or max(1, min(4 if impl == "tloop" and eps is None else 8, block_q // 128))
     m8 = mask.view(torch.uint8)
     if eps is not None:
         er, _, se = _as_bptq(eps, td)

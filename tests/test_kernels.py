@@ -650,7 +650,7 @@ def test_kernels_compile_for_sm90_without_spills():
     tl_sig.update({n: "constexpr" for n in ("BLOCK_Q", "HAS_NOISE", "ACC")})
     infos += [_ptxas_info(k.interp._interp_fwd_tloop_kernel, tl_sig,
                           dict(BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
-                          max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
+                          max(1, min(8 if hn else 4, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
     infos += [_ptxas_info(k.interp._interp_fwd_seg_kernel, dict(tl_sig, T_PAD="constexpr"),
                           dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
                           max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]

@@ -388,7 +388,7 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                                  scale)
                     t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi))
                     out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": qi, **t})
-    for impl in ("tloop", "seg"):
+    for impl in ("tloop", "seg", "hybrid"):
         for bq in (512, 1024, 2048):
             for nw in (4, 8):
                 got = kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl)

@@ -36,8 +36,10 @@ Two time-walk forwards read each keyframe row exactly once: a program owns ``BLO
 of one ``(b, p)`` row and streams the output frames, holding the current left and right
 keyframe rows in registers. ``tloop`` tests the mask frame by frame (the default for the plain
 forward at video sizes); ``seg`` loads the mask row as one vector, jumps from keyframe to
-keyframe by reductions and prefetches the next keyframe row (fastest with few keyframes). The
-choice by shape and its measurements are in ``_default_impl``.
+keyframe by reductions and prefetches the next keyframe row (fastest with few keyframes);
+``hybrid`` takes ``seg`` for samples with at most ``HYBRID_SEG_MAX_K`` keyframes and ``tloop``
+for the others (written after the last GPU run: not measured yet). The choice by shape and its
+measurements are in ``_default_impl``.
 
 Backward (``d out[t] / d x[l] = 1 - w``, ``d out[t] / d x[r] = w``): a program owns a
 ``(b, p)`` plane and a ``BLOCK_Q`` tile and walks ``t`` once, keeping the gradient of the
@@ -76,6 +78,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # standard-library ``@jit`` functions, unusable in the interpreter if triton was imported first)
 _ELEMENTWISE_MAX = tl.standard._elementwise_max
 _ELEMENTWISE_MIN = tl.standard._elementwise_min
+_SUM = tl.standard._sum_combine
 
 
 @triton.jit
@@ -165,6 +168,86 @@ def _interp_fwd_kernel(
 
 
 @triton.jit
+def _fill_segment(o_base, e_base, xl, xr, l, r, Q, set_, sig, q_ok, HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``l < u < r`` of the output: ``(1 - w) x_l + w x_r`` (+ noise), ``w = (u - l) / (r - l)``."""
+    span = r - l
+    for u in range(l + 1, r):
+        w = _div(u - l, span, ACC)
+        out = xl * (1 - w) + xr * w
+        if HAS_NOISE:
+            e = tl.load(e_base + u * set_, mask=q_ok, other=0.0)
+            # round to x's dtype first, then add the noise in fp32 (the reference's order)
+            out = out.to(o_base.dtype.element_ty).to(tl.float32) + sig * e.to(tl.float32)
+        tl.store(o_base + u * Q, out.to(o_base.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _tloop_walk(x_base, o_base, e_base, m_row, smt, sxt, set_, T, Q, q_ok, sig,
+                HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
+    """The walk frame by frame: each frame's mask entry is read in turn; at a keyframe its row
+    is loaded and the segment since the previous keyframe is written."""
+    x_l = tl.load(x_base, mask=q_ok, other=0.0)
+    tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
+    xl = x_l.to(ACC)
+    l = 0
+    for t in range(1, T):
+        if (tl.load(m_row + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
+            x_r = tl.load(x_base + t * sxt, mask=q_ok, other=0.0)
+            xr = x_r.to(ACC)
+            _fill_segment(o_base, e_base, xl, xr, l, t, Q, set_, sig, q_ok, HAS_NOISE, ACC)
+            tl.store(o_base + t * Q, x_r, mask=q_ok)
+            xl = xr
+            l = t
+
+
+@triton.jit
+def _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig,
+              HAS_NOISE: tl.constexpr, ACC: tl.constexpr):
+    """The walk by segments over the mask row ``key`` (a ``[T_PAD]`` vector): the next keyframe
+    is a min-reduction, its row is loaded one segment ahead, and the rows of frames 0 and T-1
+    are loaded at the start."""
+    x_first = tl.load(x_base, mask=q_ok, other=0.0)
+    x_last = tl.load(x_base + (T - 1) * sxt, mask=q_ok, other=0.0)
+    tl.store(o_base, x_first, mask=q_ok)  # frame 0 is a keyframe
+    # first keyframe after 0 (T-1 when T == 1: the loop below does not run)
+    r = tl.reduce(tl.where(key & (ts > 0), ts, T - 1), 0, _ELEMENTWISE_MIN)
+    x_r = tl.where(r == T - 1, x_last, tl.load(x_base + r * sxt, mask=q_ok & (r != T - 1), other=0.0))
+    xl = x_first.to(ACC)
+    l = r * 0
+    while l < T - 1:
+        # prefetch the keyframe after r (none after T-1: the load is masked off)
+        r_next = tl.reduce(tl.where(key & (ts > r), ts, T - 1), 0, _ELEMENTWISE_MIN)
+        x_n = tl.where(r_next == T - 1, x_last,
+                       tl.load(x_base + r_next * sxt, mask=q_ok & (r_next != T - 1), other=0.0))
+        xr = x_r.to(ACC)
+        _fill_segment(o_base, e_base, xl, xr, l, r, Q, set_, sig, q_ok, HAS_NOISE, ACC)
+        tl.store(o_base + r * Q, x_r, mask=q_ok)
+        xl = xr
+        l = r
+        r = r_next
+        x_r = x_n
+
+
+@triton.jit
+def _walk_bases(x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq,
+                BLOCK_Q: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """Sample index and the column pointers of a walk program (``(b, p)`` row, ``BLOCK_Q`` columns)."""
+    pid_bp = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    b = (pid_bp // P).to(tl.int64)
+    p = (pid_bp % P).to(tl.int64)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    x_base = x_ptr + b * sxb + p * sxp + q * sxq
+    o_base = out_ptr + (b * P + p) * T * Q + q
+    e_base = eps_ptr + b * seb + p * sep + q * seq
+    sig = 0.0
+    if HAS_NOISE:
+        sig = tl.load(sig_ptr + b).to(tl.float32)
+    return b, q_ok, x_base, o_base, e_base, sig
+
+
+@triton.jit
 def _interp_fwd_tloop_kernel(
     x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
     T, P, Q,
@@ -180,38 +263,9 @@ def _interp_fwd_tloop_kernel(
     frames, so every keyframe row is read once and every output row written once (the tile
     kernel reads two keyframe rows per output row, from L1/L2). Same arithmetic as the tile
     kernel: keyframe rows are copied, missing rows are ``(1 - w) x_l + w x_r`` (+ noise)."""
-    pid_bp = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    b = (pid_bp // P).to(tl.int64)
-    p = (pid_bp % P).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = q < Q
-    x_base = x_ptr + b * sxb + p * sxp + q * sxq
-    o_base = out_ptr + (b * P + p) * T * Q + q
-    e_base = eps_ptr + b * seb + p * sep + q * seq
-    sig = 0.0
-    if HAS_NOISE:
-        sig = tl.load(sig_ptr + b).to(tl.float32)
-    x_l = tl.load(x_base, mask=q_ok, other=0.0)
-    tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
-    xl = x_l.to(ACC)
-    l = 0
-    for t in range(1, T):
-        if (tl.load(m_ptr + b * smb + t * smt) != 0) | (t == T - 1):  # T-1 is a keyframe by definition
-            x_r = tl.load(x_base + t * sxt, mask=q_ok, other=0.0)
-            xr = x_r.to(ACC)
-            span = t - l
-            for u in range(l + 1, t):
-                w = _div(u - l, span, ACC)
-                out = xl * (1 - w) + xr * w
-                if HAS_NOISE:
-                    e = tl.load(e_base + u * set_, mask=q_ok, other=0.0)
-                    # round to x's dtype first, then add the noise in fp32 (the reference's order)
-                    out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + sig * e.to(tl.float32)
-                tl.store(o_base + u * Q, out.to(out_ptr.dtype.element_ty), mask=q_ok)
-            tl.store(o_base + t * Q, x_r, mask=q_ok)
-            xl = xr
-            l = t
+    b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
+        x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
+    _tloop_walk(x_base, o_base, e_base, m_ptr + b * smb, smt, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
 
 
 @triton.jit
@@ -234,48 +288,39 @@ def _interp_fwd_seg_kernel(
     stalling them. Frames 0 and ``T-1`` are keyframes by definition: both rows are loaded at
     the start together with the mask (no dependent load before the first segment at ``K=2``).
     Same arithmetic as the other kernels."""
-    pid_bp = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    b = (pid_bp // P).to(tl.int64)
-    p = (pid_bp % P).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = q < Q
-    x_base = x_ptr + b * sxb + p * sxp + q * sxq
-    o_base = out_ptr + (b * P + p) * T * Q + q
-    e_base = eps_ptr + b * seb + p * sep + q * seq
+    b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
+        x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
     ts = tl.arange(0, T_PAD)
     key = ((tl.load(m_ptr + b * smb + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
-    x_first = tl.load(x_base, mask=q_ok, other=0.0)
-    x_last = tl.load(x_base + (T - 1) * sxt, mask=q_ok, other=0.0)
-    sig = 0.0
-    if HAS_NOISE:
-        sig = tl.load(sig_ptr + b).to(tl.float32)
-    tl.store(o_base, x_first, mask=q_ok)  # frame 0 is a keyframe
-    # first keyframe after 0 (T-1 when T == 1: the loop below does not run)
-    r = tl.reduce(tl.where(key & (ts > 0), ts, T - 1), 0, _ELEMENTWISE_MIN)
-    x_r = tl.where(r == T - 1, x_last, tl.load(x_base + r * sxt, mask=q_ok & (r != T - 1), other=0.0))
-    xl = x_first.to(ACC)
-    l = r * 0
-    while l < T - 1:
-        # prefetch the keyframe after r (none after T-1: the load is masked off)
-        r_next = tl.reduce(tl.where(key & (ts > r), ts, T - 1), 0, _ELEMENTWISE_MIN)
-        x_n = tl.where(r_next == T - 1, x_last,
-                       tl.load(x_base + r_next * sxt, mask=q_ok & (r_next != T - 1), other=0.0))
-        xr = x_r.to(ACC)
-        span = r - l
-        for u in range(l + 1, r):
-            w = _div(u - l, span, ACC)
-            out = xl * (1 - w) + xr * w
-            if HAS_NOISE:
-                e = tl.load(e_base + u * set_, mask=q_ok, other=0.0)
-                # round to x's dtype first, then add the noise in fp32 (the reference's order)
-                out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + sig * e.to(tl.float32)
-            tl.store(o_base + u * Q, out.to(out_ptr.dtype.element_ty), mask=q_ok)
-        tl.store(o_base + r * Q, x_r, mask=q_ok)
-        xl = xr
-        l = r
-        r = r_next
-        x_r = x_n
+    _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
+
+
+@triton.jit
+def _interp_fwd_hybrid_kernel(
+    x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
+    T, P, Q,
+    sxb, sxp, sxt, sxq,
+    seb, sep, set_, seq,
+    smb, smt,
+    T_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+    SEG_MAX_K: tl.constexpr,
+):
+    """``impl="hybrid"``: per sample, the ``seg`` walk when the sample has at most ``SEG_MAX_K``
+    keyframes (frames 0 and T-1 counted) and the ``tloop`` walk otherwise: on the H200 ``seg``
+    was the fastest forward at K=2 (83 % of copy against 67 %) and ``tloop`` at K=6 and 11. The
+    branch is on one scalar of the sample (all programs of a sample take the same path)."""
+    b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
+        x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
+    ts = tl.arange(0, T_PAD)
+    key = ((tl.load(m_ptr + b * smb + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
+    n_key = tl.reduce((key | (ts == 0)).to(tl.int32), 0, _SUM)
+    if n_key <= SEG_MAX_K:
+        _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
+    else:
+        _tloop_walk(x_base, o_base, e_base, m_ptr + b * smb, smt, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
 
 
 @triton.jit
@@ -405,9 +450,11 @@ FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
 # Forward kernels: "tile" (frames x columns tiles), "tloop" (a walk over time reading each
 # keyframe row once) and "seg" (the walk by segments: mask row as one vector, next keyframe row
 # prefetched). FWD_IMPL=None picks by shape (`_default_impl`); a name forces that kernel everywhere.
-FWD_IMPLS = ("tile", "tloop", "seg")
+FWD_IMPLS = ("tile", "tloop", "seg", "hybrid")
 FWD_IMPL = None
 TLOOP_BLOCK_Q = 1024
+# "hybrid": per sample, seg with at most this many keyframes (0 and T-1 counted), else tloop
+HYBRID_SEG_MAX_K = 3
 # The walks run T sequential steps per program (seg holds the mask row as one [T_PAD] vector):
 # for few columns per row or very long rows the tile kernel is the better shape.
 WALK_MIN_Q = 1024
@@ -459,7 +506,7 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     impl = impl or _default_impl(T, Q, eps is not None)
     if impl not in FWD_IMPLS:
         raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
-    if impl in ("tloop", "seg"):
+    if impl in ("tloop", "seg", "hybrid"):
         return _forward_walk(impl, x, xr, (B, P, T, Q), sx, mask, td, sigma, eps, block_q, num_warps)
     if T > MAX_BLOCK_T:
         raise ValueError(
@@ -494,9 +541,9 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
 
 def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     B, P, T, Q = dims
-    if impl == "seg" and T > MAX_BLOCK_T:
+    if impl in ("seg", "hybrid") and T > MAX_BLOCK_T:
         raise ValueError(
-            f"interpolate_triton: T={T} frames exceeds the seg kernel's limit {MAX_BLOCK_T}; use impl='tloop'"
+            f"interpolate_triton: T={T} frames exceeds the {impl} kernel's limit {MAX_BLOCK_T}; use impl='tloop'"
         )
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -504,7 +551,8 @@ def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warp
     block_q = block_q or max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
     # tloop without noise: 4 warps (8 columns per thread at BLOCK_Q=1024, 64 registers at sm_90):
     # 14.68 us against 15.19 us with 8 warps in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md).
-    # With the fused noise 4 warps would spill (72 registers), and seg was measured with 8.
+    # With the fused noise 4 warps would spill (72 registers), and seg was measured with 8
+    # (hybrid, not yet measured, takes seg's setting: 56 registers at 8 warps).
     num_warps = num_warps or max(1, min(4 if impl == "tloop" and eps is None else 8, block_q // 128))
     m8 = mask.view(torch.uint8)
     if eps is not None:
@@ -517,6 +565,8 @@ def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warp
     meta = dict(BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
     if impl == "seg":
         _interp_fwd_seg_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), **meta)
+    elif impl == "hybrid":
+        _interp_fwd_hybrid_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), SEG_MAX_K=HYBRID_SEG_MAX_K, **meta)
     else:
         _interp_fwd_tloop_kernel[grid](*args, **meta)
     return out

@@ -274,11 +274,11 @@ def test_interpolate_unchecked_mask_treats_endpoints_as_keyframes(K):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["tloop", "seg"])
+@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
 @pytest.mark.parametrize("kind", ["random", "k2", "all", "adjacent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_interpolate_time_walk_kernels(K, impl, kind, dtype):
-    """The time-walk forwards (``impl="tloop"``, ``impl="seg"``) against the reference
+    """The time-walk forwards (``impl="tloop"``, ``"seg"``, ``"hybrid"``) against the reference
     (fp32/fp64 bit-exact) and the tile kernel (same arithmetic, bit-identical in every dtype),
     with and without the fused corruption, on a non-contiguous Wan-layout view and a partial
     last column block."""
@@ -296,7 +296,26 @@ def test_interpolate_time_walk_kernels(K, impl, kind, dtype):
         K.interp._forward(x, m, 2, impl="nope")
 
 
-@pytest.mark.parametrize("impl", ["tloop", "seg"])
+@pytest.mark.parametrize("seg_max_k", [0, 3, 100])
+def test_interpolate_hybrid_mixed_batch(K, monkeypatch, seg_max_k):
+    """One batch whose samples take different paths of the hybrid kernel (2, 3, 6 and all 13
+    keyframes; with SEG_MAX_K 0 every sample walks frame by frame, with 100 every sample by
+    segments), with and without the fused corruption: bit-identical to the tile kernel."""
+    monkeypatch.setattr(K.interp, "HYBRID_SEG_MAX_K", seg_max_k)
+    g = torch.Generator().manual_seed(33)
+    x = torch.randn(4, 2, 13, 7, generator=g)
+    m = torch.zeros(4, 13, dtype=torch.bool)
+    m[:, 0] = m[:, -1] = True
+    m[1, 5] = True
+    m[2, [2, 3, 7, 11]] = True
+    m[3] = True
+    assert torch.equal(K.interp._forward(x, m, 2, block_q=4, impl="hybrid"), K.interp._forward(x, m, 2, impl="tile"))
+    eps, sigma = torch.randn(x.shape, generator=g), torch.rand(4, generator=g)
+    assert torch.equal(K.interp._forward(x, m, 2, sigma=sigma, eps=eps, block_q=4, impl="hybrid"),
+                       K.interp._forward(x, m, 2, sigma=sigma, eps=eps, impl="tile"))
+
+
+@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_interpolate_time_walk_short_sequences(K, impl, T):
     """T = 1, 2, 3 (no interior frame, one segment) and an unchecked mask that omits frame T-1:
@@ -654,6 +673,10 @@ def test_kernels_compile_for_sm90_without_spills():
     infos += [_ptxas_info(k.interp._interp_fwd_seg_kernel, dict(tl_sig, T_PAD="constexpr"),
                           dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
                           max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
+    infos += [_ptxas_info(k.interp._interp_fwd_hybrid_kernel, dict(tl_sig, T_PAD="constexpr", SEG_MAX_K="constexpr"),
+                          dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32,
+                               SEG_MAX_K=k.interp.HYBRID_SEG_MAX_K),
+                          max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
     sw = dict(dp)
     sw["dcol_ptr"] = sw.pop("dbuf_ptr")
     for name in ("BLOCK_S", "ON_CHIP"):
@@ -750,7 +773,8 @@ def test_bench_kernels_cpu_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert data["cpu_smoke"] and data["device"].startswith("CPU")
     assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward",
-                                                      "forward (tloop kernel)", "forward (seg kernel)"}
+                                                      "forward (tloop kernel)", "forward (seg kernel)",
+                                                      "forward (hybrid kernel)"}
     assert {r["impl"] for r in data["interpolate"] if r["op"] == "forward"} == {"tile"}  # tiny shapes: Q < WALK_MIN_Q
     assert all(r["fill_GBps"] > 0 for r in data["interpolate"])
     assert [(r["T"], r["K"]) for r in data["dp"]] == [(16, 4), (21, 6)]

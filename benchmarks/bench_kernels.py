@@ -225,7 +225,7 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
             copies[nbytes] = copy_bandwidth(timer, nbytes, device)
             copies[nbytes]["fill"] = fill_bandwidth(timer, nbytes, device)
         copy = copies[nbytes]
-        default_impl = kint._default_impl(T, x.numel() // (B * T))
+        default_impl = kint._default_impl(T, _inner(shape, td))
         for K in case["ks"]:
             m = random_masks(B, T, K, device, gen)
             ref = interpolate_reference(x, m, td)
@@ -287,7 +287,7 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                     "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
                     "fill_GBps": copy["fill"]["GBps"],
                     "impl": op.split("(")[1].split()[0] if "(" in op else kint._default_impl(
-                        T, x.numel() // (B * T), op == "fused corruption"), **eager,
+                        T, _inner(shape, td), op == "fused corruption"), **eager,
                 })
     return rows
 
@@ -383,11 +383,13 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                 if not 4 <= per_thread <= 32:  # outside this range: too little work or register spills
                     continue
                 for qi in (1, 2, 4):
-                    got = kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi)
+                    got = kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi, impl="tile")
                     _check_close(got, ref, f"sweep interpolate BLOCK_T={bt} BLOCK_Q={bq} num_warps={nw} Q_ITERS={qi}",
                                  scale)
-                    t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi))
-                    out["interpolate"].append({"BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": qi, **t})
+                    t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi,
+                                                    impl="tile"))
+                    out["interpolate"].append({"impl": "tile", "BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw,
+                                               "Q_ITERS": qi, **t})
     for impl in ("tloop", "seg", "hybrid"):
         for bq in (512, 1024, 2048):
             for nw in (4, 8):
@@ -396,8 +398,14 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                 t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl))
                 out["interpolate"].append({"impl": impl, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": 1, **t})
     out["interpolate"].sort(key=lambda r: r["ms"])
-    default = kint._fwd_blocks(shape[td], _inner(shape, td))
-    out["interpolate_default"] = dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))
+    default_impl = kint._default_impl(shape[td], _inner(shape, td))
+    if default_impl == "tile":
+        default = kint._fwd_blocks(shape[td], _inner(shape, td))
+        out["interpolate_default"] = {"impl": "tile", **dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))}
+    else:  # the walks' defaults (kernels.interpolate._forward_walk)
+        bq = max(1, min(triton.next_power_of_2(_inner(shape, td)), kint.TLOOP_BLOCK_Q))
+        nw = max(1, min(4 if default_impl == "tloop" else 8, bq // 128))
+        out["interpolate_default"] = {"impl": default_impl, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw}
     B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
     cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)
     ref_idx, _ = dp_select_reference(cost, K)

@@ -182,7 +182,7 @@ def bench_train_variants(args, dev, write) -> list[dict]:
                     wan.remove_block_checkpointing(tr)
                     wan.unwrap_model(tr).disable_gradient_checkpointing()
                 else:
-                    wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy, placement="outside")
+                    wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy, placement=v["placement"])
             r = bench_train_step(args, dev, (tr, mcfg))
         except Exception as e:  # noqa: BLE001 - a benchmark variant that cannot run is a result too
             r = {"error": f"{type(e).__name__}: {e}"[:2000]}

@@ -507,6 +507,9 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     if impl not in FWD_IMPLS:
         raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
     if impl in ("tloop", "seg", "hybrid"):
+        if block_t is not None or q_iters is not None:
+            raise ValueError(f"interpolate_triton: block_t / q_iters are options of the tile kernel, not of impl={impl!r} "
+                             "(pass impl='tile')")
         return _forward_walk(impl, x, xr, (B, P, T, Q), sx, mask, td, sigma, eps, block_q, num_warps)
     if T > MAX_BLOCK_T:
         raise ValueError(

@@ -158,9 +158,28 @@ def test_inside_placement_eager_matches_and_is_undone(policy):
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
     assert mode.n == (4 if policy == "full" else 2) * len(chosen)
-    with torch.no_grad():  # no checkpoint without grad
-        tr(hidden_states=torch.zeros(1, 16, 5, 4, 6), timestep=torch.tensor([1.0]),
-           encoder_hidden_states=torch.zeros(1, 7, wan.tiny_transformer_config()["text_dim"]))
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    try:
+        kw = dict(hidden_states=torch.zeros(1, 16, 5, 4, 6), timestep=torch.tensor([1.0]),
+                  encoder_hidden_states=torch.zeros(1, 7, wan.tiny_transformer_config()["text_dim"]))
+        with torch.no_grad():  # no checkpoint without grad
+            tr(**kw)
+        assert calls == []
+        tr(**kw)
+        assert len(calls) == len(chosen)
+    finally:
+        torch.utils.checkpoint.checkpoint = real_checkpoint
+    wan.set_gradient_checkpointing(tr, False)  # also removes the inside wrappers
+    assert not tr.gradient_checkpointing and not any("forward" in b.__dict__ for b in tr.blocks)
+    wan.enable_checkpointing(tr, 1.0, policy, placement="inside")
+    wan.set_gradient_checkpointing(tr, True)  # diffusers' switch replaces them: never checkpointed twice
+    assert tr.gradient_checkpointing and not any("forward" in b.__dict__ for b in tr.blocks)
+    tr.blocks[0].forward = lambda *a, **k: None  # a hook on the instance: not silently discarded
+    with pytest.raises(ValueError, match="already has its own forward"):
+        wan.enable_checkpointing(tr, 1.0, policy, placement="inside")
+    del tr.blocks[0].forward
     wan.remove_block_checkpointing(tr)
     assert not any("forward" in b.__dict__ for b in tr.blocks)
     assert wan.enable_checkpointing(tr, 1.0, policy) and tr.gradient_checkpointing  # auto, eager: outside

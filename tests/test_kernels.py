@@ -329,6 +329,22 @@ def test_interpolate_time_walk_short_sequences(K, impl, T):
     assert_same(K.interp._forward(x, m, 1, block_q=4, impl=impl), interpolate_reference(x, m, 1))
 
 
+@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
+def test_interpolate_time_walk_unchecked_and_strided_masks(K, impl):
+    """An unchecked mask without frame 0 (it is a keyframe by definition, as in the tile kernel)
+    and a column-major (non-contiguous) mask."""
+    g = torch.Generator().manual_seed(34)
+    x = torch.randn(3, 2, 9, 5, generator=g)
+    m = torch.rand(9, 3, generator=g).lt(0.4).t()  # [3, 9] view of a column-major tensor
+    m[:, -1] = True
+    m[0, 0] = False
+    assert not m.is_contiguous()
+    assert torch.equal(K.interp._forward(x, m, 2, block_q=4, impl=impl), K.interp._forward(x, m, 2, impl="tile"))
+    fixed = m.clone()
+    fixed[:, 0] = True
+    assert_same(K.interp._forward(x, m, 2, block_q=4, impl=impl), interpolate_reference(x, fixed, 2))
+
+
 def test_interpolate_default_forward_kernel_by_shape(K, monkeypatch):
     """Auto choice: the time walk for many columns per row (Wan, Q = H*W), the tile kernel for
     few (maze, Q = 2) or very long rows; FWD_IMPL forces one kernel."""
@@ -338,6 +354,12 @@ def test_interpolate_default_forward_kernel_by_shape(K, monkeypatch):
     assert K.interp._default_impl(4096, 4096) == "tile"
     monkeypatch.setattr(K.interp, "FWD_IMPL", "seg")
     assert K.interp._default_impl(128, 2) == "seg"
+    x, m = torch.zeros(1, 1, 3, 1024), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="block_t / q_iters are options of the tile kernel, not of impl='seg'"):
+        K.interp._forward(x, m, 2, block_t=4)  # the dispatch's choice reaches _forward
+    monkeypatch.setattr(K.interp, "FWD_IMPL", "nope")
+    with pytest.raises(ValueError, match="impl='nope' is not one of"):
+        K.interp.interpolate_triton(x, m, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -545,6 +567,10 @@ def test_dp_sweep_prefetch_default_by_shape(K, monkeypatch):
     assert not K.dp.sweep_prefetch(128, 8) and not K.dp.sweep_prefetch(21, 6)
     monkeypatch.setattr(K.dp, "SWEEP_PREFETCH", False)
     assert not K.dp.sweep_prefetch(128, 32)
+    calls = []
+    monkeypatch.setattr(K.dp, "sweep_prefetch", lambda T, k: calls.append((T, k)) or False)
+    K.dp.dp_select_many_triton(torch.rand(2, 9, 9), [4], impl="sweep")
+    assert calls == [(9, 4)]  # the kernel launch asks the rule
 
 
 @pytest.mark.parametrize("split", [1, 2])

@@ -517,11 +517,15 @@ def set_attention_backend(transformer, backend: str = "sdpa") -> str:
 
 
 def set_gradient_checkpointing(transformer, enabled: bool = True) -> None:
-    """Recompute each ``WanTransformerBlock`` in backward (diffusers' checkpointing switch)."""
+    """Recompute each ``WanTransformerBlock`` in backward (diffusers' checkpointing switch); any
+    ``placement="inside"`` wrappers of ``enable_checkpointing`` are removed first, so a block is
+    never checkpointed twice nor left checkpointed when this turns checkpointing off."""
+    remove_block_checkpointing(transformer)
+    m = unwrap_model(transformer)
     if enabled:
-        transformer.enable_gradient_checkpointing()
+        m.enable_gradient_checkpointing()
     else:
-        transformer.disable_gradient_checkpointing()
+        m.disable_gradient_checkpointing()
 
 
 CHECKPOINT_POLICIES = ("full", "attention", "attention_ffn")
@@ -591,6 +595,10 @@ def _wrap_block_forward(block, ckpt_kwargs: dict) -> None:
     """``block.forward`` = its class forward under ``torch.utils.checkpoint`` (when grad is on)."""
     import types
 
+    own = block.__dict__.get("forward")
+    if own is not None and not getattr(getattr(own, "__func__", None), "_interpdiff_checkpoint", False):
+        raise ValueError(f"checkpoint placement='inside': block {type(block).__name__} already has its own forward "
+                         "(a hook installed on the instance); use placement='outside'")
     orig = type(block).forward
 
     def forward(self, *args, **kwargs):
@@ -639,9 +647,10 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full", 
       block is compiled, Dynamo traces the checkpoint as a higher-order op and the policy is
       applied to the traced graph by the min-cut partitioner: no dispatch mode at run time, the
       recompute is fused into the compiled backward, and ``attention_ffn`` keeps the FFN
-      up-projection. Must be set before the compiled blocks first run (their graph is traced
-      then); a block already traced is recompiled on its next call when the guards see the new
-      ``forward``, so switch placements on a fresh model.
+      up-projection. Set it before the compiled blocks first run (their graph is traced then);
+      a block already traced is recompiled on its next call when Dynamo's guards see the new
+      ``forward`` (checked on CPU: switching policy, ratio and placement in place gives the
+      expected recompute counts).
     * ``auto`` (default): ``inside`` when the blocks are set up for ``torch.compile``
       (``compile_repeated_blocks`` was called), else ``outside``.
 

@@ -90,7 +90,9 @@ class ModelConfig:
     seed: int = 0  # tiny preset weights and the LoRA init
     compile: bool = False  # regional torch.compile of the repeated blocks (diffusers compile_repeated_blocks)
     checkpoint_ratio: float = 1.0  # with train.gradient_checkpointing: fraction of blocks recomputed
-    # full: recompute whole blocks; attention: keep the attention kernels' outputs (selective checkpointing)
+    # full: recompute whole blocks; attention: keep the attention kernels' outputs (selective
+    # checkpointing); attention_ffn: also keep the FFN up-projection. With compile: true the
+    # checkpoint sits inside the compiled blocks (wan.enable_checkpointing, placement "auto").
     checkpoint_policy: str = "full"
 
 

@@ -402,9 +402,8 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
     if default_impl == "tile":
         default = kint._fwd_blocks(shape[td], _inner(shape, td))
         out["interpolate_default"] = {"impl": "tile", **dict(zip(("BLOCK_T", "BLOCK_Q", "num_warps"), default))}
-    else:  # the walks' defaults (kernels.interpolate._forward_walk)
-        bq = max(1, min(triton.next_power_of_2(_inner(shape, td)), kint.TLOOP_BLOCK_Q))
-        nw = max(1, min(4 if default_impl == "tloop" else 8, bq // 128))
+    else:
+        bq, nw = kint._walk_blocks(default_impl, _inner(shape, td), False)
         out["interpolate_default"] = {"impl": default_impl, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw}
     B, T, K = dp_case["B"], dp_case["T"], dp_case["ks"][0]
     cost = (torch.rand(B, T, T, generator=gen) * 10).to(device)

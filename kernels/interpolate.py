@@ -229,6 +229,12 @@ def _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig,
 
 
 @triton.jit
+def _key_row(m_row, smt, ts, T):
+    """The sample's keyframe flags over ``ts = [0, T_PAD)`` (frame T-1 always; padding never)."""
+    return ((tl.load(m_row + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
+
+
+@triton.jit
 def _walk_bases(x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq,
                 BLOCK_Q: tl.constexpr, HAS_NOISE: tl.constexpr):
     """Sample index and the column pointers of a walk program (``(b, p)`` row, ``BLOCK_Q`` columns)."""
@@ -291,7 +297,7 @@ def _interp_fwd_seg_kernel(
     b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
         x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
     ts = tl.arange(0, T_PAD)
-    key = ((tl.load(m_ptr + b * smb + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
+    key = _key_row(m_ptr + b * smb, smt, ts, T)
     _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
 
 
@@ -315,7 +321,7 @@ def _interp_fwd_hybrid_kernel(
     b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
         x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
     ts = tl.arange(0, T_PAD)
-    key = ((tl.load(m_ptr + b * smb + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
+    key = _key_row(m_ptr + b * smb, smt, ts, T)
     n_key = tl.reduce((key | (ts == 0)).to(tl.int32), 0, _SUM)
     if n_key <= SEG_MAX_K:
         _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
@@ -542,6 +548,16 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     return out
 
 
+def _walk_blocks(impl: str, Q: int, noise: bool) -> tuple[int, int]:
+    """Default ``(BLOCK_Q, num_warps)`` of the walk kernels. ``tloop`` without noise: 4 warps (8
+    columns per thread at BLOCK_Q=1024, 64 registers at sm_90): 14.68 us against 15.19 us with 8
+    warps in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md). With the fused noise 4 warps
+    would spill (72 registers), and seg was measured with 8 (hybrid, not yet measured, takes
+    seg's setting: 56 registers at 8 warps)."""
+    block_q = max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
+    return block_q, max(1, min(4 if impl == "tloop" and not noise else 8, block_q // 128))
+
+
 def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     B, P, T, Q = dims
     if impl in ("seg", "hybrid") and T > MAX_BLOCK_T:
@@ -551,12 +567,8 @@ def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warp
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_q = block_q or max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
-    # tloop without noise: 4 warps (8 columns per thread at BLOCK_Q=1024, 64 registers at sm_90):
-    # 14.68 us against 15.19 us with 8 warps in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md).
-    # With the fused noise 4 warps would spill (72 registers), and seg was measured with 8
-    # (hybrid, not yet measured, takes seg's setting: 56 registers at 8 warps).
-    num_warps = num_warps or max(1, min(4 if impl == "tloop" and eps is None else 8, block_q // 128))
+    bq, nw = _walk_blocks(impl, Q, eps is not None)
+    block_q, num_warps = block_q or bq, num_warps or nw
     m8 = mask.view(torch.uint8)
     if eps is not None:
         er, _, se = _as_bptq(eps, td)

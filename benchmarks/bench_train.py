@@ -125,12 +125,16 @@ def build(args, dev, dtype):
     for _, p in wan.trainable_parameters(tr):
         p.data = p.data.float()
     if not args.no_ckpt:
-        wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy,
-                                 placement=getattr(args, "ckpt_placement", None) or ("inside" if args.compile else "outside"))
+        wan.enable_checkpointing(tr, args.ckpt_ratio, args.ckpt_policy, placement=_placement(args))
     tr.to(dev).train()
     if args.compile:
         tr.compile_repeated_blocks(fullgraph=True)
     return tr, cfg
+
+
+def _placement(args) -> str:
+    """The checkpoint placement of a run: as given, else inside the compiled blocks when compiling."""
+    return getattr(args, "ckpt_placement", None) or ("inside" if args.compile else "outside")
 
 
 def parse_variant(spec: str) -> dict:
@@ -238,8 +242,7 @@ def bench_train_step(args, dev, built=None) -> dict:
         "latent": [C, T, H, W], "batch": args.batch, "lora_rank": args.lora_rank,
         "grad_ckpt": 0.0 if args.no_ckpt else args.ckpt_ratio, "ckpt_policy": "none" if args.no_ckpt else args.ckpt_policy,
         "compile": args.compile, "attention": args.attention, "step_s_median": step, "step_s_all": times,
-        "ckpt_placement": None if args.no_ckpt else (getattr(args, "ckpt_placement", None)
-                                                     or ("inside" if args.compile else "outside")),
+        "ckpt_placement": None if args.no_ckpt else _placement(args),
         "samples_per_s": args.batch / step, "fwd_tflop": fwd / 1e12, "loss": float(loss.detach()),
         "trainable_params": sum(p.numel() for p in params),
     }
@@ -294,6 +297,7 @@ def profile_step(step_fn, dev, step_s: float) -> dict:
     GEMM, inductor/Triton fusions, optimizer, other), the top kernels, and how much of the median
     unprofiled step the device is idle (``idle_s = step_s - kernel time``: host gaps, syncs).
     On CPU (``--tiny``) the CPU operator times stand in for the kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"
@@ -304,8 +308,6 @@ def profile_step(step_fn, dev, step_s: float) -> dict:
         _sync(dev)
     per_cat: dict[str, float] = {}
     kernels: list[tuple[str, float, int]] = []
-    from torch.autograd import DeviceType
-
     for e in prof.key_averages():
         if cuda:
             # the kernels themselves (device events); a CPU op's "self device time" repeats the

@@ -339,15 +339,7 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") 
         return chosen
     m = wan.unwrap_model(transformer)
     ids = {id(m.blocks[i]) for i in chosen}
-    kwargs: dict = {"use_reentrant": False}
-    if policy in ("attention", "attention_ffn"):
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        saved = wan._sdpa_ops()
-        if policy == "attention_ffn":
-            c = m.config
-            saved = wan._save_ops_policy(set(saved), c.num_attention_heads * c.attention_head_dim, c.ffn_dim)
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, saved)
+    kwargs = wan.checkpoint_kwargs(m, policy)
 
     def ckpt(module, *args):
         if id(module) not in ids:

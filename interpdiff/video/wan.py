@@ -591,12 +591,17 @@ def blocks_compiled(m) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in getattr(m, "blocks", []))
 
 
+def _is_checkpoint_forward(f) -> bool:
+    """Whether ``f`` (a block's instance ``forward``) is the wrapper of ``_wrap_block_forward``."""
+    return getattr(getattr(f, "__func__", None), "_interpdiff_checkpoint", False)
+
+
 def _wrap_block_forward(block, ckpt_kwargs: dict) -> None:
     """``block.forward`` = its class forward under ``torch.utils.checkpoint`` (when grad is on)."""
     import types
 
     own = block.__dict__.get("forward")
-    if own is not None and not getattr(getattr(own, "__func__", None), "_interpdiff_checkpoint", False):
+    if own is not None and not _is_checkpoint_forward(own):
         raise ValueError(f"checkpoint placement='inside': block {type(block).__name__} already has its own forward "
                          "(a hook installed on the instance); use placement='outside'")
     orig = type(block).forward
@@ -613,9 +618,25 @@ def _wrap_block_forward(block, ckpt_kwargs: dict) -> None:
 def remove_block_checkpointing(transformer) -> None:
     """Undo ``placement="inside"`` checkpointing (the blocks' class ``forward`` again)."""
     for b in getattr(unwrap_model(transformer), "blocks", []):
-        f = b.__dict__.get("forward")
-        if f is not None and getattr(getattr(f, "__func__", None), "_interpdiff_checkpoint", False):
+        if _is_checkpoint_forward(b.__dict__.get("forward")):
             del b.__dict__["forward"]
+
+
+def checkpoint_kwargs(m, policy: str) -> dict:
+    """``torch.utils.checkpoint`` keyword arguments of ``policy`` for the bare transformer ``m``
+    (non-reentrant; the selective policies add their ``context_fn``)."""
+    kwargs: dict = {"use_reentrant": False}
+    if policy in ("attention", "attention_ffn"):
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        saved = _sdpa_ops()
+        if policy == "attention_ffn":
+            cfg = m.config
+            saved = _save_ops_policy(set(saved), cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim)
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, saved)
+    return kwargs
 
 
 def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full", placement: str = "auto") -> list[int]:
@@ -674,18 +695,7 @@ def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full", 
         placement = "inside" if blocks_compiled(m) else "outside"
     chosen = sorted({min(n - 1, int(i * n / k)) for i in range(k)})
     ids = {id(m.blocks[i]) for i in chosen}
-    kwargs = {"use_reentrant": False}
-    if policy in ("attention", "attention_ffn"):
-        import functools
-
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        saved = _sdpa_ops()
-        if policy == "attention_ffn":
-            cfg = m.config
-            saved = _save_ops_policy(set(saved), cfg.num_attention_heads * cfg.attention_head_dim, cfg.ffn_dim)
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, saved)
-
+    kwargs = checkpoint_kwargs(m, policy)
     if placement == "inside":
         m.disable_gradient_checkpointing()
         for i in chosen:

@@ -36,9 +36,12 @@ Two time-walk forwards read each keyframe row exactly once: a program owns ``BLO
 of one ``(b, p)`` row and streams the output frames, holding the current left and right
 keyframe rows in registers. ``tloop`` tests the mask frame by frame (the default for the plain
 forward at video sizes); ``seg`` loads the mask row as one vector, jumps from keyframe to
-keyframe by reductions and prefetches the next keyframe row (fastest with few keyframes);
-``hybrid`` takes ``seg`` for samples with at most ``HYBRID_SEG_MAX_K`` keyframes and ``tloop``
-for the others (written after the last GPU run: not measured yet). The choice by shape and its
+keyframe by reductions and prefetches the next keyframe row (fastest with few keyframes).
+Written after the last GPU run, not measured yet: ``hybrid`` takes ``seg`` for samples with at
+most ``HYBRID_SEG_MAX_K`` keyframes and ``tloop`` for the others; ``jump`` is ``seg`` with the
+sample's keyframes held as one int64 (``T <= 63``), so the next keyframe is a lowest-set-bit
+computation in scalar registers instead of a cross-warp reduction per segment, and ``jump2``
+loads keyframe rows two segments ahead instead of one. The choice by shape and its
 measurements are in ``_default_impl``.
 
 Backward (``d out[t] / d x[l] = 1 - w``, ``d out[t] / d x[r] = w``): a program owns a
@@ -229,6 +232,66 @@ def _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig,
 
 
 @triton.jit
+def _low_bit(v):
+    """Index of the lowest set bit of the int64 ``v`` (``0 < v < 2**63``), without a loop or a
+    libdevice call: ``v & -v`` is that bit alone, a power of two converts to fp32 exactly, and
+    the exponent field of the result is the index."""
+    return (((v & -v).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127).to(tl.int32)
+
+
+@triton.jit
+def _jump_walk(x_base, o_base, e_base, bits, sxt, set_, T, Q, q_ok, sig,
+               HAS_NOISE: tl.constexpr, ACC: tl.constexpr, AHEAD: tl.constexpr):
+    """The walk from keyframe to keyframe over the sample's keyframe set held as one int64
+    ``bits`` (bit ``t`` set for a keyframe ``t``; ``T <= 63``): the next keyframe is the lowest
+    set bit of the rest, a few scalar instructions (``seg`` needs a cross-warp reduction per
+    segment, ``tloop`` a dependent mask load per frame). The rows of frame 0 and of the next
+    ``AHEAD`` keyframes (1 or 2) are loaded together at the start (at ``K=2`` the first of them
+    is ``T-1``), and each later keyframe row is loaded ``AHEAD`` segments before it is needed,
+    so its latency overlaps the stores of the segments in between. Invariant of the loop: the
+    lowest bit of ``rest`` is the last keyframe whose row load has been issued."""
+    rest = bits & -2  # keyframes after frame 0; T-1 is one of them when T > 1
+    r = tl.where(rest != 0, _low_bit(rest), T - 1)  # T == 1: r = 0, the loop below does not run
+    x_l = tl.load(x_base, mask=q_ok, other=0.0)
+    x_r = tl.load(x_base + r * sxt, mask=q_ok, other=0.0)
+    r2 = r
+    x_r2 = x_r
+    if AHEAD == 2:
+        rest = rest & (rest - 1)
+        r2 = tl.where(rest != 0, _low_bit(rest), T - 1)
+        x_r2 = tl.load(x_base + r2 * sxt, mask=q_ok & (rest != 0), other=0.0)
+    tl.store(o_base, x_l, mask=q_ok)  # frame 0 is a keyframe
+    xl = x_l.to(ACC)
+    l = r * 0
+    while l < T - 1:
+        rest = rest & (rest - 1)  # drop the last issued keyframe: the next one is the lowest bit
+        r_next = tl.where(rest != 0, _low_bit(rest), T - 1)
+        x_n = tl.load(x_base + r_next * sxt, mask=q_ok & (rest != 0), other=0.0)  # none after T-1
+        xr = x_r.to(ACC)
+        _fill_segment(o_base, e_base, xl, xr, l, r, Q, set_, sig, q_ok, HAS_NOISE, ACC)
+        tl.store(o_base + r * Q, x_r, mask=q_ok)
+        xl = xr
+        l = r
+        if AHEAD == 2:
+            r = r2
+            x_r = x_r2
+            r2 = r_next
+            x_r2 = x_n
+        else:
+            r = r_next
+            x_r = x_n
+
+
+@triton.jit
+def _key_bits(m_row, smt, ts, T):
+    """The keyframe set of a sample as an int64 (bit ``t`` for frame ``t``; frames 0 and T-1
+    always): one reduction over the mask row, ``ts = [0, T_PAD)`` with ``T_PAD <= 64``."""
+    key = _key_row(m_row, smt, ts, T) | (ts == 0)
+    one = tl.full(ts.shape, 1, tl.int64)
+    return tl.reduce(tl.where(key, one << ts.to(tl.int64), 0), 0, _SUM)
+
+
+@triton.jit
 def _key_row(m_row, smt, ts, T):
     """The sample's keyframe flags over ``ts = [0, T_PAD)`` (frame T-1 always; padding never)."""
     return ((tl.load(m_row + ts * smt, mask=ts < T, other=0) != 0) | (ts == T - 1)) & (ts < T)
@@ -327,6 +390,29 @@ def _interp_fwd_hybrid_kernel(
         _seg_walk(x_base, o_base, e_base, key, ts, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
     else:
         _tloop_walk(x_base, o_base, e_base, m_ptr + b * smb, smt, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC)
+
+
+@triton.jit
+def _interp_fwd_jump_kernel(
+    x_ptr, m_ptr, eps_ptr, sig_ptr, out_ptr,
+    T, P, Q,
+    sxb, sxp, sxt, sxq,
+    seb, sep, set_, seq,
+    smb, smt,
+    T_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+    AHEAD: tl.constexpr,
+):
+    """The time walk by jumps (``impl="jump"``, ``T <= 63``): the ``seg`` walk (each keyframe row
+    read once, the next one loaded a segment ahead) with the next keyframe found by scalar bit
+    arithmetic on the sample's keyframe set instead of a reduction over the mask row, so the
+    only cross-warp step is the one reduction that builds the set."""
+    b, q_ok, x_base, o_base, e_base, sig = _walk_bases(
+        x_ptr, eps_ptr, sig_ptr, out_ptr, T, P, Q, sxb, sxp, sxq, seb, sep, seq, BLOCK_Q, HAS_NOISE)
+    bits = _key_bits(m_ptr + b * smb, smt, tl.arange(0, T_PAD), T)
+    _jump_walk(x_base, o_base, e_base, bits, sxt, set_, T, Q, q_ok, sig, HAS_NOISE, ACC, AHEAD)
 
 
 @triton.jit
@@ -454,9 +540,11 @@ def _mask_from(mask_or_idx: torch.Tensor, B: int, T: int, check: bool) -> torch.
 # reductions, weights) is done once and reused for Q_ITERS blocks of BLOCK_Q columns.
 FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
 # Forward kernels: "tile" (frames x columns tiles), "tloop" (a walk over time reading each
-# keyframe row once) and "seg" (the walk by segments: mask row as one vector, next keyframe row
-# prefetched). FWD_IMPL=None picks by shape (`_default_impl`); a name forces that kernel everywhere.
-FWD_IMPLS = ("tile", "tloop", "seg", "hybrid")
+# keyframe row once), "seg" (the walk by segments: mask row as one vector, next keyframe row
+# prefetched), "hybrid" (seg or tloop per sample), "jump"/"jump2" (seg with the keyframe set in
+# one int64; rows prefetched one / two segments ahead). FWD_IMPL=None picks by shape
+# (`_default_impl`); a name forces that kernel everywhere.
+FWD_IMPLS = ("tile", "tloop", "seg", "hybrid", "jump", "jump2")
 FWD_IMPL = None
 TLOOP_BLOCK_Q = 1024
 # "hybrid": per sample, seg with at most this many keyframes (0 and T-1 counted), else tloop
@@ -465,6 +553,8 @@ HYBRID_SEG_MAX_K = 3
 # for few columns per row or very long rows the tile kernel is the better shape.
 WALK_MIN_Q = 1024
 WALK_MAX_T = 1024
+# "jump" holds a sample's keyframe set in one int64
+JUMP_MAX_T = 63
 
 
 def _default_impl(T: int, Q: int, noise: bool = False) -> str:
@@ -512,7 +602,7 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     impl = impl or _default_impl(T, Q, eps is not None)
     if impl not in FWD_IMPLS:
         raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
-    if impl in ("tloop", "seg", "hybrid"):
+    if impl in ("tloop", "seg", "hybrid", "jump", "jump2"):
         if block_t is not None or q_iters is not None:
             raise ValueError(f"interpolate_triton: block_t / q_iters are options of the tile kernel, not of impl={impl!r} "
                              "(pass impl='tile')")
@@ -550,19 +640,21 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
 
 def _walk_blocks(impl: str, Q: int, noise: bool) -> tuple[int, int]:
     """Default ``(BLOCK_Q, num_warps)`` of the walk kernels. ``tloop`` without noise: 4 warps (8
-    columns per thread at BLOCK_Q=1024, 64 registers at sm_90): 14.68 us against 15.19 us with 8
-    warps in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md). With the fused noise 4 warps
-    would spill (72 registers), and seg was measured with 8 (hybrid, not yet measured, takes
-    seg's setting: 56 registers at 8 warps)."""
+    columns per thread at BLOCK_Q=1024): 14.68 us against 15.19 us with 8 warps in the H200
+    sweep (Wan size, K=6; benchmarks/RESULTS.md). The others keep the 8 warps they were measured
+    with (``seg``, the fused ``tloop``) or that ``jump``/``jump2``/``hybrid`` (not measured yet)
+    were written for. At sm_90, compiled as launched at Wan size (``kernels.sass``), no variant
+    spills at 4 or 8 warps (40-64 registers)."""
     block_q = max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
     return block_q, max(1, min(4 if impl == "tloop" and not noise else 8, block_q // 128))
 
 
 def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     B, P, T, Q = dims
-    if impl in ("seg", "hybrid") and T > MAX_BLOCK_T:
+    limit = JUMP_MAX_T if impl.startswith("jump") else MAX_BLOCK_T
+    if impl in ("seg", "hybrid", "jump", "jump2") and T > limit:
         raise ValueError(
-            f"interpolate_triton: T={T} frames exceeds the {impl} kernel's limit {MAX_BLOCK_T}; use impl='tloop'"
+            f"interpolate_triton: T={T} frames exceeds the {impl} kernel's limit {limit}; use impl='tloop'"
         )
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -580,6 +672,10 @@ def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warp
     meta = dict(BLOCK_Q=block_q, HAS_NOISE=eps is not None, ACC=_acc_dtype(x.dtype), num_warps=num_warps)
     if impl == "seg":
         _interp_fwd_seg_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), **meta)
+    elif impl == "jump":
+        _interp_fwd_jump_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), AHEAD=1, **meta)
+    elif impl == "jump2":
+        _interp_fwd_jump_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), AHEAD=2, **meta)
     elif impl == "hybrid":
         _interp_fwd_hybrid_kernel[grid](*args, T_PAD=triton.next_power_of_2(T), SEG_MAX_K=HYBRID_SEG_MAX_K, **meta)
     else:

@@ -26,7 +26,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +54,10 @@ def _interpret_mode(flag: bool):
             os.environ["TRITON_INTERPRET"] = old
         if pinned is not None:
             knobs.__dict__["interpret"] = pinned
+
+
+# the time-walk forward kernels (every impl but the tile kernel)
+WALKS = ["tloop", "seg", "hybrid", "jump", "jump2"]
 
 
 def _import_kernels(interpret: bool):
@@ -274,11 +277,13 @@ def test_interpolate_unchecked_mask_treats_endpoints_as_keyframes(K):
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
+# hybrid (seg or tloop per sample) and jump2 (jump with a deeper prefetch) reuse the others'
+# arithmetic: they are run in bf16 only, where a changed order of operations would show first
+@pytest.mark.parametrize("impl,dtype", [(i, d) for i in WALKS for d in (
+    [torch.bfloat16] if i in ("hybrid", "jump2") else [torch.float32, torch.float64, torch.bfloat16])])
 @pytest.mark.parametrize("kind", ["random", "k2", "all", "adjacent"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_interpolate_time_walk_kernels(K, impl, kind, dtype):
-    """The time-walk forwards (``impl="tloop"``, ``"seg"``, ``"hybrid"``) against the reference
+    """The time-walk forwards (``impl="tloop"``, ``"seg"``, ``"hybrid"``, ``"jump"``, ``"jump2"``) against the reference
     (fp32/fp64 bit-exact) and the tile kernel (same arithmetic, bit-identical in every dtype),
     with and without the fused corruption, on a non-contiguous Wan-layout view and a partial
     last column block."""
@@ -294,6 +299,22 @@ def test_interpolate_time_walk_kernels(K, impl, kind, dtype):
     assert torch.equal(got_c, K.interp._forward(x, m, 2, sigma=sigma, eps=eps, impl="tile"))
     with pytest.raises(ValueError, match="impl='nope' is not one of"):
         K.interp._forward(x, m, 2, impl="nope")
+
+
+@pytest.mark.parametrize("impl", ["jump", "jump2"])
+def test_interpolate_jump_walk_long_rows(K, impl):
+    """The jump walks hold a sample's keyframes as one int64: at their limit T = 63 the high bits
+    (frames up to 62, found through an fp32 exponent) give the tile kernel's bits for sparse,
+    dense and endpoint-only masks; T = 64 is refused with a pointer to ``tloop``."""
+    g = torch.Generator().manual_seed(35)
+    T = K.interp.JUMP_MAX_T
+    x = torch.randn(3, T, 2, generator=g)
+    m = torch.rand(3, T, generator=g) < torch.tensor([[0.1], [0.7], [0.0]])
+    m[:, 0] = m[:, -1] = True
+    m[0, T - 2] = True  # bits 61 and 62 set together
+    assert torch.equal(K.interp._forward(x, m, 1, block_q=2, impl=impl), K.interp._forward(x, m, 1, impl="tile"))
+    with pytest.raises(ValueError, match=r"T=64 frames exceeds the jump\d? kernel's limit 63; use impl='tloop'"):
+        K.interp._forward(torch.randn(1, 64, 2), torch.ones(1, 64, dtype=torch.bool), 1, impl=impl)
 
 
 @pytest.mark.parametrize("seg_max_k", [0, 3, 100])
@@ -315,7 +336,7 @@ def test_interpolate_hybrid_mixed_batch(K, monkeypatch, seg_max_k):
                        K.interp._forward(x, m, 2, sigma=sigma, eps=eps, impl="tile"))
 
 
-@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
+@pytest.mark.parametrize("impl", WALKS)
 @pytest.mark.parametrize("T", [1, 2, 3])
 def test_interpolate_time_walk_short_sequences(K, impl, T):
     """T = 1, 2, 3 (no interior frame, one segment) and an unchecked mask that omits frame T-1:
@@ -329,7 +350,7 @@ def test_interpolate_time_walk_short_sequences(K, impl, T):
     assert_same(K.interp._forward(x, m, 1, block_q=4, impl=impl), interpolate_reference(x, m, 1))
 
 
-@pytest.mark.parametrize("impl", ["tloop", "seg", "hybrid"])
+@pytest.mark.parametrize("impl", WALKS)
 def test_interpolate_time_walk_unchecked_and_strided_masks(K, impl):
     """An unchecked mask without frame 0 (it is a keyframe by definition, as in the tile kernel)
     and a column-major (non-contiguous) mask."""
@@ -637,81 +658,51 @@ def test_dp_bad_inputs_are_clear_errors(K):
 # ------------------------------------------------------------------------------ compile (no GPU)
 
 
-def _ptxas_info(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps},
-    )
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(compiled.asm["ptx"])
-        res = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return res.stderr
-
-
 def test_kernels_compile_for_sm90_without_spills():
-    """The interpreter accepts programs the compiler rejects; compile each variant to SASS here (no GPU)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
+    """The interpreter accepts programs the compiler rejects; compile each variant to SASS here
+    (no GPU), specialised on the arguments of a launch at the issue sizes as the JIT does."""
+    from kernels.sass import compile_for, issue_variants, tool
+
+    if not os.path.exists(tool("ptxas")):
         pytest.skip("triton's bundled ptxas is not installed")
     import triton.language as tl
 
     if type(tl.standard._argmin_combine_tie_break_left).__name__ == "InterpretedFunction":
         pytest.skip("triton was imported under TRITON_INTERPRET=1: its standard library cannot be compiled here")
     k = _import_kernels(interpret=False)
-    fwd = {n: "i32" for n in "T P Q sxb sxp sxt sxq seb sep set_ seq smb smt".split()}
-    fwd.update(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16")
-    fwd.update({n: "constexpr" for n in ("T_PAD", "BLOCK_T", "BLOCK_Q", "HAS_NOISE", "ACC", "Q_ITERS")})
-    bwd = {n: "i32" for n in "T P Q sgb sgp sgt sgq smb smt".split()}
-    bwd.update(g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16", BLOCK_Q="constexpr", ACC="constexpr")
-    dp = {n: "i32" for n in "T k_max scb sci scj".split()}
-    dp.update(c_ptr="*fp32", back_ptr="*i8", dbuf_ptr="*fp32", dlast_ptr="*fp32")
-    dp.update(BLOCK_T="constexpr", BLOCK_S="constexpr", ON_CHIP="constexpr")
-    bt = {n: "i32" for n in "B T k_max n_k n_idx".split()}
-    bt.update(back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64", tot_ptr="*fp32")
-    bt.update(BLOCK_B="constexpr")
-    blk_t, blk_q, nw = k.interp._fwd_blocks(21, 60 * 104)  # Wan latent size
-    infos = [
-        _ptxas_info(
-            k.interp._interp_fwd_kernel, fwd,
-            dict(T_PAD=32, BLOCK_T=blk_t, BLOCK_Q=blk_q, HAS_NOISE=True, ACC=tl.float32, Q_ITERS=k.interp.FWD_Q_ITERS), nw,
-        ),
-        _ptxas_info(k.interp._interp_fwd_kernel, dict(fwd, x_ptr="*fp32", out_ptr="*fp32", eps_ptr="*fp32"),
-                    dict(T_PAD=128, BLOCK_T=128, BLOCK_Q=2, HAS_NOISE=False, ACC=tl.float32, Q_ITERS=1), 1),
-        _ptxas_info(k.interp._interp_bwd_kernel, bwd, dict(BLOCK_Q=1024, ACC=tl.float32), 4),
-        _ptxas_info(k.dp._dp_kernel, dp, dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
-        _ptxas_info(k.dp._dp_kernel, dict(dp, back_ptr="*i16"), dict(BLOCK_T=128, BLOCK_S=32, ON_CHIP=False), 4),
-        _ptxas_info(k.dp._backtrack_kernel, bt, dict(BLOCK_B=128), 4),
-    ]
-    tl_sig = {n: "i32" for n in "T P Q sxb sxp sxt sxq seb sep set_ seq smb smt".split()}
-    tl_sig.update(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16")
-    tl_sig.update({n: "constexpr" for n in ("BLOCK_Q", "HAS_NOISE", "ACC")})
-    infos += [_ptxas_info(k.interp._interp_fwd_tloop_kernel, tl_sig,
-                          dict(BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
-                          max(1, min(8 if hn else 4, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
-    infos += [_ptxas_info(k.interp._interp_fwd_seg_kernel, dict(tl_sig, T_PAD="constexpr"),
-                          dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32),
-                          max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
-    infos += [_ptxas_info(k.interp._interp_fwd_hybrid_kernel, dict(tl_sig, T_PAD="constexpr", SEG_MAX_K="constexpr"),
-                          dict(T_PAD=32, BLOCK_Q=k.interp.TLOOP_BLOCK_Q, HAS_NOISE=hn, ACC=tl.float32,
-                               SEG_MAX_K=k.interp.HYBRID_SEG_MAX_K),
-                          max(1, min(8, k.interp.TLOOP_BLOCK_Q // 128))) for hn in (False, True)]
-    sw = dict(dp)
-    sw["dcol_ptr"] = sw.pop("dbuf_ptr")
-    for name in ("BLOCK_S", "ON_CHIP"):
-        sw.pop(name)
-    sw["K_PAD"] = sw["SPLIT"] = sw["PREFETCH"] = "constexpr"
-    infos += [_ptxas_info(k.dp._dp_sweep_kernel, sw, dict(BLOCK_T=128, K_PAD=kp, SPLIT=sp, PREFETCH=pf), 4)
-              for kp in (8, 16, 32) for sp in (1, 2) for pf in (False, True)]
-    for info in infos:
-        assert "0 bytes spill stores" in info and "0 bytes spill loads" in info, info
+    variants = issue_variants(k.interp, k.dp, sweep=False)  # what the host functions launch
+    assert len(variants) >= 25
+    for name, fn, args, nw in variants:
+        info = compile_for(fn, args, nw)
+        assert info["spill_bytes"] == 0, (name, info["ptxas"])
+        assert info["regs"] <= 255, (name, info["regs"])
+
+
+def test_compile_for_specialises_like_a_launch():
+    """``compile_for`` applies the JIT's rule (ints equal to 1 are constants, multiples of 16 carry
+    the divisibility hint, pointers are 16-byte aligned): a unit-stride bf16 row load of the
+    walk kernel becomes 128-bit vector loads, and a runtime stride keeps it scalar."""
+    from kernels.sass import compile_for, issue_variants, launch_signature, tool
+
+    if not os.path.exists(tool("cuobjdump")):
+        pytest.skip("triton's bundled cuobjdump is not installed")
+    import triton.language as tl
+
+    if type(tl.standard._argmin_combine_tie_break_left).__name__ == "InterpretedFunction":
+        pytest.skip("triton was imported under TRITON_INTERPRET=1: its standard library cannot be compiled here")
+    k = _import_kernels(interpret=False)
+    _, fn, args, _ = next(v for v in issue_variants(k.interp, k.dp) if v[0] == "interp fwd tloop, Wan bf16")
+    sig, consts, attrs = launch_signature(fn, args)
+    assert sig["sxq"] == "constexpr" and consts["sxq"] == 1 and sig["sxt"] == "i32" and sig["smb"] == "i32"
+    names = [p.name for p in fn.params]
+    assert (names.index("sxt"),) in attrs and (names.index("smb"),) not in attrs  # 6240 = 16 * 390; 21 is not
+    vec = compile_for(fn, args, 4, sass=True)["sass"]
+    scalar = compile_for(fn, dict(args, sxq=3), 4, sass=True)["sass"]
+    assert "LDG.E.128" in vec and "LDG.E.128" not in scalar
+    with pytest.raises(ValueError, match="no value for"):
+        launch_signature(fn, {"T": 21})
+    with pytest.raises(ValueError, match="sxt=2.5"):
+        launch_signature(fn, dict(args, sxt=2.5))
 
 
 # ------------------------------------------------------------------------------ GPU, real sizes
@@ -740,6 +731,9 @@ def test_gpu_interpolate_wan_size(KG, dtype):
     ref_c = interpolate_corrupt(x, m, sig, eps, 2, backend="torch")
     got_c = KG.interp.interpolate_triton(x, m, 2, sigma=sig, eps=eps)
     assert_ulp_close(got_c, ref_c, 1, scale=_gpu_scale(x, m, 2, ref) + ref_c.abs().float())
+    for impl in KG.interp.FWD_IMPLS:  # the fused corruption through every forward kernel
+        got_c = KG.interp._forward(x, m, 2, sigma=sig, eps=eps, impl=impl)
+        assert_ulp_close(got_c, ref_c, 1, scale=_gpu_scale(x, m, 2, ref) + ref_c.abs().float())
     xa = x.detach().float().requires_grad_(True)
     xb = x.detach().float().requires_grad_(True)
     gout = torch.randn(x.shape, device="cuda", generator=g)

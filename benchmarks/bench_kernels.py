@@ -212,6 +212,9 @@ def _check_close(a: torch.Tensor, b: torch.Tensor, what: str, scale: torch.Tenso
 
 
 def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict]:
+    """The forward (the kernel the dispatch picks, then every other forward kernel that runs at
+    that ``T``), the fused corruption (likewise), and forward+backward, each against its torch
+    reference (timed once per ``K``)."""
     rows = []
     copies: dict[int, dict] = {}
     for case in cases:
@@ -226,40 +229,44 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
             copies[nbytes]["fill"] = fill_bandwidth(timer, nbytes, device)
         copy = copies[nbytes]
         default_impl = kint._default_impl(T, _inner(shape, td))
+        noise_impl = kint._default_impl(T, _inner(shape, td), True)
+        others = [i for i in kint.FWD_IMPLS if i != default_impl and kint.supports(i, T)]
+        others_c = [i for i in kint.FWD_IMPLS if i != noise_impl and kint.supports(i, T)] if case.get("fused_impls") else []
         for K in case["ks"]:
             m = random_masks(B, T, K, device, gen)
             ref = interpolate_reference(x, m, td)
             scale = _err_scale(x, m, td, ref)
             _check_close(kint.interpolate_triton(x, m, td), ref, f"interpolate {shape} K={K}", scale)
             ref_c = interpolate_corrupt(x, m, sigma, eps, td, backend="torch")
-            _check_close(  # rounded twice (I(x, M) to x's dtype, then the sum): one ulp at each step
-                kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c, f"interpolate_corrupt {shape} K={K}",
-                scale + ref_c.double().abs(),
-            )
-            others = [i for i in kint.FWD_IMPLS if i != default_impl]
+            scale_c = scale + ref_c.double().abs()  # rounded twice (I(x, M) to x's dtype, then the sum)
+            _check_close(kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps), ref_c,
+                         f"interpolate_corrupt {shape} K={K}", scale_c)
             for impl in others:
                 _check_close(kint._forward(x, m, td, impl=impl), ref, f"interpolate {impl} {shape} K={K}", scale)
+            for impl in others_c:
+                _check_close(kint._forward(x, m, td, sigma=sigma, eps=eps, impl=impl), ref_c,
+                             f"interpolate_corrupt {impl} {shape} K={K}", scale_c)
             frac_key = K / T
+            refs = {
+                "forward": lambda: interpolate_reference(x, m, td),
+                "fused": lambda: interpolate_corrupt(x, m, sigma, eps, td, backend="torch", check_values=False),
+            }
+            # op -> (kernel fn, reference key, bytes moved, kernel name)
             ops = {
                 # check=False: the mask was validated above; the value check is a host sync that
                 # interpdiff.interpolate.check_mask already does on the public path
-                "forward": (
-                    lambda: kint.interpolate_triton(x, m, td, check=False),
-                    lambda: interpolate_reference(x, m, td),
-                    nbytes * (1 + frac_key),
-                ),
-                "fused corruption": (
-                    lambda: kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps, check=False),
-                    lambda: interpolate_corrupt(x, m, sigma, eps, td, backend="torch", check_values=False),
-                    2 * nbytes,  # keyframe rows of x + missing rows of eps (= one x), every row written
-                ),
+                "forward": (lambda: kint.interpolate_triton(x, m, td, check=False), "forward", nbytes * (1 + frac_key),
+                            default_impl),
+                # keyframe rows of x + missing rows of eps (= one x), every row written
+                "fused corruption": (lambda: kint.interpolate_triton(x, m, td, sigma=sigma, eps=eps, check=False),
+                                     "fused", 2 * nbytes, noise_impl),
             }
             for impl in others:  # the forward kernels the dispatch does not pick at this shape
-                ops[f"forward ({impl} kernel)"] = (
-                    lambda impl=impl: kint._forward(x, m, td, impl=impl),
-                    lambda: interpolate_reference(x, m, td),
-                    nbytes * (1 + frac_key),
-                )
+                ops[f"forward ({impl} kernel)"] = (lambda impl=impl: kint._forward(x, m, td, impl=impl), "forward",
+                                                   nbytes * (1 + frac_key), impl)
+            for impl in others_c:
+                ops[f"fused corruption ({impl} kernel)"] = (
+                    lambda impl=impl: kint._forward(x, m, td, sigma=sigma, eps=eps, impl=impl), "fused", 2 * nbytes, impl)
             if case.get("backward"):
                 xg = x.detach().requires_grad_(True)
                 g = torch.randn(shape, generator=gen).to(dtype).to(device)
@@ -270,10 +277,15 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                 def rfb():
                     return torch.autograd.grad(interpolate_reference(xg, m, td), xg, g)
 
+                refs["forward+backward"] = rfb
                 # forward (keyframes read, all written) + backward (grad read, grad_x written)
-                ops["forward+backward"] = (kfb, rfb, nbytes * (1 + frac_key) + 2 * nbytes)
-            for op, (kfn, rfn, moved) in ops.items():
-                tk, tr = timer(kfn), timer(rfn)
+                ops["forward+backward"] = (kfb, "forward+backward", nbytes * (1 + frac_key) + 2 * nbytes, default_impl)
+            ref_t = {}
+            for op, (kfn, rkey, moved, impl) in ops.items():
+                tk = timer(kfn)
+                if rkey not in ref_t:
+                    ref_t[rkey] = timer(refs[rkey])
+                tr = ref_t[rkey]
                 gbps = moved / (tk["ms"] * 1e-3) / 1e9
                 eager = {}
                 if "ms_eager" in tk and "ms_eager" in copy:
@@ -285,11 +297,28 @@ def bench_interpolate(timer: Timer, cases: list[dict], device, gen) -> list[dict
                     "case": case["name"], "op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                     "K": K, "bytes": int(moved), "triton": tk, "torch": tr, "GBps": gbps,
                     "copy_GBps": copy["GBps"], "of_copy": gbps / copy["GBps"], "speedup": tr["ms"] / tk["ms"],
-                    "fill_GBps": copy["fill"]["GBps"],
-                    "impl": op.split("(")[1].split()[0] if "(" in op else kint._default_impl(
-                        T, _inner(shape, td), op == "fused corruption"), **eager,
+                    "fill_GBps": copy["fill"]["GBps"], "impl": impl, **eager,
                 })
     return rows
+
+
+def kernel_summary(rows: list[dict], case: str = "wan") -> list[dict]:
+    """Per forward kernel (plain and fused) at one case: ``of copy`` at each ``K`` and the worst
+    of them, best first. The acceptance target (>= 75 % at every K) holds for a kernel if its
+    worst K does; the dispatch default should be such a kernel."""
+    table: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        if r["case"] != case or r["op"].startswith("forward+backward"):
+            continue
+        kind = "fused" if r["op"].startswith("fused") else "forward"
+        e = table.setdefault((kind, r["impl"]), {"op": kind, "impl": r["impl"], "of_copy": {}, "ms": {},
+                                                  "default": False})
+        e["of_copy"][r["K"]] = r["of_copy"]
+        e["ms"][r["K"]] = r["triton"]["ms"]
+        e["default"] |= "(" not in r["op"]
+    out = [dict(e, worst=min(e["of_copy"].values())) for e in table.values()]
+    out.sort(key=lambda e: (e["op"] != "forward", -e["worst"]))
+    return out
 
 
 # ------------------------------------------------------------------------------ DP
@@ -368,14 +397,21 @@ def bench_dp(timer: Timer, cases: list[dict], numpy_samples: int, device, gen) -
 
 
 def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
-    """Block sizes / warp counts around the defaults (best first)."""
-    shape, td, K = tuple(interp_case["shape"]), interp_case["time_dim"], interp_case["ks"][0]
+    """Block sizes / warp counts around the defaults (best first): the tile kernel at the first
+    ``K`` of ``interp_case``, every time-walk kernel at each of its ``ks`` (``walks``: per
+    configuration the share of the copy bandwidth at each K and the worst one, best first), the
+    DP kernels at ``dp_case``."""
+    shape, td, ks = tuple(interp_case["shape"]), interp_case["time_dim"], interp_case["ks"]
     x = torch.randn(shape, generator=gen).to(interp_case["dtype"]).to(device)
-    m = random_masks(shape[0], shape[td], K, device, gen)
-    ref = interpolate_reference(x, m, td)
-    scale = _err_scale(x, m, td, ref)
+    nbytes = x.numel() * x.element_size()
+    copy_gbps = copy_bandwidth(timer, nbytes, device)["GBps"]
+    masks = {K: random_masks(shape[0], shape[td], K, device, gen) for K in ks}
+    refs = {K: interpolate_reference(x, masks[K], td) for K in ks}
+    scales = {K: _err_scale(x, masks[K], td, refs[K]) for K in ks}
+    K = ks[0]
+    m, ref, scale = masks[K], refs[K], scales[K]
     t_pad = triton.next_power_of_2(shape[td])
-    out: dict = {"interpolate": [], "dp": []}
+    out: dict = {"interpolate": [], "dp": [], "copy_GBps": copy_gbps}
     for bt in sorted({min(t_pad, v) for v in (4, 8, 16, 32)} | {t_pad}):
         for bq in (128, 256, 512, 1024):
             for nw in (4, 8):
@@ -388,16 +424,25 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                                  scale)
                     t = timer(lambda: kint._forward(x, m, td, block_t=bt, block_q=bq, num_warps=nw, q_iters=qi,
                                                     impl="tile"))
-                    out["interpolate"].append({"impl": "tile", "BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw,
+                    out["interpolate"].append({"impl": "tile", "K": K, "BLOCK_T": bt, "BLOCK_Q": bq, "num_warps": nw,
                                                "Q_ITERS": qi, **t})
-    for impl in ("tloop", "seg", "hybrid"):
+    walks: dict[tuple, dict] = {}
+    for impl in [i for i in kint.FWD_IMPLS if i != "tile" and kint.supports(i, shape[td])]:
         for bq in (512, 1024, 2048):
             for nw in (4, 8):
-                got = kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl)
-                _check_close(got, ref, f"sweep interpolate {impl} BLOCK_Q={bq} num_warps={nw}", scale)
-                t = timer(lambda: kint._forward(x, m, td, block_q=bq, num_warps=nw, impl=impl))
-                out["interpolate"].append({"impl": impl, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw, "Q_ITERS": 1, **t})
-    out["interpolate"].sort(key=lambda r: r["ms"])
+                w = walks.setdefault((impl, bq, nw), {"impl": impl, "BLOCK_Q": bq, "num_warps": nw, "of_copy": {},
+                                                      "ms": {}})
+                for K in ks:
+                    mk = masks[K]
+                    got = kint._forward(x, mk, td, block_q=bq, num_warps=nw, impl=impl)
+                    _check_close(got, refs[K], f"sweep interpolate {impl} BLOCK_Q={bq} num_warps={nw} K={K}", scales[K])
+                    t = timer(lambda: kint._forward(x, mk, td, block_q=bq, num_warps=nw, impl=impl))
+                    out["interpolate"].append({"impl": impl, "K": K, "BLOCK_T": 1, "BLOCK_Q": bq, "num_warps": nw,
+                                               "Q_ITERS": 1, **t})
+                    w["ms"][K] = t["ms"]
+                    w["of_copy"][K] = nbytes * (1 + K / shape[td]) / (t["ms"] * 1e-3) / 1e9 / copy_gbps
+    out["walks"] = sorted((dict(w, worst=min(w["of_copy"].values())) for w in walks.values()), key=lambda w: -w["worst"])
+    out["interpolate"].sort(key=lambda r: (r["K"] != ks[0], r["ms"]))
     default_impl = kint._default_impl(shape[td], _inner(shape, td))
     if default_impl == "tile":
         default = kint._fwd_blocks(shape[td], _inner(shape, td))
@@ -434,7 +479,8 @@ def compiled_kernel_info() -> list[dict]:
     """Registers / spills of every compiled variant (CUDA only; empty under the interpreter)."""
     info = []
     for name, fn in [("interp_fwd", kint._interp_fwd_kernel), ("interp_fwd_tloop", kint._interp_fwd_tloop_kernel),
-                     ("interp_fwd_seg", kint._interp_fwd_seg_kernel), ("interp_bwd", kint._interp_bwd_kernel),
+                     ("interp_fwd_seg", kint._interp_fwd_seg_kernel), ("interp_fwd_hybrid", kint._interp_fwd_hybrid_kernel),
+                     ("interp_fwd_jump", kint._interp_fwd_jump_kernel), ("interp_bwd", kint._interp_bwd_kernel),
                      ("dp", kdp._dp_kernel), ("dp_sweep", kdp._dp_sweep_kernel), ("dp_backtrack", kdp._backtrack_kernel)]:
         for dev_cache in getattr(fn, "device_caches", {}).values():
             try:
@@ -484,94 +530,21 @@ def profile_launches(device, gen, cuda: bool) -> dict:
 
 
 def static_report(cfg: BenchKernelsConfig) -> dict:
-    """Registers, spills, barriers and the resulting occupancy of each default kernel variant at sm_90.
+    """Registers, spills, barriers and the resulting occupancy of every kernel variant at sm_90,
+    compiled as a launch at the issue sizes would be (``kernels.sass``; no GPU needed).
+    Occupancy is the register-limited bound ``min(64 warps, 65536 / (regs * 32 * warps))`` per SM."""
+    from kernels.sass import compile_for, issue_variants
 
-    Compiles PTX with triton and assembles it with triton's bundled ``ptxas`` (no GPU needed).
-    Occupancy is the register-limited bound ``min(64 warps, 65536 / (regs * 32 * warps))`` per SM.
-    """
-    import re
-    import subprocess
-    import tempfile
-
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-    def sig(names: str, **types) -> dict:
-        out = {}
-        for n in names.split():
-            out[n] = types.get(n, "i32")
-        return out
-
-    fwd_names = ("x_ptr m_ptr eps_ptr sig_ptr out_ptr T P Q sxb sxp sxt sxq seb sep set_ seq smb smt "
-                 "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS")
-    dp_names = "c_ptr back_ptr dbuf_ptr dlast_ptr T k_max scb sci scj BLOCK_T BLOCK_S ON_CHIP"
-    bt_names = "back_ptr dlast_ptr ks_ptr offs_ptr idx_ptr tot_ptr B T k_max n_k n_idx BLOCK_B"
-    const = {n: "constexpr" for n in "T_PAD BLOCK_T BLOCK_Q HAS_NOISE ACC Q_ITERS BLOCK_S ON_CHIP BLOCK_B K_PAD SPLIT".split()}
-    # strides equal to 1 are specialised by the JIT (constexpr), multiples of 16 get the divisibility hint
-    bf16 = dict(x_ptr="*bf16", m_ptr="*u8", eps_ptr="*bf16", sig_ptr="*fp32", out_ptr="*bf16",
-                sxq="constexpr", seq="constexpr", smt="constexpr", **const)
-    fp32 = dict(bf16, x_ptr="*fp32", eps_ptr="*fp32", out_ptr="*fp32")
-    div16 = ["x_ptr", "m_ptr", "eps_ptr", "sig_ptr", "out_ptr", "Q", "sxb", "sxp", "sxt", "seb", "sep", "set_", "smb"]
-    wan_bt, wan_bq, wan_nw = kint._fwd_blocks(21, 60 * 104)
-    maze_bt, maze_bq, maze_nw = kint._fwd_blocks(128, 2)
-    ones = dict(sxq=1, seq=1, smt=1, Q_ITERS=kint.FWD_Q_ITERS)
-    variants = [
-        ("interp fwd, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
-         dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=False, ACC=tl.float32), wan_nw),
-        ("interp fwd+corruption, Wan bf16", kint._interp_fwd_kernel, sig(fwd_names, **bf16), div16,
-         dict(ones, T_PAD=32, BLOCK_T=wan_bt, BLOCK_Q=wan_bq, HAS_NOISE=True, ACC=tl.float32), wan_nw),
-        ("interp fwd, maze fp32", kint._interp_fwd_kernel, sig(fwd_names, **fp32),
-         ["x_ptr", "m_ptr", "out_ptr", "sxb", "smb"],
-         dict(ones, T_PAD=128, BLOCK_T=maze_bt, BLOCK_Q=maze_bq, HAS_NOISE=False, ACC=tl.float32, Q_ITERS=1), maze_nw),
-        ("interp bwd, Wan bf16", kint._interp_bwd_kernel,
-         sig("g_ptr m_ptr gx_ptr T P Q sgb sgp sgt sgq smb smt BLOCK_Q ACC", g_ptr="*bf16", m_ptr="*u8", gx_ptr="*bf16",
-             sgq="constexpr", smt="constexpr", **const), ["g_ptr", "m_ptr", "gx_ptr", "Q", "sgb", "sgp", "sgt", "smb"],
-         dict(sgq=1, smt=1, BLOCK_Q=kint.BWD_BLOCK_Q, ACC=tl.float32), 4),
-        ("dp on chip, T=128", kdp._dp_kernel,
-         sig(dp_names, c_ptr="*fp32", back_ptr="*i8", dbuf_ptr="*fp32", dlast_ptr="*fp32", **const),
-         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
-         dict(BLOCK_T=128, BLOCK_S=128, ON_CHIP=True), 4),
-        ("dp streaming, T>128", kdp._dp_kernel,
-         sig(dp_names, c_ptr="*fp32", back_ptr="*i16", dbuf_ptr="*fp32", dlast_ptr="*fp32", **const),
-         ["c_ptr", "back_ptr", "dlast_ptr", "dbuf_ptr"],
-         dict(BLOCK_T=kdp.STREAM_BLOCK_T, BLOCK_S=kdp.STREAM_BLOCK_S, ON_CHIP=False), 4),
-        ("dp sweep, T=128 K<=16", kdp._dp_sweep_kernel,
-         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT PREFETCH", c_ptr="*fp32",
-             back_ptr="*i8", dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
-         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
-         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT, PREFETCH=False), 4),
-        ("dp sweep + prefetch, T=128 K<=16", kdp._dp_sweep_kernel,
-         sig("c_ptr back_ptr dcol_ptr dlast_ptr T k_max scb sci scj BLOCK_T K_PAD SPLIT PREFETCH", c_ptr="*fp32",
-             back_ptr="*i8", dcol_ptr="*fp32", dlast_ptr="*fp32", **const),
-         ["c_ptr", "back_ptr", "dlast_ptr", "T", "scb", "sci"],
-         dict(BLOCK_T=128, K_PAD=16, SPLIT=kdp.SWEEP_SPLIT, PREFETCH=True), 4),
-        ("dp backtrack", kdp._backtrack_kernel,
-         sig(bt_names, back_ptr="*i8", dlast_ptr="*fp32", ks_ptr="*i32", offs_ptr="*i32", idx_ptr="*i64",
-             tot_ptr="*fp32", **const), ["back_ptr", "idx_ptr"],
-         dict(BLOCK_B=kdp.BACKTRACK_BLOCK_B), 4),
-    ]
     rows = []
-    for name, fn, signature, div, consts, nw in variants:
-        names = list(signature)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.ptx")
-            with open(path, "w") as f:
-                f.write(compiled.asm["ptx"])
-            cmd = [ptxas, "-v", "--gpu-name=sm_90a", path, "-o", os.devnull]
-            info = subprocess.run(cmd, capture_output=True, text=True).stderr
-        regs = int(re.search(r"Used (\d+) registers", info).group(1))
-        spills = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+    for name, fn, args, nw in issue_variants(kint, kdp):
+        info = compile_for(fn, args, nw)
+        regs = info["regs"]
         warps = min(64, (65536 // (regs * 32 * nw)) * nw)
-        rows.append({"kernel": name, "config": {k: str(v) for k, v in consts.items() if k.isupper()}, "num_warps": nw,
-                     "regs": regs, "spill_bytes": spills, "bar_sync": compiled.asm["ptx"].count("bar.sync"),
-                     "warps_per_SM": warps, "occupancy": warps / 64})
-    L = [f"Static sm_90 compile report (triton {triton.__version__}, ptxas from triton; no GPU)", "",
+        config = {k: str(v) for k, v in args.items() if k.isupper()}
+        rows.append({"kernel": name, "config": config, "num_warps": nw, "regs": regs, "spill_bytes": info["spill_bytes"],
+                     "bar_sync": info["bar_sync"], "warps_per_SM": warps, "occupancy": warps / 64})
+    L = [f"Static sm_90 compile report (triton {triton.__version__}, ptxas from triton; no GPU; "
+         "specialised on the arguments of a launch at the issue sizes)", "",
          "| kernel | config | warps | regs | spill B | bar.sync | warps/SM (reg-limited) |",
          "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -644,10 +617,30 @@ def markdown(res: dict) -> str:
         L += ["", "| acceptance check | measured | met |", "|---|---:|:-:|"]
         for t in res["targets"]:
             L.append(f"| {t['check']} | {t['value']:.2f} | {'yes' if t['met'] else '**no**'} |")
+    if res.get("kernels_wan"):
+        ks = sorted({k for e in res["kernels_wan"] for k in e["of_copy"]})
+        L += ["", "Forward kernels at Wan size, share of the copy bandwidth at each K (worst first column; "
+              "target >= 75 % at every K; * = the dispatch default):", "",
+              "| op | kernel | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
+              "|---|---|---:|" + "---:|" * len(ks)]
+        for e in res["kernels_wan"]:
+            cells = " | ".join(f"{e['of_copy'][k]:.1%} ({e['ms'][k] * 1e3:.2f} us)" if k in e["of_copy"] else "-"
+                               for k in ks)
+            L.append(f"| {e['op']} | {e['impl']}{' *' if e['default'] else ''} | {e['worst']:.1%} | {cells} |")
     if res.get("sweep"):
-        L += ["", "Sweep (best first): interpolation " + ", ".join(
+        sw = res["sweep"]
+        k0 = sw["interpolate"][0].get("K") if sw["interpolate"] else None
+        if sw.get("walks"):
+            ks = sorted({k for w in sw["walks"] for k in w["of_copy"]})
+            L += ["", f"Sweep of the time-walk kernels (copy {sw['copy_GBps']:.0f} GB/s), best worst-K first:", "",
+                  "| kernel | BLOCK_Q | warps | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(ks)]
+            for w in sw["walks"][:12]:
+                L.append(f"| {w['impl']} | {w['BLOCK_Q']} | {w['num_warps']} | {w['worst']:.1%} | "
+                         + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
+        L += ["", f"Sweep (best first, K={k0}): interpolation " + ", ".join(
             f"{r.get('impl', 'tile')} {r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"
-            for r in res["sweep"]["interpolate"][:5])
+            for r in sw["interpolate"][:5] if r.get("K") == k0)
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
             f"{r.get('impl', '')}/w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
     return "\n".join(L) + "\n"
@@ -673,14 +666,14 @@ def main(argv: list[str] | None = None) -> dict:
     if cuda:
         interp_cases = [
             {"name": "wan", "shape": [8, 16, 21, 60, 104], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 6, 11],
-             "backward": True},
+             "backward": True, "fused_impls": True},
             {"name": "maze", "shape": [4096, 128, 2], "time_dim": 1, "dtype": torch.float32, "ks": [8, 16, 32]},
         ]
         dp_cases = [{"B": 4096, "T": 128, "ks": [8, 16, 32]}, {"B": 4096, "T": 21, "ks": [6]}]
     else:
         interp_cases = [
             {"name": "wan", "shape": [2, 3, 7, 4, 5], "time_dim": 2, "dtype": torch.bfloat16, "ks": [2, 3],
-             "backward": True},
+             "backward": True, "fused_impls": True},
             {"name": "maze", "shape": [4, 16, 2], "time_dim": 1, "dtype": torch.float32, "ks": [4]},
         ]
         dp_cases = [{"B": 4, "T": 16, "ks": [4]}, {"B": 4, "T": 21, "ks": [6]}]
@@ -695,17 +688,25 @@ def main(argv: list[str] | None = None) -> dict:
     res["interpolate"] = bench_interpolate(timer, interp_cases, device, gen)
     res["dp"] = bench_dp(timer, dp_cases, cfg.numpy_samples, device, gen)
     res["targets"] = targets(res["interpolate"], res["dp"]) if cuda else []
-    if cfg.sweep:
-        wan = {**interp_cases[0], "ks": [6 if cuda else 3]}
+    res["kernels_wan"] = kernel_summary(res["interpolate"])
+    if cfg.sweep:  # the tables so far reach the files before the sweep, which a timeout may cut short
+        res["compiled"] = compiled_kernel_info() if cuda else []
+        _write(res, cfg, markdown(res))
+        # the tile kernel at K=6, the walks at every K of the table (the default must hold at all of them)
+        wan = {**interp_cases[0], "ks": [6, 2, 11] if cuda else [3, 2]}
         res["sweep"] = sweep(timer, wan, {**dp_cases[0], "ks": [16 if cuda else 4]}, device, gen)
     res["compiled"] = compiled_kernel_info() if cuda else []
     md = markdown(res)
     print(md)
+    _write(res, cfg, md)
+    return res
+
+
+def _write(res: dict, cfg: BenchKernelsConfig, md: str) -> None:
     if cfg.json_out:
         atomic_write_text(cfg.json_out, json.dumps(res, indent=1, default=str))
     if cfg.md_out:
         atomic_write_text(cfg.md_out, md)
-    return res
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@
 # --always --dirty=+dirty` here, so that the results name it):
 #     run(command="INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=570)
 # Locally on any CUDA box: OUT=runs/device bash benchmarks/run_device.sh
+# The kernels alone (issue 3: every forward kernel at K = 2 / 6 / 11, the walk sweep at every K,
+# the fused op through each kernel; about 4-5 minutes):
+#     run(command="SECTIONS='tests kbench ncu' INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=400)
 # SECTIONS picks a subset (default all): tests kbench train compile ncu; TRAIN_VARIANTS and
 # COMPILE_VARIANTS override bench_train.py's --variants lists.
 # Opt-in section `distill` (not in the default: the default already takes 7-9 minutes): the rCM
@@ -30,7 +33,8 @@ SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
 COMPILE_VARIANTS=${COMPILE_VARIANTS:-cudnn:attention:0.7:compile:outside,cudnn:attention:0.7:compile,cudnn:attention_ffn:1:compile,cudnn:attention_ffn:0.9:compile}
 DISTILL_VARIANTS=${DISTILL_VARIANTS:-full,full_discrete,phase1,phase2}
-KBENCH_ARGS=${KBENCH_ARGS:-sweep=true}   # bench_kernels.py options (sweep=false: about 40 s shorter)
+KBENCH_ARGS=${KBENCH_ARGS:-sweep=true}   # bench_kernels.py options (sweep=false: the sweep is about half the time)
+# (with sweep=true bench_kernels.py writes its JSON before the sweep too, so a timeout keeps the tables)
 COMPILE_ARGS=${COMPILE_ARGS:-}           # extra bench_train.py options of the compile section, e.g. --profile
 # (compile variants: attention:policy:ratio:compile[:inside|outside], checkpoint placement, see wan.enable_checkpointing)
 on() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -71,7 +75,7 @@ fi
 
 if on kbench; then
     echo "== [$((SECONDS - T0)) s] kernel benchmark"
-    timeout 200 $PY benchmarks/bench_kernels.py $KBENCH_ARGS json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
+    timeout ${KBENCH_TIMEOUT:-300} $PY benchmarks/bench_kernels.py $KBENCH_ARGS json_out="$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench.log"
     rc_bench=${PIPESTATUS[0]}
 fi
 
@@ -92,12 +96,13 @@ fi
 if on ncu && command -v ncu >/dev/null 2>&1; then
     echo "== [$((SECONDS - T0)) s] ncu"
     # first launches of each kernel at the issue sizes; DRAM/SM throughput, occupancy, registers
-    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 24 -k regex:'_interp_fwd_kernel|_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel|_interp_bwd_kernel|_dp_kernel|_dp_sweep_kernel|_backtrack_kernel' \
+    timeout 60 ncu --clock-control none --launch-skip 0 --launch-count 30 -k regex:'_interp_fwd_kernel|_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel|_interp_fwd_hybrid_kernel|_interp_fwd_jump_kernel|_interp_bwd_kernel|_dp_kernel|_dp_sweep_kernel|_backtrack_kernel' \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__grid_size,launch__block_size \
         $PY benchmarks/bench_kernels.py profile_only=true >"$OUT/ncu.txt" 2>&1
     rc_ncu=$?
-    # the time-walk forwards (the Wan default) in detail: stall reasons, memory workload, K=6 and K=2
-    timeout 60 ncu --clock-control none --launch-count 6 -k regex:'_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel' \
+    # the time-walk forwards (the Wan default) in detail: stall reasons, memory workload; K=6 (each
+    # walk kernel: tloop, seg, hybrid, jump, jump2) and K=2 (the default)
+    timeout 60 ncu --clock-control none --launch-count 6 -k regex:'_interp_fwd_tloop_kernel|_interp_fwd_seg_kernel|_interp_fwd_hybrid_kernel|_interp_fwd_jump_kernel' \
         --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
         $PY benchmarks/bench_kernels.py profile_only=true >>"$OUT/ncu.txt" 2>&1 || rc_ncu=$?
 fi

@@ -638,6 +638,16 @@ def _forward(x, mask, td, sigma=None, eps=None, block_t=None, block_q=None, num_
     return out
 
 
+def supports(impl: str, T: int) -> bool:
+    """Whether forward kernel ``impl`` runs with ``T`` frames (``jump``/``jump2``: ``T <= JUMP_MAX_T``;
+    ``seg``/``hybrid`` hold the mask row in registers: ``T <= MAX_BLOCK_T``; ``tloop``: any ``T``)."""
+    if impl not in FWD_IMPLS:
+        raise ValueError(f"interpolate_triton: impl={impl!r} is not one of {list(FWD_IMPLS)}")
+    if impl in ("jump", "jump2"):
+        return T <= JUMP_MAX_T
+    return impl == "tloop" or T <= MAX_BLOCK_T
+
+
 def _walk_blocks(impl: str, Q: int, noise: bool) -> tuple[int, int]:
     """Default ``(BLOCK_Q, num_warps)`` of the walk kernels. ``tloop`` without noise: 4 warps (8
     columns per thread at BLOCK_Q=1024): 14.68 us against 15.19 us with 8 warps in the H200
@@ -651,8 +661,8 @@ def _walk_blocks(impl: str, Q: int, noise: bool) -> tuple[int, int]:
 
 def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):
     B, P, T, Q = dims
-    limit = JUMP_MAX_T if impl.startswith("jump") else MAX_BLOCK_T
-    if impl in ("seg", "hybrid", "jump", "jump2") and T > limit:
+    if not supports(impl, T):
+        limit = JUMP_MAX_T if impl in ("jump", "jump2") else MAX_BLOCK_T
         raise ValueError(
             f"interpolate_triton: T={T} frames exceeds the {impl} kernel's limit {limit}; use impl='tloop'"
         )

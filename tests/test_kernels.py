@@ -313,6 +313,7 @@ def test_interpolate_jump_walk_long_rows(K, impl):
     m[:, 0] = m[:, -1] = True
     m[0, T - 2] = True  # bits 61 and 62 set together
     assert torch.equal(K.interp._forward(x, m, 1, block_q=2, impl=impl), K.interp._forward(x, m, 1, impl="tile"))
+    assert K.interp.supports(impl, 63) and not K.interp.supports(impl, 64) and K.interp.supports("tloop", 10**6)
     with pytest.raises(ValueError, match=r"T=64 frames exceeds the jump\d? kernel's limit 63; use impl='tloop'"):
         K.interp._forward(torch.randn(1, 64, 2), torch.ones(1, 64, dtype=torch.bool), 1, impl=impl)
 
@@ -792,9 +793,16 @@ def test_bench_kernels_cpu_smoke(tmp_path):
 
     data = json.loads(out.read_text())
     assert data["cpu_smoke"] and data["device"].startswith("CPU")
-    assert {r["op"] for r in data["interpolate"]} == {"forward", "fused corruption", "forward+backward",
-                                                      "forward (tloop kernel)", "forward (seg kernel)",
-                                                      "forward (hybrid kernel)"}
+    walks = ("tloop", "seg", "hybrid", "jump", "jump2")
+    ops = {"forward", "fused corruption", "forward+backward"} | {f"forward ({i} kernel)" for i in walks}
+    assert {r["op"] for r in data["interpolate"] if r["case"] == "maze"} == ops - {"forward+backward"}
+    assert {r["op"] for r in data["interpolate"] if r["case"] == "wan"} == ops | {f"fused corruption ({i} kernel)"
+                                                                                  for i in walks}
     assert {r["impl"] for r in data["interpolate"] if r["op"] == "forward"} == {"tile"}  # tiny shapes: Q < WALK_MIN_Q
+    # the per-kernel summary: every forward kernel at every K of the Wan case, worst K first column
+    summary = {(e["op"], e["impl"]): e for e in data["kernels_wan"]}
+    assert set(summary) == {(op, i) for op in ("forward", "fused") for i in ("tile",) + walks}
+    assert all(sorted(e["of_copy"]) == ["2", "3"] and e["worst"] == min(e["of_copy"].values()) for e in summary.values())
+    assert [i for (op, i), e in summary.items() if e["default"]] == ["tile", "tile"]
     assert all(r["fill_GBps"] > 0 for r in data["interpolate"])
     assert [(r["T"], r["K"]) for r in data["dp"]] == [(16, 4), (21, 6)]

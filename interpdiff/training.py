@@ -111,6 +111,9 @@ class OptimConfig:
             raise ConfigError(f"train.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+DATA_RESUME = ("next_epoch", "restart_epoch", "error")
+
+
 @dataclass
 class TrainLoopConfig:
     run_dir: str = "runs/debug"
@@ -125,6 +128,9 @@ class TrainLoopConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     resume: str = ""  # "" | latest | path to a checkpoint folder
+    # the saved data position belongs to another stream (data settings or world size changed), epoch
+    # mode: next_epoch = skip the rest of that epoch, restart_epoch = read it again, error = stop
+    data_resume: str = "next_epoch"
     log_every: int = 10
     tracker: str = "tensorboard"
     validate_every: int = 0  # 0 disables validation
@@ -142,6 +148,8 @@ class TrainLoopConfig:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.data_resume not in DATA_RESUME:
+            raise ConfigError(f"train.data_resume={self.data_resume!r} is not one of {DATA_RESUME}")
         self.optim.validate()
 
 
@@ -228,7 +236,8 @@ class TrainSpec:
     ``step`` is the optimizer step the micro-batch contributes to (seeds per-sample randomness).
     ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch after skipping the
     first ``skip`` of them (resume: the data position; a deterministic stream replays exactly,
-    an endless resampled stream may reseed instead). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
+    an endless resampled stream may reseed instead). ``data_settings()`` describes the stream
+    (see ``read_data_state``). ``save_trainable(model, folder)`` / ``load_trainable(model, folder)`` write
     and read the trainable weights only (LoRA + new channels). ``validate(model, step, folder,
     is_main)`` runs on the main process (on every rank under ZeRO-3, whose forwards need all of
     them; then only ``is_main`` should write). ``meta`` lands in ``meta.json`` of every checkpoint (model sizes to rebuild it).
@@ -243,6 +252,9 @@ class TrainSpec:
     batch_size: Callable[[dict], int] | None = None
     meta: dict = field(default_factory=dict)
     enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None
+    # what decides which micro-batches a data position refers to (shard list, seeds, workers, batch
+    # size; ``LatentLoader.settings``): saved with each rank's position and compared on resume
+    data_settings: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -623,7 +635,8 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
     acc.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(acc) else {}
     acc.save_state(str(tmp), **kwargs)
-    write_data_state(tmp, acc.process_index, acc.num_processes, state)
+    write_data_state(tmp, acc.process_index, acc.num_processes, state,
+                     spec.data_settings() if spec.data_settings is not None else None)
     acc.wait_for_everyone()
     if acc.is_main_process:
         meta = dict(spec.meta, step=state.step, code_version=code_version(), **cfg_meta)
@@ -646,32 +659,74 @@ def load_checkpoint_dir(acc, path: Path) -> None:
 DATA_STATE_FILE = "data_state_rank{rank}.json"
 
 
-def write_data_state(folder: Path, rank: int, world: int, state: TrainState) -> None:
-    """This rank's data position (``epoch``, ``batches_in_epoch``). Accelerate saves the registered
-    ``TrainState`` from the main process only, but ranks read different shards and, in epoch mode,
-    consume different numbers of micro-batches per epoch: each rank keeps its own position."""
-    d = {"rank": rank, "world_size": world, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch}
+def write_data_state(folder: Path, rank: int, world: int, state: TrainState, settings: dict | None = None) -> None:
+    """This rank's data position (``epoch``, ``batches_in_epoch``) and the stream's ``settings``.
+    Accelerate saves the registered ``TrainState`` from the main process only, but ranks read
+    different shards and, in epoch mode, consume different numbers of micro-batches per epoch:
+    each rank keeps its own position."""
+    d = {"rank": rank, "world_size": world, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+         "settings": settings}
     atomic_write_text(Path(folder) / DATA_STATE_FILE.format(rank=rank), json.dumps(d))
 
 
-def read_data_state(folder: Path, rank: int, world: int, state: TrainState) -> str:
-    """Restore this rank's data position from ``write_data_state``'s file; returns what was done.
-
-    A checkpoint without the file (older runs) keeps the main process's position. With another
-    world size the shard split differs, so no rank's position maps onto the new split: the main
-    process's is kept (resampled streams are unaffected; epoch streams replay or skip a little)."""
-    f = Path(folder) / DATA_STATE_FILE.format(rank=rank)
-    if not f.is_file():
-        return f"no {f.name}: main-process data position"
+def _read_position(f: Path) -> dict:
     try:
         d = json.loads(f.read_text())
-        epoch, pos, saved_world = int(d["epoch"]), int(d["batches_in_epoch"]), int(d["world_size"])
+        return {"epoch": int(d["epoch"]), "batches_in_epoch": int(d["batches_in_epoch"]),
+                "world_size": int(d["world_size"]), "settings": d.get("settings")}
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f}: unreadable data position ({e}); expected keys epoch, batches_in_epoch, world_size") from e
-    if saved_world != world:
-        return f"saved with world size {saved_world}, now {world}: main-process data position"
-    state.epoch, state.batches_in_epoch = epoch, pos
-    return f"rank {rank}: epoch {epoch}, batch {pos}"
+
+
+def read_data_state(folder: Path, rank: int, world: int, state: TrainState, settings: dict | None = None,
+                    policy: str = "next_epoch") -> str:
+    """Restore this rank's data position from ``write_data_state``'s file; returns what was done.
+
+    A position is a count of micro-batches into an epoch, so it names the same batches only for the
+    same stream: the same world size and the same ``settings`` (shard list, seeds, shuffles,
+    workers, batch size). When they match, the position is restored exactly. When they differ
+    (or this rank has no file because the world grew: then rank 0's file is read), an epoch-mode
+    stream cannot continue where it stopped without repeating or dropping samples silently, so
+    ``policy`` decides, and the returned message names the changes: ``next_epoch`` starts the next
+    epoch (the rest of the interrupted one is not read), ``restart_epoch`` reads the interrupted
+    epoch again from its start, ``error`` raises ``CheckpointError``. A resampled stream is
+    reseeded from its position anyway: its own position is kept. A checkpoint without any file
+    (older runs) keeps the main-process position Accelerate restored."""
+    f = Path(folder) / DATA_STATE_FILE.format(rank=rank)
+    src = f
+    if not f.is_file():
+        src = Path(folder) / DATA_STATE_FILE.format(rank=0)
+        if rank == 0 or not src.is_file():
+            return f"no {f.name}: main-process data position"
+    d = _read_position(src)
+    changes = []
+    if d["world_size"] != world:
+        changes.append(f"world_size {d['world_size']} -> {world}")
+    saved = d["settings"]
+    if settings is not None and saved is not None:
+        changes += [f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(settings) | set(saved))
+                    if saved.get(k) != settings.get(k)]
+    epoch, pos = d["epoch"], d["batches_in_epoch"]
+    resampled = bool((settings or saved or {}).get("resampled", False))
+    if not changes or resampled or (pos == 0 and src == f):
+        if src != f:  # a resampled stream, world grown: reseed from rank 0's position
+            state.epoch, state.batches_in_epoch = epoch, pos
+            return f"rank {rank}: no {f.name}, rank 0's position (epoch {epoch}, batch {pos}; {', '.join(changes)})"
+        state.epoch, state.batches_in_epoch = epoch, pos
+        note = f" (stream changed: {', '.join(changes)}; resampled, reseeded)" if changes else ""
+        return f"rank {rank}: epoch {epoch}, batch {pos}{note}"
+    what = f"{src.name} holds epoch {epoch}, batch {pos} of another data stream ({'; '.join(changes)})"
+    if policy == "error":
+        raise CheckpointError(f"{what}: resuming at that position would repeat or drop samples. Restore the "
+                              f"settings, or set train.data_resume=next_epoch (skip the rest of epoch {epoch}) or "
+                              f"restart_epoch (read epoch {epoch} again from its start)")
+    if policy == "restart_epoch":
+        state.epoch, state.batches_in_epoch = epoch, 0
+        return f"rank {rank}: {what}; train.data_resume=restart_epoch: epoch {epoch} from its start"
+    if policy != "next_epoch":
+        raise ValueError(f"read_data_state: policy={policy!r} is not one of {DATA_RESUME}")
+    state.epoch, state.batches_in_epoch = epoch + 1, 0
+    return f"rank {rank}: {what}; train.data_resume=next_epoch: epoch {epoch + 1} from its start"
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -687,10 +742,13 @@ def _micro_batches(spec: TrainSpec, state: TrainState) -> Iterator[dict]:
             n += 1
             state.batches_in_epoch = skip + n
             yield batch
-        if n == 0 and skip == 0:
+        if n > 0:
+            empty_epochs = 0
+        elif skip == 0:
             empty_epochs += 1
             if empty_epochs > 1:
-                raise RuntimeError(f"the data stream yielded no batch in epoch {state.epoch} (empty shards?)")
+                raise RuntimeError(f"the data stream yielded no batch in epochs {state.epoch - 1} and {state.epoch} "
+                                   "(empty shards?)")
         skip = 0
         state.epoch += 1
         state.batches_in_epoch = 0
@@ -753,9 +811,12 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         acc.register_for_checkpointing(ema)
     if resume_path is not None:
         load_checkpoint_dir(acc, resume_path)
-        how = read_data_state(resume_path, acc.process_index, acc.num_processes, state)
+        how = read_data_state(resume_path, acc.process_index, acc.num_processes, state,
+                              spec.data_settings() if spec.data_settings is not None else None, cfg.data_resume)
         acc.print(f"[train] resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch "
                   f"{state.batches_in_epoch} on the main process; data position: {how})")
+        if "another data stream" in how and not acc.is_main_process:
+            print(f"[train] rank {acc.process_index}: {how}", flush=True)
         stream = _micro_batches(spec, state)
         first_batch = None
     elif cfg.resume == "latest":

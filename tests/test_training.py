@@ -279,22 +279,64 @@ def test_resume_flag_to_override():
 
 
 def test_data_state_per_rank_roundtrip_and_fallbacks(tmp_path):
-    """Each rank's data position round-trips; another world size or an older checkpoint without the
-    file keeps the (main-process) position already loaded; a corrupt file is a CheckpointError."""
+    """Each rank's data position round-trips; an older checkpoint without the files keeps the
+    (main-process) position already loaded; a corrupt file is a CheckpointError."""
     from interpdiff.training import TrainState, read_data_state, write_data_state
 
+    settings = {"shards": 8, "num_workers": 2, "batch_size": 1, "resampled": False}
     for rank, (ep, pos) in enumerate([(3, 1), (2, 7)]):
-        write_data_state(tmp_path, rank, 2, TrainState(step=9, epoch=ep, batches_in_epoch=pos))
+        write_data_state(tmp_path, rank, 2, TrainState(step=9, epoch=ep, batches_in_epoch=pos), settings)
     st = TrainState(step=9, epoch=3, batches_in_epoch=1)  # what Accelerate restored: rank 0's
-    read_data_state(tmp_path, 1, 2, st)
+    assert read_data_state(tmp_path, 1, 2, st, dict(settings)) == "rank 1: epoch 2, batch 7"
     assert (st.epoch, st.batches_in_epoch, st.step) == (2, 7, 9)
+    empty = tmp_path / "old"
+    empty.mkdir()
     st = TrainState(epoch=3, batches_in_epoch=1)
-    assert "world size 2, now 4" in read_data_state(tmp_path, 1, 4, st)
+    assert "no data_state_rank1.json" in read_data_state(empty, 1, 2, st)
     assert (st.epoch, st.batches_in_epoch) == (3, 1)
-    assert "no data_state_rank5.json" in read_data_state(tmp_path, 5, 8, st)
     (tmp_path / "data_state_rank0.json").write_text('{"epoch": 1}')
     with pytest.raises(CheckpointError, match="data_state_rank0.json"):
         read_data_state(tmp_path, 0, 2, TrainState())
+
+
+def test_data_state_of_another_stream_follows_data_resume(tmp_path):
+    """A position counts micro-batches of one stream: with other data settings (here the worker
+    count, which changes how the DataLoader interleaves batches) or another world size, an
+    epoch-mode run does not resume mid-epoch at a position that now names other batches:
+    ``next_epoch`` (default) starts the next epoch, ``restart_epoch`` the same one from its
+    start, ``error`` stops naming the change. At an epoch boundary, or for a resampled stream
+    (reseeded anyway), the position is kept."""
+    from interpdiff.training import TrainState, read_data_state, write_data_state
+
+    old = {"shards": 8, "num_workers": 2, "batch_size": 1, "resampled": False}
+    new = dict(old, num_workers=1)
+    write_data_state(tmp_path, 0, 2, TrainState(epoch=3, batches_in_epoch=5), old)
+    write_data_state(tmp_path, 1, 2, TrainState(epoch=2, batches_in_epoch=0), old)
+
+    st = TrainState()
+    msg = read_data_state(tmp_path, 0, 2, st, new)
+    assert (st.epoch, st.batches_in_epoch) == (4, 0) and "num_workers 2 -> 1" in msg and "epoch 4 from its start" in msg
+    st = TrainState()
+    read_data_state(tmp_path, 0, 2, st, new, "restart_epoch")
+    assert (st.epoch, st.batches_in_epoch) == (3, 0)
+    with pytest.raises(CheckpointError, match=r"data_state_rank0.json holds epoch 3, batch 5 of another data stream "
+                                              r"\(num_workers 2 -> 1\).*train.data_resume=next_epoch"):
+        read_data_state(tmp_path, 0, 2, TrainState(), new, "error")
+    st = TrainState()
+    read_data_state(tmp_path, 1, 2, st, new, "error")  # at an epoch boundary: nothing to repeat or drop
+    assert (st.epoch, st.batches_in_epoch) == (2, 0)
+    # the world grew: rank 3 has no file and follows rank 0's (epoch 3 -> 4); rank 1 its own
+    st = TrainState()
+    assert "world_size 2 -> 4" in read_data_state(tmp_path, 3, 4, st, old)
+    assert (st.epoch, st.batches_in_epoch) == (4, 0)
+    # a resampled stream keeps its position (it is reseeded from it)
+    rs = dict(old, resampled=True)
+    write_data_state(tmp_path, 0, 2, TrainState(epoch=0, batches_in_epoch=40), rs)
+    st = TrainState()
+    assert "resampled, reseeded" in read_data_state(tmp_path, 0, 2, st, dict(rs, num_workers=4))
+    assert (st.epoch, st.batches_in_epoch) == (0, 40)
+    with pytest.raises(ConfigError, match="train.data_resume='later' is not one of"):
+        TrainLoopConfig(data_resume="later").validate()
 
 
 def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path):

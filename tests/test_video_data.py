@@ -102,6 +102,16 @@ def test_make_shards_start_index_appends_new_samples(tmp_path):
     assert len(set(latents)) == 8  # contents unique too
 
 
+def test_make_shards_again_with_fewer_shards_removes_the_old_ones(tmp_path):
+    """Re-running into the same folder with a layout of fewer shards: the earlier run's extra
+    shards would be read with the new set (duplicated samples), so they are removed."""
+    d, _ = _make(tmp_path, n=8, per=2)
+    (d / "notes.txt").write_text("kept")
+    _make(tmp_path, n=8, per=4)
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt", "shard_000000.tar", "shard_000001.tar"]
+    assert len(_collect(vdata.LatentLoader(_cfg(d / "shard_*.tar")))) == 8
+
+
 def test_load_annotations_collision_suffix_never_reuses_a_key(tmp_path):
     """Two captions of clip.mp4 and a video named clip_1.mp4 (and clip_1_1.mp4): every key unique,
     captions keep their order, each item still points at its own video."""
@@ -203,6 +213,76 @@ def test_node_and_worker_split_partitions_the_epoch(tmp_path, world, workers):
         parts += [src.shards_for(w, workers) for w in range(workers)]
     flat = [u for p in parts for u in p]
     assert sorted(flat) == sorted(urls)
+
+
+def test_overlapping_shard_entries_are_read_once(tmp_path):
+    """A folder, a glob inside it and one of its files listed again: each shard once (an epoch would
+    otherwise read the repeated ones twice), in first-seen order."""
+    d, _ = _make(tmp_path)  # 4 shards
+    got = vdata.resolve_shards(f"{d}/shard_000002.tar,{d}/shard_*.tar,{d},{d}/../shards/shard_000000.tar")
+    assert got == [f"{d}/shard_000002.tar", f"{d}/shard_000000.tar", f"{d}/shard_000001.tar", f"{d}/shard_000003.tar"]
+    assert len(_collect(vdata.LatentLoader(_cfg(f"{d},{d}/shard_*.tar")))) == 10
+
+
+def test_shard_cut_between_two_samples_is_reported(tmp_path, caplog):
+    """A shard cut exactly at a member boundary reads as a shorter valid tar; the missing
+    end-of-archive blocks give it away: the samples before the cut are used and the truncation
+    is counted and logged with the shard's name."""
+    d, _ = _make(tmp_path, n=3, per=3)
+    path = d / "shard_000000.tar"
+    members = _members(path)
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        offsets = [m.offset for m in tf.getmembers()]
+    cut = offsets[len(members) // 3 * 2]  # after the second sample's members
+    path.write_bytes(path.read_bytes()[:cut])
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.data"):
+        loader = vdata.LatentLoader(_cfg(path))
+        got = _collect(loader)
+    assert sorted(got) == ["sample_000000000", "sample_000000001"]
+    assert loader.skipped == 1
+    assert "truncated tar shard" in caplog.text and "shard_000000.tar" in caplog.text
+
+
+def test_rank_is_read_when_the_stream_starts(tmp_path, monkeypatch):
+    """An entry script builds its loader before the process group exists; under an MPI launcher
+    (DeepSpeed's openmpi/mpich launchers, plain mpirun) no ``RANK`` is set until then. The rank is
+    read when the stream is first positioned or iterated, and Open MPI's / PMI's variables count
+    as the launcher's, so two ranks read disjoint halves of the epoch."""
+    d, _ = _make(tmp_path, n=8, per=2)  # 4 shards
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    halves = []
+    for r in range(2):
+        loader = vdata.LatentLoader(_cfg(d / "shard_*.tar", shuffle_buffer=0))  # built before the launcher's rank is known
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", str(r))
+        monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+        halves.append(set(_collect(loader)))
+        assert (loader.rank, loader.world_size) == (r, 2)
+        monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+        monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    assert len(halves[0]) == len(halves[1]) == 4 and not halves[0] & halves[1]
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "3")
+    assert vdata.dist_info() == (1, 3)
+
+
+def test_stream_settings_name_what_orders_the_batches(tmp_path):
+    """``settings()`` (saved with each rank's data position) changes with what reorders the batches
+    (workers, batch size, seed, the shard list) and not with where the data folder is."""
+    d, _ = _make(tmp_path)
+    base = vdata.LatentLoader(_cfg(d / "shard_*.tar", num_workers=2)).settings()
+    assert base["shards"] == 4 and base["num_workers"] == 2
+    for kw in (dict(num_workers=1), dict(batch_size=3), dict(seed=1), dict(shards=str(d / "shard_00000[0-2].tar"))):
+        other = vdata.LatentLoader(_cfg(d / "shard_*.tar", **dict(dict(num_workers=2), **kw))).settings()
+        assert other != base, kw
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    assert vdata.LatentLoader(_cfg(moved / "shard_*.tar", num_workers=2)).settings() == base
+    assert vdata.LatentLoader(_cfg(d / "shard_*.tar", num_workers=2)).state_dict()["settings"] == base
 
 
 def test_epoch_mode_needs_a_shard_per_rank_and_resampled_streams_differ(tmp_path):
@@ -410,6 +490,10 @@ def test_video_folder_with_prompt_sidecars_and_bad_specs(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"description": "x"}]))
     with pytest.raises(ValueError, match="entry 0"):
         didemo.load_annotations(root, [tmp_path / "bad.json"])
+    (tmp_path / "bad_times.json").write_text(json.dumps([{"description": "x", "video": "clip_a.mp4", "times": [[1, 1]]},
+                                                         {"description": "y", "video": "clip_a.mp4", "times": [[None, 2]]}]))
+    with pytest.raises(ValueError, match=r"bad_times.json' entry 1: bad 'times' \[\[None, 2\]\]"):
+        didemo.load_annotations(root, [tmp_path / "bad_times.json"])
 
 
 def test_precompute_cache_tiny_writes_shards_the_loader_reads(tmp_path):
@@ -448,6 +532,52 @@ def test_precompute_cache_tiny_writes_shards_the_loader_reads(tmp_path):
     assert counts_r1 == {"items": 4, "shards": 1, "written": 0, "skipped_shards": 0, "stale_shards": 0, "samples": 0,
                          "skipped_videos": 2}
     assert (tmp_path / "cache2" / "cache_meta_rank001.json").is_file()
+
+
+def test_precompute_cache_retries_videos_that_were_skipped(tmp_path):
+    """A shard written while one of its videos was missing, or unreadable, is current as long as
+    that stays so (a rerun does not re-encode it for the same bad file), and is re-encoded with the
+    video once the file is there, or replaced by a newer one."""
+    import os
+
+    from interpdiff.video import wan
+    from interpdiff.video.precompute_cache import PrecomputeConfig, precompute
+
+    root = tmp_path / "v"
+    root.mkdir()
+    _write_ramp_video(root / "a.mp4", n_frames=8)
+    (root / "c.mp4").write_bytes(b"\x00" * 100)  # unreadable
+    ann = [{"annotation_id": 1, "description": "a", "video": "a.mp4", "times": [[0, 0]]},
+           {"annotation_id": 2, "description": "b", "video": "b.mp4", "times": [[0, 0]]},  # missing
+           {"annotation_id": 3, "description": "c", "video": "c.mp4", "times": [[0, 0]]}]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    out = tmp_path / "cache"
+    comps = wan.load_wan("tiny", components=("vae", "text_encoder", "tokenizer"))
+
+    def run():
+        cfg = PrecomputeConfig(model="tiny", videos=str(root), annotations=[str(tmp_path / "ann.json")], out_dir=str(out),
+                               samples_per_shard=3, device="cpu", num_workers=0, max_length=8, batch_size=3,
+                               clip=didemo.ClipSpec(num_frames=5, height=16, width=16, clip_seconds=0.5,
+                                                    time_crop="center"))
+        c = precompute(cfg, comps)
+        return c, sorted(k.split(".")[0] for k in _members(out / "shard_000000.tar") if k.endswith(".latent.pt"))
+
+    c, keys = run()
+    assert (c["written"], c["samples"], c["skipped_videos"], keys) == (1, 1, 2, ["1"])
+    assert json.loads((out / "shard_000000.json").read_text())["skipped"] == [["2", "b.mp4", True], ["3", "c.mp4", False]]
+    c, _ = run()  # b still missing, c the same unreadable file: nothing to redo
+    assert (c["skipped_shards"], c["written"]) == (1, 0)
+    _write_ramp_video(root / "b.mp4", n_frames=8)  # the missing video arrives (any mtime)
+    old = (out / "shard_000000.json").stat().st_mtime
+    os.utime(root / "b.mp4", (old - 100, old - 100))
+    c, keys = run()
+    assert (c["stale_shards"], c["written"], keys) == (1, 1, ["1", "2"])
+    _write_ramp_video(root / "c.mp4", n_frames=8)  # the unreadable one is replaced (newer)
+    new = (out / "shard_000000.json").stat().st_mtime + 10
+    os.utime(root / "c.mp4", (new, new))
+    c, keys = run()
+    assert (c["stale_shards"], c["written"], keys) == (1, 1, ["1", "2", "3"])
+    assert json.loads((out / "shard_000000.json").read_text())["skipped"] == []
 
 
 def test_precompute_cache_resume_redoes_shards_made_from_other_items_or_settings(tmp_path, caplog):

@@ -135,7 +135,18 @@ def resolve_shards(spec: str | Sequence[str]) -> list[str]:
         shown = missing[:5] + (["..."] if len(missing) > 5 else [])
         raise FileNotFoundError(f"shard spec {spec!r}: {len(missing)} of {n_items} entries match no shard: {shown} "
                                 f"(expected existing .tar files)")
-    return out
+    # overlapping entries (a folder and a glob inside it, a file listed twice): each shard once, in
+    # first-seen order, or an epoch would read it twice
+    seen: set[str] = set()
+    unique = []
+    for item in out:
+        key = item if _is_url(item) else os.path.realpath(item)
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    if len(unique) < len(out):
+        log.info("shard spec %r: %d duplicate entries dropped (%d shards)", spec, len(out) - len(unique), len(unique))
+    return unique
 
 
 def _split_spec(s: str) -> list[str]:
@@ -169,17 +180,26 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
+# (rank, world size) variables of the launchers, in order: torchrun / accelerate launch, Open MPI,
+# MPICH / Intel MPI (PMI), MVAPICH. DeepSpeed's MPI launchers set RANK only inside
+# deepspeed.init_distributed; a loader bound before that reads the MPI variables instead.
+_RANK_ENV = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+             ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"))
+
+
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """``(rank, world_size)``: the arguments when given (>= 0), else torch.distributed, else the
-    ``RANK``/``WORLD_SIZE`` environment variables, else ``(0, 1)``."""
+    launcher's environment variables (``RANK``/``WORLD_SIZE``, then Open MPI's, PMI's and
+    MVAPICH's), else ``(0, 1)``."""
     if rank is not None and rank >= 0 and world_size is not None and world_size > 0:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         return rank, world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    for r, w in _RANK_ENV:
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
     return 0, 1
 
 
@@ -258,6 +278,13 @@ def _tar_members(sources: Iterator[dict], handler: Callable[[BaseException], boo
                         continue
                     yield {"fname": m.name, "data": tf.extractfile(m).read(), "__url__": url}
                     tf.members = []  # do not keep every TarInfo of the shard
+                # a file cut between two members reads as a shorter valid archive: a complete one
+                # ends with two zero blocks after its last member
+                tf.fileobj.seek(tf.offset)
+                end = tf.fileobj.read(2 * tarfile.BLOCKSIZE)
+                if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                    raise ValueError(f"{url}: truncated tar shard (no end-of-archive marker after byte {tf.offset}, "
+                                     f"file size {os.path.getsize(url)}); its last samples may be missing")
         except Exception as exn:  # truncated / corrupt shard: keep what was read, count, go on
             exn.args = exn.args + (url,)
             if hasattr(handler, "current_url"):
@@ -307,7 +334,8 @@ class SkipCounter:
         self.consecutive += 1
         self.last_error = f"{type(exn).__name__}: {exn}"
         if self.count <= self.log_first or self.count % self.log_every == 0:
-            log.warning("skipping corrupt/incomplete sample #%d %s: %s", self.count, self.where, self.last_error)
+            log.warning("skipping corrupt/incomplete sample #%d %s in shard %r: %s", self.count, self.where,
+                        self.current_url, self.last_error)
         if self.max_consecutive > 0 and self.consecutive >= self.max_consecutive:
             raise TooManySkipsError(
                 f"data loader {self.where}: {self.consecutive} samples in a row were skipped without a good one "
@@ -502,9 +530,31 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         cfg.validate()
         self.cfg = cfg
         self.urls = resolve_shards(cfg.shards)
-        r, w = dist_info(cfg.rank if rank is None else rank, cfg.world_size if world_size is None else world_size)
-        self.rank, self.world_size = r, w
-        self.source = ShardSource(self.urls, r, w, cfg.resampled, cfg.seed, cfg.shuffle_shards)
+        self._asked = (cfg.rank if rank is None else rank, cfg.world_size if world_size is None else world_size)
+        self._source: ShardSource | None = None
+        # early check with what is known now (a config error should stop the run before the model is
+        # built); the split itself waits for ``source`` (see there)
+        r, w = dist_info(*self._asked)
+        if not cfg.resampled and len(self.urls) < w:
+            ShardSource(self.urls, r, w, cfg.resampled)  # raises, naming the counts
+
+    @property
+    def source(self) -> ShardSource:
+        """This rank's shard source, created on first use: an entry script builds its loader before
+        the Accelerator (and so the process group) exists, and under an MPI launcher no ``RANK``
+        is set until then, so the rank is read when the stream is first positioned or iterated."""
+        if self._source is None:
+            r, w = dist_info(*self._asked)
+            self._source = ShardSource(self.urls, r, w, self.cfg.resampled, self.cfg.seed, self.cfg.shuffle_shards)
+        return self._source
+
+    @property
+    def rank(self) -> int:
+        return self.source.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.source.world_size
 
     @property
     def epoch(self) -> int:
@@ -607,6 +657,7 @@ class LatentLoader:
 
     def __iter__(self) -> Iterator[LatentBatch]:
         self._skipped_now = {}
+        self.dataset.source  # noqa: B018  (bind the rank in this process, before workers fork)
         if self.cfg.resampled:  # a new iteration (or a resume) continues with a fresh stream
             self.dataset.source.offset = self.samples_seen
         to_skip = self._skip_batches
@@ -638,10 +689,26 @@ class LatentLoader:
             self.dataset.epoch += 1
             self.samples_in_epoch = 0
 
+    def settings(self) -> dict:
+        """What decides which micro-batches a position ``(epoch, batches_in_epoch)`` refers to: the
+        shard list (count and a hash of the file names, so a moved data folder still matches), the
+        seeds and shuffles, the worker count (the DataLoader interleaves its workers' batches) and
+        the batch size. A resumed run compares them with the saved ones (``interpdiff.training``)."""
+        import hashlib
+
+        c = self.cfg
+        names = "\n".join(u if _is_url(u) else os.path.basename(u) for u in self.dataset.urls)
+        return {"shards": len(self.dataset.urls), "shard_names_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
+                "seed": c.seed, "shuffle_shards": c.shuffle_shards, "shuffle_buffer": c.shuffle_buffer,
+                "shuffle_initial": min(c.shuffle_initial, c.shuffle_buffer) if c.shuffle_buffer > 1 else 0,
+                "num_workers": c.num_workers, "batch_size": c.batch_size, "partial_batches": c.partial_batches,
+                "resampled": c.resampled}
+
     def state_dict(self) -> dict:
         return {"epoch": self.dataset.epoch, "samples_seen": self.samples_seen,
                 "samples_in_epoch": self.samples_in_epoch, "skipped": self.skipped,
-                "resampled": self.cfg.resampled, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size}
+                "resampled": self.cfg.resampled, "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
+                "settings": self.settings()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the data position (see the module docstring for what resume means per mode)."""

@@ -173,7 +173,12 @@ def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[s
                 prompt = " ".join(map(str, prompt))
             if not prompt:
                 raise ValueError(f"annotation file {str(p)!r} entry {i}: no 'prompt'/'caption'/'description'")
-            add(str(e["video"]), str(prompt), _consensus_moment(e.get("times")), e.get("annotation_id"))
+            try:
+                moment = _consensus_moment(e.get("times"))
+            except (TypeError, ValueError):
+                raise ValueError(f"annotation file {str(p)!r} entry {i}: bad 'times' {e.get('times')!r} (expected "
+                                 "[[start_segment, end_segment], ...] of integers)"[:300]) from None
+            add(str(e["video"]), str(prompt), moment, e.get("annotation_id"))
     return items
 
 

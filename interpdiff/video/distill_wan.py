@@ -800,7 +800,7 @@ def distill_meta(cfg: DistillTrainConfig, p2: Phase2Config | None) -> dict:
 
 def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
     """Everything ``interpdiff.training.train`` needs (cheap checks first, then the model)."""
-    batches, _ = make_batches(cfg)  # a missing shard pattern fails here
+    batches, loader = make_batches(cfg)  # a missing shard pattern fails here
     meta = check_teacher(cfg)
     d = cfg.distill
     p2 = teacher_phase2_config(cfg, meta) if d.target == "phase2" else None
@@ -845,6 +845,7 @@ def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
               "transformer_config": wan.transformer_config_dict(transformer), "lora": dataclasses.asdict(cfg.model.lora),
               "teacher_lora": d.teacher_lora},
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio, cfg.model.checkpoint_policy),
+        data_settings=loader.settings,
     )
 
 

@@ -10,7 +10,8 @@ length, like UMT5 output), ``{key}.prompt.txt``. Latents are temporally smooth (
 interpolation between a few random anchor frames plus small noise), so keyframe interpolation
 has something to do; they are not meant to decode to real video. Shards are
 ``shard_000000.tar, ...``, each written to a temporary name and renamed; existing shards are
-overwritten. ``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
+overwritten, and shards of an earlier run numbered past the new set are removed (they would be
+read with it). ``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
 ``k * samples_per_shard, ...`` (new keys and contents; the same bytes as one run writing every
 shard, when the earlier run's last shard was full). Everything is seeded (``seed``): the same command writes the same bytes.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +106,14 @@ def make_shards(cfg: MakeShardsConfig) -> list[Path]:
         hi = first + min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
         samples = [encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(lo, hi)]
         paths.append(write_shard(out / f"shard_{cfg.start_index + s:06d}.tar", samples))
+    if cfg.start_index == 0:  # a new set: shards of an earlier, larger run would be read with it
+        stale = sorted(p for p in out.glob("shard_*.tar")
+                       if re.fullmatch(r"shard_\d{6,}\.tar", p.name) and int(p.name[6:-4]) >= n_shards)
+        for p in stale:
+            p.unlink()
+        if stale:
+            print(f"make_shards: removed {len(stale)} shards of an earlier run beyond this set ({stale[0].name} ... "
+                  f"{stale[-1].name}); use start_index= to append instead")
     return paths
 
 

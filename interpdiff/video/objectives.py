@@ -533,7 +533,7 @@ def make_validation_batches(cfg: VideoTrainConfig):
 
 def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
     """Everything ``interpdiff.training.train`` needs for phase 1 or 2 (cheap checks first)."""
-    batches, _ = make_batches(cfg)
+    batches, loader = make_batches(cfg)
     val_batches = make_validation_batches(cfg)
     if phase == 1:
         policy = KeyframePolicy(cfg.phase1.index_policy, PHASE1_POLICIES, cfg.phase1.dp_index_file,
@@ -576,6 +576,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         meta=model_meta(cfg, phase, transformer),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,
                                                                      cfg.model.checkpoint_policy),
+        data_settings=loader.settings,
     )
 
 

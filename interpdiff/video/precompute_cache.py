@@ -122,6 +122,12 @@ def shard_manifest(cfg: PrecomputeConfig, items: list, s: int) -> dict:
     return json.loads(json.dumps(man))
 
 
+def _video_path(cfg: PrecomputeConfig, video: str) -> Path:
+    """A manifest's video entry (relative to ``cfg.videos`` when under it) as a path."""
+    p = Path(video)
+    return p if p.is_absolute() else Path(cfg.videos) / p
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -148,8 +154,10 @@ def _tar_keys(path: Path) -> list[str]:
     return keys
 
 
-def stale_reason(out: Path, s: int, expected: dict) -> str | None:
-    """``None`` when shard ``s`` on disk matches ``expected``, else why it does not."""
+def stale_reason(out: Path, s: int, expected: dict, videos_root: str | Path = "") -> str | None:
+    """``None`` when shard ``s`` on disk matches ``expected`` (and none of the videos it had to
+    skip is there now, see ``_retry_reason``; relative paths are under ``videos_root``), else why
+    it does not."""
     if not _shard_path(out, s).is_file():
         return "missing"
     mp = _manifest_path(out, s)
@@ -161,8 +169,9 @@ def stale_reason(out: Path, s: int, expected: dict) -> str | None:
         return f"unreadable manifest {mp.name}: {type(e).__name__}: {e}"
     if not isinstance(got, dict) or got.get("format") != MANIFEST_FORMAT:
         return f"{mp.name} is not a cache shard manifest"
+    skipped = got.pop("skipped", None) or []
     if got == expected:
-        return None
+        return _retry_reason(Path(videos_root), skipped, mp)
     old_c, new_c = _flatten(got.get("content") or {}), _flatten(expected["content"])
     diff = [f"{k}: {old_c.get(k)!r} -> {new_c.get(k)!r}" for k in sorted(set(old_c) | set(new_c))
             if old_c.get(k) != new_c.get(k)]
@@ -177,6 +186,19 @@ def stale_reason(out: Path, s: int, expected: dict) -> str | None:
         changed = [n for n, (a, b) in enumerate(zip(old_i, new_i)) if a != b]
         return f"items differ: video/prompt/moment of {[new_k[n] for n in changed[:4]]}"
     return "manifest differs"
+
+
+def _retry_reason(root: Path, skipped: list, manifest: Path) -> str | None:
+    """Why a current shard should still be re-encoded: one of the videos it had to skip (missing
+    or unreadable when it was written; ``[key, video, was_missing]`` entries of its manifest) is
+    there now, or was replaced since (newer than the manifest). A video that is still the same
+    unreadable file does not make the shard redo on every run."""
+    written = manifest.stat().st_mtime
+    for key, video, was_missing in skipped:
+        p = Path(video) if Path(video).is_absolute() else root / video
+        if p.is_file() and (was_missing or p.stat().st_mtime > written):
+            return f"video {key!r} ({p}) was skipped when the shard was written and is {'there' if was_missing else 'newer'} now"
+    return None
 
 
 def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
@@ -198,7 +220,7 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     rank, world = dist_info(cfg.rank, cfg.world_size)
     mine = [s for s in range(n_shards) if s % world == rank]
     manifests = {s: shard_manifest(cfg, items, s) for s in mine}
-    reasons = {s: stale_reason(out, s, manifests[s]) for s in mine}
+    reasons = {s: stale_reason(out, s, manifests[s], cfg.videos) for s in mine}
     legacy = [s for s in mine if (reasons[s] or "").startswith("no manifest")]
     if legacy and cfg.legacy_shards == "error":
         raise ValueError(
@@ -209,8 +231,8 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     if cfg.legacy_shards == "adopt":
         for s in legacy:
             keys = _tar_keys(_shard_path(out, s))
-            if keys == [it[0] for it in manifests[s]["items"]]:
-                atomic_write_text(_manifest_path(out, s), json.dumps(manifests[s], indent=1))
+            if keys == [it[0] for it in manifests[s]["items"]]:  # every item is there: none was skipped
+                atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=[]), indent=1))
                 reasons[s] = None
                 log.warning("adopted %s (keys match the items; settings assumed to be this run's)", _shard_path(out, s).name)
             else:
@@ -253,7 +275,9 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             loader = torch.utils.data.DataLoader(sub, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                                  collate_fn=collate_clips)
             samples = []
+            batches_keys = []
             for batch in loader:
+                batches_keys.append(batch["keys"])
                 counts["skipped_videos"] += batch["n_skipped"]
                 n = len(batch["keys"]) + batch["n_skipped"]
                 if batch["video_B_3_F_H_W"] is not None:
@@ -263,13 +287,18 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                     for i, key in enumerate(batch["keys"]):
                         samples.append(encode_latent_sample(key, lat[i], emb[i], batch["prompts"][i]))
                 bar.update(n)
-            _manifest_path(out, s).unlink(missing_ok=True)  # the old manifest never describes the new shard
+            # the old files go first: a crash while the new shard is written then leaves no shard (redone
+            # next time), never an old shard without its manifest (which legacy_shards=adopt could keep)
+            _manifest_path(out, s).unlink(missing_ok=True)
+            _shard_path(out, s).unlink(missing_ok=True)
             if samples:
                 write_shard(_shard_path(out, s), samples)
-                atomic_write_text(_manifest_path(out, s), json.dumps(manifests[s], indent=1))
+                done = {k for b in batches_keys for k in b}
+                skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file()]
+                           for it in manifests[s]["items"] if it[0] not in done]
+                atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=skipped), indent=1))
             else:
                 log.warning("shard %d: every video was missing/unreadable; no shard written", s)
-                _shard_path(out, s).unlink(missing_ok=True)  # a stale one must not stay in the cache
             counts["written"] += 1 if samples else 0
             counts["samples"] += len(samples)
         bar.close()

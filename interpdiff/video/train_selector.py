@@ -279,7 +279,7 @@ def make_selector_spec(cfg: SelectorTrainConfig) -> tuple[TrainSpec, DPLabels, c
     """``TrainSpec`` for ``interpdiff.training.train`` (cheap checks first: shards, labels file)."""
     from interpdiff.video.objectives import make_batches
 
-    batches, _ = make_batches(cfg)  # resolves data.shards now (a clear ConfigError when missing)
+    batches, loader = make_batches(cfg)  # resolves data.shards now (a clear ConfigError when missing)
     labels = DPLabels(cfg.labels)
     model = build_selector(cfg)
     held: dict = {}
@@ -322,6 +322,7 @@ def make_selector_spec(cfg: SelectorTrainConfig) -> tuple[TrainSpec, DPLabels, c
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta={"kind": "video-selector", "sizes": dataclasses.asdict(cfg.net), "levels": dataclasses.asdict(cfg.levels),
               **_trainer_meta(cfg)},
+        data_settings=loader.settings,
     )
     return spec, labels, eval_batches
 

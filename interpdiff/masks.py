@@ -222,8 +222,8 @@ def parse_policy_mix(spec: str | dict, allowed: Sequence[str] = POLICIES) -> dic
     for name, w in items:
         if name not in allowed:
             raise ValueError(f"policy mix {spec!r}: unknown policy {name!r}; expected one of {list(allowed)}")
-        if w < 0:
-            raise ValueError(f"policy mix {spec!r}: weight of {name!r} is negative")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"policy mix {spec!r}: weight of {name!r} is {w}; expected a finite number >= 0")
         mix[name] = mix.get(name, 0.0) + float(w)
     total = sum(mix.values())
     if total <= 0:

@@ -105,10 +105,20 @@ class OptimConfig:
             raise ConfigError(f"train.optim.kind={self.kind!r} is not one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.optim.schedule={self.schedule!r} is not one of {SCHEDULES}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        fin = math.isfinite
+        checks = (
+            ("lr", fin(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("beta1", fin(self.beta1) and 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", fin(self.beta2) and 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", fin(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("weight_decay", fin(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("grad_clip", fin(self.grad_clip), "a finite number (<= 0 disables clipping)"),
+            ("min_lr_ratio", fin(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1] (the cosine floor)"),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+        )
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"train.optim.{key}={getattr(self, key)!r}: expected {expected}")
 
 
 DATA_RESUME = ("next_epoch", "restart_epoch", "error")
@@ -136,6 +146,12 @@ class TrainLoopConfig:
     validate_every: int = 0  # 0 disables validation
     check_batch: bool = True  # one-batch forward/backward check before the loop
     allow_tf32: bool = True
+    # a new run (resume="") in a run_dir that holds checkpoints is refused (the two runs' checkpoints
+    # would rotate each other out and metrics.csv would hold both); true deletes that run's outputs first
+    overwrite: bool = False
+    # an optimizer step whose loss or gradient norm is not finite is skipped (no update, no LR step,
+    # no EMA); this many in a row stop the run, before a checkpoint could save non-finite weights
+    max_nonfinite_steps: int = 10
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -150,6 +166,12 @@ class TrainLoopConfig:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.data_resume not in DATA_RESUME:
             raise ConfigError(f"train.data_resume={self.data_resume!r} is not one of {DATA_RESUME}")
+        for k in ("stop_at_step", "validate_every", "max_nonfinite_steps"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"train.overwrite=true deletes the run's checkpoints, train.resume={self.resume!r} continues "
+                              "from one: choose one")
         self.optim.validate()
 
 
@@ -164,6 +186,7 @@ class TrainState:
     epoch: int = 0  # passes over the data stream started
     batches_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch (data position)
     samples_seen: int = 0  # global samples (all ranks) used for optimizer steps
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss / gradient norm
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,6 +357,41 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     if p.is_file():
         raise CheckpointError(f"resume={resume!r} is a file; expected a checkpoint folder (checkpoints/step_XXXXXXXX)")
     return p
+
+
+# what a run writes into its folder besides config.yaml (train.overwrite=true removes them)
+RUN_OUTPUTS = ("checkpoints", "metrics.csv", "metrics.jsonl", "validation", "logs")
+
+
+def check_run_dir(cfg: TrainLoopConfig) -> None:
+    """A new run (``resume=""``) in a folder with another run's checkpoints is a ``ConfigError``
+    (unless ``overwrite``): it would rotate that run's checkpoints out or theirs its own, a later
+    ``resume=latest`` could pick the other run's, and ``metrics.csv`` would hold both."""
+    if cfg.resume or cfg.overwrite:
+        return
+    ckpts = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    if ckpts:
+        raise ConfigError(
+            f"train.run_dir={cfg.run_dir!r} holds the checkpoints of an earlier run ({len(ckpts)}, newest "
+            f"{ckpts[-1].name}); starting a new run there would mix the two. Pass train.resume=latest (--resume "
+            "latest) to continue it, train.overwrite=true to delete its checkpoints, metrics and validation outputs "
+            "first, or another train.run_dir"
+        )
+
+
+def clear_run_outputs(run_dir: Path) -> list[str]:
+    """Delete ``RUN_OUTPUTS`` under ``run_dir`` (``train.overwrite=true``); returns what was removed."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -538,6 +596,20 @@ def check_one_batch(model: nn.Module, loss_fn: LossFn, batch: dict, step: int, a
     if bad:
         raise RuntimeError(f"one-batch check: non-finite gradients in {bad[:4]}")
     return float(loss.detach())
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite losses / gradients (see ``TrainLoopConfig.max_nonfinite_steps``)."""
+
+
+def check_finite_weights(acc, model: nn.Module, step: int) -> None:
+    """Refuse to checkpoint non-finite trainable weights (checked on every rank, decided together):
+    rotation would otherwise delete the last good checkpoints. ZeRO-3 placeholders (empty) pass."""
+    bad = [n for n, p in trainable_named_parameters(model) if p.numel() and not bool(torch.isfinite(p).all())]
+    n_bad = acc.reduce(torch.tensor([float(len(bad))], device=acc.device), reduction="sum")
+    if float(n_bad) > 0:
+        raise NonFiniteError(f"step {step}: {int(float(n_bad))} trainable tensor(s) hold non-finite values "
+                             f"(this rank: {bad[:3]}); not saving a checkpoint (the earlier ones are kept)")
 
 
 class MetricsWriter:
@@ -760,13 +832,27 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
 
     run_dir = Path(cfg.run_dir)
     resume_path = resolve_resume(cfg.resume, run_dir)  # raises before any heavy work
+    check_run_dir(cfg)
     acc = make_accelerator(cfg, run_dir)
+    if acc.num_processes > 1 and cfg.resume:
+        # every rank loads what the main process resolved (a stale directory listing on one node of a
+        # shared filesystem must not make ranks load different steps)
+        from accelerate.utils import broadcast_object_list
+
+        main_path = broadcast_object_list([str(resume_path) if resume_path is not None else None])[0]
+        if main_path != (str(resume_path) if resume_path is not None else None):
+            raise CheckpointError(f"train.resume={cfg.resume!r}: rank {acc.process_index} resolved {resume_path}, "
+                                  f"the main process {main_path} (a shared filesystem that differs between nodes?)")
     device = acc.device
     seed_everything(cfg.seed * acc.num_processes + acc.process_index)
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if acc.is_main_process:
+        if cfg.overwrite:
+            removed = clear_run_outputs(run_dir)
+            if removed:
+                acc.print(f"[train] train.overwrite=true: removed {', '.join(removed)} from {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         if full_config is not None:
             save_config(full_config, run_dir)
@@ -864,18 +950,34 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     steps_since = 0
     model.train()
     end_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+    ds = _is_deepspeed(acc)
+    nonfinite_run = 0  # consecutive skipped steps
     while state.step < end_step:
         batch = first_batch if first_batch is not None else _move(next(stream), device)
         first_batch = None
+        skip = False
+        grad_norm = None
         with acc.accumulate(model):
             with autocast_context(acc):
                 loss, extra = spec.loss_fn(model, batch, state.step)
+            if ds:
+                # the engine applies the update inside its step, where it cannot be skipped: a non-finite
+                # loss on any rank stops the run here, before that step (weights and checkpoints stay finite)
+                bad = acc.reduce((~torch.isfinite(loss.detach().float())).float().reshape(1), reduction="sum")
+                if float(bad) > 0:
+                    raise NonFiniteError(f"step {state.step + 1}: non-finite loss on {int(float(bad))} rank(s) under "
+                                         "DeepSpeed; stopped before the update (the last checkpoint is intact: resume "
+                                         "from it, e.g. with a lower train.optim.lr)")
             acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.grad_clip > 0 and not _is_deepspeed(acc):
-                acc.clip_grad_norm_(clip_params, cfg.optim.grad_clip)
-            optimizer.step()
-            if acc.sync_gradients:
-                scheduler.step()
+            if acc.sync_gradients and not ds:
+                # the global norm of the (all-reduced, so identical on every rank) gradients: clipping
+                # and the finiteness check in one pass; one host sync per optimizer step
+                grad_norm = acc.clip_grad_norm_(clip_params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                skip = not bool(torch.isfinite(grad_norm))
+            if not skip:
+                optimizer.step()
+                if acc.sync_gradients:
+                    scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach().float()
         n_micro += 1
@@ -885,6 +987,24 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         samples_since += n_samples(batch)
         if not acc.sync_gradients:
             continue
+        if skip:  # no update, no LR step, no EMA; the step is drawn again with the next batch
+            state.skipped_steps += 1
+            nonfinite_run += 1
+            acc.print(f"[train] step {state.step + 1}: non-finite gradient norm ({float(grad_norm)}), loss "
+                      f"{float(loss_sum / n_micro):.4g} on this rank: update skipped ({nonfinite_run} in a row, "
+                      f"{state.skipped_steps} in all)")
+            if nonfinite_run >= max(1, cfg.max_nonfinite_steps):
+                raise NonFiniteError(f"{nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
+                                     f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps}); stopped at step "
+                                     f"{state.step} without saving (the last checkpoint is intact)")
+            loss_sum = torch.zeros((), device=device)
+            n_micro = 0
+            extra_sums = {}
+            samples_since = 0
+            continue
+        nonfinite_run = 0
+        if grad_norm is not None:
+            extra_sums["grad_norm"] = grad_norm.detach().float() * n_micro  # logged as the mean over micro-batches
         # --- one optimizer step done ---
         state.step += 1
         steps_since += 1
@@ -915,6 +1035,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                 "step_time_s": dt,
                 "samples_per_s": sum(n for _, n, _ in since_log) / max(dt * max(1, steps_since), 1e-9),
                 "samples_seen": state.samples_seen,
+                "skipped_steps": state.skipped_steps,
                 **{k: sum(ex.get(k, 0.0) for _, _, ex in since_log) / n_log for k in keys},
             }
             metrics.write(row)
@@ -927,6 +1048,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         t_pause = time.perf_counter()
         if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
             flush()  # train_state.json carries samples_seen
+            check_finite_weights(acc, unwrapped, state.step)
             save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
         if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
             # ZeRO-3 forwards need every rank; otherwise only the main process validates

@@ -206,11 +206,33 @@ def test_unknown_config_key(shards, tmp_path, no_model):
     ("phase2.budgets=[3,3,9]", r"phase2\.budgets=\[3, 3, 9\]"),
     ("phase2.missing_weight=0", r"phase2\.missing_weight=0"),
     ("model.checkpoint_ratio=1.5", r"model\.checkpoint_ratio"),
+    ("phase2.n_levels=1", r"phase2\.k_min=3, phase2\.n_levels=1.*one level is no refinement"),
+    ("phase2.sigma_max=nan", r"phase2\.sigma_min=0\.01, phase2\.sigma_max=nan"),
+    ("phase2.policy_mix=uniform:nan,dp:1", r"phase2\.policy_mix.*weight of 'uniform' is nan"),
+    ("phase1.flow_density=lognormal", r"phase1\.flow_density='lognormal' is not one of"),
+    ("phase1.flow_shift=0", r"phase1\.flow_shift must be a finite number > 0"),
+    ("train.optim.min_lr_ratio=-1", r"train\.optim\.min_lr_ratio=-1\.0: expected in \[0, 1\]"),
+    ("train.optim.grad_clip=nan", r"train\.optim\.grad_clip=nan"),
 ])
 def test_bad_phase2_and_model_values_fail_at_startup(shards, tmp_path, no_model, override, match):
     with pytest.raises(ConfigError, match=match):
         _run(train_phase2, _args(shards, tmp_path / "r", override))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("module,override,match", [
+    ("phase2", "phase2.budgets=[3,6,8]", r"phase2\.budgets.*9"),
+    ("phase2", "phase2.k_min=10", r"k_min"),
+    ("phase1", "phase1.num_keyframes=12", r"phase1\.num_keyframes=12 exceeds the clip's T=9"),
+])  # fmt: skip
+def test_budgets_against_a_fixed_clip_length_fail_before_training(shards, tmp_path, module, override, match):
+    """When the config fixes the clip length (data.latent_shape here: T = 9), level budgets and the
+    keyframe count are checked against it before the first loss (the tiny model is built, no step
+    runs, nothing is written)."""
+    mod = train_phase1 if module == "phase1" else train_phase2
+    with pytest.raises(ConfigError, match=match):
+        _run(mod, _args(shards, tmp_path / "r", "data.latent_shape=[16,9,4,6]", override))
+    assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_resume_path_without_checkpoint(shards, tmp_path, no_model):

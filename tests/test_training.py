@@ -366,3 +366,95 @@ def test_fp16_with_deepspeed_is_refused_before_anything_starts(tmp_path, monkeyp
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="mixed_precision=fp16 with DeepSpeed"):
         make_accelerator(TrainLoopConfig(run_dir=str(tmp_path), mixed_precision="fp16"), tmp_path)
+
+
+def _nan_at(spec: TrainSpec, bad: set[tuple[int, int]], drop: set[tuple[int, int]] = frozenset()) -> TrainSpec:
+    """The toy stream with each micro-batch tagged by its ``(epoch, index)``: the loss is NaN (so every
+    gradient is NaN) on the ``bad`` ones (a bad batch: a skipped step is drawn again with the next
+    one), and the ``drop`` ones are left out of the stream (the reference run)."""
+    inner_loss, inner_batches = spec.loss_fn, spec.batches
+
+    def batches(epoch, skip):
+        for i, b in enumerate(inner_batches(epoch, skip)):
+            if (epoch, skip + i) not in drop:
+                yield dict(b, pos=(epoch, skip + i))
+
+    def loss_fn(model, batch, step):
+        loss, extra = inner_loss(model, batch, step)
+        return (loss * float("nan") if tuple(batch["pos"]) in bad else loss), extra
+
+    spec.loss_fn, spec.batches = loss_fn, batches
+    return spec
+
+
+def test_nonfinite_step_is_skipped_and_a_run_of_them_stops_before_saving(tmp_path):
+    """A NaN loss on the 4th micro-batch: that update, its LR step and its EMA update are skipped, so
+    the run equals the same run without that batch (reference: a spec whose stream drops it);
+    the weights and every checkpoint stay finite. ``max_nonfinite_steps`` NaN steps in a row stop
+    the run with ``NonFiniteError`` and the checkpoints written before are intact."""
+    from interpdiff.training import NonFiniteError
+
+    def run(run_dir, bad, drop=frozenset(), **over):
+        _reset_accelerate()
+        base = dict(run_dir=str(run_dir), max_steps=6, batch_size=4, checkpoint_every=2, log_every=1, tracker="none",
+                    seed=3, ema_decay=0.9, keep_last=5, **over)
+        cfg = load_config(TrainLoopConfig, None, [f"{k}={v}" for k, v in base.items()] + ["optim.lr=0.05"])
+        spec = _nan_at(make_toy_spec(cfg.batch_size, seed=cfg.seed), bad, drop)
+        return spec.model, train(cfg, spec)
+
+    model, res = run(tmp_path / "nan", {(0, 3)})
+    ref_model, ref = run(tmp_path / "ref", set(), drop={(0, 3)})
+    assert res.state.skipped_steps == 1 and res.state.step == 6
+    assert torch.allclose(model.adapter.weight, ref_model.adapter.weight, atol=1e-6)
+    for ck in (tmp_path / "nan" / "checkpoints").glob("step_*"):
+        for name in ("trainable", "trainable_ema"):
+            sd = torch.load(ck / name / "adapter.pt")
+            assert all(torch.isfinite(v).all() for v in sd.values()), (ck, name)
+    assert [r["skipped_steps"] for r in map(json.loads, (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines())][-1] == 1
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        run(tmp_path / "stop", {(0, 4), (0, 5), (1, 0)}, max_nonfinite_steps=3)
+    ckpts = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000004"]
+
+
+def test_check_finite_weights_refuses_to_save_nan():
+    from accelerate import Accelerator
+
+    from interpdiff.training import NonFiniteError, check_finite_weights
+
+    _reset_accelerate()
+    acc = Accelerator(cpu=True)
+    m = Toy()
+    check_finite_weights(acc, m, 1)
+    with torch.no_grad():
+        m.adapter.bias[2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"step 7: 1 trainable tensor.*adapter.bias"):
+        check_finite_weights(acc, m, 7)
+    with torch.no_grad():
+        m.base.weight[0, 0] = float("nan")  # frozen: not saved, not checked
+        m.adapter.bias[2] = 0.0
+    check_finite_weights(acc, m, 8)
+
+
+def test_new_run_in_a_used_run_dir_is_refused_unless_overwrite(tmp_path):
+    """A fresh run where another run left checkpoints would mix with it: refused, naming the
+    folder and the ways out; ``overwrite=true`` deletes that run's outputs and starts over;
+    ``resume=latest`` continues it."""
+    run_toy(tmp_path, max_steps=4, checkpoint_every=2)
+    assert (tmp_path / "metrics.csv").is_file()
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of an earlier run \(2, newest step_00000004\).*"
+                                          r"train.resume=latest.*train.overwrite=true"):
+        run_toy(tmp_path, max_steps=4, checkpoint_every=2)
+    _, res = run_toy(tmp_path, max_steps=2, checkpoint_every=2, overwrite="true")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ConfigError, match="choose one"):
+        TrainLoopConfig(overwrite=True, resume="latest").validate()
+
+
+@pytest.mark.parametrize("key,value", [("lr", "nan"), ("lr", "0"), ("beta2", "1.5"), ("eps", "0"),
+                                       ("weight_decay", "-0.1"), ("grad_clip", "nan"), ("min_lr_ratio", "-1"),
+                                       ("min_lr_ratio", "5"), ("warmup_steps", "-1")])
+def test_optimizer_settings_out_of_range_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"train.optim.{key}"):
+        load_config(TrainLoopConfig, None, [f"optim.{key}={value}"])

@@ -47,6 +47,7 @@ built; it runs in fp32 outside autocast, without gradients).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,7 @@ import torch.utils.checkpoint
 
 from interpdiff.config import ConfigError
 from interpdiff.corruption import anchor_confidence, level_sigmas
-from interpdiff.flow import flow_match_target, flow_match_xt, sample_sigmas, x0_from_velocity
+from interpdiff.flow import DENSITIES, flow_match_target, flow_match_xt, sample_sigmas, x0_from_velocity
 from interpdiff.interpolate import interpolate_corrupt
 from interpdiff.masks import (
     check_nested,
@@ -107,6 +108,22 @@ class Phase1Config:
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
+    def validate(self, T: int | None = None) -> None:
+        """Raises ``ConfigError`` naming the key; ``T`` (latent frames, when the config fixes it)
+        also checks ``num_keyframes <= T``."""
+        _check_mix("phase1.index_policy", self.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt", self.selector_ckpt)
+        if self.num_keyframes < 2:
+            raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.num_keyframes}")
+        if T is not None and self.num_keyframes > T:
+            raise ConfigError(f"phase1.num_keyframes={self.num_keyframes} exceeds the clip's T={T} latent frames")
+        if self.flow_density not in DENSITIES:
+            raise ConfigError(f"phase1.flow_density={self.flow_density!r} is not one of {list(DENSITIES)}")
+        if not (math.isfinite(self.flow_shift) and self.flow_shift > 0):
+            raise ConfigError(f"phase1.flow_shift must be a finite number > 0, got {self.flow_shift}")
+        if not (math.isfinite(self.logit_std) and self.logit_std > 0 and math.isfinite(self.logit_mean)):
+            raise ConfigError(f"phase1.logit_mean={self.logit_mean}, phase1.logit_std={self.logit_std}: expected "
+                              "finite numbers, logit_std > 0")
+
 
 @dataclass
 class Phase2Config:
@@ -122,6 +139,34 @@ class Phase2Config:
     confidence: str = "mask"  # anchor_confidence kind for the 'confidence' channel: mask | tent
     missing_weight: float = 1.0
     keyframe_weight: float = 0.0
+
+    def validate(self, T: int | None = None) -> None:
+        """Raises ``ConfigError`` naming the key (training, distillation and sampling all check a
+        phase-2 config here, before any model is loaded); ``T`` (latent frames, when known) also
+        checks the budgets against it."""
+        _check_mix("phase2.policy_mix", self.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt", self.selector_ckpt)
+        bad = [c for c in self.channels if c not in wan.WIDENING_CHANNELS]
+        if bad or not self.channels:
+            raise ConfigError(f"phase2.channels={list(self.channels)}: expected a non-empty subset of {list(wan.WIDENING_CHANNELS)}")
+        if self.confidence not in ("mask", "tent"):
+            raise ConfigError(f"phase2.confidence={self.confidence!r} is not one of ['mask', 'tent']")
+        if not (math.isfinite(self.sigma_max) and 0.0 <= self.sigma_min <= self.sigma_max):
+            raise ConfigError(f"phase2.sigma_min={self.sigma_min}, phase2.sigma_max={self.sigma_max}: expected "
+                              "finite 0 <= sigma_min <= sigma_max")
+        w_m, w_k = self.missing_weight, self.keyframe_weight
+        if not (math.isfinite(w_m) and math.isfinite(w_k)) or w_m < 0 or w_k < 0 or w_m + w_k == 0:
+            raise ConfigError(f"phase2.missing_weight={w_m}, phase2.keyframe_weight={w_k}: expected finite "
+                              "non-negative weights, not both zero")
+        if self.budgets:
+            b = [int(x) for x in self.budgets]
+            if len(b) < 2 or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
+                raise ConfigError(f"phase2.budgets={b}: expected at least 2 strictly increasing budgets from >= 2 "
+                                  "(the last = the clip's latent frames T)")
+        elif self.k_min < 2 or self.n_levels < 2:
+            raise ConfigError(f"phase2.k_min={self.k_min}, phase2.n_levels={self.n_levels}: expected k_min >= 2 "
+                              "(both endpoints) and n_levels >= 2 (one level is no refinement)")
+        if T is not None:
+            phase2_budgets(self, T)  # raises ConfigError naming phase2.budgets / k_min against T
 
 
 @dataclass
@@ -152,25 +197,8 @@ class VideoTrainConfig:
             self.model.lora.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name, spec, allowed, ckpt_key, ckpt in (
-            ("phase1.index_policy", self.phase1.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt",
-             self.phase1.selector_ckpt),
-            ("phase2.policy_mix", self.phase2.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt",
-             self.phase2.selector_ckpt),
-        ):
-            try:
-                mix = parse_policy_mix(spec, allowed)
-            except ValueError as e:
-                raise ConfigError(f"{name}: {e}") from None
-            if "selector" in mix and not ckpt:
-                raise ConfigError(_selector_unset(name, ckpt_key))
-        if self.phase1.num_keyframes < 2:
-            raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.phase1.num_keyframes}")
-        bad = [c for c in self.phase2.channels if c not in wan.WIDENING_CHANNELS]
-        if bad or not self.phase2.channels:
-            raise ConfigError(f"phase2.channels={list(self.phase2.channels)}: expected a non-empty subset of {list(wan.WIDENING_CHANNELS)}")
-        if self.phase2.confidence not in ("mask", "tent"):
-            raise ConfigError(f"phase2.confidence={self.phase2.confidence!r} is not one of ['mask', 'tent']")
+        self.phase1.validate()  # the checks against the clip length T: make_train_spec (knows the phase)
+        self.phase2.validate()
         if self.model.dtype not in ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16"):
             raise ConfigError(f"model.dtype={self.model.dtype!r} is not one of auto, bf16, fp32, fp16")
         if not 0.0 <= self.model.checkpoint_ratio <= 1.0:
@@ -182,22 +210,15 @@ class VideoTrainConfig:
             wan.check_selective_checkpointing(self.model.checkpoint_policy, self.model.attention)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        # phase-2 settings that would otherwise only fail at the first loss, after the model is built
-        p2 = self.phase2
-        if not 0.0 <= p2.sigma_min <= p2.sigma_max:
-            raise ConfigError(f"phase2.sigma_min={p2.sigma_min}, phase2.sigma_max={p2.sigma_max}: expected "
-                              "0 <= sigma_min <= sigma_max")
-        if p2.missing_weight < 0 or p2.keyframe_weight < 0 or p2.missing_weight + p2.keyframe_weight == 0:
-            raise ConfigError(f"phase2.missing_weight={p2.missing_weight}, phase2.keyframe_weight={p2.keyframe_weight}: "
-                              "expected non-negative weights, not both zero")
-        if p2.budgets:
-            b = [int(x) for x in p2.budgets]
-            if len(b) < 2 or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
-                raise ConfigError(f"phase2.budgets={b}: expected at least 2 strictly increasing budgets from >= 2 "
-                                  "(the last = the clip's latent frames T)")
-        elif p2.k_min < 2 or p2.n_levels < 2:
-            raise ConfigError(f"phase2.k_min={p2.k_min}, phase2.n_levels={p2.n_levels}: expected k_min >= 2 "
-                              "(both endpoints) and n_levels >= 2")
+
+
+def _check_mix(name: str, spec: str, allowed, ckpt_key: str, ckpt: str) -> None:
+    try:
+        mix = parse_policy_mix(spec, allowed)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    if "selector" in mix and not ckpt:
+        raise ConfigError(_selector_unset(name, ckpt_key))
 
 
 def base_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -542,7 +563,9 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         policy = KeyframePolicy(cfg.phase2.policy_mix, PHASE2_POLICIES, cfg.phase2.dp_mask_file, "phase2.policy_mix",
                                 cfg.phase2.selector_ckpt, "phase2.selector_ckpt")
     T_known = cfg.data.crop_frames or (cfg.data.latent_shape[1] if cfg.data.latent_shape else -1)
-    if policy.selector is not None and T_known > 0:  # the clip length is fixed by the config: check now
+    if T_known > 0:  # the clip length is fixed by the config: budgets against it now, not at the first loss
+        (cfg.phase1 if phase == 1 else cfg.phase2).validate(T_known)
+    if policy.selector is not None and T_known > 0:
         policy.check_selector_budgets([cfg.phase1.num_keyframes] if phase == 1 else phase2_budgets(cfg.phase2, T_known),
                                       T_known)
     try:

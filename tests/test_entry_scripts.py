@@ -235,6 +235,25 @@ def test_budgets_against_a_fixed_clip_length_fail_before_training(shards, tmp_pa
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_precomputed_masks_for_whole_clips_are_refused_with_crops(shards, tmp_path, no_model):
+    """dp_precomputed masks are stored per whole clip: with data.crop_frames every sample would fall
+    back to uniform masks, so the combination stops the run before training."""
+    torch.save({"sample_000000000": torch.ones(3, 9, dtype=torch.bool)}, tmp_path / "dp.pt")
+    with pytest.raises(ConfigError, match=r"phase2\.policy_mix: dp_precomputed masks are stored for whole clips; "
+                                          r"with data\.crop_frames=5"):
+        _run(train_phase2, _args(shards, tmp_path / "r", "phase2.policy_mix=dp_precomputed:1",
+                                 f"phase2.dp_mask_file={tmp_path / 'dp.pt'}", "data.crop_frames=5"))
+
+
+def test_validation_decode_checks_the_vae_before_training(shards, tmp_path):
+    """validation.decode loads the VAE at the first validation (step validate_every): a model folder
+    without vae/ is reported at start-up, naming the folder, not thousands of steps later."""
+    (tmp_path / "wan" / "transformer").mkdir(parents=True)
+    with pytest.raises(wan.WanLoadError, match=r"wan.*vae"):
+        _run(train_phase2, _args(shards, tmp_path / "r", f"model.path={tmp_path / 'wan'}", "validation.decode=true",
+                                 "train.validate_every=10"))
+
+
 def test_resume_path_without_checkpoint(shards, tmp_path, no_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
@@ -423,6 +442,15 @@ def test_keyframe_policies_against_references(tmp_path):
     assert torch.equal(m[0], stored) and name == "dp_precomputed"
     m, name = pol.masks(x, "unknown", [K], g)
     assert name == "uniform_fallback" and pol.fallbacks == 1 and torch.equal(m[0], uni)
+    # a table written for another budget: a config mismatch, named up front (check_precomputed, run by
+    # make_train_spec when T is known) and at the draw (never a silent per-sample fallback)
+    pol.check_precomputed([K], T)
+    with pytest.raises(ConfigError, match=r"dp\.pt', sample 'known': keyframe counts \[4\], expected the budgets \[3\]"):
+        pol.check_precomputed([3], T)
+    with pytest.raises(ConfigError, match=r"expected the budgets \[3\]"):
+        pol.masks(x, "known", [3], g)
+    with pytest.raises(ConfigError, match=r"sample 'known': Tensor torch.bool \[7\], expected bool \[9\]"):
+        pol.check_precomputed([K], 9)
     with pytest.raises(ConfigError, match="no file is set"):
         KeyframePolicy("dp_precomputed:1", PHASE1_POLICIES, "", "phase1.index_policy")
     with pytest.raises(ConfigError, match="selector"):

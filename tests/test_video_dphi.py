@@ -258,6 +258,10 @@ def test_train_dphi_teacher_end_to_end_masks_feed_phase2(tmp_path):
     # stage masks alone with D_phi (costs and dphi reused from the run folder)
     res = main(base + ["stages=[dphi,masks]", "masks.source=dphi"])
     assert res["masks"]["clips"] == 6 and "holdout_spearman" in res["dphi"]
+    # the stored costs hold grid indices of t_steps=2: another grid (or teacher) must not reuse them
+    with pytest.raises(ConfigError, match=r"teacher_costs.pt: its 6 clips were computed with other settings: "
+                                          r"costs.t_steps=4 \(records: 2\)"):
+        main(base[:-3] + ["costs.t_steps=4", "train.steps=30", "train.log_every=10", "stages=[costs]"])
 
 
 def test_masks_stage_refuses_a_dphi_trained_on_another_cost_grid(tmp_path):

@@ -47,6 +47,7 @@ built; it runs in fp32 outside autocast, without gradients).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ from interpdiff.selection import dp_select, indices_to_mask, segment_costs
 from interpdiff.training import TrainLoopConfig, TrainSpec, sample_generator
 from interpdiff.video import wan
 from interpdiff.video.data import LatentDataConfig
+
+log = logging.getLogger(__name__)
 
 PHASE1_POLICIES = ("uniform", "random", "dp", "dp_precomputed", "selector")
 PHASE2_POLICIES = ("uniform", "random_nested", "dp", "dp_precomputed", "selector")
@@ -324,7 +327,28 @@ class KeyframePolicy:
         self.selector_key = selector_key
         self.selector = _load_policy_selector(selector_ckpt, what, selector_key) if "selector" in self.mix else None
         self.table = _load_precomputed(precomputed, what) if "dp_precomputed" in self.mix else None
+        self.precomputed = precomputed
         self.fallbacks = 0
+
+    def check_precomputed(self, budgets: Sequence[int], T: int) -> None:
+        """Every stored mask against the budgets and the clip length (when the config fixes T): a
+        table written for other budgets (another ``k_min``/``n_levels``) or clip length would
+        otherwise fail at the step that first draws it, or fall back to ``uniform`` sample by
+        sample. Raises ``ConfigError`` naming the file, a sample key and what differs."""
+        if self.table is None:
+            return
+        want = (T,) if len(budgets) == 1 else (len(budgets), T)
+        for key, m in self.table.items():
+            problem = None
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != want:
+                problem = (f"{type(m).__name__} {getattr(m, 'dtype', '')} {list(getattr(m, 'shape', []))}, expected "
+                           f"bool {list(want)}")
+            elif m.view(len(budgets), T).sum(1).tolist() != list(budgets):
+                problem = f"keyframe counts {m.view(len(budgets), T).sum(1).tolist()}, expected the budgets {list(budgets)}"
+            if problem:
+                raise ConfigError(f"{self.what}: dp_precomputed file {self.precomputed!r}, sample {key!r}: {problem} "
+                                  f"(written for other budgets or another clip length? rebuild it with "
+                                  f"train_dphi_teacher.py's masks stage for these settings)")
 
     def check_selector_budgets(self, budgets: Sequence[int], T: int) -> None:
         """The selector refuses budgets it was not trained on (``VideoSelector.check_budgets_for``)."""
@@ -355,8 +379,14 @@ class KeyframePolicy:
             want = (T,) if len(budgets) == 1 else (len(budgets), T)
             if stored is None or tuple(stored.shape) != want or stored.dtype != torch.bool:
                 self.fallbacks += 1  # counted, reported in the metrics; uniform instead
+                if self.fallbacks <= 5 or self.fallbacks % 100 == 0:
+                    why = "no entry" if stored is None else f"mask {stored.dtype} {list(stored.shape)}, expected bool {list(want)}"
+                    log.warning("%s: dp_precomputed fallback #%d to uniform masks: sample %r in %s: %s", self.what,
+                                self.fallbacks, key, self.precomputed, why)
                 m = uniform_nested_masks(1, T, budgets)[0]
                 policy = "uniform_fallback"
+            elif stored.view(len(budgets), T).sum(1).tolist() != list(budgets):
+                self.check_precomputed(budgets, T)  # raises, naming the file and the sample
             else:
                 m = stored.view(len(budgets), T)
         elif policy == "selector":
@@ -563,8 +593,16 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         policy = KeyframePolicy(cfg.phase2.policy_mix, PHASE2_POLICIES, cfg.phase2.dp_mask_file, "phase2.policy_mix",
                                 cfg.phase2.selector_ckpt, "phase2.selector_ckpt")
     T_known = cfg.data.crop_frames or (cfg.data.latent_shape[1] if cfg.data.latent_shape else -1)
+    if policy.table is not None and cfg.data.crop_frames > 0:
+        raise ConfigError(f"{policy.what}: dp_precomputed masks are stored for whole clips; with data.crop_frames="
+                          f"{cfg.data.crop_frames} every sample would fall back to uniform masks (set crop_frames=0, or "
+                          "compute masks for the crops)")
+    if cfg.validation.decode and cfg.train.validate_every > 0 and cfg.model.path != "tiny":
+        wan.resolve_model_path(cfg.model.path, "vae")  # validation loads the VAE at its first run: check it now
     if T_known > 0:  # the clip length is fixed by the config: budgets against it now, not at the first loss
         (cfg.phase1 if phase == 1 else cfg.phase2).validate(T_known)
+        policy.check_precomputed([cfg.phase1.num_keyframes] if phase == 1 else phase2_budgets(cfg.phase2, T_known),
+                                 T_known)
     if policy.selector is not None and T_known > 0:
         policy.check_selector_budgets([cfg.phase1.num_keyframes] if phase == 1 else phase2_budgets(cfg.phase2, T_known),
                                       T_known)

@@ -180,14 +180,41 @@ def pad_stack(embs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embs])
 
 
+COSTS_META = "teacher_costs.json"
+
+
+def cost_settings(cfg: DphiTeacherConfig, dtype: torch.dtype) -> dict:
+    """What a teacher record's values depend on: the teacher (weights, dtype), the cost grid (records
+    store grid *indices*: another ``t_steps`` would reinterpret every time), the pair sampling and
+    the noise seed. Saved next to ``teacher_costs.pt``, compared before records are reused."""
+    costs = {k: v for k, v in dataclasses.asdict(cfg.costs).items() if k != "seg_batch"}  # batching only
+    return json.loads(json.dumps({"teacher.path": cfg.teacher.path, "teacher.dtype": str(dtype).replace("torch.", ""),
+                                  "teacher.seed": cfg.teacher.seed, "seed": cfg.seed,
+                                  **{f"costs.{k}": v for k, v in costs.items()}}))
+
+
 def stage_costs(cfg: DphiTeacherConfig, run: Path, dev: torch.device) -> dict:
     out = run / "teacher_costs.pt"
+    meta = run / COSTS_META
+    dtype = wan.to_dtype(cfg.teacher.dtype) if cfg.teacher.dtype != "auto" else (
+        torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    settings = cost_settings(cfg, dtype)
     records: dict = torch.load(out, weights_only=False) if out.is_file() else {}
+    if records:
+        if meta.is_file():
+            saved = json.loads(meta.read_text())
+            diff = [f"{k}={settings.get(k)!r} (records: {saved.get(k)!r})" for k in sorted(set(saved) | set(settings))
+                    if saved.get(k) != settings.get(k)]
+            if diff:
+                raise ConfigError(f"{out}: its {len(records)} clips were computed with other settings: {', '.join(diff)}. "
+                                  f"Restore them, or move {out.name} and {meta.name} away to recompute the costs")
+        else:
+            log.warning("costs: %s has no %s (written by an older version): reusing its %d clips without checking "
+                        "the teacher and cost grid they were computed with", out, meta.name, len(records))
     if len(records) >= cfg.num_clips:
         log.info("costs: %s holds %d clips, nothing to do", out, len(records))
         return records
-    dtype = wan.to_dtype(cfg.teacher.dtype) if cfg.teacher.dtype != "auto" else (
-        torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    atomic_write_text(meta, json.dumps(settings, indent=1))
     tr = wan.load_transformer(cfg.teacher.path, dtype=dtype, seed=cfg.teacher.seed).to(dev).eval()
     wan.set_attention_backend(tr, cfg.teacher.attention)
     t0, done = time.perf_counter(), len(records)

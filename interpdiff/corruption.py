@@ -27,7 +27,10 @@ keyframes too, and in the output, while training shows level ``s+1`` the smaller
 With ``rho = 1`` this is the literal TACoS update except on the new keyframes of ``M_{s+1}``,
 which get no noise (as in training). ``noise="none"`` rescales the sampler's own noise estimate
 ``n_s / sigma_s`` (DDIM-like, deterministic); ``"level"`` replaces it with fresh noise of the
-training scale; ``"constant"`` adds ``noise_scale * z`` on top of the deterministic update. The
+training scale; ``"constant"`` adds ``noise_scale * z`` on top of the deterministic update, with
+``noise_scale`` an absolute std: ``sampling_noise_scale`` ties it to the schedule (``c * sigma_0``,
+the level-0 training sigma, for ``c`` times the training noise; ``noise_scale = 1`` would be
+unit-variance noise against training sigmas of ~0.01-0.1). The
 keyframes of ``M_s`` are then clamped to their values in ``x_s`` (they are known: phase-1
 keyframes at level 0, earlier updates later) and positions are clipped when asked. With a
 perfect restorer (``x0_hat = x_0``) and ``x_s = I(x_0, M_s) + sigma_s eps (1 - M_s)``, the step
@@ -40,6 +43,7 @@ anchors. Training and sampling must build it from the *same* level's mask ``M_s`
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -72,6 +76,19 @@ def level_sigmas(n_levels: int, sigma_max: float = 0.1, sigma_min: float = 0.01,
     if last_zero:
         s = torch.cat([s, torch.zeros(1, dtype=torch.float64)])
     return s.float()
+
+
+def sampling_noise_scale(noise: str, scale: float, sigmas: Sequence[float] | torch.Tensor) -> float:
+    """The ``noise_scale`` of ``refine`` / ``tacos_step`` for sampling noise of ``scale`` times the
+    training schedule ``sigmas`` (``level_sigmas``; METHOD.md section 5: sampling noise tied to
+    the training schedule): ``level`` -> ``scale`` (``tacos_step`` draws ``scale * sigma_{s+1}``),
+    ``constant`` -> ``scale * sigmas[0]`` (the level-0 training sigma, the largest, added at every
+    step), ``none`` -> ``scale`` (unused)."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"sampling_noise_scale: noise={noise!r} is not one of {NOISE_MODES}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"sampling_noise_scale: scale={scale}, expected a finite number >= 0")
+    return float(scale) * float(sigmas[0]) if noise == "constant" else float(scale)
 
 
 def anchor_confidence(mask_B_T: torch.Tensor, kind: str = "mask") -> torch.Tensor:
@@ -153,7 +170,8 @@ def tacos_step(
         noise: ``none`` (deterministic; the noise in ``x_s`` is rescaled by ``sigma_next /
             sigma_s``), ``level`` (that noise replaced by fresh ``noise_scale * sigma_next``
             noise, the training schedule) or ``constant`` (the deterministic update plus
-            ``noise_scale`` noise on every step), noise only on frames missing in ``mask_next``.
+            ``noise_scale`` noise on every step: an absolute std, see ``sampling_noise_scale``),
+            noise only on frames missing in ``mask_next``.
         sigma_next, sigma_s: the corruption sigmas of the next and this level, floats or ``[B]``
             (per-sample levels); ``sigma_s`` ``None`` (or 0) carries the noise part unscaled
             (plain TACoS) with ``noise`` ``none``/``constant``.

@@ -221,13 +221,16 @@ def consistency_times(steps: int, mid_times: Sequence[float] | None = None, sigm
     """TrigFlow times ``[t_0 = atan(sigma_max), mid_1, ..., mid_{steps-1}]`` (decreasing)."""
     if steps < 1:
         raise ValueError(f"consistency_times: steps must be >= 1, got {steps}")
+    if not sigma_max > 0:  # also refuses nan (inf is the limit t_0 = pi/2: pure noise)
+        raise ValueError(f"consistency_times: sigma_max={sigma_max}, expected > 0")
     mids = list(DEFAULT_MID_TIMES if mid_times is None or len(mid_times) == 0 else mid_times)
     if len(mids) < steps - 1:
         raise ValueError(f"consistency_times: {steps} steps need {steps - 1} intermediate times, got {mids}")
     times = [math.atan(sigma_max), *[float(m) for m in mids[: steps - 1]]]
-    if any(b >= a for a, b in zip(times, times[1:])) or times[-1] <= 0:
+    # written so that nan fails: every time finite, each strictly below the one before, the last > 0
+    if not (all(math.isfinite(t) for t in times) and all(b < a for a, b in zip(times, times[1:])) and times[-1] > 0):
         raise ValueError(f"consistency_times: times {times} must decrease strictly and stay > 0 "
-                         f"(t_0 = atan(sigma_max={sigma_max}))")
+                         f"(all finite; t_0 = atan(sigma_max={sigma_max}))")
     return times
 
 
@@ -272,6 +275,14 @@ def phase2_student_levels(S: int, steps: int, levels: Sequence[int] | None = Non
 # --- config -----------------------------------------------------------------------------------
 
 
+def check_number(key: str, value: float, ok: bool, expected: str) -> None:
+    """``ValueError`` naming ``key`` and the ``expected`` range unless ``value`` is finite and ``ok``
+    (its range test). nan passes a bare ``v < lo`` check and would silently switch a term off
+    (``weight > 0`` is ``False`` for nan) or train on nan; inf passes ``v > 0``."""
+    if not (math.isfinite(value) and ok):
+        raise ValueError(f"{key}={value}: expected a finite number {expected}")
+
+
 @dataclass
 class DmdConfig:
     weight: float = 0.0  # DMD generator-loss weight (rCM: 1 against scm_weight 100); 0 = sCM only, no fake score
@@ -281,11 +292,12 @@ class DmdConfig:
     sigma_max: float = 80.0  # student generation starts at t_max = atan(sigma_max)
 
     def validate(self, prefix: str = "distill.dmd") -> None:
-        if self.weight < 0 or self.fake_weight <= 0:
-            raise ValueError(f"{prefix}.weight={self.weight}, {prefix}.fake_weight={self.fake_weight}: expected "
-                             "weight >= 0 and fake_weight > 0")
-        if self.shift <= 0 or self.sigma_max <= 0:
-            raise ValueError(f"{prefix}.shift={self.shift}, {prefix}.sigma_max={self.sigma_max}: expected > 0")
+        check_number(f"{prefix}.weight", self.weight, self.weight >= 0, ">= 0 (0 = no DMD term)")
+        check_number(f"{prefix}.fake_weight", self.fake_weight, self.fake_weight > 0, "> 0")
+        if self.start_step < 0:
+            raise ValueError(f"{prefix}.start_step={self.start_step}: expected a step >= 0")
+        check_number(f"{prefix}.shift", self.shift, self.shift > 0, "> 0 (Wan's timestep shift; 1 = none)")
+        check_number(f"{prefix}.sigma_max", self.sigma_max, self.sigma_max > 0, "> 0 (t_max = atan(sigma_max))")
 
 
 @dataclass
@@ -293,6 +305,30 @@ class SamplerConfig:
     steps: int = 4  # consistency steps (phase-2 target: 1 or 2 refiner steps)
     mid_times: list[float] = field(default_factory=lambda: list(DEFAULT_MID_TIMES))  # TrigFlow times after t_0
     sigma_max: float = 80.0  # t_0 = atan(sigma_max)
+
+    def validate(self, prefix: str = "distill.sampler", times: bool = True) -> None:
+        """Finite values; with ``times`` also the consistency times they give (``consistency_times``)."""
+        if self.steps < 1:
+            raise ValueError(f"{prefix}.steps={self.steps}: expected >= 1")
+        check_number(f"{prefix}.sigma_max", self.sigma_max, self.sigma_max > 0, "> 0 (t_0 = atan(sigma_max))")
+        if not all(math.isfinite(float(t)) for t in self.mid_times):
+            raise ValueError(f"{prefix}.mid_times={list(self.mid_times)}: expected finite TrigFlow times")
+        if times:
+            try:
+                consistency_times(self.steps, self.mid_times, self.sigma_max)
+            except ValueError as e:
+                raise ValueError(f"{prefix}.steps={self.steps}, {prefix}.mid_times={list(self.mid_times)}, "
+                                 f"{prefix}.sigma_max={self.sigma_max}: {e}") from None
+
+
+def check_phase2_levels(levels: Sequence[int], steps: int, key: str = "distill.phase2_levels") -> None:
+    """What ``phase2_student_levels`` requires of explicit levels without knowing the level count S:
+    one level per student step (``steps``), strictly increasing from 0 (the upper bound ``S - 2``
+    needs the teacher's budgets and the clip length: ``phase2_student_levels``)."""
+    lv = [int(x) for x in levels]
+    if lv and (lv[0] != 0 or any(b <= a for a, b in zip(lv, lv[1:])) or len(lv) != steps):
+        raise ValueError(f"{key}={lv}: expected {steps} strictly increasing levels starting at 0 (one per "
+                         f"student step, distill.sampler.steps={steps}), or [] for the default")
 
 
 @dataclass
@@ -320,6 +356,7 @@ class DistillConfig:
     phase2_teacher_noise: str = "none"  # phase2: sampling noise of the teacher chain (none = a deterministic map)
 
     def validate(self) -> None:
+        """``ValueError`` naming the key and the expected range; every float must be finite."""
         if self.target not in ("full", "phase1", "phase2"):
             raise ValueError(f"distill.target={self.target!r} is not one of ['full', 'phase1', 'phase2']")
         if self.mode not in MODES:
@@ -328,15 +365,18 @@ class DistillConfig:
             raise ValueError(f"distill.jvp={self.jvp!r} is not one of {list(JVP_METHODS)}")
         if self.jvp_chunk < 0:
             raise ValueError(f"distill.jvp_chunk={self.jvp_chunk}: expected >= 0 (0 = unchunked)")
-        if self.fd_size <= 0 or self.delta <= 0 or self.delta >= math.pi / 2:
-            raise ValueError(f"distill.fd_size={self.fd_size}, distill.delta={self.delta}: expected > 0 (delta < pi/2)")
-        if self.teacher_guidance < 1.0:
-            raise ValueError(f"distill.teacher_guidance={self.teacher_guidance}: expected >= 1 (1 = no CFG)")
-        if self.p_std <= 0 or self.tangent_norm < 0 or self.scm_weight <= 0 or self.tangent_warmup < 0:
-            raise ValueError(f"distill.p_std={self.p_std}, tangent_norm={self.tangent_norm}, scm_weight={self.scm_weight}, "
-                             f"tangent_warmup={self.tangent_warmup}: expected p_std > 0, tangent_norm >= 0, "
-                             "scm_weight > 0, tangent_warmup >= 0")
+        check_number("distill.fd_size", self.fd_size, self.fd_size > 0, "> 0 (radians)")
+        check_number("distill.delta", self.delta, 0 < self.delta < math.pi / 2, "in (0, pi/2) (radians)")
+        check_number("distill.teacher_guidance", self.teacher_guidance, self.teacher_guidance >= 1.0,
+                     ">= 1 (1 = no CFG)")
+        check_number("distill.p_mean", self.p_mean, True, "(mean of log tan t)")
+        check_number("distill.p_std", self.p_std, self.p_std > 0, "> 0")
+        check_number("distill.tangent_norm", self.tangent_norm, self.tangent_norm >= 0, ">= 0 (0 = no normalisation)")
+        check_number("distill.scm_weight", self.scm_weight, self.scm_weight > 0, "> 0")
+        if self.tangent_warmup < 0:
+            raise ValueError(f"distill.tangent_warmup={self.tangent_warmup}: expected >= 0 steps (0 = no warmup)")
         self.dmd.validate()
+        self.sampler.validate(times=self.target != "phase2")  # phase 2: levels, not consistency times
         if self.target == "phase2":
             if self.sampler.steps not in (1, 2):
                 raise ValueError(f"distill.sampler.steps={self.sampler.steps}: the phase-2 student takes 1 or 2 steps")
@@ -345,5 +385,4 @@ class DistillConfig:
                                  "Gaussian, there is no teacher score to match; use dmd.weight=0")
             if self.phase2_teacher_noise not in ("none", "level"):
                 raise ValueError(f"distill.phase2_teacher_noise={self.phase2_teacher_noise!r} is not one of ['none', 'level']")
-        else:
-            consistency_times(self.sampler.steps, self.sampler.mid_times, self.sampler.sigma_max)
+            check_phase2_levels(self.phase2_levels, self.sampler.steps)

@@ -11,6 +11,7 @@ shrinks them in ``small_model.yaml``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from interpdiff.corruption import CONFIDENCE_KINDS, NOISE_MODES
@@ -165,6 +166,9 @@ class Phase2Config:
             raise ValueError(f"phase2.wall_weight={self.wall_weight} must be >= 0")
         if self.sample_noise not in NOISE_MODES:
             raise ValueError(f"phase2.sample_noise={self.sample_noise!r} is not one of {NOISE_MODES}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0):
+            raise ValueError(f"phase2.noise_scale={self.noise_scale}: expected a finite number >= 0 (a multiple of the "
+                             "training noise: level sigma_{s+1} for sample_noise=level, sigma_0 for constant)")
 
 
 @dataclass

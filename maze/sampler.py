@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from interpdiff.corruption import level_sigmas, refine
+from interpdiff.corruption import level_sigmas, refine, sampling_noise_scale
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import mask_to_indices
@@ -130,8 +130,10 @@ def refine_levels(
         return refiner(x, torch.full((B,), s, device=x.device), conf, cond, enc)
 
     sig = level_sigmas(S, sigma_max, sigma_min)
+    # noise_scale is relative to the training schedule ("constant": noise_scale * sigma_0 at every step)
     x, xs, x0s = refine(
-        restorer, x_start_B_T_2, masks_B_S_T, time_dim=1, sigmas=sig, noise=noise, noise_scale=noise_scale,
+        restorer, x_start_B_T_2, masks_B_S_T, time_dim=1, sigmas=sig, noise=noise,
+        noise_scale=sampling_noise_scale(noise, noise_scale, sig),
         clip=(0.0, 1.0) if pos_clip else None, confidence=confidence, generator=generator, return_all=True,
     )
     return x, xs, x0s

@@ -151,3 +151,40 @@ def test_tacos_step_keeps_the_tacos_correction():
         tacos_step(x_s, x_hat, m0, m1, sigma_next=0.1, sigma_s=torch.ones(3))
     # no schedule (sigma_s not given): plain TACoS whatever the noise mode (level adds 0 noise here)
     torch.testing.assert_close(tacos_step(x_s, x_hat, m0, m1, noise="level"), got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["maze", "video"])
+def test_constant_sampling_noise_tied_to_sigma_0(layout):
+    """``sampling_noise_scale('constant', c, sigmas)`` makes ``refine`` add noise of std ``c * sigma_0``
+    (the level-0 training sigma) per step on the missing frames: measured as the difference of the
+    first step's output to the noise-free run (oracle restorer, same start) against ``level_sigmas``.
+    ``level`` keeps ``c`` (``tacos_step`` multiplies it by ``sigma_{s+1}``)."""
+    import math
+
+    from interpdiff.corruption import sampling_noise_scale
+
+    gen = torch.Generator().manual_seed(0)
+    T, budgets = 33, [3, 9, 17, 33]
+    if layout == "maze":
+        x0, td = torch.rand(80, T, 2, generator=gen), 1
+    else:
+        x0, td = torch.randn(4, 4, T, 6, 6, generator=gen), 2
+    B = x0.shape[0]
+    masks = uniform_nested_masks(B, T, budgets)
+    sig = level_sigmas(len(budgets), 0.1, 0.01)
+    x_start = corrupt(x0, masks[:, 0], float(sig[0]), time_dim=td, generator=gen)
+    c = 0.5
+    scale = sampling_noise_scale("constant", c, sig)
+    assert scale == pytest.approx(c * float(sig[0])) and sampling_noise_scale("level", c, sig) == c
+    _, xs_none, _ = refine(lambda x, s, m, conf: x0, x_start, masks, time_dim=td, sigmas=sig, noise="none",
+                           return_all=True)
+    _, xs_const, _ = refine(lambda x, s, m, conf: x0, x_start, masks, time_dim=td, sigmas=sig, noise="constant",
+                            noise_scale=scale, generator=torch.Generator().manual_seed(1), return_all=True)
+    added = (xs_const[1] - xs_none[1]).movedim(td, 1)[~masks[:, 1]]
+    assert added.numel() > 3000 and added.std().item() == pytest.approx(c * float(sig[0]), rel=0.05)
+    assert not (xs_const[1] - xs_none[1]).movedim(td, 1)[masks[:, 1]].any()  # none on the keyframes of M_1
+    for bad in (math.nan, math.inf, -0.1):
+        with pytest.raises(ValueError, match="scale"):
+            sampling_noise_scale("constant", bad, sig)
+    with pytest.raises(ValueError, match="noise='loud'"):
+        sampling_noise_scale("loud", 1.0, sig)

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -599,6 +600,92 @@ def test_missing_or_wrong_teacher_checkpoint(shards, teachers, tmp_path, no_mode
     with pytest.raises(ConfigError, match=r"dmd\.weight > 0 with distill\.target=phase2"):
         _run(_args(shards, tmp_path / "r", "distill.target=phase2", f"distill.teacher_lora={teachers['phase2']}"))
     assert not (tmp_path / "r").exists()
+
+
+FLOAT_KEYS = ["distill.fd_size", "distill.delta", "distill.teacher_guidance", "distill.p_mean", "distill.p_std",
+              "distill.tangent_norm", "distill.scm_weight", "distill.dmd.weight", "distill.dmd.fake_weight",
+              "distill.dmd.shift", "distill.dmd.sigma_max", "distill.sampler.sigma_max"]
+
+
+@pytest.mark.parametrize("key,bad", [(k, v) for k in FLOAT_KEYS for v in ("nan", "inf")])
+def test_non_finite_distill_values_are_refused_by_name(tmp_path, key, bad):
+    """nan passes ``x < bound`` checks: ``tangent_norm=nan`` switched normalisation off (``nan > 0`` is
+    False), ``dmd.weight=nan`` the DMD term, ``teacher_guidance=nan`` / ``scm_weight=nan`` trained on
+    nan. Every float of the distill section must be finite and in range, refused by its key."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}={bad}: expected a finite number"):
+        _cfg(tmp_path, "unused_*.tar", f"{key}={bad}")
+    _cfg(tmp_path, "unused_*.tar")  # the shipped values pass
+
+
+@pytest.mark.parametrize("override,match", [
+    ("distill.sampler.mid_times=[nan]", r"distill\.sampler\.mid_times=\[nan\]: expected finite"),
+    ("distill.sampler.mid_times=[inf]", r"distill\.sampler\.mid_times=\[inf\]: expected finite"),
+    ("distill.dmd.start_step=-1", r"distill\.dmd\.start_step=-1"),
+    ("distill.tangent_norm=-0.1", r"distill\.tangent_norm=-0\.1: expected a finite number >= 0"),
+    ("distill.teacher_guidance=0.5", r"distill\.teacher_guidance=0\.5: expected a finite number >= 1"),
+])  # fmt: skip
+def test_bad_distill_ranges_are_refused_by_name(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, "unused_*.tar", override)
+
+
+def test_consistency_times_refuse_nan():
+    """``consistency_times`` (the students' sampler, also sample.py's check) must not let nan through its
+    ordering test (``nan >= t`` is False)."""
+    for steps, mids, sigma_max in ((2, [math.nan], 80.0), (1, None, math.nan), (3, [1.5, math.nan], 80.0)):
+        with pytest.raises(ValueError, match="consistency_times"):
+            D.consistency_times(steps, mids, sigma_max)
+    assert D.consistency_times(2, [1.0], math.inf) == [math.pi / 2, 1.0]  # t_0 = pi/2: the pure-noise limit
+
+
+def _p2_cfg(tmp_path, teachers, *over):
+    return _cfg(tmp_path, "unused_*.tar", "distill.target=phase2", f"distill.teacher_lora={teachers['phase2']}",
+                "distill.dmd.weight=0", *over)
+
+
+@pytest.mark.parametrize("levels,steps", [("[1,2]", 2), ("[0]", 2), ("[0,0]", 2), ("[0,1]", 1)])
+def test_phase2_levels_checked_without_the_clip_length(tmp_path, teachers, levels, steps):
+    """``distill.phase2_levels``: one level per student step, strictly increasing from 0 (what
+    ``phase2_student_levels`` requires in the loss), checked at start-up even when T is unknown."""
+    with pytest.raises(ConfigError, match=r"distill\.phase2_levels=\[.*strictly increasing levels starting at 0"):
+        _p2_cfg(tmp_path, teachers, f"distill.phase2_levels={levels}", f"distill.sampler.steps={steps}")
+
+
+def test_phase2_levels_checked_against_the_teachers_levels_when_T_is_known(tmp_path, teachers):
+    """The teacher's budgets [3, 6, 9] on T = 9 (``data.latent_shape``) give S = 3 levels: the last
+    student level is at most S - 2 = 1. Without T the bound is not known at start-up."""
+    T9 = "data.latent_shape=[16,9,-1,-1]"
+    with pytest.raises(ConfigError, match=r"distill\.phase2_levels=\[0, 2\].*<= 1 \(S = 3 levels\)"):
+        _p2_cfg(tmp_path, teachers, T9, "distill.phase2_levels=[0,2]", "distill.sampler.steps=2")
+    _p2_cfg(tmp_path, teachers, T9, "distill.phase2_levels=[0,1]", "distill.sampler.steps=2")
+    _p2_cfg(tmp_path, teachers, "distill.phase2_levels=[0,2]", "distill.sampler.steps=2")  # T unknown: not checkable
+
+
+def test_distill_checks_the_policy_mixes_of_its_target(tmp_path, teachers):
+    """``phase1.index_policy`` / ``phase2.policy_mix`` (and the selector checkpoint they need) are refused
+    by name at start-up, not as a bare ValueError once the data loader exists."""
+    p1 = ["distill.target=phase1", f"distill.teacher_lora={teachers['phase1']}"]
+    with pytest.raises(ConfigError, match=r"phase1\.index_policy: .*weight of 'uniform' is nan"):
+        _cfg(tmp_path, "unused_*.tar", *p1, "phase1.index_policy=uniform:nan")
+    with pytest.raises(ConfigError, match=r"phase1\.index_policy.*phase1\.selector_ckpt"):
+        _cfg(tmp_path, "unused_*.tar", *p1, "phase1.index_policy=selector:1")
+    with pytest.raises(ConfigError, match=r"phase1\.num_keyframes=3 exceeds the clip's T=2"):
+        _cfg(tmp_path, "unused_*.tar", *p1, "data.latent_shape=[16,2,-1,-1]")
+    with pytest.raises(ConfigError, match=r"phase2\.policy_mix: .*unknown policy 'bogus'"):
+        _p2_cfg(tmp_path, teachers, "phase2.policy_mix=bogus:1")
+    with pytest.raises(ConfigError, match=r"phase2\.policy_mix.*phase2\.selector_ckpt"):
+        _p2_cfg(tmp_path, teachers, "phase2.policy_mix=selector:1")
+
+
+def test_phase2_target_checks_the_teachers_settings_not_the_replaced_ones(tmp_path, teachers):
+    """For target=phase2 the budgets and sigmas are the teacher's (its metadata: k_min 3, 3 levels):
+    this config's own phase2.k_min / sigmas are replaced, so they must not refuse a valid run; the
+    teacher's settings are checked against T, with an error naming the teacher folder."""
+    T9 = "data.latent_shape=[16,9,-1,-1]"
+    cfg = _p2_cfg(tmp_path, teachers, T9, "phase2.k_min=12", "phase2.sigma_max=-1")
+    assert DW.teacher_phase2_config(cfg, DW.check_teacher(cfg)).k_min == 3
+    with pytest.raises(ConfigError, match=r"distill\.teacher_lora=.*phase-2 settings stored with it.*T=4"):
+        _p2_cfg(tmp_path, teachers, "data.latent_shape=[16,4,-1,-1]")
 
 
 def test_cli_prints_clear_message_and_exits_nonzero(tmp_path):

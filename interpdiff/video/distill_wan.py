@@ -94,6 +94,7 @@ from interpdiff.video.objectives import (
     ModelConfig,
     Phase1Config,
     Phase2Config,
+    check_policy_mix,
     base_dtype,
     level_timestep,
     make_batches,
@@ -126,7 +127,14 @@ class DistillTrainConfig:
     ``target=phase2`` the level budgets, sigmas and mask channels are those stored in the teacher
     LoRA's metadata (what it was trained with); ``phase2.policy_mix`` / ``dp_mask_file`` /
     ``selector_ckpt`` still come from this config. For ``target=phase1`` the keyframe count must
-    equal the teacher's."""
+    equal the teacher's.
+
+    ``validate`` checks the phase sections the target reads (nothing else reaches the run):
+    ``phase1`` for ``target=phase1``; for ``target=phase2`` the phase-2 config the run will use
+    (``teacher_phase2_config``: the teacher's budgets, sigmas and channels with this config's mask
+    policy), so values the teacher's metadata replaces are not refused. Both against the clip
+    length when the data section fixes it (``data.crop_frames`` or ``data.latent_shape``), as is
+    ``distill.phase2_levels`` against the teacher's level count."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: LatentDataConfig = field(default_factory=LatentDataConfig)
@@ -153,9 +161,13 @@ class DistillTrainConfig:
         if self.distill.mode == "scm" and self.distill.target != "phase2" and self.model.lora.dropout > 0:
             raise ConfigError(f"model.lora.dropout={self.model.lora.dropout} with distill.mode=scm: the student's forward and "
                               "its JVP would draw different dropout masks; set model.lora.dropout=0")
-        check_teacher(self)
-        if self.distill.target == "phase1" and self.phase1.num_keyframes < 2:
-            raise ConfigError(f"phase1.num_keyframes must be >= 2, got {self.phase1.num_keyframes}")
+        T = self.data.crop_frames or (self.data.latent_shape[1] if self.data.latent_shape else -1)
+        T = T if T > 0 else None  # the clip length, when the config fixes it
+        if self.distill.target == "phase1":
+            self.phase1.validate(T)  # policy mix (+ selector_ckpt), num_keyframes, flow settings
+        meta = check_teacher(self)
+        if self.distill.target == "phase2":
+            check_phase2_section(self, meta, T)
         neg = self.distill.negative
         if neg not in ("encode", "zeros") and self.distill.teacher_guidance != 1.0 and not Path(neg).is_file():
             raise ConfigError(f"distill.negative={neg!r}: expected encode, zeros or an existing torch file holding "
@@ -194,6 +206,28 @@ def check_teacher(cfg: DistillTrainConfig) -> dict | None:
             raise ConfigError(f"phase1.num_keyframes={cfg.phase1.num_keyframes}, but distill.teacher_lora={path!r} was "
                               f"trained with {k} keyframes")
     return meta
+
+
+def check_phase2_section(cfg: DistillTrainConfig, meta: dict | None, T: int | None) -> None:
+    """``target=phase2``: this config's mask policy (``phase2.policy_mix`` with ``selector_ckpt``),
+    then the phase-2 config the run uses (``teacher_phase2_config``: the teacher's budgets, sigmas
+    and channels; against ``T`` when known) by ``Phase2Config.validate``, and
+    ``distill.phase2_levels`` against the teacher's level count when that is known (explicit
+    budgets, or ``T``). ``ConfigError`` naming the key (and the teacher folder for its values)."""
+    check_policy_mix("phase2.policy_mix", cfg.phase2.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt",
+               cfg.phase2.selector_ckpt)
+    p2 = teacher_phase2_config(cfg, meta)
+    try:
+        p2.validate(T)
+    except ConfigError as e:
+        if not ((meta or {}).get("extra") or {}).get("phase2"):
+            raise  # this config's phase2.* values
+        where = f" (clip length T={T} from data.crop_frames / data.latent_shape)" if T else ""
+        raise ConfigError(f"distill.teacher_lora={cfg.distill.teacher_lora!r}: the phase-2 settings stored with it "
+                          f"(what it was trained with) do not fit{where}: {e}") from None
+    if p2.budgets or T is not None:
+        S = len(p2.budgets) if p2.budgets else len(phase2_budgets(p2, T))
+        phase2_student_levels(S, cfg.distill.sampler.steps, cfg.distill.phase2_levels)
 
 
 def teacher_phase2_config(cfg: DistillTrainConfig, meta: dict | None) -> Phase2Config:

@@ -114,7 +114,7 @@ class Phase1Config:
     def validate(self, T: int | None = None) -> None:
         """Raises ``ConfigError`` naming the key; ``T`` (latent frames, when the config fixes it)
         also checks ``num_keyframes <= T``."""
-        _check_mix("phase1.index_policy", self.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt", self.selector_ckpt)
+        check_policy_mix("phase1.index_policy", self.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt", self.selector_ckpt)
         if self.num_keyframes < 2:
             raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.num_keyframes}")
         if T is not None and self.num_keyframes > T:
@@ -147,7 +147,7 @@ class Phase2Config:
         """Raises ``ConfigError`` naming the key (training, distillation and sampling all check a
         phase-2 config here, before any model is loaded); ``T`` (latent frames, when known) also
         checks the budgets against it."""
-        _check_mix("phase2.policy_mix", self.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt", self.selector_ckpt)
+        check_policy_mix("phase2.policy_mix", self.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt", self.selector_ckpt)
         bad = [c for c in self.channels if c not in wan.WIDENING_CHANNELS]
         if bad or not self.channels:
             raise ConfigError(f"phase2.channels={list(self.channels)}: expected a non-empty subset of {list(wan.WIDENING_CHANNELS)}")
@@ -215,7 +215,7 @@ class VideoTrainConfig:
             raise ConfigError(str(e)) from None
 
 
-def _check_mix(name: str, spec: str, allowed, ckpt_key: str, ckpt: str) -> None:
+def check_policy_mix(name: str, spec: str, allowed, ckpt_key: str, ckpt: str) -> None:
     try:
         mix = parse_policy_mix(spec, allowed)
     except ValueError as e:

@@ -18,8 +18,11 @@ video keyframe selector (``keyframe_source=selector``, ``selector_ckpt``;
 by the level-s logits), with the budgets read from the phase-2 LoRA's metadata (the phase-2
 config it was trained with; the selector must have been trained on the same budgets), so the
 sampler's corruption, level timesteps and mask planes are those of training
-(``objectives.phase2_restore`` is shared). Optional sampling noise follows the training schedule
-(``noise='level'``: ``sigma_{s+1}`` on the frames still missing).
+(``objectives.phase2_restore`` is shared). Optional sampling noise on the frames still missing is
+tied to the training schedule ``sigma_s = level_sigmas(S, sigma_max, sigma_min)``, in units of it
+(``phase2_noise_scale``, default 1): ``phase2_noise=level`` draws ``scale * sigma_{s+1}`` fresh
+at each step, ``constant`` adds ``scale * sigma_0`` (the level-0 training sigma) at every step on
+top of the deterministic update, ``none`` adds none (``corruption.sampling_noise_scale``).
 
 Full (``--mode full``): Euler over ``sampling_sigmas(steps, shift)`` on all T frames, CFG
 ``v = v_uncond + g (v_cond - v_uncond)`` with the negative prompt's embedding (Wan's default
@@ -49,6 +52,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +62,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from interpdiff.corruption import anchor_confidence, level_sigmas, randn_rows, refine
+from interpdiff.corruption import (
+    NOISE_MODES,
+    anchor_confidence,
+    level_sigmas,
+    randn_rows,
+    refine,
+    sampling_noise_scale,
+)
 from interpdiff.flow import sampling_sigmas
 from interpdiff.interpolate import interpolate
 from interpdiff.masks import check_nested, mask_to_indices, uniform_nested_masks
@@ -71,6 +83,8 @@ from interpdiff.video.objectives import (
     phase2_budgets,
     phase2_restore,
 )
+
+logger = logging.getLogger(__name__)
 
 WAN_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -207,7 +221,12 @@ def scatter_keyframes(key_B_C_K_H_W: torch.Tensor, idx_B_K: torch.Tensor, T: int
 
 @dataclass
 class Phase2Settings:
-    """What the sampler needs from the phase-2 training config (stored in the LoRA metadata)."""
+    """What the sampler needs from the phase-2 training config (stored in the LoRA metadata).
+
+    ``noise`` / ``noise_scale`` are ``corruption.refine``'s: with ``noise='constant'`` the scale is
+    the absolute std of the noise added at every step, so build it from the schedule
+    (``corruption.sampling_noise_scale``, as ``sample.py`` does through ``_phase2_settings``);
+    the default 1.0 there would be unit-variance noise against training sigmas of ~0.01-0.1."""
 
     budgets: list[int]
     sigma_max: float = 0.1
@@ -480,7 +499,8 @@ KEYFRAME_SOURCES = ("uniform", "selector")
 class SampleConfig:
     """``sample.py`` settings. LoRA folders are ``save_lora`` folders (a training checkpoint's
     ``trainable/``); an empty ``phase1_lora`` / ``phase2_lora`` runs the base weights with the
-    phase's structure (keyframe rope / zero-initialised mask channels), e.g. for timing."""
+    phase's structure (keyframe rope / zero-initialised mask channels), e.g. for timing, with a
+    warning naming the key (``warn_untrained_phases``)."""
 
     model_path: str = "tiny"
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU (VAE always fp32)
@@ -502,6 +522,9 @@ class SampleConfig:
     guidance: float = 5.0  # CFG scale of --mode full, >= 1 (1 = no CFG; phase1_guidance likewise)
     shift: float = 5.0
     phase2_noise: str = "level"  # none | constant | level
+    # sampling noise in units of the training sigmas (finite, >= 0): level -> scale * sigma_{s+1} fresh at each
+    # step, constant -> scale * sigma_0 (the level-0 training sigma) added at every step; ignored by none
+    phase2_noise_scale: float = 1.0
     seed: int = 0  # prompt i's noise comes from its own generator, seeded prompt_seed(seed, i) = seed * 1_000_003 + i
     batch_size: int = 1  # prompts per sampling batch (the videos do not depend on it)
     text_max_length: int = 512
@@ -547,12 +570,31 @@ class SampleConfig:
         if self.keyframe_source == "selector" and self.mode == "two_phase" and not self.selector_ckpt:
             raise ConfigError("keyframe_source=selector needs selector_ckpt (a selector file or run folder written by "
                               "python -m interpdiff.video.train_selector), which is not set")
-        if self.phase2_noise not in ("none", "constant", "level"):
-            raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of none, constant, level")
+        if self.phase2_noise not in NOISE_MODES:
+            raise ConfigError(f"phase2_noise={self.phase2_noise!r} is not one of {', '.join(NOISE_MODES)}")
+        if not (math.isfinite(self.phase2_noise_scale) and self.phase2_noise_scale >= 0):
+            raise ConfigError(f"phase2_noise_scale={self.phase2_noise_scale}: expected a finite number >= 0 (the "
+                              "sampling noise in units of the training sigmas: 1 = the training schedule, 0 = none)")
+        if self.mode == "two_phase":
+            # the settings used without phase-2 LoRA metadata (n_levels=1 would skip phase 2, a bad sigma or
+            # confidence would fail after the models load); against the clip length in _phase2_settings
+            self.phase2.validate()
         if self.student_steps < 0 or self.phase2_student_steps not in (0, 1, 2):
             raise ConfigError(f"student_steps={self.student_steps}, phase2_student_steps={self.phase2_student_steps}: "
                               "expected student_steps >= 0 (0: from the student) and phase2_student_steps in 0 (from the "
                               "student), 1, 2")
+        if self.student_mid_times:
+            # what holds whatever the student's sigma_max (t_0 = atan(sigma_max) < pi/2): the sampler's own check
+            # (distill.consistency_times) with t_0 = pi/2; against the student's t_0 in check_sample_inputs
+            from interpdiff.distill import consistency_times
+
+            mids = [float(t) for t in self.student_mid_times]
+            try:
+                consistency_times(self.student_steps or len(mids) + 1, mids, sigma_max=math.inf)
+            except ValueError as e:
+                raise ConfigError(f"student_mid_times={mids} (student_steps={self.student_steps}): expected finite "
+                                  "TrigFlow times in (0, pi/2), strictly decreasing, at least student_steps - 1 of "
+                                  f"them ({e})") from None
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -576,7 +618,8 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
-    """From the phase-2 LoRA's metadata (what it was trained with), else ``cfg.phase2``."""
+    """From the phase-2 LoRA's metadata (what it was trained with), else ``cfg.phase2``; the
+    sampling noise ``phase2_noise_scale`` times that schedule (``corruption.sampling_noise_scale``)."""
     from interpdiff.config import from_dict
 
     p2 = cfg.phase2
@@ -588,7 +631,10 @@ def _phase2_settings(cfg: SampleConfig, T: int) -> Phase2Settings:
             p2 = from_dict(Phase2Config, stored)
         if meta.get("widening"):  # the input planes the LoRA's patch embedding was widened with
             p2 = dataclasses.replace(p2, channels=list(meta["widening"]["channels"]))
-    return Phase2Settings.from_phase2_config(p2, T, noise=cfg.phase2_noise)
+    st = Phase2Settings.from_phase2_config(p2, T, noise=cfg.phase2_noise)
+    st.noise_scale = sampling_noise_scale(cfg.phase2_noise, cfg.phase2_noise_scale,
+                                          level_sigmas(len(st.budgets), st.sigma_max, st.sigma_min))
+    return st
 
 
 def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Settings | None = None):
@@ -610,20 +656,76 @@ def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Sett
     return tr.to(device)
 
 
+# what each LoRA key of SampleConfig must hold: (the phase in its metadata's extra.phase, the distilled target)
+LORA_KEYS = {"phase1_lora": (1, None), "phase2_lora": (2, None), "phase1_student_lora": (1, "phase1"),
+             "phase2_student_lora": (2, "phase2"), "student_lora": (None, "full")}
+
+
 def check_sample_inputs(cfg: SampleConfig) -> list[str]:
-    """Everything that can fail cheaply, before any model is loaded."""
+    """Everything that can fail cheaply, before any model is loaded: the prompts, each LoRA folder
+    the mode uses (its weights file; the phase it was trained for, ``extra.phase``, so swapped
+    phase-1 / phase-2 folders are refused here and not after the text encoder ran; a student's
+    distilled target), the students' consistency times (``distill.consistency_times`` with the
+    steps / times / sigma_max ``student_sampler_args`` gives the sampler), the model path."""
+    from interpdiff.config import ConfigError
+    from interpdiff.distill import consistency_times
+
     prompts = read_prompts(cfg)
-    for name in ("phase1_lora", "phase2_lora", "phase1_student_lora", "phase2_student_lora", "student_lora"):
+    for name, (want_phase, want_target) in LORA_KEYS.items():
         path = getattr(cfg, name)
-        if path and (cfg.mode == "two_phase") != (name == "student_lora"):
-            d = Path(path)
-            if not (d / wan.LORA_WEIGHT_NAME).is_file():
-                raise wan.WanLoadError(f"{name}={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora folder, "
-                                       "e.g. runs/p1/checkpoints/step_00001000/trainable)")
-            wan.read_lora_meta(d)
+        if not path or (cfg.mode == "two_phase") == (name == "student_lora"):
+            continue
+        d = Path(path)
+        if not (d / wan.LORA_WEIGHT_NAME).is_file():
+            raise wan.WanLoadError(f"{name}={path!r}: no {wan.LORA_WEIGHT_NAME!r} there (expected a save_lora folder, "
+                                   "e.g. runs/p1/checkpoints/step_00001000/trainable)")
+        meta = wan.read_lora_meta(d)
+        extra = meta.get("extra") or {}
+        got = extra.get("phase")
+        if want_phase is not None and got is not None and int(got) != want_phase:
+            other = name.replace(f"phase{want_phase}", f"phase{int(got)}")  # the key of that phase
+            hint = f" (swapped with {other}?)" if other in LORA_KEYS else ""
+            raise ConfigError(f"{name}={path!r} was trained for phase {got}, but {name} takes a phase-{want_phase} "
+                              f"LoRA{hint}")
+        if want_target is not None:
+            from interpdiff.video.distill_wan import read_student_meta
+
+            try:
+                read_student_meta(d)
+            except wan.WanLoadError as e:
+                raise wan.WanLoadError(f"{name}: {e}") from None
+        target = (extra.get("distill") or {}).get("target")
+        if want_target is not None and target != want_target:
+            raise ConfigError(f"{name}={path!r} is a distilled {target!r} student, expected {want_target!r}")
+        if want_target in ("full", "phase1"):  # the few-step consistency sampler's times, with this student's
+            a = student_sampler_args(cfg, meta)
+            try:
+                consistency_times(a["steps"], a["mid_times"], a["sigma_max"])
+            except ValueError as e:
+                raise ConfigError(f"student_steps={cfg.student_steps}, student_mid_times={list(cfg.student_mid_times)} "
+                                  f"with {name}={path!r} (steps {a['steps']}, sigma_max {a['sigma_max']}): {e}"
+                                  ) from None
     if cfg.model_path != "tiny":
         wan.resolve_model_path(cfg.model_path, "transformer")
     return prompts
+
+
+def warn_untrained_phases(cfg: SampleConfig) -> list[str]:
+    """Two-phase sampling with an empty ``phase1_lora`` / ``phase2_lora`` (and no student for that
+    phase) runs the base model with the phase's untrained structure: allowed for timing runs, but
+    its videos mean nothing, so one warning per phase names the key. Returns the keys warned about."""
+    if cfg.mode != "two_phase":
+        return []
+    what = {"phase1_lora": "the base model's untrained keyframe model (no phase-1 LoRA; keyframe rope only)",
+            "phase2_lora": "the base model's untrained refiner (no phase-2 LoRA; zero-initialised mask channels)"}
+    out = []
+    for name, student in (("phase1_lora", cfg.phase1_student_lora), ("phase2_lora", cfg.phase2_student_lora)):
+        if not getattr(cfg, name) and not student:
+            logger.warning("%s is empty: sampling with %s; the videos mean nothing (timing runs only). Set %s to "
+                           "a trained LoRA folder (a training checkpoint's trainable/ or trainable_ema/).", name,
+                           what[name], name)
+            out.append(name)
+    return out
 
 
 def check_keyframe_count(cfg: SampleConfig, st: Phase2Settings) -> None:
@@ -731,6 +833,7 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     """Text -> latents -> mp4 for every prompt; returns ``{"videos": [paths], "times": {stage: s},
     "keyframes": [level-0 indices per video]}``."""
     prompts = check_sample_inputs(cfg)
+    warn_untrained_phases(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     T = latent_frames(cfg.num_frames)
     H, W = cfg.height // 8, cfg.width // 8

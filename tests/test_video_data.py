@@ -655,3 +655,17 @@ def test_precompute_cache_resume_redoes_shards_made_from_other_items_or_settings
     cfg_run(height=32, max_items=2)  # back to the two-item shard (settings differ: re-encoded)
     c7 = cfg_run(height=32, max_items=2)
     assert (c7["skipped_shards"], c7["stale_shards"], c7["written"]) == (1, 0, 0)
+
+
+def test_training_warns_when_the_cache_was_encoded_with_another_model(tmp_path):
+    """precompute_cache's manifests record the encoding model: training with another model.path
+    warns, naming both (latents of another VAE would train silently); same name, no warning."""
+    from interpdiff.video.objectives import check_cache_model
+
+    d, _ = _make(tmp_path, n=2, per=2)
+    urls = vdata.resolve_shards(str(d / "shard_*.tar"))
+    assert check_cache_model(urls, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers") is None  # no manifest (make_shards)
+    (d / "shard_000000.json").write_text(json.dumps({"content": {"model": "/models/Wan2.1-T2V-14B-Diffusers"}}))
+    msg = check_cache_model(urls, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert "'/models/Wan2.1-T2V-14B-Diffusers'" in msg and "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'" in msg
+    assert check_cache_model(urls, "Wan-AI/Wan2.1-T2V-14B-Diffusers") is None  # a local copy of the hub id

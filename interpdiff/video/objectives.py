@@ -539,9 +539,10 @@ def make_batches(cfg: VideoTrainConfig):
 
     data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size)
     try:
-        resolve_shards(data_cfg.shards)
+        urls = resolve_shards(data_cfg.shards)
     except FileNotFoundError as e:
         raise ConfigError(f"data.shards: {e}") from None
+    check_cache_model(urls, cfg.model.path)
     loader = LatentLoader(data_cfg)
 
     def batches(epoch: int, skip: int):
@@ -551,6 +552,30 @@ def make_batches(cfg: VideoTrainConfig):
             yield batch_to_dict(b)
 
     return batches, loader
+
+
+def check_cache_model(urls: Sequence[str], model_path: str) -> str | None:
+    """Warn when the shards were encoded by ``precompute_cache`` with another model than
+    ``model.path`` (their manifests ``shard_*.json`` record it): latents of another VAE, or text
+    embeddings of another encoder, would train silently on the wrong distribution. Only a warning
+    (a local folder and a hub id can name the same weights); returns its text, or ``None``."""
+    import json as _json
+
+    for u in urls[:1]:
+        man = Path(u).with_suffix(".json")
+        if "://" in u or not man.is_file():
+            return None
+        try:
+            enc = (_json.loads(man.read_text()).get("content") or {}).get("model")
+        except (OSError, ValueError):
+            return None
+        if enc and str(enc) != str(model_path) and Path(str(enc)).name != Path(str(model_path)).name:
+            msg = (f"data.shards: {man.name} says the latents and text embeddings were encoded with model {enc!r}, "
+                   f"but model.path is {model_path!r}; check that they are the same weights (another VAE or text "
+                   "encoder gives another latent distribution)")
+            log.warning(msg)
+            return msg
+    return None
 
 
 def make_validation_batches(cfg: VideoTrainConfig):

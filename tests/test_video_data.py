@@ -669,3 +669,26 @@ def test_training_warns_when_the_cache_was_encoded_with_another_model(tmp_path):
     msg = check_cache_model(urls, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert "'/models/Wan2.1-T2V-14B-Diffusers'" in msg and "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'" in msg
     assert check_cache_model(urls, "Wan-AI/Wan2.1-T2V-14B-Diffusers") is None  # a local copy of the hub id
+
+
+def test_resize_crop_in_frame_chunks_equals_the_whole_clip_at_once():
+    """resize_crop converts frames to float a few at a time (bounded memory for HD clips): the same
+    bits as resizing and cropping all frames in one tensor (reference written out here)."""
+    import random
+
+    import torch.nn.functional as F
+
+    def whole(frames, height, width, mode, rng):
+        x = frames.permute(0, 3, 1, 2).float()
+        h, w = x.shape[-2:]
+        s = max(height / h, width / w)
+        nh, nw = max(height, round(h * s)), max(width, round(w * s))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = ((rng.randint(0, nh - height), rng.randint(0, nw - width)) if mode == "random"
+                     else ((nh - height) // 2, (nw - width) // 2))
+        return (x[:, :, top:top + height, left:left + width] / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3)
+
+    fr = torch.randint(0, 256, (17, 90, 160, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for mode in ("center", "random"):
+        got = didemo.resize_crop(fr, 32, 48, mode, random.Random(3))
+        assert got.shape == (3, 17, 32, 48) and torch.equal(got, whole(fr, 32, 48, mode, random.Random(3)))

@@ -273,29 +273,53 @@ def test_forward_ad_through_wan_attention_and_fd_jvp():
     assert scale > 0.1 and err[1e-4] < 2e-3 * scale and err[1e-4] < 0.3 * err[1e-3], (err, scale)
 
 
-def test_merge_lora_into_base_equals_the_peft_teacher(tmp_path):
-    """The merged base equals the teacher run through peft (``wan.load_lora``), phase-2 widening included."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_installed_teacher_is_the_trained_phase_lora(tmp_path, dtype):
+    """The distillation teacher (``install_teacher``: the LoRA as a frozen adapter, phase-2 widening
+    included) gives the bits of the trained LoRA model loaded as ``sample.py`` loads it
+    (``wan.load_lora``), alone and under a fresh student adapter (B = 0), with an fp32 and a bf16
+    base. Merging the LoRA into a bf16 base (the previous layout, written out here) does not:
+    rounding ``W + delta`` to bf16 loses LoRA entries below half a bf16 step of the weight."""
     tr = _tiny(torch.float32, rope=False)
     wan.widen_patch_embedding(tr, ("mask",))
     wan.add_lora(tr, wan.LoraSpec(rank=4, alpha=8))
-    _randomise_lora(tr)
+    _randomise_lora(tr, std=0.02)
     with torch.no_grad():
         tr.patch_embedding.extra_weight.normal_(0, 0.1)
     wan.save_lora(tr, tmp_path / "t", extra_meta={"phase": 2})
-    ref = _tiny(torch.float32, rope=False, seed=0)
+    ref = _tiny(dtype, rope=False, seed=0)
     wan.load_lora(ref, tmp_path / "t")
-    merged = _tiny(torch.float32, rope=False, seed=0)
-    DW.merge_lora_into_base(merged, tmp_path / "t")
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    assert not merged.patch_embedding.extra_weight.requires_grad
+    teacher = _tiny(dtype, rope=False, seed=0)
+    DW.install_teacher(teacher, tmp_path / "t")
+    assert not [n for n, p in teacher.named_parameters() if p.requires_grad]
+    assert teacher.patch_embedding.extra_weight.dtype == torch.float32
+    assert torch.equal(teacher.patch_embedding.extra_weight, tr.patch_embedding.extra_weight.detach())
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 3, 4, 6, generator=g)
-    extra = torch.rand(2, 1, 3, 4, 6, generator=g)
-    emb = torch.randn(2, 16, 32, generator=g)
+    x = torch.randn(2, 16, 3, 4, 6, generator=g).to(dtype)
+    extra = torch.rand(2, 1, 3, 4, 6, generator=g).to(dtype)
+    emb = torch.randn(2, 16, 32, generator=g).to(dtype)
     ts = torch.tensor([300.0, 800.0])
-    a = wan.wan_forward(ref.eval(), x, ts, emb, extra_B_E_T_H_W=extra)
-    b = wan.wan_forward(merged.eval(), x, ts, emb, extra_B_E_T_H_W=extra)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        a = wan.wan_forward(ref.eval(), x, ts, emb, extra_B_E_T_H_W=extra)
+        b = wan.wan_forward(teacher.eval(), x, ts, emb, extra_B_E_T_H_W=extra)
+        assert torch.equal(a, b)
+        DW.add_adapters(teacher, wan.LoraSpec(rank=2, alpha=2), [DW.STUDENT], seed=0)
+        assert DW.active_adapter(teacher) == DW.STUDENT
+        assert torch.equal(wan.wan_forward(teacher.eval(), x, ts, emb, extra_B_E_T_H_W=extra), a)
+        with DW.use_adapter(teacher, None):
+            assert DW.active_adapter(teacher) is None
+            assert torch.equal(wan.wan_forward(teacher.eval(), x, ts, emb, extra_B_E_T_H_W=extra), a)
+        if dtype == torch.bfloat16:  # the merged layout, for comparison
+            base = _tiny(dtype, rope=False, seed=0)
+            mods = dict(base.named_modules())
+            for n, m in ref.named_modules():
+                if hasattr(m, "lora_A") and "default" in m.lora_A:
+                    delta = m.scaling["default"] * (m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float())
+                    w = mods[n].weight
+                    w.copy_((w.float() + delta).to(w.dtype))
+            lost = sum(int(((mods[n].weight.float() - m.base_layer.weight.float()) == 0).sum()) for n, m in ref.named_modules()
+                       if hasattr(m, "lora_A") and "default" in m.lora_A)
+            assert lost > 0  # LoRA entries rounded away by the merge
 
 
 def test_student_metadata_records_the_tacos_rule(tmp_path):
@@ -303,22 +327,6 @@ def test_student_metadata_records_the_tacos_rule(tmp_path):
     2-step phase-2 student from before the change can be recognised at load."""
     cfg = _cfg(tmp_path)
     assert DW.distill_meta(cfg, None)["distill"]["tacos_rule"] == DW.TACOS_RULE == "noise_rescaled"
-
-
-def test_merged_teacher_keeps_the_mask_channel_weights_fp32(tmp_path):
-    """A bf16 base merged with a phase-2 LoRA keeps the fp32-trained mask-channel weights exactly
-    (rounding them to bf16 changed the teacher's output)."""
-    tr = _tiny(torch.float32, rope=False)
-    wan.widen_patch_embedding(tr, ("mask",))
-    wan.add_lora(tr, wan.LoraSpec(rank=4, alpha=8))
-    with torch.no_grad():
-        tr.patch_embedding.extra_weight.normal_(0, 0.1)
-    wan.save_lora(tr, tmp_path / "t", extra_meta={"phase": 2})
-    merged = _tiny(torch.bfloat16, rope=False, seed=0)
-    DW.merge_lora_into_base(merged, tmp_path / "t")
-    w = merged.patch_embedding.extra_weight
-    assert w.dtype == torch.float32 and not w.requires_grad
-    assert torch.equal(w, tr.patch_embedding.extra_weight.detach())
 
 
 def _cfg(tmp_path, shards="unused_*.tar", *over):

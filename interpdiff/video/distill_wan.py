@@ -22,13 +22,16 @@ Targets (``distill.target``):
   differ from it once ``sigma_0 > 0``).
 
 **Memory-friendly model layout.** One frozen base Wan transformer carries the teacher (its
-LoRA, if any, is *merged into the base weights* at load, ``merge_lora_into_base``; phase-2 mask
-channels are installed frozen) and two peft LoRA adapters: ``student`` and (with DMD)
-``fake_score``, both initialised as no-ops (B = 0), so student and fake score start equal to the
-teacher. ``use_adapter(model, name)`` switches the active adapter by setting peft's per-layer
-``_active_adapter`` / ``_disable_adapters`` flags directly (peft's own ``set_adapter`` /
-``disable_adapter`` would flip ``requires_grad`` of the other adapter and break the training loop's
-parameter list); ``None`` = adapters off = the teacher. One optimizer over both adapters (the
+LoRA, if any, as the frozen adapter ``teacher``, ``install_teacher``; phase-2 mask channels are
+installed frozen) and two trained peft LoRA adapters: ``student`` and (with DMD) ``fake_score``,
+both initialised as no-ops (B = 0) and applied on top of the teacher adapter, so student and
+fake score start equal to the teacher. (The teacher LoRA was merged into the base weights
+before: with a bf16 base that rounds every ``W + delta`` to bf16 and loses the small entries of
+the LoRA, so the distilled teacher was not the trained one.) ``use_adapter(model, name)``
+switches the active adapter by setting peft's per-layer ``_active_adapter`` /
+``_disable_adapters`` flags directly (peft's own ``set_adapter`` / ``disable_adapter`` would
+flip ``requires_grad`` of the other adapters and break the training loop's parameter list);
+``None`` = the teacher alone. One optimizer over both adapters (the
 shared ``interpdiff.training`` loop, ZeRO-compatible): the loss is the sum of the student terms
 (sCM / discrete consistency, DMD generator) and the fake-score flow-matching term; each term's
 graph reaches only its own adapter (tested). Gradient checkpointing recomputes a block in backward,
@@ -106,6 +109,7 @@ log = logging.getLogger(__name__)
 
 STUDENT = "student"
 FAKE = "fake_score"
+TEACHER = "teacher"  # the teacher LoRA, a frozen adapter active under the others (install_teacher)
 TARGET_PHASE = {"full": None, "phase1": 1, "phase2": 2}
 
 
@@ -243,50 +247,25 @@ def teacher_phase2_config(cfg: DistillTrainConfig, meta: dict | None) -> Phase2C
     return p2
 
 
-# --- model: teacher merge, adapters, adapter switching ------------------------------------------
+# --- model: teacher adapter, adapters, adapter switching ------------------------------------------
 
 
-def merge_lora_into_base(transformer, lora_dir: str | Path) -> dict:
-    """Make the base weights the teacher ``base + LoRA``: install what the folder records
-    (keyframe rope; widened patch embedding with its stored weights, frozen), then add
-    ``scale * B @ A`` (``scale = alpha / rank``, or ``alpha / sqrt(rank)`` with rslora) to each
-    target ``nn.Linear`` weight, in float32 then cast back. No peft adapter is left behind (a
-    peft-merged adapter would be un-merged whenever adapters are disabled). Returns the metadata."""
-    from safetensors.torch import load_file
-
-    d = Path(lora_dir)
-    meta = wan.read_lora_meta(d)
+def install_teacher(transformer, lora_dir: str | Path) -> dict:
+    """Make the teacher ``base + LoRA`` without touching the base weights: install what the folder
+    records (keyframe rope; widened patch embedding with its stored fp32 weights, frozen) and its
+    LoRA as the frozen peft adapter ``teacher`` (fp32 weights, exactly as trained), which
+    ``use_adapter`` keeps active under every other adapter. Merging ``scale * B @ A`` into a bf16
+    base instead would round each entry of ``W + delta`` to bf16, whose step near typical
+    weights (~1e-4 at |W| ~ 0.02) is the size of a trained LoRA's entries: small entries vanish
+    and the distilled teacher is not the trained one. Returns the metadata."""
+    meta = wan.load_lora(transformer, lora_dir, adapter_name=TEACHER, trainable=False)
     model = wan.unwrap_model(transformer)
-    if meta.get("keyframe_rope"):
-        wan.install_keyframe_rope(model)
-    widening = meta.get("widening")
-    if widening:
-        pe = wan.widen_patch_embedding(model, widening["channels"], trainable=False)
-        extra = d / wan.EXTRA_WEIGHT_NAME
-        if not extra.is_file():
-            raise wan.WanLoadError(f"LoRA folder {str(d)!r} records a widening but lacks {wan.EXTRA_WEIGHT_NAME!r}")
-        w = load_file(str(extra))["patch_embedding.extra_weight"]
-        # kept in fp32, as trained (``WidenedConv3d`` casts its input): a bf16 base would round it
-        pe.extra_weight = torch.nn.Parameter(w.to(device=pe.extra_weight.device, dtype=torch.float32),
-                                             requires_grad=False)
-    spec = meta["lora"]
-    scale = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
-    sd = load_file(str(d / wan.LORA_WEIGHT_NAME))
-    modules = dict(model.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in sd.items():
-        name = k[len("transformer."):] if k.startswith("transformer.") else k
-        for ab in ("lora_A", "lora_B"):
-            tag = f".{ab}.weight"
-            if name.endswith(tag):
-                pairs.setdefault(name[: -len(tag)], {})[ab] = v
-    for mod_name, ab in pairs.items():
-        lin = modules.get(mod_name)
-        if lin is None or not isinstance(lin, torch.nn.Linear) or set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{str(d)!r}: LoRA entry {mod_name!r} matches no nn.Linear of the transformer (or lacks A/B)")
-        with torch.no_grad():
-            delta = scale * (ab["lora_B"].float() @ ab["lora_A"].float())
-            lin.weight.copy_((lin.weight.float() + delta.to(lin.weight.device)).to(lin.weight.dtype))
+    for n, p in model.named_parameters():
+        if f".{TEACHER}." in n:
+            p.requires_grad_(False)
+    if meta.get("widening"):
+        model.patch_embedding.extra_weight.requires_grad_(False)
+    _set_adapter_state(_tuner_layers(model), None)
     return meta
 
 
@@ -297,12 +276,15 @@ def _tuner_layers(model) -> list:
 
 
 def _set_adapter_state(layers, name: str | None) -> None:
+    """Adapter ``name`` active (``None``: none), on top of the frozen ``teacher`` adapter in the
+    layers that hold it (``install_teacher``)."""
     for m in layers:
-        if name is None:
-            m._disable_adapters = True
-        else:
-            m._active_adapter = [name]
+        active = ([TEACHER] if TEACHER in getattr(m, "lora_A", {}) else []) + ([name] if name is not None else [])
+        if active:
+            m._active_adapter = active
             m._disable_adapters = False
+        else:
+            m._disable_adapters = True
 
 
 @contextlib.contextmanager
@@ -316,10 +298,12 @@ def use_adapter(model, name: str | None):
 
 
 def active_adapter(model) -> str | None:
+    """The active trained adapter (``None``: the teacher alone)."""
     layers = _tuner_layers(model)
     if not layers or layers[0]._disable_adapters:
         return None
-    return layers[0]._active_adapter[0]
+    rest = [a for a in layers[0]._active_adapter if a != TEACHER]
+    return rest[0] if rest else None
 
 
 def add_adapters(transformer, spec: wan.LoraSpec, names: list[str], seed: int) -> None:
@@ -340,15 +324,15 @@ def adapter_parameters(model, name: str) -> list[tuple[str, torch.nn.Parameter]]
 
 
 def build_distill_transformer(cfg: DistillTrainConfig, teacher_meta: dict | None):
-    """Base Wan (+ keyframe rope for phase1) with the teacher LoRA merged, then the student (and
-    fake-score) adapters. Raises ``ConfigError`` for a LoRA target that matches no module."""
+    """Base Wan (+ keyframe rope for phase1) with the teacher LoRA as a frozen adapter, then the
+    student (and fake-score) adapters. Raises ``ConfigError`` for a LoRA target that matches no module."""
     m = cfg.model
     tr = wan.load_transformer(m.path, dtype=base_dtype(m), seed=m.seed)
     wan.set_attention_backend(tr, m.attention)
     if cfg.distill.target == "phase1":
         wan.install_keyframe_rope(tr)
     if cfg.distill.teacher_lora:
-        merge_lora_into_base(tr, cfg.distill.teacher_lora)
+        install_teacher(tr, cfg.distill.teacher_lora)
     if cfg.distill.target == "phase2" and wan.widening_of(tr) is None:
         raise ConfigError(f"distill.teacher_lora={cfg.distill.teacher_lora!r} records no mask channels (not a phase-2 LoRA)")
     names = [STUDENT] + ([FAKE] if cfg.distill.dmd.weight > 0 else [])
@@ -899,7 +883,7 @@ def read_student_meta(lora_dir: str | Path) -> dict:
 
 def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str = "auto", attention: str = "sdpa",
                              want_target: str | None = None):
-    """Base Wan + the teacher LoRA merged (path recorded in the student's metadata) + the student
+    """Base Wan + the teacher LoRA as a frozen adapter (path recorded in the student's metadata) + the student
     LoRA (``wan.load_lora``: also its keyframe rope / mask channels), frozen, eval mode."""
     meta = read_student_meta(lora_dir)
     dist = meta["extra"]["distill"]
@@ -916,8 +900,9 @@ def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str =
         if not (Path(teacher) / wan.LORA_WEIGHT_NAME).is_file():
             raise wan.WanLoadError(f"the student {str(lora_dir)!r} was distilled from the teacher LoRA {teacher!r}, which is "
                                    f"missing (expected {wan.LORA_WEIGHT_NAME!r} there)")
-        merge_lora_into_base(tr, teacher)
-    wan.load_lora(tr, lora_dir)
+        install_teacher(tr, teacher)
+    wan.load_lora(tr, lora_dir, adapter_name=STUDENT)
+    _set_adapter_state(_tuner_layers(tr), STUDENT)  # on top of the teacher, as in training
     wan.freeze(tr)
     return tr, meta
 

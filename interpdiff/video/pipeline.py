@@ -33,7 +33,7 @@ on the same grid it equals ``WanPipeline`` step for step (tested). The grid is
 instead, a small difference at few steps worth knowing when comparing with other numbers.
 
 Distilled students (``distill_rcm.py``; ``student_lora`` for ``--mode full``, ``phase1_student_lora``
-/ ``phase2_student_lora`` for two-phase): the base with the teacher LoRA merged plus the student
+/ ``phase2_student_lora`` for two-phase): the base with the teacher LoRA (a frozen adapter) plus the student
 LoRA (``distill_wan.load_student_transformer``); full / phase-1 sample with ``student_steps``
 TrigFlow consistency steps (no CFG: distilled in), phase 2 runs the 1-2 step refiner
 (``distill_wan.phase2_student_refine``). Without these keys nothing changes.
@@ -771,7 +771,7 @@ def load_keyframe_selector(cfg: SampleConfig, st: Phase2Settings | None, T: int)
 
 def load_students(cfg: SampleConfig, device, st: Phase2Settings | None) -> dict:
     """``{target: (transformer, lora metadata)}`` for the distilled students named in ``cfg``
-    (``distill_wan.load_student_transformer``: base + merged teacher + student LoRA)."""
+    (``distill_wan.load_student_transformer``: base + teacher adapter + student LoRA)."""
     from interpdiff.video.distill_wan import load_student_transformer
 
     out = {}

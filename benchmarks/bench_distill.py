@@ -21,9 +21,9 @@ library's loss (``distill_wan.gaussian_target_loss`` for full / phase1,
 ``distill_wan.phase2_distill_loss`` for phase2, chosen as ``make_distill_spec`` does) under bf16
 autocast, backward, gradient clipping, fused AdamW over both adapters, EMA update. The model is
 assembled as ``build_distill_transformer`` does (attention backend, keyframe rope for phase1,
-frozen mask channels for phase2, the ``student`` and ``fake_score`` adapters, then the adapter-aware
-``distill_wan.enable_checkpointing``) except that the base weights are random and no teacher LoRA
-is merged (a one-off weight update at load, no per-step cost). The negative prompt is
+frozen mask channels for phase2, a frozen ``teacher`` adapter for phase1 / phase2 with the
+student's LoRA settings, the ``student`` and ``fake_score`` adapters on top, then the adapter-aware
+``distill_wan.enable_checkpointing``) except that the base and teacher weights are random. The negative prompt is
 ``distill.negative=zeros`` (same shape and cost as the encoded one). The step index passed to the
 loss is ``max(dmd.start_step, tangent_warmup)``, so the DMD generator term is on and the tangent
 warm-up is over: the steady-state step. Data loading is not timed (random latents on the device).
@@ -172,6 +172,11 @@ def build_model(cfg: DW.DistillTrainConfig, dev: torch.device, tiny: bool):
         wan.install_keyframe_rope(tr)
     if d.target == "phase2":
         wan.widen_patch_embedding(tr, DW.teacher_phase2_config(cfg, None).channels, trainable=False)
+    if d.target != "full":  # the teacher LoRA: a frozen adapter under the others (DW.install_teacher), random here
+        wan.add_lora(tr, m.lora, adapter_name=DW.TEACHER)
+        for n, p in tr.named_parameters():
+            if f".{DW.TEACHER}." in n:
+                p.requires_grad_(False)
     DW.add_adapters(tr, m.lora, [DW.STUDENT] + ([DW.FAKE] if d.dmd.weight > 0 else []), m.seed)
     if cfg.train.gradient_checkpointing:
         DW.enable_checkpointing(tr, m.checkpoint_ratio, m.checkpoint_policy)

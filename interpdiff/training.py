@@ -149,6 +149,7 @@ class TrainLoopConfig:
     # a new run (resume="") in a run_dir that holds checkpoints is refused (the two runs' checkpoints
     # would rotate each other out and metrics.csv would hold both); true deletes that run's outputs first
     overwrite: bool = False
+    deterministic: bool = False  # deterministic CUDA kernels (set_deterministic); slower, same bits run to run
     # an optimizer step whose loss or gradient norm is not finite is skipped (no update, no LR step,
     # no EMA); this many in a row stop the run, before a checkpoint could save non-finite weights
     max_nonfinite_steps: int = 10
@@ -330,6 +331,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool = True) -> list[str]:
+    """Deterministic CUDA for a run (``train.deterministic`` / ``sample.py deterministic=true``):
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when its first handle is created, so
+    this must run before any CUDA matmul: the entry scripts call it before the model moves to
+    the GPU), ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+    deterministic kernel warns instead of stopping the run) and cuDNN without autotuning.
+    Returns what was set; a warning when cuBLAS may already have read the variable."""
+    if not enabled:
+        return []
+    import warnings
+
+    done = []
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            warnings.warn("set_deterministic: CUDA is already initialised; CUBLAS_WORKSPACE_CONFIG only takes effect "
+                          "if no cuBLAS handle exists yet (set it in the environment to be sure)", stacklevel=2)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        done.append("CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return done + ["torch.use_deterministic_algorithms(True, warn_only=True)", "cudnn.deterministic"]
 
 
 def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
@@ -833,6 +858,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     run_dir = Path(cfg.run_dir)
     resume_path = resolve_resume(cfg.resume, run_dir)  # raises before any heavy work
     check_run_dir(cfg)
+    set_deterministic(cfg.deterministic)  # before the model's first cuBLAS call
     acc = make_accelerator(cfg, run_dir)
     if acc.num_processes > 1 and cfg.resume:
         # every rank loads what the main process resolved (a stale directory listing on one node of a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -458,3 +459,21 @@ def test_new_run_in_a_used_run_dir_is_refused_unless_overwrite(tmp_path):
 def test_optimizer_settings_out_of_range_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"train.optim.{key}"):
         load_config(TrainLoopConfig, None, [f"optim.{key}={value}"])
+
+
+def test_set_deterministic_sets_cublas_and_torch_switches(monkeypatch):
+    """deterministic=true: CUBLAS_WORKSPACE_CONFIG (METHOD.md: needed before any cuBLAS call) and
+    torch's deterministic-algorithms switch in warn-only mode; false changes nothing."""
+    from interpdiff.training import set_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert set_deterministic(False) == [] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        done = set_deterministic(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and done[0] == "CUBLAS_WORKSPACE_CONFIG=:4096:8"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]

@@ -526,6 +526,7 @@ class SampleConfig:
     # step, constant -> scale * sigma_0 (the level-0 training sigma) added at every step; ignored by none
     phase2_noise_scale: float = 1.0
     seed: int = 0  # prompt i's noise comes from its own generator, seeded prompt_seed(seed, i) = seed * 1_000_003 + i
+    deterministic: bool = False  # deterministic CUDA kernels (interpdiff.training.set_deterministic): same bits run to run
     batch_size: int = 1  # prompts per sampling batch (the videos do not depend on it)
     text_max_length: int = 512
     out_dir: str = "samples"
@@ -834,6 +835,10 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     "keyframes": [level-0 indices per video]}``."""
     prompts = check_sample_inputs(cfg)
     warn_untrained_phases(cfg)
+    if cfg.deterministic:
+        from interpdiff.training import set_deterministic
+
+        set_deterministic(True)  # before any model is on the GPU
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     T = latent_frames(cfg.num_frames)
     H, W = cfg.height // 8, cfg.width // 8

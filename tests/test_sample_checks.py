@@ -220,3 +220,16 @@ def test_student_folders_are_checked_before_the_text_encoder(tmp_path, no_model,
         sample.main([*TINY, *full, "student_steps=5"])  # the default times hold 3
     with pytest.raises(AssertionError, match="model was loaded"):
         sample.main([*TINY, *full, "student_mid_times=[1.5]"])
+
+
+def test_settings_the_mode_ignores_are_listed():
+    """A setting the chosen mode does not read (usually a mistyped mode or a forgotten key) is
+    reported by ``ignored_settings`` (run_sampling warns about each before anything loads)."""
+    from interpdiff.video.pipeline import SampleConfig, ignored_settings
+
+    assert ignored_settings(SampleConfig(prompts=["x"])) == []
+    got = ignored_settings(SampleConfig(prompts=["x"], mode="full", selector_ckpt="s.pt", phase2_lora="p2",
+                                        student_steps=4))
+    assert [g.split(" ")[0] for g in got] == ["selector_ckpt", "phase1_lora", "student_steps"]
+    got = ignored_settings(SampleConfig(prompts=["x"], student_lora="st", phase2_student_steps=1))
+    assert [g.split(" ")[0] for g in got] == ["student_lora", "phase2_student_steps"]

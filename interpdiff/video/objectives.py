@@ -542,7 +542,9 @@ def make_batches(cfg: VideoTrainConfig):
         urls = resolve_shards(data_cfg.shards)
     except FileNotFoundError as e:
         raise ConfigError(f"data.shards: {e}") from None
-    check_cache_model(urls, cfg.model.path)
+    model = getattr(cfg, "model", None)  # the selector's config has no model section
+    if model is not None:
+        check_cache_model(urls, model.path)
     loader = LatentLoader(data_cfg)
 
     def batches(epoch: int, skip: int):

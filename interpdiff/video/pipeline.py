@@ -598,6 +598,23 @@ class SampleConfig:
                                   f"them ({e})") from None
 
 
+def ignored_settings(cfg: SampleConfig) -> list[str]:
+    """Settings the chosen mode does not read (a mistyped mode or a forgotten key is rarely what the
+    user meant); ``run_sampling`` warns about each before anything loads."""
+    ignored = []
+    if cfg.selector_ckpt and (cfg.keyframe_source != "selector" or cfg.mode != "two_phase"):
+        ignored.append("selector_ckpt (read with keyframe_source=selector in mode=two_phase)")
+    if cfg.mode == "full" and (cfg.phase1_lora or cfg.phase2_lora or cfg.phase1_student_lora or cfg.phase2_student_lora):
+        ignored.append("phase1_lora / phase2_lora / phase*_student_lora (mode=two_phase only)")
+    if cfg.mode == "two_phase" and cfg.student_lora:
+        ignored.append("student_lora (mode=full only; two_phase takes phase1_student_lora / phase2_student_lora)")
+    if cfg.student_steps and not (cfg.student_lora if cfg.mode == "full" else cfg.phase1_student_lora):
+        ignored.append("student_steps (read with student_lora in mode=full, phase1_student_lora in two_phase)")
+    if cfg.phase2_student_steps and not (cfg.mode == "two_phase" and cfg.phase2_student_lora):
+        ignored.append("phase2_student_steps (read with phase2_student_lora)")
+    return ignored
+
+
 def read_prompts(cfg: SampleConfig) -> list[str]:
     from interpdiff.config import ConfigError
 
@@ -835,6 +852,8 @@ def run_sampling(cfg: SampleConfig, log=print) -> dict:
     "keyframes": [level-0 indices per video]}``."""
     prompts = check_sample_inputs(cfg)
     warn_untrained_phases(cfg)
+    for what in ignored_settings(cfg):
+        logging.getLogger(__name__).warning("mode=%s ignores %s", cfg.mode, what)
     if cfg.deterministic:
         from interpdiff.training import set_deterministic
 

@@ -546,7 +546,6 @@ FWD_Q_ITERS = 4  # best of the H200 sweep at Wan size (benchmarks/RESULTS.md)
 # (`_default_impl`); a name forces that kernel everywhere.
 FWD_IMPLS = ("tile", "tloop", "seg", "hybrid", "jump", "jump2")
 FWD_IMPL = None
-TLOOP_BLOCK_Q = 1024
 # "hybrid": per sample, seg with at most this many keyframes (0 and T-1 counted), else tloop
 HYBRID_SEG_MAX_K = 3
 # The walks run T sequential steps per program (seg holds the mask row as one [T_PAD] vector):
@@ -648,15 +647,27 @@ def supports(impl: str, T: int) -> bool:
     return impl == "tloop" or T <= MAX_BLOCK_T
 
 
+# (BLOCK_Q, num_warps) of each walk kernel, without / with the fused noise. tloop without noise: 4
+# warps, 14.68 us against 15.19 us with 8 in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md);
+# the others keep the 8 warps they were measured with (seg, the fused tloop) or that jump / jump2 /
+# hybrid (not measured yet) were written for. At sm_90, compiled as launched at Wan size
+# (kernels.sass), no variant spills at 4 or 8 warps (40-64 registers). A device sweep's best
+# configuration goes here.
+WALK_BLOCKS = {
+    "tloop": ((1024, 4), (1024, 8)),
+    "seg": ((1024, 8), (1024, 8)),
+    "hybrid": ((1024, 8), (1024, 8)),
+    "jump": ((1024, 8), (1024, 8)),
+    "jump2": ((1024, 8), (1024, 8)),
+}
+
+
 def _walk_blocks(impl: str, Q: int, noise: bool) -> tuple[int, int]:
-    """Default ``(BLOCK_Q, num_warps)`` of the walk kernels. ``tloop`` without noise: 4 warps (8
-    columns per thread at BLOCK_Q=1024): 14.68 us against 15.19 us with 8 warps in the H200
-    sweep (Wan size, K=6; benchmarks/RESULTS.md). The others keep the 8 warps they were measured
-    with (``seg``, the fused ``tloop``) or that ``jump``/``jump2``/``hybrid`` (not measured yet)
-    were written for. At sm_90, compiled as launched at Wan size (``kernels.sass``), no variant
-    spills at 4 or 8 warps (40-64 registers)."""
-    block_q = max(1, min(triton.next_power_of_2(Q), TLOOP_BLOCK_Q))
-    return block_q, max(1, min(4 if impl == "tloop" and not noise else 8, block_q // 128))
+    """Default ``(BLOCK_Q, num_warps)`` of a walk kernel (``WALK_BLOCKS``), for rows of ``Q``
+    columns: ``BLOCK_Q`` at most the next power of two of ``Q``, and at least 128 columns per warp."""
+    bq, nw = WALK_BLOCKS[impl][int(bool(noise))]
+    block_q = max(1, min(triton.next_power_of_2(Q), bq))
+    return block_q, max(1, min(nw, block_q // 128))
 
 
 def _forward_walk(impl, x, xr, dims, sx, mask, td, sigma, eps, block_q, num_warps):

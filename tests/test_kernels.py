@@ -314,6 +314,7 @@ def test_interpolate_jump_walk_long_rows(K, impl):
     m[0, T - 2] = True  # bits 61 and 62 set together
     assert torch.equal(K.interp._forward(x, m, 1, block_q=2, impl=impl), K.interp._forward(x, m, 1, impl="tile"))
     assert K.interp.supports(impl, 63) and not K.interp.supports(impl, 64) and K.interp.supports("tloop", 10**6)
+    assert set(K.interp.WALK_BLOCKS) == set(K.interp.FWD_IMPLS) - {"tile"}  # every walk has its block sizes
     with pytest.raises(ValueError, match=r"T=64 frames exceeds the jump\d? kernel's limit 63; use impl='tloop'"):
         K.interp._forward(torch.randn(1, 64, 2), torch.ones(1, 64, dtype=torch.bool), 1, impl=impl)
 

@@ -5,7 +5,8 @@ full-sequence Wan model, the phase-1 keyframe model or the phase-2 refiner.
     distill.target=phase1  base + phase-1 LoRA (teacher)   -> few-step keyframe student
     distill.target=phase2  base + phase-2 LoRA (teacher)   -> 1-2 step refiner (regression to the teacher's TACoS chain)
 
-One base model carries the teacher (its LoRA merged in) and two LoRA adapters (student, fake score);
+One base model carries the teacher (its LoRA as a frozen adapter) and, on top of it, the student adapter
+and (with DMD) the fake-score adapter;
 the math is in interpdiff.distill, the Wan glue in interpdiff.video.distill_wan.
 
     # CPU, tiny preset (synthetic shards first):

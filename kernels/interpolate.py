@@ -651,7 +651,7 @@ def supports(impl: str, T: int) -> bool:
 # warps, 14.68 us against 15.19 us with 8 in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md);
 # the others keep the 8 warps they were measured with (seg, the fused tloop) or that jump / jump2 /
 # hybrid (not measured yet) were written for. At sm_90, compiled as launched at Wan size
-# (kernels.sass), no variant spills at 4 or 8 warps (40-64 registers). A device sweep's best
+# (kernels.sass), no variant spills at 4 or 8 warps (31-64 registers). A device sweep's best
 # configuration goes here.
 WALK_BLOCKS = {
     "tloop": ((1024, 4), (1024, 8)),

@@ -1,7 +1,19 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A top-level entry script (``train_phase2``, ``sample``, ...) as a module, without running it."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 torch.set_num_threads(int(os.environ.get("INTERPDIFF_TEST_THREADS", "1")))  # tiny ops: 1 thread is fastest, and 2 threads on a busy 2-core machine slow some tests 10x
 

@@ -11,7 +11,6 @@ loss of a control run with lr ~ 0 for overfitting; an uninterrupted run for resu
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -33,11 +32,7 @@ from interpdiff.video.objectives import Phase1Config, Phase2Config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script as _load  # noqa: E402
 
 
 distill_rcm = _load("distill_rcm")

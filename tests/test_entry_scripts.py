@@ -9,7 +9,6 @@ built.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,11 +25,7 @@ from interpdiff.video.make_shards import MakeShardsConfig, make_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script as _load  # noqa: E402
 
 
 train_phase1 = _load("train_phase1")

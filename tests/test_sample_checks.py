@@ -8,7 +8,6 @@ encoder or a transformer loads (the ``no_model`` fixture fails the test otherwis
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -27,11 +26,7 @@ from interpdiff.video.pipeline import SampleConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script as _load  # noqa: E402
 
 
 sample = _load("sample")

@@ -10,7 +10,6 @@ own outputs; the policy and sampler wiring against the same hand-made labels.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -350,11 +349,7 @@ def test_missing_and_invalid_checkpoints_name_the_path(tmp_path):
 # --- wiring: index policies, training entry scripts, sample.py --------------------------------------
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script as _load_script  # noqa: E402
 
 
 def test_policies_use_the_selector(trained):

@@ -103,7 +103,7 @@ class ModelConfig:
 @dataclass
 class Phase1Config:
     num_keyframes: int = 6  # K latent frames per sample (endpoints included)
-    index_policy: str = "uniform:0.4,random:0.3,dp:0.3"
+    index_policy: str = "dp:0.7,uniform:0.2,random:0.1"  # METHOD.md section 4 default
     dp_index_file: str = ""  # for dp_precomputed: torch file {key: bool [T]}
     selector_ckpt: str = ""  # for selector: a file (or run folder) written by interpdiff.video.train_selector
     flow_density: str = "logit_normal"  # training flow-time density (interpdiff.flow.sample_sigmas)

@@ -692,3 +692,24 @@ def test_resize_crop_in_frame_chunks_equals_the_whole_clip_at_once():
     for mode in ("center", "random"):
         got = didemo.resize_crop(fr, 32, 48, mode, random.Random(3))
         assert got.shape == (3, 17, 32, 48) and torch.equal(got, whole(fr, 32, 48, mode, random.Random(3)))
+
+
+def test_a_stalled_worker_times_out_instead_of_hanging(tmp_path, monkeypatch):
+    """data.timeout_s: a worker that takes longer for a batch (a stalled remote stream, simulated by a
+    slow shard read) makes the DataLoader raise naming the timeout; 0 waits (the default); bad values
+    are refused."""
+    import time
+
+    d, _ = _make(tmp_path, n=4, per=2)
+    real = vdata._tar_members
+
+    def slow(sources, handler):
+        time.sleep(3.0)
+        yield from real(sources, handler)
+
+    monkeypatch.setattr(vdata, "_tar_members", slow)
+    loader = vdata.LatentLoader(_cfg(d / "shard_*.tar", num_workers=1, timeout_s=0.5))
+    with pytest.raises(RuntimeError, match=r"timed out after 0\.5 seconds"):
+        next(iter(loader))
+    with pytest.raises(ValueError, match="data.timeout_s"):
+        _cfg(d / "shard_*.tar", timeout_s=-1).validate()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -493,6 +494,9 @@ class LatentDataConfig:
     max_consecutive_skips: int = 100  # a worker skipping this many samples in a row raises (0 = never)
     pin_memory: bool = False
     prefetch_factor: int = 2
+    # seconds a worker may take for one batch before the DataLoader raises (0 = wait forever): a stalled
+    # pipe:/http(s)/s3 stream would otherwise hang this rank until the process group's timeout
+    timeout_s: float = 0.0
     rank: int = -1  # -1: from torch.distributed / RANK env
     world_size: int = -1
 
@@ -505,6 +509,8 @@ class LatentDataConfig:
             raise ValueError(f"data.crop_mode {self.crop_mode!r} is not one of random, start, center")
         if self.crop_frames < 0:
             raise ValueError(f"data.crop_frames must be >= 0, got {self.crop_frames}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s >= 0):
+            raise ValueError(f"data.timeout_s must be a finite number >= 0 (0 = no timeout), got {self.timeout_s}")
         if self.max_consecutive_skips < 0:
             raise ValueError(f"data.max_consecutive_skips must be >= 0 (0 = never stop), got {self.max_consecutive_skips}")
         for name, shape, dims in (("latent_shape", self.latent_shape, "[C, T, H, W]"),
@@ -651,6 +657,7 @@ class LatentLoader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw["prefetch_factor"] = self.cfg.prefetch_factor
+            kw["timeout"] = self.cfg.timeout_s  # only meaningful with worker processes
             kw["multiprocessing_context"] = "fork" if os.name == "posix" else None
         return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                            pin_memory=self.cfg.pin_memory, persistent_workers=False, **kw)

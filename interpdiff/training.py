@@ -810,7 +810,8 @@ def read_data_state(folder: Path, rank: int, world: int, state: TrainState, sett
             state.epoch, state.batches_in_epoch = epoch, pos
             return f"rank {rank}: no {f.name}, rank 0's position (epoch {epoch}, batch {pos}; {', '.join(changes)})"
         state.epoch, state.batches_in_epoch = epoch, pos
-        note = f" (stream changed: {', '.join(changes)}; resampled, reseeded)" if changes else ""
+        why = "resampled, reseeded" if resampled else "at an epoch boundary"
+        note = f" (stream changed: {', '.join(changes)}; {why})" if changes else ""
         return f"rank {rank}: epoch {epoch}, batch {pos}{note}"
     what = f"{src.name} holds epoch {epoch}, batch {pos} of another data stream ({'; '.join(changes)})"
     if policy == "error":

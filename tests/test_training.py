@@ -324,8 +324,8 @@ def test_data_state_of_another_stream_follows_data_resume(tmp_path):
                                               r"\(num_workers 2 -> 1\).*train.data_resume=next_epoch"):
         read_data_state(tmp_path, 0, 2, TrainState(), new, "error")
     st = TrainState()
-    read_data_state(tmp_path, 1, 2, st, new, "error")  # at an epoch boundary: nothing to repeat or drop
-    assert (st.epoch, st.batches_in_epoch) == (2, 0)
+    msg = read_data_state(tmp_path, 1, 2, st, new, "error")  # at an epoch boundary: nothing to repeat or drop
+    assert (st.epoch, st.batches_in_epoch) == (2, 0) and "num_workers 2 -> 1; at an epoch boundary" in msg
     # the world grew: rank 3 has no file and follows rank 0's (epoch 3 -> 4); rank 1 its own
     st = TrainState()
     assert "world_size 2 -> 4" in read_data_state(tmp_path, 3, 4, st, old)

@@ -866,8 +866,9 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         # shared filesystem must not make ranks load different steps)
         from accelerate.utils import broadcast_object_list
 
-        main_path = broadcast_object_list([str(resume_path) if resume_path is not None else None])[0]
-        if main_path != (str(resume_path) if resume_path is not None else None):
+        mine = str(resume_path) if resume_path is not None else None
+        main_path = broadcast_object_list([mine])[0]
+        if main_path != mine:
             raise CheckpointError(f"train.resume={cfg.resume!r}: rank {acc.process_index} resolved {resume_path}, "
                                   f"the main process {main_path} (a shared filesystem that differs between nodes?)")
     device = acc.device

@@ -561,14 +561,14 @@ def check_cache_model(urls: Sequence[str], model_path: str) -> str | None:
     ``model.path`` (their manifests ``shard_*.json`` record it): latents of another VAE, or text
     embeddings of another encoder, would train silently on the wrong distribution. Only a warning
     (a local folder and a hub id can name the same weights); returns its text, or ``None``."""
-    import json as _json
+    import json
 
     for u in urls[:1]:
         man = Path(u).with_suffix(".json")
         if "://" in u or not man.is_file():
             return None
         try:
-            enc = (_json.loads(man.read_text()).get("content") or {}).get("model")
+            enc = (json.loads(man.read_text()).get("content") or {}).get("model")
         except (OSError, ValueError):
             return None
         if enc and str(enc) != str(model_path) and Path(str(enc)).name != Path(str(model_path)).name:

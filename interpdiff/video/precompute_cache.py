@@ -275,9 +275,9 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             loader = torch.utils.data.DataLoader(sub, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                                  collate_fn=collate_clips)
             samples = []
-            batches_keys = []
+            written: set[str] = set()  # keys encoded into this shard
             for batch in loader:
-                batches_keys.append(batch["keys"])
+                written.update(batch["keys"])
                 counts["skipped_videos"] += batch["n_skipped"]
                 n = len(batch["keys"]) + batch["n_skipped"]
                 if batch["video_B_3_F_H_W"] is not None:
@@ -293,9 +293,8 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             _shard_path(out, s).unlink(missing_ok=True)
             if samples:
                 write_shard(_shard_path(out, s), samples)
-                done = {k for b in batches_keys for k in b}
                 skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file()]
-                           for it in manifests[s]["items"] if it[0] not in done]
+                           for it in manifests[s]["items"] if it[0] not in written]
                 atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=skipped), indent=1))
             else:
                 log.warning("shard %d: every video was missing/unreadable; no shard written", s)

@@ -72,7 +72,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable. Best effort: file systems
+    that cannot fsync a directory (some network mounts, Windows) are skipped silently."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> int:
+    """fsync every regular file under ``root``, then every folder (deepest first), so a folder
+    written by libraries that do not fsync (``torch.save``, DeepSpeed, safetensors) is on disk
+    before it is renamed into place. Returns the number of files synced."""
+    n = 0
+    for here, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            p = os.path.join(here, name)
+            if os.path.islink(p) or not os.path.isfile(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            n += 1
+        fsync_dir(here)
+    return n
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

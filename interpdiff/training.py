@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from interpdiff.config import ConfigError, save_config
-from interpdiff.io import CheckpointError, atomic_write_text, code_version
+from interpdiff.io import CheckpointError, atomic_write_text, code_version, fsync_dir, fsync_tree
 
 CKPT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -144,7 +144,9 @@ class TrainLoopConfig:
     log_every: int = 10
     tracker: str = "tensorboard"
     validate_every: int = 0  # 0 disables validation
-    check_batch: bool = True  # one-batch forward/backward check before the loop
+    # one-batch forward/backward check before the loop (finite loss, a gradient for every trainable
+    # tensor); under ZeRO-3 it runs on the unsharded model, before accelerate's prepare shards it
+    check_batch: bool = True
     allow_tf32: bool = True
     # a new run (resume="") in a run_dir that holds checkpoints is refused (the two runs' checkpoints
     # would rotate each other out and metrics.csv would hold both); true deletes that run's outputs first
@@ -735,6 +737,12 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
     write_data_state(tmp, acc.process_index, acc.num_processes, state,
                      spec.data_settings() if spec.data_settings is not None else None)
     acc.wait_for_everyone()
+    if acc.is_local_main_process:
+        # torch.save / DeepSpeed / safetensors do not fsync: flush this node's writes (page cache
+        # is per node, so one process per node covers every rank's files) before the rename
+        # makes the checkpoint visible and rotation deletes older ones
+        fsync_tree(tmp)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         meta = dict(spec.meta, step=state.step, code_version=code_version(), **cfg_meta)
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
@@ -742,6 +750,7 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
         if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(ckpt_root)  # the rename is durable before any older checkpoint is deleted
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -907,9 +916,17 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     if cfg.check_batch and resume_path is None:
         first_batch = _move(next(stream), device)
         bf16 = uses_bf16(acc)
-        loss0 = check_one_batch(
-            model, spec.loss_fn, first_batch, 0, lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
-        )
+        try:
+            loss0 = check_one_batch(
+                model, spec.loss_fn, first_batch, 0, lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+            )
+        except torch.OutOfMemoryError as e:
+            where = ("the whole model on every GPU: ZeRO-3 shards it only in accelerate's prepare, after this check"
+                     if _zero_stage(acc) == 3 else "the same memory as a training step")
+            raise torch.OutOfMemoryError(
+                f"one-batch check (train.check_batch=true) ran out of device memory before training started; it "
+                f"needs {where}. Lower the batch or clip size, or skip the check with train.check_batch=false. "
+                f"({e})") from e
         acc.print(f"[train] one-batch check passed: loss {loss0:.5f}, {len(named)} trainable tensors")
 
     optimizer = build_optimizer([p for _, p in named], cfg.optim, device)

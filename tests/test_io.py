@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -60,3 +62,27 @@ def test_atomic_write_mode_follows_umask(tmp_path, umask, expected):
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == expected
     assert stat.S_IMODE(os.stat(tmp_path / "ck" / "m.pt").st_mode) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ck", "plain.bin"]  # no temp left
+
+
+def test_replace_dir_syncs_the_new_folder_before_the_rename_and_keeps_one_complete(tmp_path, monkeypatch):
+    from interpdiff.video.wan import replace_dir
+
+    dst = tmp_path / "lora"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    src = tmp_path / ".tmp-lora"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.safetensors").write_bytes(b"a" * 10)
+    (src / "sub" / "b.json").write_text("{}")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(b))), real_replace(a, b))[1])
+    replace_dir(src, dst)
+    assert sorted(p.name for p in dst.rglob("*")) == ["a.safetensors", "b.json", "sub"]
+    assert not src.exists() and [p.name for p in tmp_path.iterdir()] == ["lora"]  # the old folder is gone
+    i_pub = events.index(("replace", str(dst)))
+    synced = {v for k, v in events[:i_pub] if k == "fsync"}
+    assert {str(src / "a.safetensors"), str(src / "sub" / "b.json"), str(src / "sub"), str(src)} <= synced
+    assert ("fsync", str(tmp_path)) in events[i_pub:]

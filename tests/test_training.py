@@ -477,3 +477,52 @@ def test_set_deterministic_sets_cublas_and_torch_switches(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(prev[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1], prev[2]
+
+
+def test_checkpoint_files_are_fsynced_before_the_folder_is_renamed(tmp_path, monkeypatch):
+    """torch.save / Accelerate do not fsync: every file of a checkpoint is synced under its temp
+    folder before the rename publishes it, and the rename itself is synced (the parent folder)
+    before rotation may delete an older checkpoint."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", f"{os.fspath(src)} -> {os.fspath(dst)}"))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run_toy(tmp_path / "run", max_steps=4, checkpoint_every=4, keep_last=1)
+    root = (tmp_path / "run" / "checkpoints").resolve()
+    final = root / "step_00000004"
+    tmp = root / ".tmp-step_00000004"
+    i_pub = next(i for i, (k, v) in enumerate(events) if k == "replace" and v == f"{tmp} -> {final}")
+    synced = {v for k, v in events[:i_pub] if k == "fsync"}
+    files = [p for p in final.rglob("*") if p.is_file()]
+    assert len(files) >= 6, files
+    # a file written by atomic_write_* is synced under its own temp name, then renamed into place
+    renamed_in = {v.split(" -> ")[1]: v.split(" -> ")[0] for k, v in events[:i_pub] if k == "replace"}
+    missing = [str(p) for p in files if str(tmp / p.relative_to(final)) not in synced
+               and renamed_in.get(str(tmp / p.relative_to(final))) not in synced]
+    assert not missing, f"not fsynced before the rename: {missing}"
+    assert str(tmp) in synced and str(tmp / "trainable") in synced  # folder entries too
+    assert ("fsync", str(root)) in events[i_pub + 1:]
+
+
+def test_one_batch_check_out_of_memory_names_the_switch(tmp_path):
+    _reset_accelerate()
+    cfg = load_config(TrainLoopConfig, None, [f"run_dir={tmp_path / 'run'}", "max_steps=2", "batch_size=4",
+                                              "tracker=none", "ema_decay=0"])
+    spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+
+    def oom(model, batch, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    spec.loss_fn = oom
+    with pytest.raises(torch.OutOfMemoryError, match=r"train\.check_batch=false.*Tried to allocate 9\.00 GiB"):
+        train(cfg, spec)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []

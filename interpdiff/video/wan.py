@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from interpdiff.io import atomic_write_bytes, atomic_write_text, code_version
+from interpdiff.io import atomic_write_bytes, atomic_write_text, code_version, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -1117,12 +1117,15 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     src, dst = Path(src), Path(dst)
     if dst.exists() and not dst.is_dir():
         raise NotADirectoryError(f"replace_dir: {str(dst)!r} exists and is not a folder")
+    fsync_tree(src)  # diffusers' save_lora_weights does not fsync: the data is on disk before the rename
     if not dst.exists():
         os.replace(src, dst)
+        fsync_dir(dst.parent)
         return
     old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".old-{dst.name}-"))
     os.replace(dst, old / dst.name)
     os.replace(src, dst)
+    fsync_dir(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1108,9 +1108,11 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         t_last += time.perf_counter() - t_pause  # step time and samples/s exclude checkpoints and validation
     flush()
     bar.close()
-    if cfg.tracker != "none":
-        acc.end_training()
     acc.wait_for_everyone()
+    # not acc.end_training(): it also destroys the process group, which the caller may still need
+    # (a final export, a barrier) and whose absence made every rank fail in the barrier above
+    for tracker in acc.trackers:
+        tracker.finish()
     return TrainResult(state=state, run_dir=run_dir, losses=losses, accelerator=acc)
 
 

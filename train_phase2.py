@@ -9,7 +9,7 @@ Launch (each key of configs/video/*.yaml can be overridden as key.sub=value):
     # CPU, tiny preset (synthetic shards first):
     python -m interpdiff.video.make_shards out_dir=data/tiny num_samples=16 samples_per_shard=4 \
         latent_shape=[16,9,4,6] embed_shape=[16,32]
-    python train_phase2.py --config configs/video/tiny_cpu.yaml data.shards='data/tiny/shard_*.tar'
+    python train_phase2.py --config configs/video/tiny_cpu.yaml data.shards='data/tiny/shard_*.tar' train.run_dir=runs/tiny_p2
 
     # one node, 8 GPUs, DeepSpeed ZeRO-2, bf16:
     accelerate launch --config_file accelerate_configs/8xB200.yaml train_phase2.py \
@@ -23,7 +23,7 @@ Launch (each key of configs/video/*.yaml can be overridden as key.sub=value):
 
     # DeepSpeed ZeRO-2 on 2 CPU processes (checks the DeepSpeed path without a GPU):
     DS_ACCELERATOR=cpu accelerate launch --config_file accelerate_configs/cpu_zero2_2proc.yaml train_phase2.py \
-        --config configs/video/tiny_cpu.yaml data.shards='data/tiny/shard_*.tar'
+        --config configs/video/tiny_cpu.yaml data.shards='data/tiny/shard_*.tar' train.run_dir=runs/tiny_p2_ds
 
     # resume the newest checkpoint of the run folder (or a given one):
     ... --resume latest            ... --resume runs/p2/checkpoints/step_00002000

@@ -281,6 +281,9 @@ class TrainSpec:
     # what decides which micro-batches a data position refers to (shard list, seeds, workers, batch
     # size; ``LatentLoader.settings``): saved with each rank's position and compared on resume
     data_settings: Callable[[], dict] | None = None
+    # ``meta`` keys a resumed checkpoint must agree on (the phase, the model and LoRA shapes, the
+    # distillation target): a mismatch is refused naming the key, before anything is loaded
+    resume_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -757,6 +760,53 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
     return final
 
 
+def _as_json(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))  # meta.json's view of a value (tuples -> lists, paths -> str)
+
+
+def check_resume_meta(path: Path, spec: TrainSpec) -> None:
+    """Refuse to resume ``path`` when its ``meta.json`` disagrees with this run on any of
+    ``spec.resume_keys`` (e.g. a phase-1 run resumed by ``train_phase2.py``, another LoRA rank,
+    another distillation target): the message names each key with both values."""
+    if not spec.resume_keys:
+        return
+    f = Path(path) / "meta.json"
+    try:
+        saved = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read the checkpoint's metadata ({e})") from e
+    missing = object()
+
+    def get(d: Any, key: str) -> Any:  # dotted keys reach into dicts: "lora.rank"
+        for part in key.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return missing
+            d = d[part]
+        return d
+
+    diff = []
+    for k in spec.resume_keys:
+        mine, theirs = get(_as_json(spec.meta), k), get(saved, k)
+        if theirs is missing:
+            diff.append(f"{k}: missing in the checkpoint, this run has {_short(mine)}")
+        elif theirs != mine:
+            if isinstance(mine, dict) and isinstance(theirs, dict):
+                sub = sorted(x for x in set(mine) | set(theirs) if mine.get(x) != theirs.get(x))
+                diff.append(", ".join(f"{k}.{x} = {_short(theirs.get(x))} in the checkpoint, "
+                                      f"{_short(mine.get(x))} in this run" for x in sub[:6]))
+            else:
+                diff.append(f"{k} = {_short(theirs)} in the checkpoint, {_short(None if mine is missing else mine)} "
+                            "in this run")
+    if diff:
+        raise CheckpointError(f"cannot resume {path}: it was written by a different run:\n  " + "\n  ".join(diff)
+                              + "\n(resume with the checkpoint's settings, or start a new train.run_dir)")
+
+
+def _short(v: Any, n: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 def load_checkpoint_dir(acc, path: Path) -> None:
     kwargs = {"load_module_strict": False} if _is_deepspeed(acc) else {}
     acc.load_state(str(path), **kwargs)
@@ -854,8 +904,9 @@ def _micro_batches(spec: TrainSpec, state: TrainState) -> Iterator[dict]:
         elif skip == 0:
             empty_epochs += 1
             if empty_epochs > 1:
-                raise RuntimeError(f"the data stream yielded no batch in epochs {state.epoch - 1} and {state.epoch} "
-                                   "(empty shards?)")
+                raise RuntimeError(f"the data stream yielded no batch in epochs {state.epoch - 1} and {state.epoch}: "
+                                   "empty shards, or fewer samples on this rank than the batch size (the data "
+                                   "loader's warnings name any skipped samples)")
         skip = 0
         state.epoch += 1
         state.batches_in_epoch = 0
@@ -891,9 +942,11 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
             if removed:
                 acc.print(f"[train] train.overwrite=true: removed {', '.join(removed)} from {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if full_config is not None:
+        if full_config is not None and resume_path is None:  # a resumed run writes it once the load succeeded
             save_config(full_config, run_dir)
     acc.wait_for_everyone()
+    if resume_path is not None:
+        check_resume_meta(resume_path, spec)
 
     if cfg.ema_decay > 0 and _zero_stage(acc) == 3:
         raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
@@ -950,6 +1003,8 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
             print(f"[train] rank {acc.process_index}: {how}", flush=True)
         stream = _micro_batches(spec, state)
         first_batch = None
+        if acc.is_main_process and full_config is not None:
+            save_config(full_config, run_dir)
     elif cfg.resume == "latest":
         acc.print(f"[train] resume=latest: no checkpoint under {run_dir / 'checkpoints'}, starting a new run")
 

@@ -523,6 +523,16 @@ def test_full_target_checkpoints_and_resume_equals_uninterrupted(shards, tmp_pat
     assert rows[0]["loss_dmd"] == 0.0 and rows[-1]["loss_dmd"] > 0
 
 
+def test_resume_with_another_target_or_teacher_is_refused(shards, teachers, tmp_path):
+    common = ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=1", "distill.dmd.weight=0"]
+    _run(_args(shards, tmp_path / "run", *common))
+    with pytest.raises(CheckpointError, match=r"(?s)distill_target = 'full' in the checkpoint, 'phase1' in this run.*"
+                                              r"teacher_lora = '' in the checkpoint"):
+        _run(_args(shards, tmp_path / "run", *common, "train.max_steps=4", "distill.target=phase1",
+                   f"distill.teacher_lora={teachers['phase1']}", "--resume", "latest"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
 def test_phase2_student_overfits_one_batch(shards, teachers, tmp_path):
     """A 1-step refiner regressing one batch onto the teacher's 3-level chain, against a control run
     with lr ~ 0 (same masks, levels and noise at every step)."""

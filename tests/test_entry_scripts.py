@@ -132,6 +132,33 @@ def test_phase2_resume_equals_uninterrupted(shards, tmp_path):
     assert ea["patch_embedding.extra_weight"].abs().sum() > 0  # the widened channels did train
 
 
+def test_resuming_a_phase1_run_with_train_phase2_is_refused_by_name(shards, tmp_path):
+    common = ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=1"]
+    _run(train_phase1, _args(shards, tmp_path / "p1", *common))
+    before = (tmp_path / "p1" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"(?s)phase = 1 in the checkpoint, 2 in this run.*widening"):
+        _run(train_phase2, _args(shards, tmp_path / "p1", *common, "--resume", "latest"))
+    with pytest.raises(CheckpointError, match=r"lora\.rank = 4 in the checkpoint, 8 in this run"):
+        _run(train_phase1, _args(shards, tmp_path / "p1", *common, "model.lora.rank=8", "--resume", "latest"))
+    assert (tmp_path / "p1" / "config.yaml").read_text() == before
+
+
+def test_shards_for_another_text_encoder_width_are_named(tmp_path):
+    """Shards with 64-wide text embeddings for a model whose text_dim is 32: with data.embed_shape
+    declared the run stops at start-up; left open, every sample is skipped with the reason and the
+    pass stops naming it (before: a matmul shape error inside the model)."""
+    from interpdiff.video.data import NoGoodSampleError
+
+    out = tmp_path / "wide"
+    make_shards(MakeShardsConfig(out_dir=str(out), num_samples=2, samples_per_shard=2, latent_shape=[16, 9, 4, 6],
+                                 embed_shape=[16, 64], seed=0))
+    pattern = str(out / "shard_*.tar")
+    with pytest.raises(ConfigError, match=r"data\.embed_shape=\[16, 64\]: the model's text embeddings are 32 wide"):
+        _run(train_phase2, _args(pattern, tmp_path / "a", "train.max_steps=1", "data.embed_shape=[16,64]"))
+    with pytest.raises(NoGoodSampleError, match=r"(?s)skipped all 2 samples.*embed has shape \(16, 64\).*32"):
+        _run(train_phase2, _args(pattern, tmp_path / "b", "train.max_steps=1"))
+
+
 def test_sample_two_phase_and_full_write_playable_mp4(shards, tmp_path):
     one = shards.replace("shard_*", "shard_000000")
     for mod, name in ((train_phase1, "p1"), (train_phase2, "p2")):

@@ -526,3 +526,39 @@ def test_one_batch_check_out_of_memory_names_the_switch(tmp_path):
     with pytest.raises(torch.OutOfMemoryError, match=r"train\.check_batch=false.*Tried to allocate 9\.00 GiB"):
         train(cfg, spec)
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+def test_resume_of_another_kind_of_run_is_refused_before_loading_and_keeps_config_yaml(tmp_path):
+    """``TrainSpec.resume_keys``: a checkpoint whose meta disagrees (another phase, another LoRA
+    rank) is refused naming each key and both values; the run's config.yaml is not replaced by
+    the failing run's config (it is written only once a resume has loaded)."""
+    run = tmp_path / "run"
+
+    def go(phase, rank, lr, resume=""):
+        _reset_accelerate()
+        over = [f"run_dir={run}", "max_steps=4", "batch_size=4", "tracker=none", "checkpoint_every=4",
+                "ema_decay=0", f"optim.lr={lr}"] + ([f"resume={resume}"] if resume else [])
+        cfg = load_config(TrainLoopConfig, None, over)
+        spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+        spec.meta = {"phase": phase, "lora": {"rank": rank, "dropout": 0.0}}
+        spec.resume_keys = ("phase", "lora.rank")
+        return train(cfg, spec, full_config=cfg)
+
+    go(1, 4, 0.01)
+    first = (run / "config.yaml").read_text()
+    assert "lr: 0.01" in first
+    with pytest.raises(CheckpointError) as e:
+        go(2, 8, 0.02, resume="latest")
+    msg = str(e.value)
+    assert "step_00000004" in msg and "phase = 1 in the checkpoint, 2 in this run" in msg
+    assert "lora.rank = 4 in the checkpoint, 8 in this run" in msg
+    assert (run / "config.yaml").read_text() == first
+    # same kind of run (only an ignored key and the lr differ): resumes, then config.yaml is the new one
+    _reset_accelerate()
+    cfg = load_config(TrainLoopConfig, None, [f"run_dir={run}", "max_steps=6", "batch_size=4", "tracker=none",
+                                              "checkpoint_every=100", "ema_decay=0", "optim.lr=0.03", "resume=latest"])
+    spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+    spec.meta = {"phase": 1, "lora": {"rank": 4, "dropout": 0.1}}
+    spec.resume_keys = ("phase", "lora.rank")
+    res = train(cfg, spec, full_config=cfg)
+    assert res.state.step == 6 and "lr: 0.03" in (run / "config.yaml").read_text()

@@ -370,6 +370,25 @@ def test_config_errors_raise_instead_of_skipping_forever(tmp_path):
         assert __import__("re").search(reason, str(got)), str(got)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_that_skips_every_sample_names_the_reason(tmp_path, workers):
+    """Fewer bad samples than max_consecutive_skips, all of them bad (here a crop longer than the
+    clips, the check a declared latent_shape would make at start-up): the pass ends with an error
+    naming the count and the last reason, not an empty epoch. One good sample is enough to pass."""
+    d, _ = _make(tmp_path, n=4, per=2)  # LAT: T = 5
+    loader = vdata.LatentLoader(_cfg(d / "shard_*.tar", crop_frames=9, num_workers=workers))
+    with pytest.raises(vdata.NoGoodSampleError, match=r"(?s)skipped all 4 samples.*only 5.*data\.crop_frames"):
+        list(loader)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _, cfg = _make(tmp_path / "one", n=1, per=1)
+    bad = vdata.encode_latent_sample(*synthetic_sample(1, cfg))
+    bad["latent.pt"] = b"garbage"
+    write_shard(mixed / "shard_000000.tar", [vdata.encode_latent_sample(*synthetic_sample(0, cfg)), bad])
+    loader = vdata.LatentLoader(_cfg(mixed / "shard_*.tar", num_workers=workers, batch_size=1))
+    assert [b.keys for b in loader] == [["sample_000000000"]] and loader.skipped == 1
+
+
 def test_isolated_corrupt_samples_stay_skipped_under_the_consecutive_limit(tmp_path):
     """Shard order fixed, no shuffle: good, bad, bad, good, bad, bad, bad, good. With a limit of 3
     the two-in-a-row run is skipped and counted; the three-in-a-row run stops the loader."""

@@ -311,6 +311,11 @@ class TooManySkipsError(RuntimeError):
     docstring): almost always a config error, never a few corrupt samples."""
 
 
+class NoGoodSampleError(TooManySkipsError):
+    """A whole pass over this rank's shards skipped every sample (fewer than
+    ``data.max_consecutive_skips``, so no worker stopped on its own)."""
+
+
 class SkipCounter:
     """A webdataset ``handler``: counts and logs the exception, returns True (= skip, continue).
 
@@ -670,10 +675,14 @@ class LatentLoader:
         to_skip = self._skip_batches
         self._skip_batches = 0
         it = iter(self._dataloader())
+        good = {}  # worker -> good samples this pass (from its end-of-pass stats)
+        last_error = ""
         try:
             for batch in it:
                 if isinstance(batch, WorkerStats):
                     self._skipped_now[batch.worker] = batch.skipped
+                    good[batch.worker] = batch.samples
+                    last_error = batch.last_error or last_error
                     continue
                 self._skipped_now[int(batch.stats.get("worker", 0))] = int(batch.stats.get("skipped", 0))
                 b = batch.lat_B_C_T_H_W.shape[0]
@@ -684,6 +693,12 @@ class LatentLoader:
                 self.samples_seen += b
                 self.samples_in_epoch += b
                 yield batch
+            skipped = sum(self._skipped_now.values())
+            if good and sum(good.values()) == 0 and skipped > 0:
+                raise NoGoodSampleError(
+                    f"data (rank {self.rank}): a whole pass over its shards of {len(self.dataset.urls)} skipped all "
+                    f"{skipped} samples and kept none; last skip: {last_error}. Usually a config error: "
+                    f"data.latent_shape / data.embed_shape / data.crop_frames against what the shards hold")
         finally:
             self._skipped_done += sum(self._skipped_now.values())
             self._skipped_now = {}

@@ -99,6 +99,7 @@ from interpdiff.video.objectives import (
     Phase2Config,
     check_policy_mix,
     base_dtype,
+    bind_embed_dim,
     level_timestep,
     make_batches,
     phase2_budgets,
@@ -831,6 +832,7 @@ def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
                                 p2.selector_ckpt, "phase2.selector_ckpt")
     neg = negative_embedding(cfg) if d.target != "phase2" else None
     transformer = build_distill_transformer(cfg, meta)
+    bind_embed_dim(loader, cfg.data.embed_shape, transformer)
     ctx = LossContext(cfg=cfg, policy=policy, neg_L_D=neg, p2=p2, seed=cfg.train.seed)
     loss_impl = phase2_distill_loss if d.target == "phase2" else gaussian_target_loss
     adapters = [STUDENT] + ([FAKE] if d.dmd.weight > 0 else [])
@@ -862,6 +864,7 @@ def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
         meta={"distill_target": d.target, "model_path": cfg.model.path, "adapters": adapters,
               "transformer_config": wan.transformer_config_dict(transformer), "lora": dataclasses.asdict(cfg.model.lora),
               "teacher_lora": d.teacher_lora},
+        resume_keys=("distill_target", "teacher_lora", "adapters", "transformer_config", *wan.LORA_RESUME_KEYS),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio, cfg.model.checkpoint_policy),
         data_settings=loader.settings,
     )

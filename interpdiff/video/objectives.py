@@ -556,6 +556,20 @@ def make_batches(cfg: VideoTrainConfig):
     return batches, loader
 
 
+def bind_embed_dim(loader, embed_shape: Sequence[int] | None, transformer) -> None:
+    """Check ``data.embed_shape`` against the transformer's ``text_dim`` and, where the config
+    leaves the width open, make the loader check every sample's embedding width against it: a
+    shard set encoded for another text encoder is then skipped sample by sample with the reason
+    (and a pass that keeps none stops naming it) instead of failing inside the model."""
+    text_dim = int(wan.unwrap_model(transformer).config.text_dim)
+    if embed_shape and embed_shape[-1] not in (-1, text_dim):
+        raise ConfigError(f"data.embed_shape={list(embed_shape)}: the model's text embeddings are {text_dim} wide "
+                          "(transformer config text_dim); the shards must hold [L, text_dim] embeddings")
+    if not embed_shape or embed_shape[-1] == -1:
+        ds = loader.dataset
+        ds.cfg = dataclasses.replace(ds.cfg, embed_shape=[embed_shape[0] if embed_shape else -1, text_dim])
+
+
 def check_cache_model(urls: Sequence[str], model_path: str) -> str | None:
     """Warn when the shards were encoded by ``precompute_cache`` with another model than
     ``model.path`` (their manifests ``shard_*.json`` record it): latents of another VAE, or text
@@ -639,6 +653,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         if "LoRA target" in str(e):
             raise ConfigError(f"model.lora.target_modules: {e}") from None
         raise
+    bind_embed_dim(loader, cfg.data.embed_shape, transformer)
     seed = cfg.train.seed
     loss_impl = phase1_loss if phase == 1 else phase2_loss
 
@@ -662,6 +677,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         validate=make_validation(cfg, phase, val_batches),
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
+        resume_keys=("phase", "transformer_config", "widening", *wan.LORA_RESUME_KEYS),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,
                                                                      cfg.model.checkpoint_policy),
         data_settings=loader.settings,

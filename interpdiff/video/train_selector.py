@@ -322,6 +322,7 @@ def make_selector_spec(cfg: SelectorTrainConfig) -> tuple[TrainSpec, DPLabels, c
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta={"kind": "video-selector", "sizes": dataclasses.asdict(cfg.net), "levels": dataclasses.asdict(cfg.levels),
               **_trainer_meta(cfg)},
+        resume_keys=("kind", "sizes", "levels"),
         data_settings=loader.settings,
     )
     return spec, labels, eval_batches

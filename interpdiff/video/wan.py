@@ -108,6 +108,7 @@ __all__ = [
     "wan_forward",
     "save_lora",
     "replace_dir",
+    "LORA_RESUME_KEYS",
     "transformer_config_dict",
     "load_lora_weights_into",
     "load_lora",
@@ -151,6 +152,10 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # Specs
 # ---------------------------------------------------------------------------------------------
+
+
+# a checkpoint's LoRA settings that a resumed run must share (dropout and init may change)
+LORA_RESUME_KEYS = ("lora.rank", "lora.alpha", "lora.target_modules", "lora.use_rslora")
 
 
 @dataclass

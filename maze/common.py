@@ -116,11 +116,14 @@ def fit(
     eval_fn: Callable[[], dict] | None = None,
     resume: bool = True,
     desc: str = "train",
+    on_start: Callable[[], None] | None = None,
 ) -> dict:
     """Train ``model`` for ``tc.steps`` steps of ``loss_fn(generator) -> (loss, logs)``.
 
     Writes ``<run_dir>/metrics.jsonl``, ``last.pt`` (resume state) and ``model.pt`` (weights +
-    ``meta``; the file the consumers load). Returns the last evaluation.
+    ``meta``; the file the consumers load). Returns the last evaluation. A ``last.pt`` of another
+    model (``meta`` ``kind`` / ``sizes``) is refused naming both, before anything is written;
+    ``on_start()`` (e.g. writing the run's config.yaml) runs once that check passed.
     """
     from tqdm import tqdm
 
@@ -133,12 +136,19 @@ def fit(
     last = run_dir / "last.pt"
     if resume and last.is_file():
         ck = load_checkpoint(last, required_meta=["step"])
+        diff = [f"{k} = {ck['meta'].get(k)} in the file, {meta[k]} in this run" for k in ("kind", "sizes")
+                if k in meta and ck["meta"].get(k) != meta[k]]
+        if diff:
+            raise CheckpointError(f"[{desc}] {str(last)!r} is the resume state of another model ({'; '.join(diff)}). "
+                                  f"Not overwriting it: use another run_dir, or delete {last.name} to retrain")
         model.load_state_dict(ck["state"]["model"])
         opt.load_state_dict(ck["state"]["opt"])
         sched.load_state_dict(ck["state"]["sched"])
         gen.set_state(ck["state"]["gen"])
         step = int(ck["meta"]["step"])
         print(f"[{desc}] resumed from {last} at step {step}")
+    if on_start is not None:
+        on_start()
     metrics_path = run_dir / "metrics.jsonl"
     evaluation: dict = {}
     t0 = time.time()

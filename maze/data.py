@@ -224,10 +224,16 @@ def save_split(root, split: str, data: MazeSplit) -> Path:
     return atomic_write_bytes(split_path(root, split), _npz_bytes(arrays, compressed=False))
 
 
-def save_keyframes(root, split: str, kp_mask_levels, budgets, kp_feat, cost_scale: float, feat_source: str, pos) -> Path:
+def save_keyframes(root, split: str, kp_mask_levels, budgets, kp_feat, cost_scale: float, feat_source: str, pos,
+                   config: dict | None = None) -> Path:
+    """``config``: the ``keyframes`` settings that made the file (stored as JSON; ``maze.demo``
+    compares them to decide whether the file is stale)."""
+    import json
+
     from interpdiff.io import atomic_write_bytes
 
     arrays = {
+        "config_json": np.array(json.dumps(config if config is not None else {}, sort_keys=True), dtype=str),
         "kp_mask_levels": np.asarray(kp_mask_levels, dtype=bool),
         "budgets": np.asarray(budgets, dtype=np.int64),
         "kp_feat": np.asarray(kp_feat, dtype=np.float32),

@@ -7,16 +7,24 @@
 ``--config X.yaml`` is merged with its model overlay ``X_model.yaml`` when that file exists
 (``configs/maze/small.yaml`` + ``configs/maze/small_model.yaml``); more ``--config`` files and
 ``key=value`` overrides follow. With ``demo.resume`` (default) a stage whose output is complete
-is skipped: the data and keyframe files exist, or a model checkpoint holds its configured
-number of steps; once a stage runs, every later stage runs again. Stage times go to ``<eval.run_dir>/demo_times.json`` and into the report.
+is skipped: the data and keyframe files exist and were made with the current ``data`` /
+``keyframes`` settings, or a model checkpoint was trained with the current settings (its section;
+D_phi and the selector also ``data`` and ``keyframes``; step counts, paths and threads aside) and
+holds its configured number of steps. A checkpoint with fewer steps resumes. Once a stage runs,
+the stages that read its output (``DEPENDS``) run again, and a model stage that runs again for
+that reason, with ``demo.resume=false`` or after a settings change trains from scratch: its
+previous outputs are moved to ``<run_dir>/previous/`` first. Stage times go to ``<eval.run_dir>/demo_times.json`` and into the report.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,28 +47,131 @@ def with_overlay(argv: list[str]) -> list[str]:
     return args
 
 
-def _ckpt_done(path: Path, steps: int) -> bool:
+MODEL_STAGES = ("dphi", "selector", "phase1", "phase2", "baseline")
+# what each stage reads: a stage runs again (from scratch) when one of these ran in this invocation
+DEPENDS = {
+    "generate": (),
+    "keyframes": ("generate",),
+    "dphi": ("generate", "keyframes"),
+    "selector": ("generate", "keyframes"),
+    "phase1": ("generate", "keyframes", "dphi", "selector"),  # D_phi features, selector policy
+    "phase2": ("generate", "keyframes", "selector"),  # dp_precomputed masks, selector policy
+    "baseline": ("generate",),
+    "evaluate": ("generate", "keyframes", "dphi", "selector", "phase1", "phase2", "baseline"),
+}
+# files a model stage writes in its run_dir (train_loop: model.pt + model_metrics.csv; fit: last.pt, model.pt,
+# metrics.jsonl, eval.json); moved to <run_dir>/previous/ before a stage is trained again from scratch
+STAGE_OUTPUTS = ("model.pt", "model_metrics.csv", "last.pt", "metrics.jsonl", "eval.json")
+# settings that may change without making a stored result stale: more steps resume it, paths
+# move, and the sampling-time settings (read by maze.evaluate, not by training)
+IGNORED = {"root", "run_dir", "steps", "threads", "device", "log_every", "ckpt_every", "eval_every",
+           "sample_steps", "sample_shift", "sample_noise", "noise_scale", "pos_clip"}
+IGNORED_KEYS = {"keyframes.batch_size", "keyframes.backend"}  # how the DP runs, not what it finds
+
+
+def config_diff(saved: Any, current: Any, prefix: str) -> list[str]:
+    """Dotted keys (``prefix`` + key) whose values differ between a stored config dict and the
+    current one; ``IGNORED`` leaf names and ``IGNORED_KEYS`` skipped."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            if k in IGNORED or f"{prefix}{k}" in IGNORED_KEYS:
+                continue
+            out += config_diff(saved.get(k), current.get(k), f"{prefix}{k}.")
+        return out
+    return [] if saved == current else [prefix[:-1]]
+
+
+def _stored_config(stage: str, meta: dict, cfg) -> list[str]:
+    """What of ``cfg`` the stored ``meta`` of a stage's model disagrees with (its section, and for
+    D_phi / the selector, which store the whole config, also the data and keyframe settings)."""
+    from interpdiff.config import to_dict
+
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        return ["config (not recorded)"]
+    if stage in ("dphi", "selector"):
+        return [k for sec in (stage, "data", "keyframes") for k in config_diff(saved.get(sec), to_dict(getattr(cfg, sec)), f"{sec}.")]
+    return config_diff(saved, to_dict(getattr(cfg, stage)), f"{stage}.")
+
+
+def model_state(cfg, stage: str) -> tuple[str, list[str]]:
+    """``(state, changed keys)`` of a model stage's checkpoint: ``absent``, ``stale`` (trained with
+    other settings than ``cfg``), ``partial`` (fewer steps than configured) or ``done``."""
+    sec = getattr(cfg, stage)
+    path = Path(sec.run_dir) / "model.pt"
     if not path.is_file():
-        return False
+        return "absent", []
     try:
-        return int(load_checkpoint(path)["meta"].get("step", -1)) >= steps
-    except Exception:
-        return False
+        meta = load_checkpoint(path)["meta"]
+    except Exception as e:  # unreadable: retrain (the file is moved aside, not deleted)
+        return "stale", [f"unreadable ({type(e).__name__})"]
+    changed = _stored_config(stage, meta, cfg)
+    if changed:
+        return "stale", changed
+    steps = sec.train.steps if stage in ("dphi", "selector") else sec.optim.steps
+    return ("done" if int(meta.get("step", -1)) >= steps else "partial"), []
+
+
+def data_state(cfg) -> tuple[str, list[str]]:
+    from interpdiff.config import to_dict
+
+    root = Path(cfg.data.root)
+    if not all((root / f).is_file() for f in ("meta.json", "train.npz", "eval.npz")):
+        return "absent", []
+    try:
+        saved = json.loads((root / "meta.json").read_text()).get("generation")
+    except ValueError:
+        return "stale", ["meta.json (unreadable)"]
+    changed = config_diff(saved, to_dict(cfg.data), "data.")
+    return ("stale" if changed else "done"), changed
+
+
+def keyframes_state(cfg) -> tuple[str, list[str]]:
+    import numpy as np
+
+    from interpdiff.config import to_dict
+
+    paths = [Path(cfg.data.root) / f"keyframes_{s}.npz" for s in ("train", "eval")]
+    if not all(p.is_file() for p in paths):
+        return "absent", []
+    changed: list[str] = []
+    for p in paths:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                saved = json.loads(str(z["config_json"])) if "config_json" in z.files else None
+        except (OSError, ValueError) as e:
+            return "stale", [f"{p.name} unreadable ({type(e).__name__})"]
+        if saved is None:
+            return "stale", ["keyframes (settings not recorded)"]
+        changed += [k for k in config_diff(saved, to_dict(cfg.keyframes), "keyframes.") if k not in changed]
+    return ("stale" if changed else "done"), changed
+
+
+def move_aside(run_dir: Path) -> list[str]:
+    """Move a model stage's outputs to ``<run_dir>/previous/`` (replacing an older ``previous``),
+    so the stage trains from scratch and the last result is still on disk."""
+    run_dir = Path(run_dir)
+    found = [n for n in STAGE_OUTPUTS if (run_dir / n).exists()]
+    if not found:
+        return []
+    prev = run_dir / "previous"
+    if prev.exists():
+        shutil.rmtree(prev)
+    prev.mkdir(parents=True)
+    for n in found:
+        os.replace(run_dir / n, prev / n)
+    return found
 
 
 def stage_done(cfg, stage: str) -> bool:
     root = Path(cfg.data.root)
     if stage == "generate":
-        return all((root / f).is_file() for f in ("meta.json", "train.npz", "eval.npz"))
+        return data_state(cfg)[0] == "done"
     if stage == "keyframes":
-        return all((root / f"keyframes_{s}.npz").is_file() for s in ("train", "eval"))
-    if stage == "dphi":
-        return _ckpt_done(Path(cfg.dphi.run_dir) / "model.pt", cfg.dphi.train.steps)
-    if stage == "selector":
-        return _ckpt_done(Path(cfg.selector.run_dir) / "model.pt", cfg.selector.train.steps)
-    if stage in ("phase1", "phase2", "baseline"):
-        sec = getattr(cfg, stage)
-        return _ckpt_done(Path(sec.run_dir) / "model.pt", sec.optim.steps)
+        return keyframes_state(cfg)[0] == "done"
+    if stage in MODEL_STAGES:
+        return model_state(cfg, stage)[0] == "done"
     if stage == "evaluate":
         return (Path(cfg.eval.run_dir) / "eval.json").is_file()
     return False
@@ -101,17 +212,35 @@ def main(argv) -> Path:
     times_path = run_dir / "demo_times.json"
     times = json.loads(times_path.read_text()) if (cfg.demo.resume and times_path.is_file()) else {}
     t_all = time.time()
-    ran = False  # once a stage runs, every later stage runs too (its inputs changed)
+    ran_stages: set[str] = set()  # a stage whose inputs ran again in this invocation runs again too
     for stage in STAGES:
         if stage not in cfg.demo.stages or stage == "report":
             continue
+        ran = bool(ran_stages & set(DEPENDS[stage]))
         if cfg.demo.resume and not ran and stage_done(cfg, stage):
             print(f"[maze.demo] {stage}: done already (demo.resume=true), skipping")
             continue
+        if stage in ("generate", "keyframes"):
+            state, changed = (data_state if stage == "generate" else keyframes_state)(cfg)
+            if state == "stale":
+                print(f"[maze.demo] {stage}: the files in {cfg.data.root} were made with other settings "
+                      f"({', '.join(changed[:6])}): making them again")
+        if stage in MODEL_STAGES:
+            run_dir_s = Path(getattr(cfg, stage).run_dir)
+            state, changed = model_state(cfg, stage)
+            # resume only a partial run of the same settings whose inputs did not change
+            fresh = state == "stale" or (state != "absent" and (ran or not cfg.demo.resume))
+            if fresh:
+                why = (f"trained with other settings ({', '.join(changed[:6])})" if state == "stale" else
+                       f"its inputs ({', '.join(sorted(ran_stages & set(DEPENDS[stage])))}) were made again" if ran
+                       else "demo.resume=false")
+                moved = move_aside(run_dir_s)
+                print(f"[maze.demo] {stage}: {why}: training from scratch; the previous {', '.join(moved)} moved "
+                      f"to {run_dir_s / 'previous'}")
         print(f"[maze.demo] === {stage} ===", flush=True)
         t0 = time.time()
         run_stage(cfg, stage)
-        ran = True
+        ran_stages.add(stage)
         times[stage] = time.time() - t0
         atomic_write_text(times_path, json.dumps(times, indent=1))
     times["total (this invocation)"] = time.time() - t_all
@@ -119,7 +248,8 @@ def main(argv) -> Path:
     from maze.report import write_report
 
     path = write_report(cfg, stage_times=times) if "report" in cfg.demo.stages else run_dir / "report.md"
-    print(f"[maze.demo] finished in {times['total (this invocation)'] / 60:.1f} min -> {path}")
+    done = f"-> {path}" if "report" in cfg.demo.stages else "(no report stage: the report was not written)"
+    print(f"[maze.demo] finished in {times['total (this invocation)'] / 60:.1f} min {done}")
     return path
 
 

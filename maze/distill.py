@@ -421,7 +421,6 @@ def main(cfg) -> Path:
     loss_fn, dmeta = make_loss(cfg, target, teacher, tmeta, data, gen)
     run_dir = Path(st.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
@@ -435,7 +434,8 @@ def main(cfg) -> Path:
         save_model(path, student, student, {**extra, "step": 0})
         print(f"[maze.distill] {target} student at step 0 (teacher weights, distill.init_only) -> {path}")
         return path
-    train_loop(student, loss_fn, st.optim, path, extra, f"distill {target}", generator=gen)
+    train_loop(student, loss_fn, st.optim, path, extra, f"distill {target}", generator=gen,
+               on_start=lambda: save_config(cfg, run_dir))
     print(f"[maze.distill] {target} student ({st.steps} steps) -> {path}")
     return path
 

@@ -477,13 +477,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict, desc: str, generator=None):
+def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict, desc: str, generator=None,
+               on_start=None):
     """AdamW + warm-up/cosine + grad clip + EMA; ``loss_fn(model, step) -> (loss, logs)``.
 
     Writes ``ckpt_path`` (atomic, with sizes in the metadata) every ``ckpt_every`` steps and at
     the end, and ``<ckpt stem>_metrics.csv`` (step, loss, lr, seconds). Resumes from
     ``ckpt_path`` when it holds a train state with fewer steps than asked (model, EMA,
-    optimizer, step and RNG are restored). Returns the list of logged rows.
+    optimizer, step and RNG are restored); one that already has the steps asked for is left as it
+    is. A ``ckpt_path`` of another model (sizes, kind, refiner output) or without a train state
+    is refused with a ``CheckpointError`` naming both, never overwritten. ``on_start()`` (e.g.
+    writing the run's config.yaml) runs once that check passed. Returns the list of logged rows.
     """
     import csv
     import time
@@ -500,8 +504,17 @@ def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict
         ck = load_checkpoint(ckpt_path, required_meta=("kind", "sizes"))
         ts = ck["state"].get("train_state")
         mm, ckm = model_meta(model), ck["meta"]
-        same_form = "output" not in mm or mm["output"] == ckm.get("output", LEGACY_REFINER_OUTPUT)
-        if ts is not None and mm["sizes"] == ckm["sizes"] and same_form:
+        theirs = {"kind": ckm.get("kind"), "sizes": ckm.get("sizes"), "T": ckm.get("T", mm["T"])}
+        mine = {"kind": mm["kind"], "sizes": mm["sizes"], "T": mm["T"]}
+        if "output" in mm:
+            theirs["output"], mine["output"] = ckm.get("output", LEGACY_REFINER_OUTPUT), mm["output"]
+        diff = [f"{k} = {theirs[k]} in the file, {mine[k]} in this run" for k in mine if theirs[k] != mine[k]]
+        if diff or ts is None:
+            why = "; ".join(diff) if diff else "it holds no train state (a finished export, not a resumable run)"
+            raise CheckpointError(
+                f"{desc}: {str(ckpt_path)!r} holds another model than this run would train ({why}). Not overwriting "
+                f"it: use another run_dir, or move the file away to retrain")
+        if ts is not None:
             model.load_state_dict(ck["state"]["model"])
             if ema is not None and "ema" in ck["state"]:
                 ema.model.load_state_dict(ck["state"]["ema"])
@@ -512,6 +525,12 @@ def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict
                 generator.set_state(ts["gen_rng"])
             rows = list(ts.get("rows", []))
     total = optim_cfg.steps
+    if on_start is not None:
+        on_start()
+    if step0 >= total:
+        print(f"[{desc}] {ckpt_path} already holds {step0} steps (asked for {total}): nothing to do, left as it is")
+        model.eval()
+        return rows
 
     def save(step):
         ts = {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "rows": rows}

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from interpdiff.config import parse_cli
+from interpdiff.config import parse_cli, to_dict
 from interpdiff.interpolate import neighbours
 from interpdiff.selection import dp_select_levels, kl_scale, segment_costs
 from maze.config import KeyframesConfig, MazeConfig
@@ -132,7 +132,8 @@ def main(cfg: MazeConfig) -> dict:
             model = load_dphi(kc.dphi_ckpt)
             pair_fn, source = dphi_pair_cost_for_rows(model, data), f"dphi:{kc.dphi_ckpt}"
         masks, feats, scale = keyframes_for_split(data.pos, kc, pair_fn)
-        path = save_keyframes(root, split, masks, kc.resolved_budgets(data.T), feats, scale, source, data.pos)
+        path = save_keyframes(root, split, masks, kc.resolved_budgets(data.T), feats, scale, source, data.pos,
+                              config=to_dict(kc))
         out[split] = {"N": data.N, "seconds": round(time.time() - t0, 1), "path": str(path)}
         print(f"[maze.prepare_keyframes] {split}: {data.N} x budgets {kc.resolved_budgets(data.T)} "
               f"(kp_feat diffs from {source}) -> {path} in {out[split]['seconds']} s")

@@ -51,7 +51,6 @@ def main(cfg) -> Path:
     data = load_split(cfg.data.root, "train", keyframes=False)
     run_dir = Path(b.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     model = FullSequenceDenoiser(b.model, data.T, data.G)
     if b.model.path_prior:
         from maze.encoders import mean_arc_fraction
@@ -64,7 +63,8 @@ def main(cfg) -> Path:
         return baseline_loss(model, data.tensors(rows), b, gen), {}
 
     path = run_dir / "model.pt"
-    train_loop(model, loss_fn, b.optim, path, {"config": to_dict(b), "data_root": cfg.data.root}, "baseline", generator=gen)
+    train_loop(model, loss_fn, b.optim, path, {"config": to_dict(b), "data_root": cfg.data.root}, "baseline", generator=gen,
+               on_start=lambda: save_config(cfg, run_dir))
     print(f"[maze.train_baseline] -> {path}")
     return path
 

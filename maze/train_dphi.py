@@ -145,7 +145,6 @@ def main(cfg: MazeConfig) -> dict:
     model.arc_frac.copy_(mean_arc_fraction(train.pos))
     run_dir = Path(pc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     kp = torch.from_numpy(train.kp_mask_levels) if train.kp_mask_levels is not None else None
 
     def loss_fn(gen):
@@ -163,7 +162,8 @@ def main(cfg: MazeConfig) -> dict:
         return eval_dphi(model, evals, budgets, scale, pc.eval_samples)
 
     meta = {"kind": DPHI_KIND, "sizes": model.sizes, "budgets": budgets, "cost_scale": scale, "data_root": dc.root, "config": to_dict(cfg)}
-    res = fit(model, loss_fn, pc.train, run_dir, meta, eval_fn, desc="maze.train_dphi")
+    res = fit(model, loss_fn, pc.train, run_dir, meta, eval_fn, desc="maze.train_dphi",
+              on_start=lambda: save_config(cfg, run_dir))
     atomic_write_text(run_dir / "eval.json", json.dumps(res, indent=2))
     print(format_eval(res))
     return res

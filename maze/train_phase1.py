@@ -84,7 +84,6 @@ def main(cfg) -> Path:
     mix = phase1_mix(cfg, selector is not None)
     run_dir = Path(p1.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     model = KeypointDenoiser(p1.model, data.T, data.G)
     if p1.model.path_prior:
         from maze.encoders import mean_arc_fraction
@@ -106,7 +105,8 @@ def main(cfg) -> Path:
     path = run_dir / "model.pt"
     extra = {"budgets": budgets, "config": to_dict(p1), "policy_mix": mix, "feat_diffs": p1.feat_diffs,
              "data_root": cfg.data.root}
-    train_loop(model, loss_fn, p1.optim, path, extra, "phase1", generator=gen)
+    train_loop(model, loss_fn, p1.optim, path, extra, "phase1", generator=gen,
+               on_start=lambda: save_config(cfg, run_dir))
     print(f"[maze.train_phase1] policies used {counts} -> {path}")
     return path
 

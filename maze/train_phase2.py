@@ -72,7 +72,6 @@ def main(cfg) -> Path:
         mix = parse_policy_mix({k: v for k, v in mix.items() if k != "selector"}, PHASE2_POLICIES)
     run_dir = Path(p2.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     model = Refiner(p2.model, data.T, data.G, len(budgets), p2.output)
     sig = level_sigmas(len(budgets), p2.sigma_max, p2.sigma_min)
     gen = torch.Generator().manual_seed(p2.optim.seed)
@@ -90,7 +89,8 @@ def main(cfg) -> Path:
     path = run_dir / "model.pt"
     extra = {"budgets": budgets, "sigmas": sig.tolist(), "sigma_max": p2.sigma_max, "sigma_min": p2.sigma_min,
              "confidence": p2.confidence, "config": to_dict(p2), "policy_mix": mix, "data_root": cfg.data.root}
-    train_loop(model, loss_fn, p2.optim, path, extra, "phase2", generator=gen)
+    train_loop(model, loss_fn, p2.optim, path, extra, "phase2", generator=gen,
+               on_start=lambda: save_config(cfg, run_dir))
     print(f"[maze.train_phase2] mask policies used {counts} -> {path}")
     return path
 

@@ -145,7 +145,6 @@ def main(cfg: MazeConfig) -> dict:
     model.arc_frac.copy_(mean_arc_fraction(train.pos))
     run_dir = Path(sc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
     trainable = [s for s, k in enumerate(budgets) if k < T]
     kp = torch.from_numpy(train.kp_mask_levels)
 
@@ -163,7 +162,8 @@ def main(cfg: MazeConfig) -> dict:
         return eval_selector(model, evals, sc.eval_samples, nms_radius_scale=sc.nms_radius_scale)
 
     meta = {"kind": SELECTOR_KIND, "sizes": model.sizes, "data_root": dc.root, "config": to_dict(cfg)}
-    res = fit(model, loss_fn, sc.train, run_dir, meta, eval_fn, desc="maze.train_selector")
+    res = fit(model, loss_fn, sc.train, run_dir, meta, eval_fn, desc="maze.train_selector",
+              on_start=lambda: save_config(cfg, run_dir))
     # the decoding setting is part of the model file (a finished run re-run with another
     # selector.nms_radius_scale re-evaluates and re-saves with it)
     model.sizes["nms_radius_scale"] = model.nms_radius_scale = float(sc.nms_radius_scale)

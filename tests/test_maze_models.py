@@ -3,6 +3,7 @@ the shared training loop (loss goes down, resume continues)."""
 
 import pytest
 import torch
+import torch.nn as nn
 
 from interpdiff.config import ConfigError, load_config
 from interpdiff.io import CheckpointError, load_checkpoint, save_checkpoint
@@ -163,6 +164,53 @@ def test_train_loop_learns_and_resumes(tmp_path):
     rows2 = train_loop(r2, loss_fn, oc2, tmp_path / "model.pt", {}, "test")
     assert [row["step"] for row in rows2] == [10, 20, 30, 40, 50, 60, 70]  # 6 old rows + 1 new
     assert rows2[-1]["loss"] < rows[0]["loss"] / 5  # continued from the trained weights
+
+
+def test_train_loop_never_overwrites_another_model_nor_relabels_a_longer_run(tmp_path):
+    """A model.pt of other sizes is refused naming both and stays byte for byte; asking for fewer
+    steps than the file holds leaves it as it is (it was re-saved labelled with the smaller step
+    count); on_start (config.yaml in the trainers) runs only once the check passed."""
+    x, c = torch.rand(4, T, 2), cond(4)
+
+    def loss_fn(model, step):
+        return ((model(x, torch.zeros(4), torch.zeros(4, T), c) - x) ** 2).mean(), {}
+
+    def refiner(d):
+        torch.manual_seed(0)
+        return Refiner(BackboneConfig(d_model=d, depth=1, heads=4, enc_depth=0, patch=4), T, G, 2)
+
+    oc = OptimConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, ema=0.0, log_every=2, ckpt_every=100)
+    path = tmp_path / "model.pt"
+    train_loop(refiner(32), loss_fn, oc, path, {}, "test")
+    before = path.read_bytes()
+    started = []
+    with pytest.raises(CheckpointError, match=r"(?s)model\.pt.*d_model.*32.*in the file.*16.*in this run.*Not overwriting"):
+        train_loop(refiner(16), loss_fn, oc, path, {}, "test", on_start=lambda: started.append(1))
+    assert path.read_bytes() == before and not started
+    rows = train_loop(refiner(32), loss_fn, OptimConfig(**{**vars(oc), "steps": 2}), path, {}, "test",
+                      on_start=lambda: started.append(1))
+    assert path.read_bytes() == before and started == [1] and [r["step"] for r in rows] == [2, 4]
+    assert load_checkpoint(path)["meta"]["step"] == 4
+
+
+def test_fit_refuses_the_resume_state_of_another_model(tmp_path):
+    from maze.common import fit
+    from maze.config import TrainConfig
+
+    x = torch.rand(8, 3)
+
+    def run(width, started):
+        torch.manual_seed(0)
+        m = nn.Linear(3, width)
+        return fit(m, lambda g: (((m(x) - 1) ** 2).mean(), {}), TrainConfig(steps=2, eval_every=2, log_every=1), tmp_path,
+                   {"kind": "toy", "sizes": {"width": width}}, on_start=lambda: started.append(width))
+
+    started = []
+    run(4, started)
+    last = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"last\.pt.*sizes = \{'width': 4\} in the file, \{'width': 5\} in this run"):
+        run(5, started)
+    assert started == [4] and (tmp_path / "last.pt").read_bytes() == last
 
 
 @pytest.mark.parametrize("confidence", ["mask", "tent"])

@@ -8,6 +8,8 @@
 - closed loop: the PD follower drives the real PointMaze agent along a hand-made plan to the goal.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -194,8 +196,89 @@ def test_demo_adds_model_overlay_and_checks_stage_completion(tmp_path):
     assert args == ["--config", str(base), "--config", str(ov), "a=1"]
     cfg = load_maze_config(args[:-1])
     assert cfg.phase1.optim.steps == 7 and not stage_done(cfg, "phase1") and not stage_done(cfg, "generate")
+    from interpdiff.config import to_dict
+    from maze.demo import model_state
+
     m = KeypointDenoiser(SZ, T, G)
-    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 5})
-    assert not stage_done(cfg, "phase1")  # 5 of 7 steps: not done
-    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 7})
+    p1 = to_dict(cfg.phase1)
+    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 5, "config": p1})
+    assert not stage_done(cfg, "phase1") and model_state(cfg, "phase1") == ("partial", [])  # 5 of 7 steps
+    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 7, "config": p1})
     assert stage_done(cfg, "phase1")
+    # sampling-time settings, paths and step counts do not make it stale; training settings do
+    cfg2 = load_maze_config(args[:-1] + ["phase1.sample_steps=3", "phase1.optim.steps=5", "phase1.optim.log_every=1"])
+    assert stage_done(cfg2, "phase1")
+    cfg3 = load_maze_config(args[:-1] + ["phase1.model.d_model=48", "phase1.train_shift=2.0"])
+    assert model_state(cfg3, "phase1") == ("stale", ["phase1.model.d_model", "phase1.train_shift"])
+    save_model(tmp_path / "p1" / "model.pt", m, extra_meta={"step": 7})  # written before configs were stored
+    assert model_state(cfg, "phase1")[0] == "stale"
+
+
+def test_demo_retrains_stale_or_rerun_stages_from_scratch_and_keeps_the_previous(tmp_path, monkeypatch):
+    """The demo loop with the trainers replaced by a recorder: a complete stage is skipped, a stage
+    trained with other settings or downstream of a stage that ran is moved to previous/ and trained
+    from scratch, a partial one of the same settings resumes (its file is left in place), and data
+    generated with other settings is generated again."""
+    import json
+
+    from interpdiff.config import to_dict
+    from maze import demo
+    from maze.config_model import load_maze_config
+
+    base = tmp_path / "x.yaml"
+    base.write_text(f"data:\n  root: {tmp_path / 'data'}\neval:\n  run_dir: {tmp_path / 'ev'}\n"
+                    f"phase1:\n  run_dir: {tmp_path / 'p1'}\n  optim: {{steps: 7}}\n"
+                    f"phase2:\n  run_dir: {tmp_path / 'p2'}\n  optim: {{steps: 7}}\n"
+                    "demo:\n  stages: [generate, keyframes, phase1, phase2]\n")
+    calls = []
+
+    def fake_stage(cfg, stage):
+        if stage == "generate":
+            root = Path(cfg.data.root)
+            root.mkdir(parents=True, exist_ok=True)
+            for f in ("train.npz", "eval.npz"):
+                (root / f).write_bytes(b"x")
+            (root / "meta.json").write_text(json.dumps({"generation": to_dict(cfg.data)}))
+        elif stage == "keyframes":
+            for split in ("train", "eval"):
+                np.savez(Path(cfg.data.root) / f"keyframes_{split}.npz",
+                         config_json=np.array(json.dumps(to_dict(cfg.keyframes))))
+            calls.append(stage)
+        else:
+            sec = getattr(cfg, stage)
+            prev = Path(sec.run_dir) / "model.pt"
+            calls.append((stage, prev.is_file()))  # (stage, resumed from a file in place)
+            save_model(prev, KeypointDenoiser(SZ, T, G), extra_meta={"step": sec.optim.steps, "config": to_dict(sec)})
+        calls.append(stage) if stage == "generate" else None
+
+    monkeypatch.setattr(demo, "run_stage", fake_stage)
+    monkeypatch.setattr("maze.report.write_report", lambda cfg, stage_times=None: tmp_path / "report.md")
+    run = lambda *o: demo.main(["--config", str(base), *o])  # noqa: E731
+    run()
+    assert calls == ["generate", "keyframes", ("phase1", False), ("phase2", False)]
+    calls.clear()
+    run("keyframes.batch_size=3", "phase1.sample_steps=2")  # how the DP runs / sampling-only: nothing is stale
+    assert calls == []
+    run("keyframes.k_min=4")  # other keyframes: made again, and the models after them retrained
+    assert calls == ["keyframes", ("phase1", False), ("phase2", False)]
+    calls.clear()
+    run("keyframes.k_min=4")
+    assert calls == []  # everything done
+    run("keyframes.k_min=4", "phase2.sigma_max=0.03")  # phase-2 training setting: phase 2 again, from scratch
+    assert calls == [("phase2", False)] and (tmp_path / "p2" / "previous" / "model.pt").is_file()
+    calls.clear()
+    save_model(tmp_path / "p2" / "model.pt", KeypointDenoiser(SZ, T, G),
+               extra_meta={"step": 3, "config": to_dict(load_maze_config([
+                   "--config", str(base), "phase2.sigma_max=0.03"]).phase2)})
+    run("keyframes.k_min=4", "phase2.sigma_max=0.03")  # partial, same settings: resumes in place
+    assert calls == [("phase2", True)]
+    calls.clear()
+    run("keyframes.k_min=4", "phase2.sigma_max=0.03", "data.n_train_per_maze=7")  # new data: all again
+    assert calls == ["generate", "keyframes", ("phase1", False), ("phase2", False)]
+    calls.clear()
+    run("keyframes.k_min=4", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "demo.resume=false")
+    assert calls == ["generate", "keyframes", ("phase1", False), ("phase2", False)]
+    calls.clear()
+    # more phase-1 steps: phase 1 resumes in place; phase 2 does not read phase 1 and stays done
+    run("keyframes.k_min=4", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "phase1.optim.steps=9")
+    assert calls == [("phase1", True)]

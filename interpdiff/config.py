@@ -77,7 +77,12 @@ def load_config(
         raise _explain(e, "config") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as e:  # a range / consistency check: the entry scripts print it as one line
+            raise ConfigError(str(e)) from e
     return obj  # type: ignore[return-value]
 
 

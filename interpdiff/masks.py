@@ -60,7 +60,14 @@ def level_budgets(T: int, k_min: int, n_levels: int, budgets: Sequence[int] = ()
         if b[-1] != T or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
             raise ValueError(f"{key}={b}: expected strictly increasing budgets from >= 2 up to T={T}")
         return b
-    return budget_schedule(T, min(k_min, T), n_levels)
+    try:
+        return budget_schedule(T, min(k_min, T), n_levels)
+    except ValueError as e:
+        sec = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        clamp = f" (k_min is capped at T={T})" if k_min > T else ""
+        raise ValueError(f"{sec}k_min={k_min}, {sec}n_levels={n_levels}: a clip of T={T} frames cannot hold "
+                         f"{n_levels} distinct levels from k_min{clamp}; lower them or set {key} explicitly "
+                         f"({e})") from None
 
 
 def uniform_indices(T: int, k: int) -> torch.Tensor:

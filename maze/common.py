@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -105,6 +105,20 @@ def load_kind(
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(path)!r}: weights do not fit the sizes in its metadata: {e}") from None
     return model.eval(), meta
+
+
+def run_cli(prog: str, fn: Callable[[], Any]) -> Any:
+    """Run an entry point's ``fn``; a config, checkpoint or data error (which names the key, file or
+    value) ends the process with that one line instead of a traceback, as the video scripts do."""
+    import sys
+
+    from interpdiff.config import ConfigError
+    from maze.data import MazeDataError
+
+    try:
+        return fn()
+    except (ConfigError, CheckpointError, MazeDataError) as e:
+        sys.exit(f"{prog}: error: {e}")
 
 
 def fit(

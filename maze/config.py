@@ -88,7 +88,13 @@ class KeyframesConfig:
     backend: str = "auto"
 
     def resolved_budgets(self, T: int) -> list[int]:
-        b = list(self.budgets) if self.budgets else budget_schedule(T, self.k_min, self.n_levels)
+        if self.budgets:
+            return check_budgets(list(self.budgets), T, "keyframes.budgets")
+        try:
+            b = budget_schedule(T, self.k_min, self.n_levels)
+        except ValueError as e:
+            raise ValueError(f"keyframes.k_min={self.k_min}, keyframes.n_levels={self.n_levels} with data.T={T}: {e}; "
+                             "or set keyframes.budgets explicitly") from None
         return check_budgets(b, T, "keyframes.budgets")
 
     def snr_kwargs(self) -> dict:

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from interpdiff.io import atomic_write_text, load_checkpoint
+from interpdiff.config import ConfigError
+from interpdiff.io import CheckpointError, atomic_write_text, load_checkpoint
 from maze.config_model import load_maze_config
 
 STAGES = ("generate", "keyframes", "dphi", "selector", "phase1", "phase2", "baseline", "evaluate", "report")
@@ -203,10 +204,11 @@ def main(argv) -> Path:
     cfg = load_maze_config(with_overlay(argv))
     bad = [s for s in cfg.demo.stages if s not in STAGES]
     if bad:
-        raise ValueError(f"demo.stages: unknown {bad}; expected a subset of {list(STAGES)}")
+        raise ConfigError(f"demo.stages: unknown {bad}; expected a subset of {list(STAGES)}")
     if "phase1" in cfg.demo.stages and cfg.phase1.feat_diffs == "dphi" and "dphi" not in cfg.demo.stages:
         if not (Path(cfg.dphi.run_dir) / "model.pt").is_file():
-            raise FileNotFoundError(f"phase1 uses D_phi features but {cfg.dphi.run_dir}/model.pt is missing and 'dphi' is not a demo stage")
+            raise CheckpointError(f"phase1 uses D_phi features but {cfg.dphi.run_dir}/model.pt is missing and 'dphi' is not a "
+                                  "demo stage (add it to demo.stages, or set phase1.feat_diffs=none)")
     run_dir = Path(cfg.eval.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     times_path = run_dir / "demo_times.json"
@@ -254,5 +256,7 @@ def main(argv) -> Path:
 
 
 if __name__ == "__main__":
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
-    main(sys.argv[1:])
+    run_cli("maze.demo", lambda: main(sys.argv[1:]))

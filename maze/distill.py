@@ -443,5 +443,7 @@ def main(cfg) -> Path:
 if __name__ == "__main__":
     from maze.config_model import load_maze_config
 
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
-    main(load_maze_config(sys.argv[1:]))
+    run_cli("maze.distill", lambda: main(load_maze_config(sys.argv[1:])))

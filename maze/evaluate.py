@@ -519,10 +519,12 @@ def recount_costs(cfg) -> dict:
 
 
 if __name__ == "__main__":
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
     argv = sys.argv[1:]
     if "--recount-costs" in argv:
         argv.remove("--recount-costs")
-        recount_costs(load_maze_config(argv))
+        run_cli("maze.evaluate", lambda: recount_costs(load_maze_config(argv)))
     else:
-        main(load_maze_config(argv))
+        run_cli("maze.evaluate", lambda: main(load_maze_config(argv)))

@@ -197,5 +197,7 @@ def main(cfg: MazeConfig) -> dict:
 if __name__ == "__main__":
     import torch
 
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
-    main(parse_cli(MazeConfig, sys.argv[1:]))
+    run_cli("maze.generate", lambda: main(parse_cli(MazeConfig, sys.argv[1:])))

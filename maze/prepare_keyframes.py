@@ -141,5 +141,7 @@ def main(cfg: MazeConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
-    main(parse_cli(MazeConfig, sys.argv[1:]))
+    run_cli("maze.prepare_keyframes", lambda: main(parse_cli(MazeConfig, sys.argv[1:])))

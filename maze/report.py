@@ -443,4 +443,6 @@ def main(cfg) -> Path:
 
 
 if __name__ == "__main__":
-    main(load_maze_config(sys.argv[1:]))
+    from maze.common import run_cli
+
+    run_cli("maze.report", lambda: main(load_maze_config(sys.argv[1:])))

@@ -170,6 +170,11 @@ def main(cfg: MazeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cfg = parse_cli(MazeConfig, sys.argv[1:])
-    torch.set_num_threads(cfg.dphi.train.threads)
-    main(cfg)
+    from maze.common import run_cli
+
+    def _main():
+        cfg = parse_cli(MazeConfig, sys.argv[1:])
+        torch.set_num_threads(cfg.dphi.train.threads)
+        return main(cfg)
+
+    run_cli("maze.train_dphi", _main)

@@ -112,5 +112,7 @@ def main(cfg) -> Path:
 
 
 if __name__ == "__main__":
+    from maze.common import run_cli
+
     torch.set_num_threads(1)
-    main(load_maze_config(sys.argv[1:]))
+    run_cli("maze.train_phase1", lambda: main(load_maze_config(sys.argv[1:])))

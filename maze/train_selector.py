@@ -176,6 +176,11 @@ def main(cfg: MazeConfig) -> dict:
 
 
 if __name__ == "__main__":
-    cfg = parse_cli(MazeConfig, sys.argv[1:])
-    torch.set_num_threads(cfg.selector.train.threads)
-    main(cfg)
+    from maze.common import run_cli
+
+    def _main():
+        cfg = parse_cli(MazeConfig, sys.argv[1:])
+        torch.set_num_threads(cfg.selector.train.threads)
+        return main(cfg)
+
+    run_cli("maze.train_selector", _main)

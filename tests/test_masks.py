@@ -111,3 +111,13 @@ def test_level_budgets_rule_and_errors():
     for bad in ([3, 10, 20], [1, 10, 21], [3, 3, 21]):
         with pytest.raises(ValueError, match=r"phase2.budgets=\[.*\]: expected strictly increasing budgets from >= 2 up to T=21"):
             level_budgets(21, 6, 4, bad, "phase2.budgets")
+
+
+def test_level_budgets_error_names_the_section_keys_and_the_cap():
+    from interpdiff.masks import level_budgets
+
+    with pytest.raises(ValueError, match=r"phase2\.k_min=20, phase2\.n_levels=3: a clip of T=9 .*capped at T=9.*phase2\.budgets"):
+        level_budgets(9, 20, 3, (), "phase2.budgets")
+    with pytest.raises(ValueError, match=r"^levels\.k_min=5, levels\.n_levels=4: .*T=6"):
+        level_budgets(6, 5, 4, (), "levels.budgets")
+    assert level_budgets(21, 3, 4, (), "phase2.budgets") == [3, 6, 11, 21]

@@ -460,3 +460,21 @@ def test_refiner_wall_feat_reads_the_walls_round_trips_and_is_refiner_only(tmp_p
     save_checkpoint(tmp_path / "o2.pt", ck["state"], ck["meta"])
     o2, _ = load_model(tmp_path / "o2.pt", "phase2")
     assert o2.backbone.sizes.wall_feat is False
+
+
+@pytest.mark.parametrize("module,override,match", [
+    ("maze.train_phase1", "keyframes.k_min=1", "maze.train_phase1: error: keyframes.k_min=1, keyframes.n_levels=5 with data.T=128"),
+    ("maze.demo", "demo.stages=[phase3]", "maze.demo: error: demo.stages: unknown ['phase3']"),
+    ("maze.train_dphi", "dphi.train.step=10", "maze.train_dphi: error: override 'dphi.train.step=10': unknown config key"),
+])
+def test_maze_entry_points_print_config_errors_as_one_line(module, override, match):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", module, "--config", "configs/maze/small.yaml", override], cwd=repo,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(match), out.stderr[-2000:]

@@ -802,6 +802,21 @@ def check_resume_meta(path: Path, spec: TrainSpec) -> None:
                               + "\n(resume with the checkpoint's settings, or start a new train.run_dir)")
 
 
+def _note_schedule_change(acc, path: Path, cfg: TrainLoopConfig) -> None:
+    """The LR schedule is a function of ``train.max_steps``: say so when a resume changes it."""
+    try:
+        old = json.loads((Path(path) / "meta.json").read_text()).get("max_steps")
+    except (OSError, ValueError):
+        return
+    if old is None or int(old) == cfg.max_steps or cfg.optim.schedule == "constant":
+        return
+    step = int(json.loads((Path(path) / "train_state.json").read_text()).get("step", 0)) if (
+        Path(path) / "train_state.json").is_file() else 0
+    acc.print(f"[train] note: the checkpoint was trained toward train.max_steps={old}, this run to {cfg.max_steps}: "
+              f"the {cfg.optim.schedule} LR schedule is recomputed (at step {step}: lr factor "
+              f"{lr_lambda(step, cfg.optim, int(old)):.3g} -> {lr_lambda(step, cfg.optim, cfg.max_steps):.3g})")
+
+
 def _short(v: Any, n: int = 120) -> str:
     r = repr(v)
     return r if len(r) <= n else r[: n - 3] + "..."
@@ -947,6 +962,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     acc.wait_for_everyone()
     if resume_path is not None:
         check_resume_meta(resume_path, spec)
+        _note_schedule_change(acc, resume_path, cfg)
 
     if cfg.ema_decay > 0 and _zero_stage(acc) == 3:
         raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
@@ -1149,7 +1165,8 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         if state.step % cfg.checkpoint_every == 0 or state.step == end_step:
             flush()  # train_state.json carries samples_seen
             check_finite_weights(acc, unwrapped, state.step)
-            save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last, {"world_size": acc.num_processes})
+            save_checkpoint_dir(acc, spec, state, ckpt_root, cfg.keep_last,
+                                {"world_size": acc.num_processes, "max_steps": cfg.max_steps})
         if spec.validate is not None and cfg.validate_every > 0 and state.step % cfg.validate_every == 0:
             # ZeRO-3 forwards need every rank; otherwise only the main process validates
             if acc.is_main_process or _zero_stage(acc) == 3:

@@ -562,3 +562,12 @@ def test_resume_of_another_kind_of_run_is_refused_before_loading_and_keeps_confi
     spec.resume_keys = ("phase", "lora.rank")
     res = train(cfg, spec, full_config=cfg)
     assert res.state.step == 6 and "lr: 0.03" in (run / "config.yaml").read_text()
+
+
+def test_resume_with_more_steps_says_the_schedule_is_recomputed(tmp_path, capsys):
+    run_toy(tmp_path / "run", max_steps=4, checkpoint_every=4, optim={"min_lr_ratio": 0.0})
+    capsys.readouterr()
+    run_toy(tmp_path / "run", max_steps=8, checkpoint_every=4, resume="latest", optim={"min_lr_ratio": 0.0})
+    out = capsys.readouterr().out
+    # warm-up 2 steps, cosine to 0: at step 4 of 4 the factor is 0; of 8 it is 0.5 * (1 + cos(pi * 2 / 6)) = 0.75
+    assert "trained toward train.max_steps=4, this run to 8" in out and "lr factor 0 -> 0.75" in out, out

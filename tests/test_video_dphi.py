@@ -224,7 +224,7 @@ def _brute_dp(c: torch.Tensor, K: int) -> float:
     return best
 
 
-def test_train_dphi_teacher_end_to_end_masks_feed_phase2(tmp_path):
+def test_train_dphi_teacher_end_to_end_masks_feed_phase2(tmp_path, capsys):
     from interpdiff.video.make_shards import main as make_shards
 
     make_shards([f"out_dir={tmp_path / 'data'}", "num_samples=6", "samples_per_shard=3",
@@ -236,6 +236,8 @@ def test_train_dphi_teacher_end_to_end_masks_feed_phase2(tmp_path):
 
     res = main(base + ["masks.source=teacher"])
     assert res["masks"]["clips"] == 6
+    out = capsys.readouterr().out  # the judged numbers reach the console, not only result.json
+    assert f"held-out Spearman {res['dphi']['holdout_spearman']:.3f}" in out and "by K: K=" in out, out
     masks = torch.load(tmp_path / "run" / "dp_masks.pt")
     index = torch.load(tmp_path / "run" / "dp_index.pt")
     recs = torch.load(tmp_path / "run" / "teacher_costs.pt", weights_only=False)

@@ -429,5 +429,25 @@ def run(cfg: DphiTeacherConfig) -> dict:
     if "masks" in cfg.stages:
         result["masks"] = stage_masks(cfg, run_dir, records, model, dev)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1, default=str))
+    print(format_result(result, run_dir), flush=True)
     return result
+
+
+def format_result(result: dict, run_dir: Path) -> str:
+    """The numbers a run is judged by, for the console (all of them are in ``result.json``)."""
+    lines = [f"[train_dphi_teacher] -> {run_dir}/result.json"]
+    d = result.get("dphi") or {}
+    if d:
+        sp = d.get("holdout_spearman")
+        lines.append(f"  D_phi: {d.get('clips_fit')} clips fit, {d.get('clips_holdout')} held out; final loss "
+                     f"{d.get('final_loss', float('nan')):.4g}; held-out Spearman "
+                     + (f"{sp:.3f}" if isinstance(sp, (int, float)) else "n/a (no held-out clip)"))
+        ratios = d.get("dp_cost_ratio_dphi_over_teacher")
+        if ratios:
+            lines.append("  teacher cost of D_phi's DP keyframes / the teacher's own DP, by K: "
+                         + ", ".join(f"K={k}: {v:.3f}" for k, v in ratios.items()))
+    m = result.get("masks")
+    if isinstance(m, dict) and m:
+        lines.append("  masks: " + ", ".join(f"{k}={v}" for k, v in m.items() if not isinstance(v, (dict, list)))[:300])
+    return "\n".join(lines)
 

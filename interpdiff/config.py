@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from interpdiff.io import atomic_write_text
@@ -39,6 +39,28 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {msg} (key {key!r})")
 
 
+def _override(ov: str) -> DictConfig:
+    """``a.b=v`` as a config; ``v`` is read as YAML (numbers, lists, booleans), and a value that is
+    not valid YAML (a bare glob ``*.tar``, a lone ``:``) as the plain string it was typed as, so a
+    key that takes a string gets it and any other key names the override in its type error."""
+    key, value = ov.split("=", 1)
+    try:
+        return OmegaConf.from_dotlist([ov])
+    except OmegaConfBaseException:
+        raise
+    except Exception as e:  # yaml.YAMLError and friends: not valid YAML
+        if not key.strip() or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {ov!r}: {key!r} is not a config key (key.sub=value)") from None
+        node: Any = value
+        for part in reversed(key.split(".")):
+            node = {part: node}
+        try:
+            return OmegaConf.create(node)
+        except Exception:
+            raise ConfigError(f"override {ov!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it, "
+                              f"e.g. {key}='\"{value}\"'") from None
+
+
 def load_config(
     schema: type[T],
     path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -57,6 +79,9 @@ def load_config(
             loaded = OmegaConf.load(p)
         except Exception as e:  # yaml syntax error
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping of sections (key: value), "
+                              f"got a {type(loaded).__name__.replace('Config', '').lower() or 'value'}")
         try:
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
@@ -65,7 +90,7 @@ def load_config(
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key.sub=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+            cfg = OmegaConf.merge(cfg, _override(ov))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {ov!r}") from None
     try:

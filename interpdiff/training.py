@@ -151,6 +151,10 @@ class TrainLoopConfig:
     # a new run (resume="") in a run_dir that holds checkpoints is refused (the two runs' checkpoints
     # would rotate each other out and metrics.csv would hold both); true deletes that run's outputs first
     overwrite: bool = False
+    # resuming a checkpoint older than the run's newest is refused (training on would replace the newer
+    # ones and drop their metrics rows); true moves the newer checkpoints and the metrics files to
+    # checkpoints/rewound_<time>/ first
+    rewind: bool = False
     deterministic: bool = False  # deterministic CUDA kernels (set_deterministic); slower, same bits run to run
     # an optimizer step whose loss or gradient norm is not finite is skipped (no update, no LR step,
     # no EMA); this many in a row stop the run, before a checkpoint could save non-finite weights
@@ -422,6 +426,20 @@ def clear_run_outputs(run_dir: Path) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+DELETING_PREFIX = ".del-"
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder without ever leaving a partial one under its ``step_`` name: it is
+    renamed to a hidden ``.del-*`` name first (a kill during the delete leaves only that, which the
+    next save removes)."""
+    path = Path(path)
+    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{os.getpid()}")
+    os.replace(path, hidden)
+    fsync_dir(path.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -736,9 +754,15 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(acc) else {}
-    acc.save_state(str(tmp), **kwargs)
-    write_data_state(tmp, acc.process_index, acc.num_processes, state,
-                     spec.data_settings() if spec.data_settings is not None else None)
+    try:
+        acc.save_state(str(tmp), **kwargs)
+        write_data_state(tmp, acc.process_index, acc.num_processes, state,
+                         spec.data_settings() if spec.data_settings is not None else None)
+    except Exception as e:
+        full = getattr(e, "errno", None) == 28 or "unexpected pos" in str(e) or "No space left" in str(e)
+        raise CheckpointError(f"saving the checkpoint of step {state.step} into {tmp} failed "
+                              f"({type(e).__name__}: {str(e)[:300]})" + ("; the disk looks full" if full else "")
+                              + "; the earlier checkpoints are untouched") from e
     acc.wait_for_everyone()
     if acc.is_local_main_process:
         # torch.save / DeepSpeed / safetensors do not fsync: flush this node's writes (page cache
@@ -751,11 +775,13 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
         atomic_write_text(tmp / "train_state.json", json.dumps(state.state_dict(), indent=1))
         if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(ckpt_root)  # the rename is durable before any older checkpoint is deleted
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
+        for left in ckpt_root.glob(f"{DELETING_PREFIX}*"):  # deletes interrupted by a kill
+            shutil.rmtree(left, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
@@ -802,6 +828,41 @@ def check_resume_meta(path: Path, spec: TrainSpec) -> None:
                               + "\n(resume with the checkpoint's settings, or start a new train.run_dir)")
 
 
+def _ckpt_step(path: Path) -> int:
+    name = Path(path).name
+    try:
+        return int(name[len(CKPT_PREFIX):]) if name.startswith(CKPT_PREFIX) else -1
+    except ValueError:
+        return -1
+
+
+def newer_checkpoints(run_dir: Path, resume_path: Path) -> list[Path]:
+    """The checkpoints of ``run_dir`` with a later step than ``resume_path`` (which a run resumed
+    from it would overwrite or rotate out)."""
+    step = _ckpt_step(resume_path)
+    if step < 0:
+        try:
+            step = int(json.loads((Path(resume_path) / "train_state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return []
+    return [p for p in list_checkpoints(Path(run_dir) / "checkpoints") if _ckpt_step(p) > step]
+
+
+def rewind_run(run_dir: Path, newer: list[Path]) -> Path:
+    """``train.rewind``: move ``newer`` checkpoints to ``checkpoints/rewound_<time>/`` and copy the
+    metrics files there (the resumed run truncates them after its step)."""
+    dest = Path(run_dir) / "checkpoints" / time.strftime("rewound_%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in ("metrics.csv", "metrics.jsonl"):
+        if (Path(run_dir) / name).is_file():
+            shutil.copy2(Path(run_dir) / name, dest / name)
+    for p in newer:
+        os.replace(p, dest / p.name)
+    fsync_tree(dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
 def _note_schedule_change(acc, path: Path, cfg: TrainLoopConfig) -> None:
     """The LR schedule is a function of ``train.max_steps``: say so when a resume changes it."""
     try:
@@ -823,8 +884,19 @@ def _short(v: Any, n: int = 120) -> str:
 
 
 def load_checkpoint_dir(acc, path: Path) -> None:
+    """``acc.load_state`` of a checkpoint folder; any failure (a truncated or missing file) is a
+    ``CheckpointError`` naming the folder, the cause and the older checkpoints to fall back on."""
     kwargs = {"load_module_strict": False} if _is_deepspeed(acc) else {}
-    acc.load_state(str(path), **kwargs)
+    try:
+        acc.load_state(str(path), **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        older = [p.name for p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
+        hint = (f"; resume an older one with --resume {Path(path).parent / older[-1]}" if older
+                else "; no older checkpoint is in that folder")
+        raise CheckpointError(f"cannot load checkpoint {path} ({type(e).__name__}: {str(e)[:400]}): a file of it is "
+                              f"missing or damaged{hint}") from e
 
 
 DATA_STATE_FILE = "data_state_rank{rank}.json"
@@ -952,17 +1024,22 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if acc.is_main_process:
-        if cfg.overwrite:
-            removed = clear_run_outputs(run_dir)
-            if removed:
-                acc.print(f"[train] train.overwrite=true: removed {', '.join(removed)} from {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if full_config is not None and resume_path is None:  # a resumed run writes it once the load succeeded
-            save_config(full_config, run_dir)
     acc.wait_for_everyone()
     if resume_path is not None:
         check_resume_meta(resume_path, spec)
         _note_schedule_change(acc, resume_path, cfg)
+        newer = newer_checkpoints(run_dir, resume_path)
+        if newer and not cfg.rewind:
+            raise CheckpointError(
+                f"train.resume={cfg.resume!r}: {run_dir / 'checkpoints'} holds newer checkpoints "
+                f"({', '.join(p.name for p in newer)}); training on from {Path(resume_path).name} would replace them "
+                "and drop their metrics rows. Resume the newest (--resume latest), or pass train.rewind=true to move "
+                "them and the metrics files to checkpoints/rewound_<time>/ first")
+        if newer and acc.is_main_process:
+            kept = rewind_run(run_dir, newer)
+            acc.print(f"[train] train.rewind=true: moved {', '.join(p.name for p in newer)} and the metrics files to {kept}")
+        acc.wait_for_everyone()
 
     if cfg.ema_decay > 0 and _zero_stage(acc) == 3:
         raise ConfigError("train.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
@@ -997,6 +1074,16 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                 f"needs {where}. Lower the batch or clip size, or skip the check with train.check_batch=false. "
                 f"({e})") from e
         acc.print(f"[train] one-batch check passed: loss {loss0:.5f}, {len(named)} trainable tensors")
+    if acc.is_main_process and resume_path is None:
+        # only now, with the model built and (train.check_batch) a batch read and checked: a run that
+        # fails at start-up leaves the outputs train.overwrite would replace, and the old config.yaml
+        if cfg.overwrite:
+            removed = clear_run_outputs(run_dir)
+            if removed:
+                acc.print(f"[train] train.overwrite=true: removed {', '.join(removed)} from {run_dir}")
+        if full_config is not None:  # a resumed run writes it once the load succeeded
+            save_config(full_config, run_dir)
+    acc.wait_for_everyone()
 
     optimizer = build_optimizer([p for _, p in named], cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.optim, cfg.max_steps))

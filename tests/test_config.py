@@ -64,3 +64,17 @@ def test_several_config_files_merge_in_order(tmp_path):
     b.write_text("stepz: 1\n")
     with pytest.raises(ConfigError, match=r"b\.yaml.*unknown config key 'stepz'"):
         parse_cli(Schema, ["--config", str(a), "--config", str(b)])
+
+
+def test_override_values_that_are_not_yaml_are_plain_strings_or_named_errors(tmp_path):
+    """``data.shards=*.tar`` is a YAML alias error as YAML; as the string it was typed as it is what
+    the user meant. A non-string key names the override; a list-shaped file names the file."""
+    c = load_config(Schema, None, ["name=*.tar"])
+    assert c.name == "*.tar"
+    assert load_config(Schema, None, ["name=["]).name == "["
+    with pytest.raises(ConfigError, match=r"override 'optim\.lr=:': bad value for config key 'optim\.lr'"):
+        load_config(Schema, None, ["optim.lr=:"])
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml'.*top level must be a mapping"):
+        load_config(Schema, p)

@@ -267,6 +267,13 @@ def test_precomputed_masks_for_whole_clips_are_refused_with_crops(shards, tmp_pa
                                  f"phase2.dp_mask_file={tmp_path / 'dp.pt'}", "data.crop_frames=5"))
 
 
+def test_a_damaged_precomputed_mask_file_is_named(shards, tmp_path, no_model):
+    (tmp_path / "dp.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"phase2\.policy_mix: the dp_precomputed file '.*dp\.pt' cannot be read as a torch file"):
+        _run(train_phase2, _args(shards, tmp_path / "r", "phase2.policy_mix=dp_precomputed:1",
+                                 f"phase2.dp_mask_file={tmp_path / 'dp.pt'}"))
+
+
 def test_validation_decode_checks_the_vae_before_training(shards, tmp_path):
     """validation.decode loads the VAE at the first validation (step validate_every): a model folder
     without vae/ is reported at start-up, naming the folder, not thousands of steps later."""
@@ -309,6 +316,12 @@ def test_sample_bad_inputs(tmp_path, no_model):
         sample.main([f"out_dir={tmp_path}"])
     with pytest.raises(wan.WanLoadError, match="phase1_lora"):
         sample.main(["prompts=[x]", f"phase1_lora={tmp_path / 'nope'}", "num_frames=17", "height=32", "width=64"])
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for f, match in [("blank.txt", r"blank\.txt' holds no prompt"), ("latin.txt", r"latin\.txt' is not UTF-8"),
+                     ("", r"is a folder")]:
+        with pytest.raises(ConfigError, match=match):
+            sample.main([f"prompts_file={tmp_path / f}", f"out_dir={tmp_path}"])
 
 
 def test_sample_refuses_a_phase1_lora_with_another_keyframe_count(tmp_path, no_model):
@@ -496,6 +509,15 @@ def test_init_lora_starts_from_a_saved_adapter(shards, tmp_path):
         assert torch.equal(own[name].detach(), v) and own[name].requires_grad, k
     extra = load_file(str(src / wan.EXTRA_WEIGHT_NAME))["patch_embedding.extra_weight"]
     assert torch.equal(tr.patch_embedding.extra_weight.detach(), extra) and tr.patch_embedding.extra_weight.requires_grad
+    # a LoRA of another shape or phase is refused by name (it used to load as saved while every
+    # checkpoint of the run recorded the config's model.lora)
+    with pytest.raises(ConfigError, match=r"lora\.rank = 4 in the folder, model\.lora\.rank = 8 in this config"):
+        build_transformer(ModelConfig(init_lora=str(src), lora=wan.LoraSpec(rank=8, alpha=4)), 2, Phase2Config())
+    with pytest.raises(ConfigError, match=r"target_modules = .* in the folder, model\.lora\.target_modules = \['to_q'\]"):
+        build_transformer(ModelConfig(init_lora=str(src), lora=wan.LoraSpec(rank=4, alpha=4, target_modules=["to_q"])),
+                          2, Phase2Config())
+    with pytest.raises(ConfigError, match=r"it is a phase-2 LoRA, this is phase 1"):
+        build_transformer(ModelConfig(init_lora=str(src), lora=wan.LoraSpec(rank=4, alpha=4)), 1)
 
 
 def test_sampler_rebuilds_the_phase2_model_from_the_lora_folder(tmp_path):

@@ -571,3 +571,92 @@ def test_resume_with_more_steps_says_the_schedule_is_recomputed(tmp_path, capsys
     out = capsys.readouterr().out
     # warm-up 2 steps, cosine to 0: at step 4 of 4 the factor is 0; of 8 it is 0.5 * (1 + cos(pi * 2 / 6)) = 0.75
     assert "trained toward train.max_steps=4, this run to 8" in out and "lr factor 0 -> 0.75" in out, out
+
+
+def test_rotation_never_leaves_a_partial_checkpoint_under_a_step_name(tmp_path, monkeypatch):
+    """A kill in the middle of deleting a rotated-out checkpoint (here: rmtree stops after one file)
+    must not leave a folder that ``list_checkpoints`` takes for complete: it is renamed first."""
+    import shutil as _shutil
+
+    import interpdiff.training as T
+
+    real = _shutil.rmtree
+
+    def killed(path, ignore_errors=False, **k):  # deletes one file, then "dies" (the error is swallowed)
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if files:
+            files[0].unlink()
+        return None
+
+    run_toy(tmp_path / "run", max_steps=4, checkpoint_every=2, keep_last=2)
+    monkeypatch.setattr(T.shutil, "rmtree", killed)
+    run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, keep_last=2, resume="latest")
+    monkeypatch.setattr(T.shutil, "rmtree", real)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == ["step_00000004", "step_00000006"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".del-step_00000002")]  # left hidden by the "kill"
+    run_toy(tmp_path / "run", max_steps=8, checkpoint_every=2, keep_last=2, resume="latest")
+    assert not list(root.glob(".del-*"))  # removed by the next save
+
+
+def test_resuming_an_older_checkpoint_needs_rewind_which_keeps_the_newer_ones(tmp_path):
+    run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, keep_last=3)
+    root = tmp_path / "run" / "checkpoints"
+    rows = (tmp_path / "run" / "metrics.csv").read_text()
+    with pytest.raises(CheckpointError, match=r"holds newer checkpoints \(step_00000004, step_00000006\).*train\.rewind=true"):
+        run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, keep_last=3, resume=str(root / "step_00000002"))
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert (tmp_path / "run" / "metrics.csv").read_text() == rows
+    run_toy(tmp_path / "run", max_steps=4, checkpoint_every=2, keep_last=3, resume=str(root / "step_00000002"),
+            rewind="true")
+    (kept,) = root.glob("rewound_*")
+    assert sorted(p.name for p in kept.iterdir()) == ["metrics.csv", "metrics.jsonl", "step_00000004", "step_00000006"]
+    assert (kept / "metrics.csv").read_text() == rows
+    assert (kept / "step_00000006" / "train_state.json").is_file()
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_at_start(tmp_path):
+    run_toy(tmp_path / "run", max_steps=2, checkpoint_every=2)
+    before = (tmp_path / "run" / "config.yaml").read_text() if (tmp_path / "run" / "config.yaml").exists() else None
+    _reset_accelerate()
+    cfg = load_config(TrainLoopConfig, None, [f"run_dir={tmp_path / 'run'}", "max_steps=2", "batch_size=4",
+                                              "tracker=none", "overwrite=true"])
+    spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+    spec.batches = lambda epoch, skip: iter(())  # a data set that yields nothing
+    with pytest.raises(RuntimeError, match="yielded no batch"):
+        train(cfg, spec, full_config=cfg)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
+    assert (tmp_path / "run" / "metrics.csv").is_file()
+    if before is not None:
+        assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_a_damaged_checkpoint_file_is_named_with_the_older_one_to_resume(tmp_path):
+    run_toy(tmp_path / "run", max_steps=4, checkpoint_every=2, keep_last=2)
+    root = tmp_path / "run" / "checkpoints"
+    opt = root / "step_00000004" / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"(?s)cannot load checkpoint .*step_00000004.*--resume .*step_00000002"):
+        run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
+    opt.unlink()
+    with pytest.raises(CheckpointError, match=r"step_00000004.*(optimizer|No such file)"):
+        run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
+
+
+def test_a_failed_checkpoint_save_is_named_and_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    """Disk full inside torch.save (seen as "unexpected pos ... vs ..." from its zip writer)."""
+    import accelerate
+
+    run_toy(tmp_path / "run", max_steps=2, checkpoint_every=2)
+    real = accelerate.Accelerator.save_state
+
+    def full(self, output_dir=None, **kw):
+        real(self, output_dir, **kw)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25663 vs 25616")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    with pytest.raises(CheckpointError, match=r"(?s)step 4 into .*\.tmp-step_00000004 failed.*disk looks full.*untouched"):
+        run_toy(tmp_path / "run", max_steps=4, checkpoint_every=2, resume="latest")
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]

@@ -183,6 +183,26 @@ def test_corrupt_and_incomplete_samples_are_skipped_and_counted(tmp_path, caplog
     assert loader.skipped >= 4  # the 3 above + at least the cut sample
 
 
+def test_non_finite_or_non_utf8_samples_are_skipped_naming_key_and_shard(tmp_path, caplog):
+    d, cfg = _make(tmp_path, n=2, per=2)
+    bad = []
+    for i, (what, val) in enumerate([("latent", float("nan")), ("embed", float("inf"))]):
+        key, lat, emb, prompt = synthetic_sample(10 + i, cfg)
+        (lat if what == "latent" else emb).view(-1)[3] = val
+        bad.append(vdata.encode_latent_sample(key, lat, emb, prompt))
+    latin = vdata.encode_latent_sample(*synthetic_sample(12, cfg))
+    latin["prompt.txt"] = "caf\xe9".encode("latin-1")
+    write_shard(d / "shard_000001.tar", [*bad, latin])
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.data"):
+        loader = vdata.LatentLoader(_cfg(d / "shard_*.tar"))
+        got = _collect(loader)
+    assert sorted(got) == ["sample_000000000", "sample_000000001"] and loader.skipped == 3
+    assert all(torch.isfinite(v[0].float()).all() and torch.isfinite(v[1].float()).all() for v in got.values())
+    assert "'sample_000000010'" in caplog.text and "latent holds 1 non-finite values" in caplog.text
+    assert "embed holds 1 non-finite values" in caplog.text and "shard_000001.tar" in caplog.text
+    assert "'sample_000000012'" in caplog.text and "prompt.txt is not UTF-8" in caplog.text
+
+
 def test_shape_mismatch_without_declared_shape_is_skipped(tmp_path):
     d, cfg = _make(tmp_path, n=3, per=3)
     odd = vdata.encode_latent_sample("sample_odd", torch.zeros(4, 6, 2, 3, dtype=torch.bfloat16),
@@ -688,6 +708,12 @@ def test_training_warns_when_the_cache_was_encoded_with_another_model(tmp_path):
     msg = check_cache_model(urls, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert "'/models/Wan2.1-T2V-14B-Diffusers'" in msg and "'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'" in msg
     assert check_cache_model(urls, "Wan-AI/Wan2.1-T2V-14B-Diffusers") is None  # a local copy of the hub id
+    # a second cache folder mixed in: its manifest is read too
+    d2, _ = _make(tmp_path / "second", n=2, per=2)
+    (d2 / "shard_000000.json").write_text(json.dumps({"content": {"model": "/models/Other-VAE"}}))
+    both = urls + vdata.resolve_shards(str(d2 / "shard_*.tar"))
+    msg = check_cache_model(both, "Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    assert msg is not None and "'/models/Other-VAE'" in msg and "14B-Diffusers'" not in msg.split("(")[1]
 
 
 def test_resize_crop_in_frame_chunks_equals_the_whole_clip_at_once():

@@ -413,8 +413,16 @@ def decode_latent_sample(sample: dict, latent_shape: Sequence[int] | None = None
     _check_shape(emb, embed_shape, "embed", key)
     if not lat.is_floating_point() or not emb.is_floating_point():
         raise ValueError(f"sample {key!r}: latent/embed must be floating point, got {lat.dtype}/{emb.dtype}")
+    for name, t in (("latent", lat), ("embed", emb)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:  # one NaN latent would make every loss and gradient of its batch NaN
+            raise ValueError(f"sample {key!r} in {sample.get('__url__')!r}: {name} holds {bad} non-finite values "
+                             "(NaN/inf; a broken encode?)")
     prompt = sample["prompt.txt"]
-    prompt = prompt.decode("utf-8") if isinstance(prompt, (bytes, bytearray)) else str(prompt)
+    try:
+        prompt = prompt.decode("utf-8") if isinstance(prompt, (bytes, bytearray)) else str(prompt)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"sample {key!r} in {sample.get('__url__')!r}: prompt.txt is not UTF-8 ({e})") from None
     return {"key": key, "latent": lat, "embed": emb, "prompt": prompt.strip(), "url": sample.get("__url__", "")}
 
 

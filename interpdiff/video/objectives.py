@@ -247,6 +247,7 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
         raise ValueError(f"build_transformer: phase must be 1 or 2, got {phase}")
     if lora:
         if cfg.init_lora:
+            check_init_lora(cfg, phase)
             wan.load_lora(tr, cfg.init_lora, trainable=True)
         else:
             # peft draws the LoRA A init from the global RNG: seed it so every run (and rank) of
@@ -257,6 +258,31 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
     if cfg.compile:
         tr.compile_repeated_blocks(fullgraph=True)
     return tr
+
+
+def check_init_lora(cfg: ModelConfig, phase: int) -> None:
+    """``model.init_lora`` must be a LoRA of this phase with this config's ``model.lora`` shape (it
+    is loaded as it was saved, and every checkpoint of the run records ``model.lora``)."""
+    try:
+        meta = wan.read_lora_meta(cfg.init_lora)
+    except wan.WanLoadError as e:
+        raise ConfigError(f"model.init_lora: {e}") from None
+    saved, mine = meta.get("lora") or {}, dataclasses.asdict(cfg.lora)
+    diff = []
+    for k in ("rank", "alpha", "use_rslora", "target_modules"):
+        a, b = saved.get(k), mine.get(k)
+        if k == "target_modules":
+            a, b = sorted(a or []), sorted(b or [])
+        elif k == "alpha" and a is not None:
+            a, b = float(a), float(b)
+        if k in saved and a != b:
+            diff.append(f"lora.{k} = {a} in the folder, model.lora.{k} = {b} in this config")
+    their_phase = (meta.get("extra") or {}).get("phase")
+    if their_phase is not None and their_phase != phase:
+        diff.append(f"it is a phase-{their_phase} LoRA, this is phase {phase}")
+    if diff:
+        raise ConfigError(f"model.init_lora={cfg.init_lora!r} does not fit this run: " + "; ".join(diff)
+                          + " (set model.lora to the folder's settings, or start from a fresh adapter)")
 
 
 def enable_checkpointing(transformer, ratio: float = 1.0, policy: str = "full") -> list[int]:
@@ -291,7 +317,12 @@ def _load_precomputed(path: str, what: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what}={path!r} does not exist (expected a torch file {{sample key: bool mask}})")
-    d = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        d = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{what}: the dp_precomputed file {path!r} cannot be read as a torch file "
+                          f"({type(e).__name__}: {str(e)[:200]}); expected {{sample key: bool mask}} as written by "
+                          "train_dphi_teacher.py") from None
     if not isinstance(d, dict) or not d:
         raise ConfigError(f"{what}={path!r}: expected a non-empty dict {{sample key: bool mask}}")
     return d
@@ -577,21 +608,28 @@ def check_cache_model(urls: Sequence[str], model_path: str) -> str | None:
     (a local folder and a hub id can name the same weights); returns its text, or ``None``."""
     import json
 
-    for u in urls[:1]:
+    first_per_folder: dict[str, str] = {}  # one manifest per cache folder (a run may mix several caches)
+    for u in urls:
+        if "://" not in u:
+            first_per_folder.setdefault(str(Path(u).parent), u)
+    bad = []
+    for u in first_per_folder.values():
         man = Path(u).with_suffix(".json")
-        if "://" in u or not man.is_file():
-            return None
+        if not man.is_file():
+            continue
         try:
             enc = (json.loads(man.read_text()).get("content") or {}).get("model")
         except (OSError, ValueError):
-            return None
+            continue
         if enc and str(enc) != str(model_path) and Path(str(enc)).name != Path(str(model_path)).name:
-            msg = (f"data.shards: {man.name} says the latents and text embeddings were encoded with model {enc!r}, "
-                   f"but model.path is {model_path!r}; check that they are the same weights (another VAE or text "
-                   "encoder gives another latent distribution)")
-            log.warning(msg)
-            return msg
-    return None
+            bad.append(f"{man} says {enc!r}")
+    if not bad:
+        return None
+    msg = (f"data.shards: the latents and text embeddings were encoded with another model than model.path="
+           f"{model_path!r} ({'; '.join(bad[:4])}); check that they are the same weights (another VAE or text encoder "
+           "gives another latent distribution)")
+    log.warning(msg)
+    return msg
 
 
 def make_validation_batches(cfg: VideoTrainConfig):

@@ -621,9 +621,19 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
     prompts = [p for p in cfg.prompts if p.strip()]
     if cfg.prompts_file:
         p = Path(cfg.prompts_file)
+        if p.is_dir():
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} is a folder (expected a text file, one prompt per line)")
         if not p.is_file():
             raise ConfigError(f"prompts_file={cfg.prompts_file!r} does not exist (expected a text file, one prompt per line)")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                              "save it as UTF-8") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise ConfigError(f"prompts_file={cfg.prompts_file!r} holds no prompt (empty or blank lines only)")
+        prompts += from_file
     if not prompts:
         raise ConfigError("no prompt: set prompts=[...] or prompts_file=PATH")
     return prompts

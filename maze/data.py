@@ -23,9 +23,13 @@ On-disk format (a folder ``<root>``, e.g. ``data/maze/small/``)::
         cost_scale     float64 []            sum_t w(t)/2 used for the costs (KL proxy scale)
         feat_source    str     []            "true_cost" or "dphi:<checkpoint path>"
         pos_checksum   float64 []            sum of pos of the split (guards against a stale file)
+        config_json    str     []            the ``keyframes`` settings that made the file (JSON)
 
 ``load_split(root, split)`` returns a ``MazeSplit`` with these fields (keyframe fields ``None``
-when no keyframe file exists).
+when no keyframe file exists). A file that is not such an archive (truncated, empty, garbage,
+pickled objects) or holds an array of another dtype or shape is a ``MazeDataError`` naming the
+file, the array and what was expected. ``check_keyframe_budgets`` refuses a keyframe file made
+with other budgets than the run's ``keyframes`` config (the trainers call it).
 
 External formats (``load_maze2d_hdf5``, ``load_minari``) are cut into goal-reaching segments
 (a segment ends where the commanded goal changes or the episode ends, and is kept when its
@@ -86,6 +90,7 @@ class MazeSplit:
     kp_feat: np.ndarray | None = None  # float32 [N, S, T, 5]
     cost_scale: float | None = None
     feat_source: str | None = None
+    keyframes_config: dict | None = None  # the keyframes settings stored in the keyframe file ({} = not stored)
 
     @property
     def N(self) -> int:
@@ -100,22 +105,33 @@ class MazeSplit:
         return int(self.occ.shape[-1])
 
     def validate(self, where: str = "MazeSplit") -> "MazeSplit":
+        if self.pos.ndim != 3 or self.pos.shape[2] != 2:
+            raise MazeDataError(f"{where}: pos must be [N, T, 2], got {list(self.pos.shape)}")
         N, T = self.pos.shape[:2]
         M = len(self.maze_names)
+        occ = self.occ.shape
         checks = [
-            (self.pos.ndim == 3 and self.pos.shape[2] == 2, f"pos must be [N, T, 2], got {self.pos.shape}"),
-            (self.maze_id.shape == (N,), f"maze_id must be [N={N}], got {self.maze_id.shape}"),
-            (self.start.shape == (N, 2) and self.goal.shape == (N, 2), "start/goal must be [N, 2]"),
-            (self.occ.shape[0] == M and self.occ.ndim == 3, f"occ must be [M={M}, G, G], got {self.occ.shape}"),
-            (self.sdf.shape == self.occ.shape, f"sdf {self.sdf.shape} must match occ {self.occ.shape}"),
+            (T >= 2, f"pos must hold T >= 2 frames, got {list(self.pos.shape)}"),
+            (self.maze_id.shape == (N,), f"maze_id must be [N={N}], got {list(self.maze_id.shape)}"),
+            (self.start.shape == (N, 2), f"start must be [N={N}, 2], got {list(self.start.shape)}"),
+            (self.goal.shape == (N, 2), f"goal must be [N={N}, 2], got {list(self.goal.shape)}"),
+            (self.n_steps is None or self.n_steps.shape == (N,),
+             f"n_steps must be [N={N}], got {list(getattr(self.n_steps, 'shape', []))}"),
+            (M >= 1, "maze_names is empty (expected the names of the M >= 1 mazes)"),
+            (len(occ) == 3 and occ[0] == M and occ[1] == occ[2] and occ[1] >= 1,
+             f"occ must be [M={M}, G, G] (one square grid per maze name), got {list(occ)}"),
+            (self.sdf.shape == occ, f"sdf {list(self.sdf.shape)} must match occ {list(occ)}"),
             (N == 0 or (0 <= self.maze_id.min() and self.maze_id.max() < M), f"maze_id must lie in [0, {M})"),
             (bool(np.isfinite(self.pos).all()), "pos holds non-finite values"),
         ]
         if self.kp_mask_levels is not None:
             S = len(self.budgets or [])
             checks += [
-                (self.kp_mask_levels.shape == (N, S, T), f"kp_mask_levels must be [N={N}, S={S}, T={T}], got {self.kp_mask_levels.shape}"),
-                (self.kp_feat is not None and self.kp_feat.shape == (N, S, T, KP_FEAT_DIM), f"kp_feat must be [N, S, T, {KP_FEAT_DIM}]"),
+                (S >= 1, f"budgets must list S >= 1 keyframe budgets, got {self.budgets}"),
+                (self.kp_mask_levels.shape == (N, S, T),
+                 f"kp_mask_levels must be [N={N}, S={S}, T={T}], got {list(self.kp_mask_levels.shape)}"),
+                (self.kp_feat is not None and self.kp_feat.shape == (N, S, T, KP_FEAT_DIM),
+                 f"kp_feat must be [N={N}, S={S}, T={T}, {KP_FEAT_DIM}], got {list(getattr(self.kp_feat, 'shape', []))}"),
             ]
         for ok, msg in checks:
             if not ok:
@@ -128,7 +144,7 @@ class MazeSplit:
         return MazeSplit(
             self.pos[idx], self.maze_id[idx], self.start[idx], self.goal[idx], self.occ, self.sdf,
             list(self.maze_names), pick(self.n_steps), pick(self.kp_mask_levels), self.budgets,
-            pick(self.kp_feat), self.cost_scale, self.feat_source,
+            pick(self.kp_feat), self.cost_scale, self.feat_source, self.keyframes_config,
         )
 
     def tensors(self, idx=None, device=None) -> dict[str, torch.Tensor]:
@@ -244,42 +260,130 @@ def save_keyframes(root, split: str, kp_mask_levels, budgets, kp_feat, cost_scal
     return atomic_write_bytes(keyframes_path(root, split), _npz_bytes(arrays, compressed=True))
 
 
-def _get(z, key: str, path: Path):
-    if key not in z.files:
-        raise MazeDataError(f"{str(path)!r} lacks array {key!r} (has {sorted(z.files)})")
-    return z[key]
+SPLIT_ARRAYS = ("pos", "maze_id", "start", "goal", "occ", "sdf", "maze_names")
+KEYFRAME_ARRAYS = ("kp_mask_levels", "budgets", "kp_feat", "cost_scale", "feat_source", "pos_checksum")
+_REMAKE_SPLIT = "regenerate it with `python -m maze.generate` (same config)"
+_REMAKE_KEYFRAMES = "rerun `python -m maze.prepare_keyframes` with the same config"
+
+
+def _read_npz(path: Path, required: Sequence[str], optional: Sequence[str], remake: str) -> dict[str, np.ndarray]:
+    """All ``required`` (+ present ``optional``) arrays of an ``.npz``, read now; any way the file
+    can be broken (empty, truncated, not a zip, pickled objects, a bad member) is a
+    ``MazeDataError`` naming the file (and the array)."""
+    import zipfile
+    import zlib
+
+    bad = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError, TypeError)
+    expect = f"expected an .npz archive (np.savez) of arrays {list(required)}"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except bad as e:
+        raise MazeDataError(f"{str(path)!r} is not a readable .npz file ({type(e).__name__}: {e}); {expect}; "
+                            f"{remake}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise MazeDataError(f"{str(path)!r} holds a single .npy array {list(np.shape(z))}, {expect}; {remake}")
+    out = {}
+    with z:
+        for key in [*required, *optional]:
+            if key not in z.files:
+                if key in required:
+                    raise MazeDataError(f"{str(path)!r} lacks array {key!r} (has {sorted(z.files)}); {remake}")
+                continue
+            try:
+                out[key] = z[key]
+            except bad as e:
+                raise MazeDataError(f"{str(path)!r}: array {key!r} cannot be read ({type(e).__name__}: {e}); expected a "
+                                    f"numeric or string array (no pickled objects); {remake}") from None
+    return out
+
+
+def _num(arrays: dict, key: str, path: Path, dtype, ndim: int | None = None, what: str = "") -> np.ndarray:
+    """``arrays[key]`` as ``dtype``; a non-numeric array (strings, objects) or one with another
+    number of dimensions is a ``MazeDataError`` naming the file, the array and the expectation."""
+    a = arrays[key]
+    want = f"{np.dtype(dtype).name} {what}".strip()
+    if a.dtype.kind not in "biuf":
+        raise MazeDataError(f"{str(path)!r}: array {key!r} has dtype {a.dtype}, expected {want}")
+    if ndim is not None and a.ndim != ndim:
+        raise MazeDataError(f"{str(path)!r}: array {key!r} has shape {list(a.shape)}, expected {want}")
+    return a.astype(dtype)
+
+
+def _scalar(arrays: dict, key: str, path: Path) -> float:
+    a = arrays[key]
+    if a.dtype.kind not in "biuf" or a.size != 1:
+        raise MazeDataError(f"{str(path)!r}: array {key!r} is {a.dtype} {list(a.shape)}, expected one number")
+    return float(a.reshape(()))
+
+
+def _strings(arrays: dict, key: str, path: Path, ndim: int) -> np.ndarray:
+    a = arrays[key]
+    if a.dtype.kind not in "US" or a.ndim != ndim:
+        raise MazeDataError(f"{str(path)!r}: array {key!r} is {a.dtype} {list(a.shape)}, expected "
+                            f"{'a string' if ndim == 0 else 'strings [M]'}")
+    return a.astype(str)
 
 
 def load_split(root, split: str, keyframes: bool | None = None) -> MazeSplit:
     """Load ``<root>/<split>.npz`` (+ ``keyframes_<split>.npz`` if present, or required when
     ``keyframes=True``; ``keyframes=False`` skips it)."""
     path = _need(split_path(root, split), f"maze {split} split")
-    with np.load(path, allow_pickle=False) as z:
-        data = MazeSplit(
-            pos=_get(z, "pos", path).astype(np.float32),
-            maze_id=_get(z, "maze_id", path).astype(np.int64),
-            start=_get(z, "start", path).astype(np.float32),
-            goal=_get(z, "goal", path).astype(np.float32),
-            occ=_get(z, "occ", path).astype(np.float32),
-            sdf=_get(z, "sdf", path).astype(np.float32),
-            maze_names=[str(s) for s in _get(z, "maze_names", path)],
-            n_steps=z["n_steps"].astype(np.int64) if "n_steps" in z.files else None,
-        )
+    z = _read_npz(path, SPLIT_ARRAYS, ("n_steps",), _REMAKE_SPLIT)
+    data = MazeSplit(
+        pos=_num(z, "pos", path, np.float32, 3, "[N, T, 2]"),
+        maze_id=_num(z, "maze_id", path, np.int64, 1, "[N]"),
+        start=_num(z, "start", path, np.float32, 2, "[N, 2]"),
+        goal=_num(z, "goal", path, np.float32, 2, "[N, 2]"),
+        occ=_num(z, "occ", path, np.float32, 3, "[M, G, G]"),
+        sdf=_num(z, "sdf", path, np.float32, 3, "[M, G, G]"),
+        maze_names=[str(n) for n in _strings(z, "maze_names", path, 1)],
+        n_steps=_num(z, "n_steps", path, np.int64, 1, "[N]") if "n_steps" in z else None,
+    )
     data.validate(str(path))
     kp = keyframes_path(root, split)
     if keyframes is True or (keyframes is None and kp.is_file()):
         _need(kp, f"keyframe file for split {split!r}")
-        with np.load(kp, allow_pickle=False) as z:
-            data.kp_mask_levels = _get(z, "kp_mask_levels", kp).astype(bool)
-            data.budgets = [int(b) for b in _get(z, "budgets", kp)]
-            data.kp_feat = _get(z, "kp_feat", kp).astype(np.float32)
-            data.cost_scale = float(_get(z, "cost_scale", kp))
-            data.feat_source = str(_get(z, "feat_source", kp))
-            chk = float(_get(z, "pos_checksum", kp))
+        z = _read_npz(kp, KEYFRAME_ARRAYS, ("config_json",), _REMAKE_KEYFRAMES)
+        data.kp_mask_levels = _num(z, "kp_mask_levels", kp, bool, 3, "[N, S, T]")
+        data.budgets = [int(b) for b in _num(z, "budgets", kp, np.int64, 1, "[S]")]
+        data.kp_feat = _num(z, "kp_feat", kp, np.float32, 4, f"[N, S, T, {KP_FEAT_DIM}]")
+        data.cost_scale = _scalar(z, "cost_scale", kp)
+        data.feat_source = str(_strings(z, "feat_source", kp, 0))
+        chk = _scalar(z, "pos_checksum", kp)
+        data.keyframes_config = {}
+        if "config_json" in z:
+            try:
+                data.keyframes_config = json.loads(str(_strings(z, "config_json", kp, 0)))
+            except ValueError as e:
+                raise MazeDataError(f"{str(kp)!r}: array 'config_json' is not JSON ({e}); {_REMAKE_KEYFRAMES}") from None
         if not np.isclose(chk, float(data.pos.astype(np.float64).sum()), rtol=1e-9, atol=1e-6):
             raise MazeDataError(f"{str(kp)!r} was computed for other data than {str(path)!r} (pos checksum differs); rerun maze.prepare_keyframes")
         data.validate(str(kp))
     return data
+
+
+def check_keyframe_budgets(data: MazeSplit, keyframes_cfg, root, split: str = "train") -> list[int]:
+    """The budgets of ``data``'s keyframe file when they are the config's
+    (``keyframes_cfg.resolved_budgets(T)``), else a ``MazeDataError`` naming the file, both budget
+    lists (and the settings stored in the file) and the fix: a model trained on the file's levels
+    while the config (and every later stage reading it) says otherwise would be silently wrong."""
+    kp = keyframes_path(root, split)
+    remake = ("rerun `python -m maze.prepare_keyframes` with the same config (the same --config files and "
+              "keyframes.* overrides), or train with the keyframes settings the file was made with")
+    try:
+        want = keyframes_cfg.resolved_budgets(data.T)
+    except ValueError as e:
+        raise MazeDataError(f"{str(kp)!r} holds budgets {data.budgets} for T={data.T}, but the config's keyframes "
+                            f"settings do not fit this T: {e}") from None
+    if data.budgets != want:
+        made = data.keyframes_config or {}
+        made_txt = ", ".join(f"keyframes.{k}={made[k]}" for k in ("k_min", "n_levels", "budgets") if k in made)
+        raise MazeDataError(
+            f"{str(kp)!r} holds keyframes for budgets {data.budgets}" + (f" (made with {made_txt})" if made_txt else "")
+            + f", but the config gives budgets {want} (keyframes.k_min={keyframes_cfg.k_min}, "
+            f"keyframes.n_levels={keyframes_cfg.n_levels}, keyframes.budgets={list(keyframes_cfg.budgets)}, "
+            f"T={data.T}); {remake}")
+    return want
 
 
 # --------------------------------------------------------------------------- segments
@@ -341,32 +445,80 @@ def load_maze2d_hdf5(
     """Read a D4RL maze2d HDF5 file (layout in the module docstring) as a ``MazeSplit``.
 
     ``goal_tol`` is in world units (D4RL's controller switches goals within 0.5 of the target).
+    A file that is not HDF5, datasets of other shapes or lengths, non-finite positions, or no
+    goal-reaching segment at all are a ``MazeDataError`` naming the file and dataset.
     """
-    import h5py
-
     p = Path(path)
     if not p.is_file():
         raise MazeDataError(f"maze2d file {str(p)!r} does not exist")
     if frame not in ("d4rl", "gymnasium"):
         raise MazeDataError(f"load_maze2d_hdf5: frame={frame!r}, expected 'd4rl' or 'gymnasium'")
     m = get_maze(maze)
-    with h5py.File(p, "r") as f:
+    layout = "maze2d layout: observations [N, 4], actions, infos/goal [N, 2], timeouts [N], terminals [N]"
+    with _open_hdf5(p, layout) as f:
         for key in ("observations", "infos/goal", "timeouts"):
             if key not in f:
-                raise MazeDataError(f"{str(p)!r} lacks dataset {key!r} (maze2d layout: observations, actions, infos/goal, timeouts)")
-        obs = np.asarray(f["observations"][:, :2], dtype=np.float64)
-        goal = np.asarray(f["infos/goal"][:], dtype=np.float64)
-        ends = np.asarray(f["timeouts"][:], dtype=bool)
+                raise MazeDataError(f"{str(p)!r} lacks dataset {key!r} ({layout})")
+        n = _h5_shape(f, "observations", p, layout, 2, min_cols=2)[0]
+        _h5_shape(f, "infos/goal", p, layout, 2, min_cols=2, n=n)
+        _h5_shape(f, "timeouts", p, layout, 1, n=n)
         if "terminals" in f:
-            ends |= np.asarray(f["terminals"][:], dtype=bool)
+            _h5_shape(f, "terminals", p, layout, 1, n=n)
+        try:
+            obs = np.asarray(f["observations"][:, :2], dtype=np.float64)
+            goal = np.asarray(f["infos/goal"][:, :2], dtype=np.float64)
+            ends = np.asarray(f["timeouts"][:], dtype=bool)
+            if "terminals" in f:
+                ends |= np.asarray(f["terminals"][:], dtype=bool)
+        except (OSError, ValueError, TypeError) as e:
+            raise MazeDataError(f"{str(p)!r}: cannot read its datasets ({type(e).__name__}: {e}); {layout}") from None
+    for name, a in (("observations[:, :2]", obs), ("infos/goal", goal)):
+        bad = ~np.isfinite(a).all(1)
+        if bad.any():
+            raise MazeDataError(f"{str(p)!r}: {name} holds non-finite (NaN/inf) values in {int(bad.sum())} of {len(a)} "
+                                f"rows (first at row {int(np.flatnonzero(bad)[0])}); expected finite positions")
     conv = (lambda a: d4rl_to_world(a, m)) if frame == "d4rl" else (lambda a: a)  # noqa: E731
     obs_w, goal_w = conv(obs), conv(goal)
     segs = []
-    for a, b in goal_segments(goal, ends):
+    spans = goal_segments(goal, ends)
+    for a, b in spans:
         seg = obs_w[a : b + 1]
         if len(seg) >= min_steps and _reached(seg, goal_w[b], goal_tol):
             segs.append(seg)
+    if not segs:
+        raise MazeDataError(f"{str(p)!r}: none of its {len(spans)} constant-goal segments ({n} steps) is a goal-reaching "
+                            f"one of >= min_steps={min_steps} steps ending within goal_tol={goal_tol} of its goal "
+                            f"(maze={maze!r}, frame={frame!r}; check that they match the file)")
     return segments_to_split(segs, [maze] * len(segs), T, maze_names, flip_y)
+
+
+def _open_hdf5(p: Path, layout: str):
+    """``h5py.File(p, "r")``; a file that is not HDF5 (garbage, truncated) is a ``MazeDataError``."""
+    import h5py
+
+    try:
+        return h5py.File(p, "r")
+    except OSError as e:
+        raise MazeDataError(f"{str(p)!r} is not a readable HDF5 file ({e}); expected the {layout}") from None
+
+
+def _h5_shape(f, key: str, p: Path, layout: str, ndim: int, min_cols: int = 0, n: int | None = None) -> tuple:
+    """The shape of dataset ``key``, checked: ``ndim`` dims, a numeric dtype, ``>= min_cols`` columns,
+    ``n`` rows (when given, the length of ``observations``)."""
+    import h5py
+
+    d = f[key]
+    if not isinstance(d, h5py.Dataset):
+        raise MazeDataError(f"{str(p)!r}: {key!r} is a group, expected a dataset ({layout})")
+    shape = tuple(d.shape or ())
+    ok = len(shape) == ndim and d.dtype.kind in "biuf" and (ndim < 2 or shape[1] >= min_cols)
+    if not ok:
+        want = "[N]" if ndim == 1 else f"[N, >= {min_cols}]"
+        raise MazeDataError(f"{str(p)!r}: dataset {key!r} is {d.dtype} {list(shape)}, expected numbers {want} ({layout})")
+    if n is not None and shape[0] != n:
+        raise MazeDataError(f"{str(p)!r}: dataset {key!r} has {shape[0]} rows but 'observations' has {n}; "
+                            f"every dataset holds one row per step ({layout})")
+    return shape
 
 
 def _minari_file(path: Path) -> Path:
@@ -389,7 +541,7 @@ def load_minari(
 
     f_path = _minari_file(Path(path))
     segs = []
-    with h5py.File(f_path, "r") as f:
+    with _open_hdf5(f_path, "Minari layout: episode_<k> groups") as f:
         eps = sorted((k for k in f.keys() if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
         if not eps:
             raise MazeDataError(f"{str(f_path)!r} holds no 'episode_<k>' groups (Minari layout)")

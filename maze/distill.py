@@ -366,7 +366,10 @@ def make_loss(cfg, target: str, teacher, tmeta: dict, data, gen: torch.Generator
                                    PHASE1_POLICIES if target == "phase1" else PHASE2_POLICIES)
     budgets = list(tmeta["budgets"])
     if list(data.budgets) != budgets:
-        raise ValueError(f"data keyframe budgets {list(data.budgets)} ({cfg.data.root}) differ from the teacher's {budgets}")
+        from maze.data import MazeDataError
+
+        raise MazeDataError(f"data keyframe budgets {list(data.budgets)} ({cfg.data.root}) differ from the teacher's "
+                            f"{budgets}: rerun python -m maze.prepare_keyframes with the teacher's keyframes settings")
     meta.update(policy_mix=mix)
 
     if target == "phase1":

@@ -15,7 +15,9 @@ exists). ``kp_feat`` is recomputed for the chosen indices with D_phi's segment c
 function the sampler uses, so training and sampling features match), or zeros with
 ``phase1.feat_diffs=none``.
 
-Writes ``<phase1.run_dir>/model.pt`` (sizes, T, G, budgets in its metadata), ``config.yaml``
+Reads ``<data.root>/keyframes_train.npz``, which must hold the budgets of this config's
+``keyframes.*`` (else a ``MazeDataError`` before anything is written: rerun
+``maze.prepare_keyframes``). Writes ``<phase1.run_dir>/model.pt`` (sizes, T, G, budgets in its metadata), ``config.yaml``
 and ``model_metrics.csv``.
 """
 
@@ -74,12 +76,12 @@ def phase1_loss(model, batch, mask0_B_T, pair_cost, cfg, generator):
 
 
 def main(cfg) -> Path:
-    from maze.data import load_split
+    from maze.data import check_keyframe_budgets, load_split
 
     torch.manual_seed(cfg.phase1.optim.seed)
     p1 = cfg.phase1
     data = load_split(cfg.data.root, "train", keyframes=True)
-    budgets = data.budgets
+    budgets = check_keyframe_budgets(data, cfg.keyframes, cfg.data.root)  # a file of other budgets: refused
     dphi, selector = load_aux(cfg, p1.feat_diffs == "dphi", "selector" in p1.policy_mix or p1.selector_weight > 0)
     mix = phase1_mix(cfg, selector is not None)
     run_dir = Path(p1.run_dir)

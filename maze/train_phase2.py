@@ -14,7 +14,9 @@ frames (``z = 2 (x - 0.5)``), per-sample weighted by level when ``phase2.level_w
 of ``x0_hat`` on missing frames. The refiner's output form is ``phase2.output``
 (``missing_residual``: keyframes of ``M_s`` returned exactly).
 
-Writes ``<phase2.run_dir>/model.pt`` (sizes, T, G, n_levels, budgets, sigmas, confidence in its
+Reads ``<data.root>/keyframes_train.npz``, which must hold the budgets of this config's
+``keyframes.*`` (else a ``MazeDataError`` before anything is written: rerun
+``maze.prepare_keyframes``). Writes ``<phase2.run_dir>/model.pt`` (sizes, T, G, n_levels, budgets, sigmas, confidence in its
 metadata), ``config.yaml`` and ``model_metrics.csv``.
 """
 
@@ -58,13 +60,13 @@ def phase2_loss(model, batch, masks_B_S_T, sigmas_S, confidence: str, generator,
 
 
 def main(cfg) -> Path:
-    from maze.data import load_split
+    from maze.data import check_keyframe_budgets, load_split
     from maze.planner import load_selector_from_run
 
     p2 = cfg.phase2
     torch.manual_seed(p2.optim.seed)
     data = load_split(cfg.data.root, "train", keyframes=True)
-    budgets = data.budgets
+    budgets = check_keyframe_budgets(data, cfg.keyframes, cfg.data.root)  # a file of other budgets: refused
     mix = parse_policy_mix(p2.policy_mix, PHASE2_POLICIES)
     selector = load_selector_from_run(cfg.selector.run_dir, required=False) if "selector" in mix else None
     if "selector" in mix and selector is None:

@@ -41,7 +41,7 @@ from interpdiff.masks import gap_stats, mask_to_indices, random_nested_masks, un
 from maze.common import cond_inputs, fit, interp_error
 from maze.encoders import mean_arc_fraction
 from maze.config import MazeConfig
-from maze.data import MazeDataError, MazeSplit, load_split
+from maze.data import MazeDataError, MazeSplit, check_keyframe_budgets, load_split
 from maze.selector import SELECTOR_KIND, Selector
 
 
@@ -137,7 +137,8 @@ def main(cfg: MazeConfig) -> dict:
     torch.manual_seed(sc.train.seed)
     train = load_split(dc.root, "train", keyframes=True)
     evals = load_split(dc.root, "eval", keyframes=True)
-    T, budgets = train.T, list(train.budgets)
+    T, budgets = train.T, check_keyframe_budgets(train, cfg.keyframes, dc.root)  # a file of other budgets: refused
+    check_keyframe_budgets(evals, cfg.keyframes, dc.root, "eval")
     net = sc.net
     dev = torch.device(sc.train.device)
     model = Selector(T, budgets, net.d_model, net.enc_depth, net.heads, net.depth, train.G, sc.nms_radius_scale,

@@ -227,3 +227,151 @@ def test_keyframes_file(tiny_data):
     save_split(root, "eval", d2)
     with pytest.raises(MazeDataError, match="checksum"):
         load_split(root, "eval")
+
+
+@pytest.mark.parametrize("trainer", ["maze.train_phase1", "maze.train_phase2"])
+def test_trainers_refuse_keyframes_made_with_other_budgets(tiny_data, tmp_path, trainer):
+    """keyframes_train.npz made with k_min=4, n_levels=3 ([4, 11, 32] at T=32); a trainer run with
+    k_min=6, n_levels=4 ([6, 10, 18, 32]) would train on the file's levels while the config (and
+    every later stage) says otherwise: refused before anything is written, naming the file, both
+    budget lists and the fix. The same budgets given explicitly pass the check."""
+    import importlib
+
+    from maze.data import check_keyframe_budgets
+
+    root, _ = tiny_data
+    main = importlib.import_module(trainer).main
+    run = tmp_path / "run"
+    args = [f"data.root={root}", "data.T=32", f"phase1.run_dir={run}", f"phase2.run_dir={run}",
+            "phase1.optim.steps=1", "phase2.optim.steps=1", "phase1.optim.batch_size=2", "phase2.optim.batch_size=2",
+            "phase1.feat_diffs=none", f"dphi.run_dir={tmp_path / 'no_dphi'}", f"selector.run_dir={tmp_path / 'no_sel'}"]
+    cfg = load_config(MazeConfig, None, args + ["keyframes.k_min=6", "keyframes.n_levels=4"])
+    with pytest.raises(MazeDataError) as e:
+        main(cfg)
+    msg = str(e.value)
+    assert "keyframes_train.npz" in msg and "[4, 11, 32]" in msg and "[6, 10, 18, 32]" in msg, msg
+    assert "keyframes.k_min=4" in msg and "keyframes.n_levels=3" in msg, msg  # the settings stored in the file
+    assert "python -m maze.prepare_keyframes" in msg, msg
+    assert not run.exists()
+    same = load_config(MazeConfig, None, args + ["keyframes.budgets=[4,11,32]"])
+    assert check_keyframe_budgets(load_split(root, "train"), same.keyframes, root) == [4, 11, 32]
+
+
+def _corrupt_split(path, how):
+    d = _split()
+    arrays = {"pos": d.pos, "maze_id": d.maze_id, "start": d.start, "goal": d.goal, "occ": d.occ, "sdf": d.sdf,
+              "maze_names": np.array(d.maze_names), "n_steps": d.n_steps}
+    if how == "truncated":
+        np.savez(path, **arrays)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "npy":
+        np.save(path.with_suffix(".tmp.npy"), d.pos)
+        path.write_bytes(path.with_suffix(".tmp.npy").read_bytes())
+    else:
+        key, value = {
+            "object": ("maze_id", np.array([1, "a", None], dtype=object)),
+            "occ_shape": ("occ", d.occ[:, :, :10]),
+            "occ_ndim": ("occ", d.occ[0]),
+            "pos_ndim": ("pos", d.pos[0, :, 0]),
+            "pos_str": ("pos", d.pos.astype(str)),
+            "names_num": ("maze_names", np.arange(3)),
+            "n_steps": ("n_steps", d.n_steps[:2]),
+        }[how]
+        arrays[key] = value
+        if how == "occ_shape":
+            arrays["sdf"] = d.sdf[:, :, :10]
+        np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("how,match", [
+    ("truncated", r"not a readable \.npz file .*expected an \.npz archive"),
+    ("garbage", r"not a readable \.npz file .*pickled"),
+    ("empty", r"not a readable \.npz file \(EOFError"),
+    ("npy", r"holds a single \.npy array \[5, 16, 2\], expected an \.npz archive"),
+    ("object", r"array 'maze_id' cannot be read .*no pickled objects"),
+    ("occ_shape", r"occ must be \[M=3, G, G\] \(one square grid per maze name\), got \[3, 12, 10\]"),
+    ("occ_ndim", r"array 'occ' has shape \[12, 12\], expected float32 \[M, G, G\]"),
+    ("pos_ndim", r"array 'pos' has shape \[16\], expected float32 \[N, T, 2\]"),
+    ("pos_str", r"array 'pos' has dtype <U\d+, expected float32 \[N, T, 2\]"),
+    ("names_num", r"array 'maze_names' is int64 \[3\], expected strings \[M\]"),
+    ("n_steps", r"n_steps must be \[N=5\], got \[2\]"),
+])
+def test_corrupt_split_files_name_the_file_and_array(tmp_path, how, match):
+    """Every broken split file is a MazeDataError naming the file and what was expected (numpy's
+    own BadZipFile / EOFError / 'pickled data' / 'Object arrays' errors named neither, and a
+    non-square occ only failed later inside MazeEncoder)."""
+    _corrupt_split(tmp_path / "train.npz", how)
+    with pytest.raises(MazeDataError, match=match) as e:
+        load_split(tmp_path, "train")
+    assert str(tmp_path / "train.npz") in str(e.value)
+
+
+@pytest.mark.parametrize("how,match", [
+    ("truncated", r"keyframes_train\.npz' is not a readable \.npz file.*maze\.prepare_keyframes"),
+    ("kp_feat", r"keyframes_train\.npz: kp_feat must be \[N=5, S=2, T=16, 5\], got \[5, 2, 16, 3\]"),
+    ("cost_scale", r"keyframes_train\.npz': array 'cost_scale' is float64 \[2\], expected one number"),
+    ("budgets", r"keyframes_train\.npz': array 'budgets' has shape \[\], expected int64 \[S\]"),
+])
+def test_corrupt_keyframe_files_name_the_file_and_array(tmp_path, how, match):
+    from maze.data import save_keyframes
+
+    d = _split()
+    save_split(tmp_path, "train", d)
+    masks = np.zeros((5, 2, 16), bool)
+    masks[:, :, [0, 15]] = True
+    masks[:, 1] = True
+    feat = np.zeros((5, 2, 16, 5), np.float32)
+    path = save_keyframes(tmp_path, "train", masks, [2, 16], feat, 1.0, "true_cost", d.pos, config={"k_min": 2})
+    with np.load(path) as z:
+        arrays = dict(z)
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        arrays[how] = {"kp_feat": feat[..., :3], "cost_scale": np.ones(2), "budgets": np.int64(2)}[how]
+        np.savez(path, **arrays)
+    with pytest.raises(MazeDataError, match=match):
+        load_split(tmp_path, "train")
+
+
+def _write_maze2d(path, obs, goal, timeouts, terminals=None):
+    with h5py.File(path, "w") as f:
+        f["observations"] = obs
+        f["timeouts"] = timeouts
+        f["infos/goal"] = goal
+        if terminals is not None:
+            f["terminals"] = terminals
+
+
+def test_maze2d_hdf5_bad_files_name_the_file_and_dataset(tmp_path):
+    """A garbage file, datasets of other lengths/shapes and NaN observations (which used to give
+    N=0 silently: no segment 'reached' its goal) are MazeDataErrors naming the file and dataset."""
+    obs, goal, timeouts, _, _ = _d4rl_stream()
+    obs4 = np.concatenate([obs, np.zeros_like(obs)], 1)
+    p = tmp_path / "m.hdf5"
+    p.write_bytes(b"not an hdf5 file" * 10)
+    with pytest.raises(MazeDataError, match=r"m\.hdf5' is not a readable HDF5 file"):
+        load_maze2d_hdf5(p, "umaze")
+    _write_maze2d(p, obs4, goal, timeouts[:-5])
+    with pytest.raises(MazeDataError, match=r"m\.hdf5': dataset 'timeouts' has 85 rows but 'observations' has 90"):
+        load_maze2d_hdf5(p, "umaze")
+    _write_maze2d(p, obs4, goal, timeouts, terminals=np.zeros(3, bool))
+    with pytest.raises(MazeDataError, match=r"dataset 'terminals' has 3 rows"):
+        load_maze2d_hdf5(p, "umaze")
+    _write_maze2d(p, obs4[:, 0], goal, timeouts)
+    with pytest.raises(MazeDataError, match=r"dataset 'observations' is float64 \[90\], expected numbers \[N, >= 2\]"):
+        load_maze2d_hdf5(p, "umaze")
+    _write_maze2d(p, np.full_like(obs4, np.nan), goal, timeouts)
+    with pytest.raises(MazeDataError, match=r"m\.hdf5': observations\[:, :2\] holds non-finite .* in 90 of 90 rows"):
+        load_maze2d_hdf5(p, "umaze")
+    _write_maze2d(p, obs4, goal, timeouts)
+    with pytest.raises(MazeDataError, match=r"none of its 3 constant-goal segments .*goal_tol=0.001"):
+        load_maze2d_hdf5(p, "umaze", T=8, goal_tol=0.001, min_steps=1000)
+    assert load_maze2d_hdf5(p, "umaze", T=8, goal_tol=0.1).N == 2
+    (tmp_path / "mn" / "data").mkdir(parents=True)
+    (tmp_path / "mn" / "data" / "main_data.hdf5").write_bytes(b"\x00" * 64)
+    with pytest.raises(MazeDataError, match=r"main_data\.hdf5' is not a readable HDF5 file"):
+        load_minari(tmp_path / "mn", "medium")

@@ -9,18 +9,29 @@ Each sample: ``{key}.latent.pt`` bf16 ``latent_shape`` (default ``[16, 21, 60, 1
 length, like UMT5 output), ``{key}.prompt.txt``. Latents are temporally smooth (linear
 interpolation between a few random anchor frames plus small noise), so keyframe interpolation
 has something to do; they are not meant to decode to real video. Shards are
-``shard_000000.tar, ...``, each written to a temporary name and renamed; existing shards are
-overwritten, and shards of an earlier run numbered past the new set are removed (they would be
-read with it). ``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
+``shard_000000.tar, ...``. Everything is seeded (``seed``): the same command writes the same bytes.
+
+A rewrite does not leave a mix of two sets under the final names: the new shards are first written
+to a hidden staging folder ``out_dir/.make_shards_staging/`` (same file system), and only once every
+one of them is written are they moved into place (``os.replace`` per file, which overwrites
+existing shards of the same names); then shards of an earlier run numbered past the new set are
+removed (they would be read with it), and the staging folder. A run killed (or failing, e.g. a
+full disk) before the moves leaves the earlier set as it was; a staging folder left by a killed
+run is removed by the next run. Only a kill during the moves themselves (milliseconds) can leave
+part of each set (rerun the command). The staging needs the disk space of the new set
+next to the old one. A write error (``OSError``, e.g. ``ENOSPC``) is re-raised naming the shard.
+``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
 ``k * samples_per_shard, ...`` (new keys and contents; the same bytes as one run writing every
-shard, when the earlier run's last shard was full). Everything is seeded (``seed``): the same command writes the same bytes.
+shard, when the earlier run's last shard was full); no shard is removed then.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +39,7 @@ from pathlib import Path
 import torch
 
 from interpdiff.config import parse_cli
-from interpdiff.io import atomic_write_bytes
+from interpdiff.io import atomic_write_bytes, fsync_dir
 from interpdiff.video.data import encode_latent_sample
 
 _WORDS = ("a man woman dog cat bird car walks runs jumps across through the beach street park field "
@@ -94,18 +105,41 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+STAGING = ".make_shards_staging"  # hidden folder inside out_dir holding a set being written
+
+
 def make_shards(cfg: MakeShardsConfig) -> list[Path]:
+    """Write the set (module doc: staged, then moved into place); returns the final shard paths."""
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    staging = out / STAGING
+    if staging.exists():  # left by a run killed before its moves: never part of the set
+        print(f"make_shards: removing {staging} (left by an interrupted run)")
+        shutil.rmtree(staging)
+    staging.mkdir()
     n_shards = -(-cfg.num_samples // cfg.samples_per_shard)
     first = cfg.start_index * cfg.samples_per_shard  # appended shards continue the sample numbering
-    for s in range(n_shards):
-        lo = first + s * cfg.samples_per_shard
-        hi = first + min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
-        samples = [encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(lo, hi)]
-        paths.append(write_shard(out / f"shard_{cfg.start_index + s:06d}.tar", samples))
+    names = [f"shard_{cfg.start_index + s:06d}.tar" for s in range(n_shards)]
+    try:
+        for s, name in enumerate(names):
+            lo = first + s * cfg.samples_per_shard
+            hi = first + min(cfg.num_samples, (s + 1) * cfg.samples_per_shard)
+            samples = [encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(lo, hi)]
+            try:
+                write_shard(staging / name, samples)
+            except OSError as e:
+                msg = (f"make_shards: could not write shard {out / name} (staged as {staging / name}): "
+                       f"{e.strerror or e}; the shards already in {out} are unchanged")
+                raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # best effort (a SIGKILL leaves it to the next run)
+        raise
+    paths = []
+    for name in names:  # every shard is written: move the set into place
+        os.replace(staging / name, out / name)
+        paths.append(out / name)
+    fsync_dir(out)
     if cfg.start_index == 0:  # a new set: shards of an earlier, larger run would be read with it
         stale = sorted(p for p in out.glob("shard_*.tar")
                        if re.fullmatch(r"shard_\d{6,}\.tar", p.name) and int(p.name[6:-4]) >= n_shards)
@@ -114,6 +148,7 @@ def make_shards(cfg: MakeShardsConfig) -> list[Path]:
         if stale:
             print(f"make_shards: removed {len(stale)} shards of an earlier run beyond this set ({stale[0].name} ... "
                   f"{stale[-1].name}); use start_index= to append instead")
+    shutil.rmtree(staging, ignore_errors=True)
     return paths
 
 

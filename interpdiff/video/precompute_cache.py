@@ -11,20 +11,23 @@ latents (VAE posterior mode, ``(z - mean) / std``), ``{key}.embed.pt`` bf16 ``[m
 (UMT5 output, zero past the prompt, as ``WanPipeline`` builds it), ``{key}.prompt.txt``.
 
 Shard ``s`` holds annotation items ``[s * samples_per_shard, (s+1) * samples_per_shard)`` of the
-(deterministic) item list. Next to each shard, ``shard_NNNNNN.json`` (its manifest, written after
-the shard) records what the shard was made from: the items of its range (key, video path relative
+(deterministic) item list. Next to each shard, ``shard_NNNNNN.json`` (its manifest, final once
+the shard is written) records what the shard was made from: the items of its range (key, video path relative
 to ``videos``, prompt, moment) and the settings that determine the bytes of a sample (``model``,
 ``clip.*``, ``max_length``, ``text_dtype``, ``vae_dtype``, ``seed``, ``samples_per_shard``).
 
-Resume: a shard on disk is kept only when its manifest equals what this run would write (a crash
-leaves either a complete shard + manifest, or a shard that is redone: each file is written to a
-temp name and renamed). Any other shard is stale and re-encoded: a changed ``max_items``,
+Resume: a shard on disk is kept only when its manifest equals what this run would write. Each
+file is written to a temp name and renamed, and before a shard is (re)written its manifest is
+replaced by one marked ``"complete": false``, replaced by the final manifest once the shard is in
+place: a crash (kill, full disk) anywhere in between leaves an incomplete-marked manifest (with
+the old shard, no shard or the new shard), and that shard is redone by the next run without
+asking. Any other shard is stale and re-encoded: a changed ``max_items``,
 annotation file, set of video names or ``samples_per_shard`` re-encodes exactly the shards whose
 items changed (a video file replaced under the same name is not detected: file contents are not
 hashed); a changed clip spec / model / text length re-encodes all of them. The run logs
 which shards are stale and why (the differing settings by name, or the changed items) before it
 starts, so an ``out_dir`` reused by mistake shows up at once. Shards past the new last shard (a
-smaller item list) are removed by rank 0, and a stale shard whose videos are now all unreadable
+smaller item list) are removed by rank 0 with their manifests (or a manifest left alone), and a stale shard whose videos are now all unreadable
 is removed, so the folder always holds exactly the current config's cache. Missing/unreadable
 videos are skipped and counted; the shard then holds fewer samples. ``cache_meta.json`` records
 the config, the counts (``stale_shards``: shards re-encoded or removed) and the code version.
@@ -73,8 +76,9 @@ class PrecomputeConfig:
     text_dtype: str = "bfloat16"
     vae_dtype: str = "float32"
     seed: int = 0
-    # shards without a manifest (written before manifests existed, or a crash between the shard and
-    # its manifest): "error" = stop and say so; "adopt" = keep the shard when its keys are exactly
+    # shards without any manifest (written by an older version: before manifests existed, or one that
+    # crashed between the shard and its manifest; this version marks a shard being written, and
+    # redoes it after a crash without asking): "error" = stop and say so; "adopt" = keep the shard when its keys are exactly
     # the expected items (its settings cannot be checked: only for a cache made with the same
     # settings) and write its manifest; "redo" = re-encode it
     legacy_shards: str = "error"
@@ -164,11 +168,13 @@ def stale_reason(out: Path, s: int, expected: dict, videos_root: str | Path = ""
     try:
         got = json.loads(mp.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"no manifest {mp.name} (written by an older version, or interrupted before the manifest)"
+        return f"no manifest {mp.name} (written by an older version, before manifests or interrupted before the manifest)"
     except (OSError, ValueError) as e:
         return f"unreadable manifest {mp.name}: {type(e).__name__}: {e}"
     if not isinstance(got, dict) or got.get("format") != MANIFEST_FORMAT:
         return f"{mp.name} is not a cache shard manifest"
+    if got.get("complete") is False:
+        return f"interrupted while it was written ({mp.name} is marked incomplete)"
     skipped = got.pop("skipped", None) or []
     if got == expected:
         return _retry_reason(Path(videos_root), skipped, mp)
@@ -225,7 +231,7 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
     if legacy and cfg.legacy_shards == "error":
         raise ValueError(
             f"{out}: {len(legacy)} shard(s) without a manifest (e.g. {_shard_path(out, legacy[0]).name}), written by an "
-            "older version or interrupted before the manifest; their settings cannot be checked. Pass "
+            "older version (before manifests, or interrupted before the manifest); their settings cannot be checked. Pass "
             "legacy_shards=adopt to keep those whose keys are the expected items (same settings as this run), or "
             "legacy_shards=redo to re-encode them")
     if cfg.legacy_shards == "adopt":
@@ -246,10 +252,11 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                     len(stale), len(mine), out)
     extra = []
     if rank == 0:  # shards past the last one (a smaller item list / larger shards): not part of this cache
-        for p in sorted(out.glob("shard_*.tar")):
-            num = p.name[len("shard_"):-len(".tar")]
+        for p in [*out.glob("shard_*.tar"), *out.glob("shard_*.json")]:  # a manifest alone: an interrupted write
+            num = p.stem[len("shard_"):]
             if num.isdigit() and int(num) >= n_shards:
                 extra.append(int(num))
+        extra = sorted(set(extra))
         for s in extra:
             log.warning("removing %s (+ manifest): past the last shard %d of %d items", _shard_path(out, s),
                         n_shards - 1, len(items))
@@ -287,16 +294,24 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                     for i, key in enumerate(batch["keys"]):
                         samples.append(encode_latent_sample(key, lat[i], emb[i], batch["prompts"][i]))
                 bar.update(n)
-            # the old files go first: a crash while the new shard is written then leaves no shard (redone
-            # next time), never an old shard without its manifest (which legacy_shards=adopt could keep)
-            _manifest_path(out, s).unlink(missing_ok=True)
-            _shard_path(out, s).unlink(missing_ok=True)
+            # the manifest is marked incomplete first (atomically replacing the old one), then the old shard
+            # goes: a crash before the final manifest leaves a shard (old, new or none) whose manifest says
+            # incomplete, redone by the next run; never a shard without a manifest (a legacy shard) or an
+            # old shard under a current manifest
             if samples:
-                write_shard(_shard_path(out, s), samples)
+                atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], complete=False), indent=1))
+                _shard_path(out, s).unlink(missing_ok=True)
+                try:
+                    write_shard(_shard_path(out, s), samples)
+                except OSError as e:  # e.g. a full disk: name the shard (its manifest says incomplete: redone next run)
+                    msg = f"precompute_cache: could not write {_shard_path(out, s)}: {e.strerror or e}"
+                    raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
                 skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file()]
                            for it in manifests[s]["items"] if it[0] not in written]
                 atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=skipped), indent=1))
-            else:
+            else:  # shard first: a crash in between leaves a manifest without a shard ("missing": redone)
+                _shard_path(out, s).unlink(missing_ok=True)
+                _manifest_path(out, s).unlink(missing_ok=True)
                 log.warning("shard %d: every video was missing/unreadable; no shard written", s)
             counts["written"] += 1 if samples else 0
             counts["samples"] += len(samples)

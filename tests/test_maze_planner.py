@@ -227,7 +227,8 @@ def test_demo_retrains_stale_or_rerun_stages_from_scratch_and_keeps_the_previous
 
     base = tmp_path / "x.yaml"
     base.write_text(f"data:\n  root: {tmp_path / 'data'}\neval:\n  run_dir: {tmp_path / 'ev'}\n"
-                    f"phase1:\n  run_dir: {tmp_path / 'p1'}\n  optim: {{steps: 7}}\n"
+                    f"phase1:\n  run_dir: {tmp_path / 'p1'}\n  feat_diffs: none\n  optim: {{steps: 7}}\n"
+                    f"dphi:\n  run_dir: {tmp_path / 'dphi'}\nselector:\n  run_dir: {tmp_path / 'sel'}\n"
                     f"phase2:\n  run_dir: {tmp_path / 'p2'}\n  optim: {{steps: 7}}\n"
                     "demo:\n  stages: [generate, keyframes, phase1, phase2]\n")
     calls = []

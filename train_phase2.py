@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
+    from interpdiff.training import finish_distributed
+    from interpdiff.video.data import TooManySkipsError
+
     try:
         main()
-    except (ConfigError, CheckpointError, WanLoadError) as e:
+        finish_distributed()  # on success only: a failed rank exits and the launcher stops the others
+    except (ConfigError, CheckpointError, WanLoadError, TooManySkipsError) as e:
         sys.exit(f"train_phase2.py: error: {e}")

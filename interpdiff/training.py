@@ -436,7 +436,7 @@ def remove_checkpoint(path: Path) -> None:
     renamed to a hidden ``.del-*`` name first (a kill during the delete leaves only that, which the
     next save removes)."""
     path = Path(path)
-    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{os.getpid()}")
+    hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
     os.replace(path, hidden)
     fsync_dir(path.parent)
     shutil.rmtree(hidden, ignore_errors=True)
@@ -749,8 +749,8 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
     final = ckpt_root / name
     tmp = ckpt_root / f"{TMP_PREFIX}{name}"
     if acc.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for left in ckpt_root.glob(f"{TMP_PREFIX}*"):  # this step's, or partial saves a failure or kill left
+            shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(acc) else {}
@@ -762,13 +762,18 @@ def save_checkpoint_dir(acc, spec: TrainSpec, state: TrainState, ckpt_root: Path
         full = getattr(e, "errno", None) == 28 or "unexpected pos" in str(e) or "No space left" in str(e)
         raise CheckpointError(f"saving the checkpoint of step {state.step} into {tmp} failed "
                               f"({type(e).__name__}: {str(e)[:300]})" + ("; the disk looks full" if full else "")
-                              + "; the earlier checkpoints are untouched") from e
+                              + "; the earlier checkpoints are untouched (the partial folder is removed by the next "
+                              "save)") from e
     acc.wait_for_everyone()
     if acc.is_local_main_process:
         # torch.save / DeepSpeed / safetensors do not fsync: flush this node's writes (page cache
         # is per node, so one process per node covers every rank's files) before the rename
         # makes the checkpoint visible and rotation deletes older ones
-        fsync_tree(tmp)
+        try:
+            fsync_tree(tmp)
+        except OSError as e:
+            raise CheckpointError(f"flushing the checkpoint of step {state.step} in {tmp} to disk failed ({e}); the "
+                                  "earlier checkpoints are untouched") from e
     acc.wait_for_everyone()
     if acc.is_main_process:
         meta = dict(spec.meta, step=state.step, code_version=code_version(), **cfg_meta)
@@ -793,7 +798,8 @@ def _as_json(v: Any) -> Any:
 def check_resume_meta(path: Path, spec: TrainSpec) -> None:
     """Refuse to resume ``path`` when its ``meta.json`` disagrees with this run on any of
     ``spec.resume_keys`` (e.g. a phase-1 run resumed by ``train_phase2.py``, another LoRA rank,
-    another distillation target): the message names each key with both values."""
+    another distillation target): the message names each key with both values. A key the
+    checkpoint does not record (written by older code) is not compared."""
     if not spec.resume_keys:
         return
     f = Path(path) / "meta.json"
@@ -813,9 +819,11 @@ def check_resume_meta(path: Path, spec: TrainSpec) -> None:
     diff = []
     for k in spec.resume_keys:
         mine, theirs = get(_as_json(spec.meta), k), get(saved, k)
-        if theirs is missing:
-            diff.append(f"{k}: missing in the checkpoint, this run has {_short(mine)}")
-        elif theirs != mine:
+        if theirs is missing:  # written before the key was recorded: nothing to compare
+            continue
+        if k.endswith("target_modules") and isinstance(mine, list) and isinstance(theirs, list):
+            mine, theirs = sorted(mine), sorted(theirs)  # a set of module-name suffixes: order is not a difference
+        if theirs != mine:
             if isinstance(mine, dict) and isinstance(theirs, dict):
                 sub = sorted(x for x in set(mine) | set(theirs) if mine.get(x) != theirs.get(x))
                 diff.append(", ".join(f"{k}.{x} = {_short(theirs.get(x))} in the checkpoint, "
@@ -892,11 +900,15 @@ def load_checkpoint_dir(acc, path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as e:
+        import pickle
+
+        damaged = isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) or any(
+            s in str(e) for s in ("PytorchStreamReader", "zip archive", "header", "Number of custom checkpoints"))
         older = [p.name for p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
-        hint = (f"; resume an older one with --resume {Path(path).parent / older[-1]}" if older
+        hint = (f"; resume an older one with --resume {Path(path).parent / older[-1]} train.rewind=true" if older
                 else "; no older checkpoint is in that folder")
-        raise CheckpointError(f"cannot load checkpoint {path} ({type(e).__name__}: {str(e)[:400]}): a file of it is "
-                              f"missing or damaged{hint}") from e
+        what = f"a file of it is missing or damaged{hint}" if damaged else "see the cause above"
+        raise CheckpointError(f"cannot load checkpoint {path} ({type(e).__name__}: {str(e)[:400]}): {what}") from e
 
 
 DATA_STATE_FILE = "data_state_rank{rank}.json"
@@ -1035,10 +1047,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
                 f"train.resume={cfg.resume!r}: {run_dir / 'checkpoints'} holds newer checkpoints "
                 f"({', '.join(p.name for p in newer)}); training on from {Path(resume_path).name} would replace them "
                 "and drop their metrics rows. Resume the newest (--resume latest), or pass train.rewind=true to move "
-                "them and the metrics files to checkpoints/rewound_<time>/ first")
-        if newer and acc.is_main_process:
-            kept = rewind_run(run_dir, newer)
-            acc.print(f"[train] train.rewind=true: moved {', '.join(p.name for p in newer)} and the metrics files to {kept}")
+                "them and the metrics files to checkpoints/rewound_<time>/ once this one has loaded")
         acc.wait_for_everyone()
 
     if cfg.ema_decay > 0 and _zero_stage(acc) == 3:
@@ -1100,6 +1109,11 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         load_checkpoint_dir(acc, resume_path)
         how = read_data_state(resume_path, acc.process_index, acc.num_processes, state,
                               spec.data_settings() if spec.data_settings is not None else None, cfg.data_resume)
+        newer = newer_checkpoints(run_dir, resume_path)  # train.rewind (checked above): only now that it loaded
+        if newer and acc.is_main_process:
+            kept = rewind_run(run_dir, newer)
+            acc.print(f"[train] train.rewind=true: moved {', '.join(p.name for p in newer)} and the metrics files to {kept}")
+        acc.wait_for_everyone()
         acc.print(f"[train] resumed from {resume_path} at step {state.step} (epoch {state.epoch}, batch "
                   f"{state.batches_in_epoch} on the main process; data position: {how})")
         if "another data stream" in how and not acc.is_main_process:
@@ -1273,6 +1287,13 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     for tracker in acc.trackers:
         tracker.finish()
     return TrainResult(state=state, run_dir=run_dir, losses=losses, accelerator=acc)
+
+
+def finish_distributed() -> None:
+    """Destroy the process group at the end of an entry script (``train`` leaves it up for the
+    caller's exports and barriers); a no-op in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _flat_config(cfg: Any) -> dict:

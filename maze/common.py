@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -131,13 +131,16 @@ def fit(
     resume: bool = True,
     desc: str = "train",
     on_start: Callable[[], None] | None = None,
+    sizes_not_compared: Sequence[str] = (),
 ) -> dict:
     """Train ``model`` for ``tc.steps`` steps of ``loss_fn(generator) -> (loss, logs)``.
 
     Writes ``<run_dir>/metrics.jsonl``, ``last.pt`` (resume state) and ``model.pt`` (weights +
     ``meta``; the file the consumers load). Returns the last evaluation. A ``last.pt`` of another
     model (``meta`` ``kind`` / ``sizes``) is refused naming both, before anything is written;
-    ``on_start()`` (e.g. writing the run's config.yaml) runs once that check passed.
+    ``on_start()`` (e.g. writing the run's config.yaml) runs once that check passed;
+    ``sizes_not_compared``: ``sizes`` entries that are settings of use, not of training (the
+    selector's decoding), which a rerun may change.
     """
     from tqdm import tqdm
 
@@ -150,8 +153,11 @@ def fit(
     last = run_dir / "last.pt"
     if resume and last.is_file():
         ck = load_checkpoint(last, required_meta=["step"])
+        def cmp(k, v):
+            return {x: y for x, y in v.items() if x not in sizes_not_compared} if k == "sizes" and isinstance(v, dict) else v
+
         diff = [f"{k} = {ck['meta'].get(k)} in the file, {meta[k]} in this run" for k in ("kind", "sizes")
-                if k in meta and ck["meta"].get(k) != meta[k]]
+                if k in meta and cmp(k, ck["meta"].get(k)) != cmp(k, meta[k])]
         if diff:
             raise CheckpointError(f"[{desc}] {str(last)!r} is the resume state of another model ({'; '.join(diff)}). "
                                   f"Not overwriting it: use another run_dir, or delete {last.name} to retrain")

@@ -83,6 +83,11 @@ def config_diff(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [prefix[:-1]]
 
 
+# settings a finished model stage can take without retraining: its stage runs again in place (fit
+# re-evaluates a finished run; the selector re-saves with its new decoding)
+IN_PLACE = {"dphi": {"eval_samples"}, "selector": {"eval_samples", "nms_radius_scale", "max_gap_scale", "gap_bonus"}}
+
+
 def _stored_config(stage: str, meta: dict, cfg) -> list[str]:
     """What of ``cfg`` the stored ``meta`` of a stage's model disagrees with (its section, and for
     D_phi / the selector, which store the whole config, also the data and keyframe settings)."""
@@ -98,7 +103,8 @@ def _stored_config(stage: str, meta: dict, cfg) -> list[str]:
 
 def model_state(cfg, stage: str) -> tuple[str, list[str]]:
     """``(state, changed keys)`` of a model stage's checkpoint: ``absent``, ``stale`` (trained with
-    other settings than ``cfg``), ``partial`` (fewer steps than configured) or ``done``."""
+    other settings than ``cfg``), ``partial`` (fewer steps than configured), ``rerun`` (finished,
+    but an ``IN_PLACE`` setting changed: run the stage again without retraining) or ``done``."""
     sec = getattr(cfg, stage)
     path = Path(sec.run_dir) / "model.pt"
     if not path.is_file():
@@ -108,10 +114,13 @@ def model_state(cfg, stage: str) -> tuple[str, list[str]]:
     except Exception as e:  # unreadable: retrain (the file is moved aside, not deleted)
         return "stale", [f"unreadable ({type(e).__name__})"]
     changed = _stored_config(stage, meta, cfg)
-    if changed:
+    in_place = IN_PLACE.get(stage, set())
+    if changed and not all(k.startswith(f"{stage}.") and k[len(stage) + 1:] in in_place for k in changed):
         return "stale", changed
     steps = sec.train.steps if stage in ("dphi", "selector") else sec.optim.steps
-    return ("done" if int(meta.get("step", -1)) >= steps else "partial"), []
+    if int(meta.get("step", -1)) < steps:
+        return "partial", changed
+    return ("rerun" if changed else "done"), changed
 
 
 def data_state(cfg) -> tuple[str, list[str]]:
@@ -143,8 +152,21 @@ def keyframes_state(cfg) -> tuple[str, list[str]]:
                 saved = json.loads(str(z["config_json"])) if "config_json" in z.files else None
         except (OSError, ValueError) as e:
             return "stale", [f"{p.name} unreadable ({type(e).__name__})"]
-        if saved is None:
-            return "stale", ["keyframes (settings not recorded)"]
+        if saved is None:  # written before the settings were recorded: judge by what the file holds
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    budgets, source = [int(b) for b in z["budgets"]], str(z["feat_source"])
+            except (OSError, ValueError, KeyError) as e:
+                return "stale", [f"{p.name} unreadable ({type(e).__name__})"]
+            kc = cfg.keyframes
+            want_source = f"dphi:{kc.dphi_ckpt}" if kc.dphi_ckpt else "true_cost"
+            try:
+                want = kc.resolved_budgets(cfg.data.T)
+            except ValueError:
+                want = None
+            if budgets != want or source != want_source:
+                changed += [k for k in ("keyframes.budgets", "keyframes.feat_source") if k not in changed]
+            continue
         changed += [k for k in config_diff(saved, to_dict(cfg.keyframes), "keyframes.") if k not in changed]
     return ("stale" if changed else "done"), changed
 
@@ -215,10 +237,17 @@ def main(argv) -> Path:
     times = json.loads(times_path.read_text()) if (cfg.demo.resume and times_path.is_file()) else {}
     t_all = time.time()
     ran_stages: set[str] = set()  # a stage whose inputs ran again in this invocation runs again too
+    # ... and in an earlier invocation that stopped before reaching it (a kill, an error): kept on disk
+    pending_path = run_dir / "demo_pending.json"
+    pending: set[str] = set(json.loads(pending_path.read_text())) if (cfg.demo.resume and pending_path.is_file()) else set()
+
+    def save_pending():
+        atomic_write_text(pending_path, json.dumps(sorted(pending)))
+
     for stage in STAGES:
         if stage not in cfg.demo.stages or stage == "report":
             continue
-        ran = bool(ran_stages & set(DEPENDS[stage]))
+        ran = bool(ran_stages & set(DEPENDS[stage])) or stage in pending
         if cfg.demo.resume and not ran and stage_done(cfg, stage):
             print(f"[maze.demo] {stage}: done already (demo.resume=true), skipping")
             continue
@@ -232,17 +261,29 @@ def main(argv) -> Path:
             state, changed = model_state(cfg, stage)
             # resume only a partial run of the same settings whose inputs did not change
             fresh = state == "stale" or (state != "absent" and (ran or not cfg.demo.resume))
+            if state == "rerun" and not fresh:
+                print(f"[maze.demo] {stage}: finished; {', '.join(changed)} changed: running it again without "
+                      "retraining")
             if fresh:
                 why = (f"trained with other settings ({', '.join(changed[:6])})" if state == "stale" else
-                       f"its inputs ({', '.join(sorted(ran_stages & set(DEPENDS[stage])))}) were made again" if ran
-                       else "demo.resume=false")
+                       f"its inputs ({', '.join(sorted(ran_stages & set(DEPENDS[stage])) or ['in an earlier run'])}) "
+                       "were made again" if ran else "demo.resume=false")
                 moved = move_aside(run_dir_s)
                 print(f"[maze.demo] {stage}: {why}: training from scratch; the previous {', '.join(moved)} moved "
                       f"to {run_dir_s / 'previous'}")
+        changes_outputs = not (stage in MODEL_STAGES and state == "rerun" and not fresh
+                               and all(k.endswith(".eval_samples") for k in changed))  # a re-evaluation changes no model
+        if changes_outputs:  # what reads this stage's output must run again, even if this invocation stops
+            pending |= {s for s in STAGES if stage in DEPENDS.get(s, ())}
+            save_pending()
         print(f"[maze.demo] === {stage} ===", flush=True)
         t0 = time.time()
         run_stage(cfg, stage)
-        ran_stages.add(stage)
+        if changes_outputs:
+            ran_stages.add(stage)
+        if stage in pending:
+            pending.discard(stage)
+            save_pending()
         times[stage] = time.time() - t0
         atomic_write_text(times_path, json.dumps(times, indent=1))
     times["total (this invocation)"] = time.time() - t_all

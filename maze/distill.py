@@ -435,6 +435,7 @@ def main(cfg) -> Path:
         from maze.models import save_model
 
         save_model(path, student, student, {**extra, "step": 0})
+        save_config(cfg, run_dir)
         print(f"[maze.distill] {target} student at step 0 (teacher weights, distill.init_only) -> {path}")
         return path
     train_loop(student, loss_fn, st.optim, path, extra, f"distill {target}", generator=gen,

@@ -132,6 +132,9 @@ def format_eval(res: dict) -> str:
     return "\n".join(lines)
 
 
+DECODING_KEYS = ("nms_radius_scale", "max_gap_scale", "gap_bonus")  # stored in sizes; a rerun may change them
+
+
 def main(cfg: MazeConfig) -> dict:
     dc, sc = cfg.data, cfg.selector
     torch.manual_seed(sc.train.seed)
@@ -164,7 +167,7 @@ def main(cfg: MazeConfig) -> dict:
 
     meta = {"kind": SELECTOR_KIND, "sizes": model.sizes, "data_root": dc.root, "config": to_dict(cfg)}
     res = fit(model, loss_fn, sc.train, run_dir, meta, eval_fn, desc="maze.train_selector",
-              on_start=lambda: save_config(cfg, run_dir))
+              on_start=lambda: save_config(cfg, run_dir), sizes_not_compared=DECODING_KEYS)
     # the decoding setting is part of the model file (a finished run re-run with another
     # selector.nms_radius_scale re-evaluates and re-saves with it)
     model.sizes["nms_radius_scale"] = model.nms_radius_scale = float(sc.nms_radius_scale)

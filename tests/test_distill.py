@@ -527,7 +527,7 @@ def test_resume_with_another_target_or_teacher_is_refused(shards, teachers, tmp_
     common = ["train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=1", "distill.dmd.weight=0"]
     _run(_args(shards, tmp_path / "run", *common))
     with pytest.raises(CheckpointError, match=r"(?s)distill_target = 'full' in the checkpoint, 'phase1' in this run.*"
-                                              r"teacher_lora = '' in the checkpoint"):
+                                              r"teacher_id = '' in the checkpoint"):
         _run(_args(shards, tmp_path / "run", *common, "train.max_steps=4", "distill.target=phase1",
                    f"distill.teacher_lora={teachers['phase1']}", "--resume", "latest"))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000002"]

@@ -45,6 +45,9 @@ SCRIPT = textwrap.dedent(
               "dtypes": {{n: str(p.dtype) for n, p in spec.model.named_parameters()}}}}
     torch.save({{"adapter": {{k: v.detach().cpu().float() for k, v in spec.model.adapter.state_dict().items()}},
                 "report": report}}, os.path.join(cfg.run_dir, f"final_rank{{rank}}.pt"))
+    from interpdiff.training import finish_distributed
+    finish_distributed()  # what the entry scripts do last
+    assert not torch.distributed.is_initialized()
     """
 )
 

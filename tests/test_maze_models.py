@@ -193,6 +193,19 @@ def test_train_loop_never_overwrites_another_model_nor_relabels_a_longer_run(tmp
     assert load_checkpoint(path)["meta"]["step"] == 4
 
 
+def test_train_loop_trains_over_a_step0_export(tmp_path):
+    """maze.distill's init_only writes the student at step 0 without a train state: a later training
+    run in that folder starts from scratch over it (not refused as another model)."""
+    x, c = torch.rand(4, T, 2), cond(4)
+    torch.manual_seed(0)
+    r = Refiner(BackboneConfig(d_model=32, depth=1, heads=4, enc_depth=0, patch=4), T, G, 2)
+    save_model(tmp_path / "model.pt", r, r, {"step": 0})
+    oc = OptimConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, ema=0.0, log_every=1, ckpt_every=100)
+    rows = train_loop(r, lambda m, s: (((m(x, torch.zeros(4), torch.zeros(4, T), c) - x) ** 2).mean(), {}), oc,
+                      tmp_path / "model.pt", {}, "test")
+    assert [row["step"] for row in rows] == [1, 2] and load_checkpoint(tmp_path / "model.pt")["meta"]["step"] == 2
+
+
 def test_fit_refuses_the_resume_state_of_another_model(tmp_path):
     from maze.common import fit
     from maze.config import TrainConfig
@@ -211,6 +224,13 @@ def test_fit_refuses_the_resume_state_of_another_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"last\.pt.*sizes = \{'width': 4\} in the file, \{'width': 5\} in this run"):
         run(5, started)
     assert started == [4] and (tmp_path / "last.pt").read_bytes() == last
+    # a sizes entry that is a setting of use (the selector's decoding) may change on a rerun
+    from maze.common import fit
+
+    torch.manual_seed(0)
+    m = nn.Linear(3, 4)
+    fit(m, lambda g: (((m(x) - 1) ** 2).mean(), {}), TrainConfig(steps=2, eval_every=2, log_every=1), tmp_path,
+        {"kind": "toy", "sizes": {"width": 4, "decode": 0.3}}, sizes_not_compared=("decode",))
 
 
 @pytest.mark.parametrize("confidence", ["mask", "tent"])

@@ -283,3 +283,76 @@ def test_demo_retrains_stale_or_rerun_stages_from_scratch_and_keeps_the_previous
     # more phase-1 steps: phase 1 resumes in place; phase 2 does not read phase 1 and stays done
     run("keyframes.k_min=4", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "phase1.optim.steps=9")
     assert calls == [("phase1", True)]
+    calls.clear()
+    # an invocation that stops after remaking the keyframes: the next one still retrains phase 1 and 2
+    good = demo.run_stage
+
+    def dies_in_phase1(cfg, stage):
+        if stage == "phase1":
+            raise KeyboardInterrupt
+        good(cfg, stage)
+
+    monkeypatch.setattr(demo, "run_stage", dies_in_phase1)
+    with pytest.raises(KeyboardInterrupt):
+        run("keyframes.k_min=5", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "phase1.optim.steps=9")
+    assert calls == ["keyframes"]
+    calls.clear()
+    monkeypatch.setattr(demo, "run_stage", good)
+    run("keyframes.k_min=5", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "phase1.optim.steps=9")
+    assert calls == [("phase1", False), ("phase2", False)]
+    calls.clear()
+    run("keyframes.k_min=5", "phase2.sigma_max=0.03", "data.n_train_per_maze=7", "phase1.optim.steps=9")
+    assert calls == []
+
+
+def test_demo_reruns_dphi_and_selector_in_place_for_evaluation_and_decoding_settings(tmp_path, monkeypatch):
+    """D_phi / selector settings of use, not of training (eval_samples; the selector's decoding) run
+    the finished stage again without retraining; only a decoding change reaches the stages after it.
+    Keyframe files written before their settings were recorded count as done when their budgets fit."""
+    import json
+
+    from interpdiff.config import to_dict
+    from maze import demo
+    from maze.data import keyframes_path
+
+    base = tmp_path / "x.yaml"
+    base.write_text(f"data:\n  root: {tmp_path / 'data'}\neval:\n  run_dir: {tmp_path / 'ev'}\n"
+                    f"dphi:\n  run_dir: {tmp_path / 'dphi'}\n  train: {{steps: 3}}\n"
+                    f"selector:\n  run_dir: {tmp_path / 'sel'}\n  train: {{steps: 3}}\n"
+                    f"phase1:\n  run_dir: {tmp_path / 'p1'}\n  optim: {{steps: 3}}\n"
+                    "demo:\n  stages: [keyframes, dphi, selector, phase1]\n")
+    calls = []
+
+    def fake_stage(cfg, stage):
+        if stage == "keyframes":
+            Path(cfg.data.root).mkdir(parents=True, exist_ok=True)
+            for split in ("train", "eval"):  # the format before config_json
+                np.savez(keyframes_path(cfg.data.root, split), budgets=np.array(cfg.keyframes.resolved_budgets(cfg.data.T)),
+                         feat_source=np.array("true_cost"))
+            calls.append(stage)
+            return
+        sec = getattr(cfg, stage)
+        model = Path(sec.run_dir) / "model.pt"
+        calls.append((stage, model.is_file()))
+        steps = sec.train.steps if stage in ("dphi", "selector") else sec.optim.steps
+        conf = to_dict(cfg) if stage in ("dphi", "selector") else to_dict(sec)
+        save_model(model, KeypointDenoiser(SZ, T, G), extra_meta={"step": steps, "config": conf})
+
+    monkeypatch.setattr(demo, "run_stage", fake_stage)
+    monkeypatch.setattr("maze.report.write_report", lambda cfg, stage_times=None: tmp_path / "report.md")
+    run = lambda *o: demo.main(["--config", str(base), *o])  # noqa: E731
+    run()
+    assert calls == ["keyframes", ("dphi", False), ("selector", False), ("phase1", False)]
+    calls.clear()
+    run()
+    assert calls == []  # legacy keyframe files with the configured budgets: done
+    run("dphi.eval_samples=7")
+    assert calls == [("dphi", True)]  # re-evaluated in place; nothing after it changes
+    calls.clear()
+    run("dphi.eval_samples=7", "selector.nms_radius_scale=0.3")
+    assert calls == [("selector", True), ("phase1", False)]  # new decoding: re-saved in place, phase 1 retrained
+    calls.clear()
+    run("dphi.eval_samples=7", "selector.nms_radius_scale=0.3", "keyframes.k_min=4")
+    assert calls == ["keyframes", ("dphi", False), ("selector", False), ("phase1", False)]
+    # stages outside demo.stages that read what was remade are remembered for a later invocation
+    assert json.loads((tmp_path / "ev" / "demo_pending.json").read_text()) == ["evaluate", "phase2"]

@@ -3,6 +3,7 @@ precompute_cache (a shard interrupted before its manifest is redone, not taken f
 Kills are simulated by raising inside the N-th write."""
 
 import errno
+import os
 import json
 import tarfile
 
@@ -87,12 +88,18 @@ def test_make_shards_removes_a_staging_folder_left_by_a_killed_run(tmp_path):
     d = tmp_path / "d"
     make_shards(_cfg(d, 4, 2, seed=0))
     old = _files(d)
-    staging = d / ms.STAGING
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staging = d / f"{ms.STAGING}-{int(dead.stdout)}-abc123"  # its process has exited
     staging.mkdir()
     (staging / "shard_000000.tar").write_bytes(b"half a shard")
+    running = d / f"{ms.STAGING}-{os.getpid()}-def456"  # another run writing into this folder right now
+    running.mkdir()
     assert sorted(p.name for p in d.glob("shard_*.tar")) == ["shard_000000.tar", "shard_000001.tar"]
     make_shards(_cfg(d, 4, 2, seed=0))
-    assert _files(d) == old and not staging.exists()
+    assert _files(d) == old and not staging.exists() and running.is_dir()
 
 
 def test_make_shards_disk_full_names_the_shard_and_keeps_the_old_set(tmp_path, monkeypatch):

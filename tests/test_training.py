@@ -600,6 +600,25 @@ def test_rotation_never_leaves_a_partial_checkpoint_under_a_step_name(tmp_path, 
     assert not list(root.glob(".del-*"))  # removed by the next save
 
 
+def test_resume_compares_lora_targets_as_a_set_and_skips_keys_older_checkpoints_lack(tmp_path):
+    run = tmp_path / "run"
+
+    def go(meta, steps):
+        _reset_accelerate()
+        cfg = load_config(TrainLoopConfig, None, [f"run_dir={run}", f"max_steps={steps}", "batch_size=4",
+                                                  "tracker=none", "checkpoint_every=2", "ema_decay=0"]
+                          + (["resume=latest"] if steps > 2 else []))
+        spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+        spec.meta, spec.resume_keys = meta, ("lora.target_modules", "teacher_id")
+        return train(cfg, spec)
+
+    go({"lora": {"target_modules": ["to_q", "to_k"]}}, 2)  # no teacher_id recorded (older code)
+    res = go({"lora": {"target_modules": ["to_k", "to_q"]}, "teacher_id": "abc"}, 4)
+    assert res.state.step == 4
+    with pytest.raises(CheckpointError, match=r"teacher_id = 'abc' in the checkpoint, 'def' in this run"):
+        go({"lora": {"target_modules": ["to_k", "to_q"]}, "teacher_id": "def"}, 6)
+
+
 def test_resuming_an_older_checkpoint_needs_rewind_which_keeps_the_newer_ones(tmp_path):
     run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, keep_last=3)
     root = tmp_path / "run" / "checkpoints"
@@ -618,31 +637,43 @@ def test_resuming_an_older_checkpoint_needs_rewind_which_keeps_the_newer_ones(tm
 
 
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails_at_start(tmp_path):
-    run_toy(tmp_path / "run", max_steps=2, checkpoint_every=2)
-    before = (tmp_path / "run" / "config.yaml").read_text() if (tmp_path / "run" / "config.yaml").exists() else None
-    _reset_accelerate()
-    cfg = load_config(TrainLoopConfig, None, [f"run_dir={tmp_path / 'run'}", "max_steps=2", "batch_size=4",
-                                              "tracker=none", "overwrite=true"])
-    spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
-    spec.batches = lambda epoch, skip: iter(())  # a data set that yields nothing
+    def go(*over, empty=False):
+        _reset_accelerate()
+        cfg = load_config(TrainLoopConfig, None, [f"run_dir={tmp_path / 'run'}", "max_steps=2", "batch_size=4",
+                                                  "tracker=none", "checkpoint_every=2", *over])
+        spec = make_toy_spec(cfg.batch_size, seed=cfg.seed)
+        if empty:
+            spec.batches = lambda epoch, skip: iter(())  # a data set that yields nothing
+        return train(cfg, spec, full_config=cfg)
+
+    go("optim.lr=0.01")
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert "lr: 0.01" in before
     with pytest.raises(RuntimeError, match="yielded no batch"):
-        train(cfg, spec, full_config=cfg)
+        go("optim.lr=0.02", "overwrite=true", empty=True)
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
     assert (tmp_path / "run" / "metrics.csv").is_file()
-    if before is not None:
-        assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    go("optim.lr=0.02", "overwrite=true")  # a start that works does replace the run
+    assert "lr: 0.02" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_a_damaged_checkpoint_file_is_named_with_the_older_one_to_resume(tmp_path):
     run_toy(tmp_path / "run", max_steps=4, checkpoint_every=2, keep_last=2)
     root = tmp_path / "run" / "checkpoints"
     opt = root / "step_00000004" / "optimizer.bin"
-    opt.write_bytes(opt.read_bytes()[:40])
-    with pytest.raises(CheckpointError, match=r"(?s)cannot load checkpoint .*step_00000004.*--resume .*step_00000002"):
+    good = opt.read_bytes()
+    opt.write_bytes(good[:40])
+    with pytest.raises(CheckpointError, match=r"(?s)cannot load checkpoint .*step_00000004.*damaged; resume an older "
+                                              r"one with --resume .*step_00000002 train\.rewind=true"):
         run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
+    # the advice works: the damaged newest is moved aside (after the older one loaded) and training goes on
+    _, res = run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume=str(root / "step_00000002"), rewind="true")
+    assert res.state.step == 6 and [p.name for p in root.glob("rewound_*/step_*")] == ["step_00000004"]
+    opt = next(root.glob("rewound_*")) / "step_00000004" / "optimizer.bin"
     opt.unlink()
     with pytest.raises(CheckpointError, match=r"step_00000004.*(optimizer|No such file)"):
-        run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
+        run_toy(tmp_path / "other", max_steps=8, checkpoint_every=2, resume=str(opt.parent))
 
 
 def test_a_failed_checkpoint_save_is_named_and_keeps_the_earlier_ones(tmp_path, monkeypatch):

@@ -863,8 +863,9 @@ def make_distill_spec(cfg: DistillTrainConfig) -> TrainSpec:
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta={"distill_target": d.target, "model_path": cfg.model.path, "adapters": adapters,
               "transformer_config": wan.transformer_config_dict(transformer), "lora": dataclasses.asdict(cfg.model.lora),
-              "teacher_lora": d.teacher_lora},
-        resume_keys=("distill_target", "teacher_lora", "adapters", "transformer_config", *wan.LORA_RESUME_KEYS),
+              "teacher_lora": d.teacher_lora, "teacher_id": wan.lora_fingerprint(d.teacher_lora) if d.teacher_lora else ""},
+        # the teacher by its weights (a moved folder or another spelling of its path is the same teacher)
+        resume_keys=("distill_target", "teacher_id", "adapters", *wan.ARCH_RESUME_KEYS, *wan.LORA_RESUME_KEYS),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio, cfg.model.checkpoint_policy),
         data_settings=loader.settings,
     )

@@ -12,12 +12,13 @@ has something to do; they are not meant to decode to real video. Shards are
 ``shard_000000.tar, ...``. Everything is seeded (``seed``): the same command writes the same bytes.
 
 A rewrite does not leave a mix of two sets under the final names: the new shards are first written
-to a hidden staging folder ``out_dir/.make_shards_staging/`` (same file system), and only once every
+to a hidden staging folder ``out_dir/.make_shards_staging-<pid>-<hex>/`` (same file system; one per run,
+so runs appending different ranges to one folder do not meet), and only once every
 one of them is written are they moved into place (``os.replace`` per file, which overwrites
 existing shards of the same names); then shards of an earlier run numbered past the new set are
 removed (they would be read with it), and the staging folder. A run killed (or failing, e.g. a
 full disk) before the moves leaves the earlier set as it was; a staging folder left by a killed
-run is removed by the next run. Only a kill during the moves themselves (milliseconds) can leave
+run (whose process is gone) is removed by the next run. Only a kill during the moves themselves (milliseconds) can leave
 part of each set (rerun the command). The staging needs the disk space of the new set
 next to the old one. A write error (``OSError``, e.g. ``ENOSPC``) is re-raised naming the shard.
 ``start_index=k`` appends: the shards are numbered from ``k`` and hold samples
@@ -108,15 +109,30 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
 STAGING = ".make_shards_staging"  # hidden folder inside out_dir holding a set being written
 
 
+def _alive(staging: Path) -> bool:
+    """Whether the run that owns a staging folder (``<STAGING>-<pid>-<hex>``) is still running here."""
+    m = re.fullmatch(re.escape(STAGING) + r"-(\d+)-[0-9a-f]+", staging.name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def make_shards(cfg: MakeShardsConfig) -> list[Path]:
     """Write the set (module doc: staged, then moved into place); returns the final shard paths."""
     cfg.validate()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / STAGING
-    if staging.exists():  # left by a run killed before its moves: never part of the set
-        print(f"make_shards: removing {staging} (left by an interrupted run)")
-        shutil.rmtree(staging)
+    for left in out.glob(f"{STAGING}*"):  # left by a run killed before its moves: never part of the set
+        if not _alive(left):  # (another run writing into this folder right now keeps its own)
+            print(f"make_shards: removing {left} (left by an interrupted run)")
+            shutil.rmtree(left, ignore_errors=True)
+    staging = out / f"{STAGING}-{os.getpid()}-{os.urandom(3).hex()}"
     staging.mkdir()
     n_shards = -(-cfg.num_samples // cfg.samples_per_shard)
     first = cfg.start_index * cfg.samples_per_shard  # appended shards continue the sample numbering

@@ -715,7 +715,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         validate=make_validation(cfg, phase, val_batches),
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
-        resume_keys=("phase", "transformer_config", "widening", *wan.LORA_RESUME_KEYS),
+        resume_keys=("phase", "widening", *wan.ARCH_RESUME_KEYS, *wan.LORA_RESUME_KEYS),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,
                                                                      cfg.model.checkpoint_policy),
         data_settings=loader.settings,

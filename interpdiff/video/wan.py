@@ -109,6 +109,8 @@ __all__ = [
     "save_lora",
     "replace_dir",
     "LORA_RESUME_KEYS",
+    "ARCH_RESUME_KEYS",
+    "lora_fingerprint",
     "transformer_config_dict",
     "load_lora_weights_into",
     "load_lora",
@@ -156,6 +158,11 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 # a checkpoint's LoRA settings that a resumed run must share (dropout and init may change)
 LORA_RESUME_KEYS = ("lora.rank", "lora.alpha", "lora.target_modules", "lora.use_rslora")
+# the transformer's architecture in a checkpoint's transformer_config (other config keys may come and go
+# with diffusers versions)
+ARCH_RESUME_KEYS = tuple(f"transformer_config.{k}" for k in (
+    "num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "ffn_dim",
+    "patch_size"))
 
 
 @dataclass
@@ -1139,6 +1146,24 @@ def transformer_config_dict(transformer) -> dict:
     dropped): what a checkpoint stores to rebuild or check the base model."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unwrap_model(transformer).config).items()
             if not k.startswith("_")}
+
+
+def lora_fingerprint(lora_dir: str | os.PathLike) -> str:
+    """sha256 of a ``save_lora`` folder's weight files (LoRA + widened channels): what a LoRA *is*,
+    whatever path it is given by. ``""`` when the folder has no weights file."""
+    import hashlib
+
+    d = Path(lora_dir)
+    h = hashlib.sha256()
+    found = False
+    for name in (LORA_WEIGHT_NAME, EXTRA_WEIGHT_NAME):
+        if (d / name).is_file():
+            found = True
+            h.update(name.encode())
+            with open(d / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest() if found else ""
 
 
 def read_lora_meta(lora_dir: str | os.PathLike) -> dict:

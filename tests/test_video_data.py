@@ -203,6 +203,20 @@ def test_non_finite_or_non_utf8_samples_are_skipped_naming_key_and_shard(tmp_pat
     assert "'sample_000000012'" in caplog.text and "prompt.txt is not UTF-8" in caplog.text
 
 
+def test_a_key_read_twice_in_an_epoch_is_warned_about(tmp_path, caplog):
+    d, _ = _make(tmp_path, n=4, per=2)
+    (d / "shard_000002.tar").write_bytes((d / "shard_000000.tar").read_bytes())  # a copy under another name
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.data"):
+        got = [k for b in vdata.LatentLoader(_cfg(d / "shard_*.tar", shuffle_buffer=0, shuffle_shards=False)) for k in b.keys]
+    assert len(got) == 6 and "'sample_000000000' read twice in this epoch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.data"):
+        loader = vdata.LatentLoader(_cfg(d / "shard_00000[01].tar"))
+        for _ in range(2):  # two epochs of a clean set: no warning
+            assert len([k for b in loader for k in b.keys]) == 4
+    assert "read twice" not in caplog.text
+
+
 def test_shape_mismatch_without_declared_shape_is_skipped(tmp_path):
     d, cfg = _make(tmp_path, n=3, per=3)
     odd = vdata.encode_latent_sample("sample_odd", torch.zeros(4, 6, 2, 3, dtype=torch.bfloat16),

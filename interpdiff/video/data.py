@@ -685,6 +685,9 @@ class LatentLoader:
         it = iter(self._dataloader())
         good = {}  # worker -> good samples this pass (from its end-of-pass stats)
         last_error = ""
+        # epoch mode: a key read twice in one pass (a shard copied under two names, two caches of one set)
+        seen: set[str] | None = None if self.cfg.resampled else set()
+        dups: list[str] = []
         try:
             for batch in it:
                 if isinstance(batch, WorkerStats):
@@ -694,6 +697,15 @@ class LatentLoader:
                     continue
                 self._skipped_now[int(batch.stats.get("worker", 0))] = int(batch.stats.get("skipped", 0))
                 b = batch.lat_B_C_T_H_W.shape[0]
+                if seen is not None:
+                    for k in batch.keys:
+                        if k in seen:
+                            dups.append(k)
+                            if len(dups) <= 3 or len(dups) % 1000 == 0:
+                                log.warning("data (rank %d): sample key %r read twice in this epoch (%d so far): keys "
+                                            "must be unique across shards (the per-sample noise, masks and "
+                                            "precomputed tables are keyed by them)", self.rank, k, len(dups))
+                        seen.add(k)
                 if to_skip > 0:  # resume: batches already trained on in this epoch
                     to_skip -= 1
                     self.samples_in_epoch += b

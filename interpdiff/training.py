@@ -1038,6 +1038,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
+    newer: list[Path] = []
     if resume_path is not None:
         check_resume_meta(resume_path, spec)
         _note_schedule_change(acc, resume_path, cfg)
@@ -1109,8 +1110,7 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
         load_checkpoint_dir(acc, resume_path)
         how = read_data_state(resume_path, acc.process_index, acc.num_processes, state,
                               spec.data_settings() if spec.data_settings is not None else None, cfg.data_resume)
-        newer = newer_checkpoints(run_dir, resume_path)  # train.rewind (checked above): only now that it loaded
-        if newer and acc.is_main_process:
+        if newer and acc.is_main_process:  # train.rewind (checked above): only now that the older one loaded
             kept = rewind_run(run_dir, newer)
             acc.print(f"[train] train.rewind=true: moved {', '.join(p.name for p in newer)} and the metrics files to {kept}")
         acc.wait_for_everyone()

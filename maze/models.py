@@ -509,14 +509,13 @@ def train_loop(model: nn.Module, loss_fn, optim_cfg, ckpt_path, extra_meta: dict
         if "output" in mm:
             theirs["output"], mine["output"] = ckm.get("output", LEGACY_REFINER_OUTPUT), mm["output"]
         diff = [f"{k} = {theirs[k]} in the file, {mine[k]} in this run" for k in mine if theirs[k] != mine[k]]
-        if not diff and ts is None and int(ckm.get("step", -1)) == 0:
-            ts = None  # a step-0 export (maze.distill's init_only): training starts from scratch over it
-        elif diff or ts is None:
+        step0_export = not diff and ts is None and int(ckm.get("step", -1)) == 0  # maze.distill's init_only
+        if (diff or ts is None) and not step0_export:
             why = "; ".join(diff) if diff else "it holds no train state (a finished export, not a resumable run)"
             raise CheckpointError(
                 f"{desc}: {str(ckpt_path)!r} holds another model than this run would train ({why}). Not overwriting "
                 f"it: use another run_dir, or move the file away to retrain")
-        if ts is not None:  # else: the step-0 export above, not resumed
+        if ts is not None:  # else a step-0 export: training starts from scratch over it
             model.load_state_dict(ck["state"]["model"])
             if ema is not None and "ema" in ck["state"]:
                 ema.model.load_state_dict(ck["state"]["ema"])

@@ -442,6 +442,31 @@ def sweep(timer: Timer, interp_case: dict, dp_case: dict, device, gen) -> dict:
                     w["ms"][K] = t["ms"]
                     w["of_copy"][K] = nbytes * (1 + K / shape[td]) / (t["ms"] * 1e-3) / 1e9 / copy_gbps
     out["walks"] = sorted((dict(w, worst=min(w["of_copy"].values())) for w in walks.values()), key=lambda w: -w["worst"])
+    # the fused corruption (noise on the missing frames) through each kernel: the tile kernel at its
+    # defaults against the walks at the configurations the plain sweep ranks highest
+    B = shape[0]
+    eps = torch.randn(shape, generator=gen).to(interp_case["dtype"]).to(device)
+    sigma = torch.rand(B, generator=gen).to(device)
+    refs_c = {K: interpolate_corrupt(x, masks[K], sigma, eps, td, backend="torch") for K in ks}
+    scales_c = {K: scales[K] + refs_c[K].double().abs() for K in ks}
+    fused: list[dict] = []
+    walk_cfgs = ((1024, 4), (2048, 8), (2048, 4), (1024, 8))
+    for impl, bq, nw in [("tile", None, None)] + [(i, bq, nw) for i in ("tloop", "seg", "jump", "jump2")
+                                                   if kint.supports(i, shape[td]) for bq, nw in walk_cfgs]:
+        w = {"impl": impl, "BLOCK_Q": bq, "num_warps": nw, "of_copy": {}, "ms": {}}
+        for K in ks:
+            mk = masks[K]
+
+            def fn(mk=mk, impl=impl, bq=bq, nw=nw):
+                return kint._forward(x, mk, td, sigma=sigma, eps=eps, block_q=bq, num_warps=nw, impl=impl)
+
+            _check_close(fn(), refs_c[K], f"sweep interpolate_corrupt {impl} BLOCK_Q={bq} num_warps={nw} K={K}",
+                         scales_c[K])
+            t = timer(fn)
+            w["ms"][K] = t["ms"]
+            w["of_copy"][K] = 2 * nbytes / (t["ms"] * 1e-3) / 1e9 / copy_gbps  # as the main table's fused rows
+        fused.append(dict(w, worst=min(w["of_copy"].values())))
+    out["fused_walks"] = sorted(fused, key=lambda w: -w["worst"])
     out["interpolate"].sort(key=lambda r: (r["K"] != ks[0], r["ms"]))
     default_impl = kint._default_impl(shape[td], _inner(shape, td))
     if default_impl == "tile":
@@ -637,6 +662,15 @@ def markdown(res: dict) -> str:
                   "|---|---:|---:|---:|" + "---:|" * len(ks)]
             for w in sw["walks"][:12]:
                 L.append(f"| {w['impl']} | {w['BLOCK_Q']} | {w['num_warps']} | {w['worst']:.1%} | "
+                         + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
+        if sw.get("fused_walks"):
+            ks = sorted({k for w in sw["fused_walks"] for k in w["of_copy"]})
+            L += ["", "Sweep of the fused corruption (tile at its defaults, the walks at four configurations), "
+                  "best worst-K first:", "",
+                  "| kernel | BLOCK_Q | warps | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(ks)]
+            for w in sw["fused_walks"]:
+                L.append(f"| {w['impl']} | {w['BLOCK_Q'] or 'default'} | {w['num_warps'] or 'default'} | {w['worst']:.1%} | "
                          + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
         L += ["", f"Sweep (best first, K={k0}): interpolation " + ", ".join(
             f"{r.get('impl', 'tile')} {r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"

@@ -558,21 +558,24 @@ JUMP_MAX_T = 63
 
 def _default_impl(T: int, Q: int, noise: bool = False) -> str:
     """The forward kernel for a ``[B, P, T, Q]`` problem, from the H200 runs of 2026-11-26
-    (benchmarks/RESULTS.md, % of the copy bandwidth at Wan size, K = 2 / 6 / 11 keyframes):
+    (benchmarks/RESULTS.md, % of the copy bandwidth at Wan size, K = 2 / 6 / 11 keyframes, each
+    kernel at its ``WALK_BLOCKS``):
 
-    * plain forward: ``tloop`` 67 / 76 / 75, ``tile`` 67 / 69 / 70, ``seg`` 83 / 71 / 64. The
-      method's phase-2 levels interpolate from K = 6, 9, 14 keyframes, so ``tloop`` at Wan size;
-      ``seg`` is the K = 2 kernel (its per-segment reductions cost more than the chain of
-      per-frame mask loads they replace once there are more than a few segments).
-    * fused corruption (the phase-2 training call): ``tile`` 74 / 73 / 72, ``tloop`` 66 / 71 / 71.
+    * plain forward (session 8 sweep): ``jump`` 97 / 85 / 82, ``jump2`` 92 / 85 / 82, ``seg``
+      97 / 86 / 81, ``tloop`` 83 / 80 / 77, ``tile`` 67 / 68 / 70. The walks by segments
+      (``seg``/``jump``/``jump2``) lead only at 4 warps per 1024 columns (or 8 per 2048): at 8
+      warps per 1024 they fall to 66 % at K = 11. ``jump`` (T <= 63, the Wan latents' 21 frames)
+      then ``tloop`` (longer clips, up to ``WALK_MAX_T``).
+    * fused corruption (the phase-2 training call): ``tile`` 74 / 74 / 72, ``tloop`` 66 / 70 / 71,
+      the segment walks 54-61.
     * few columns per row (maze, ``Q = 2``): ``tile``; a walk has too little work per program
       (``tloop`` 4.5x, ``seg`` 2.7x slower).
     """
     if FWD_IMPL is not None:
         return FWD_IMPL
-    if noise:
+    if noise or Q < WALK_MIN_Q or T > WALK_MAX_T:
         return "tile"
-    return "tloop" if Q >= WALK_MIN_Q and T <= WALK_MAX_T else "tile"
+    return "jump" if supports("jump", T) else "tloop"
 
 
 def _fwd_blocks(T: int, Q: int) -> tuple[int, int, int]:
@@ -647,18 +650,18 @@ def supports(impl: str, T: int) -> bool:
     return impl == "tloop" or T <= MAX_BLOCK_T
 
 
-# (BLOCK_Q, num_warps) of each walk kernel, without / with the fused noise. tloop without noise: 4
-# warps, 14.68 us against 15.19 us with 8 in the H200 sweep (Wan size, K=6; benchmarks/RESULTS.md);
-# the others keep the 8 warps they were measured with (seg, the fused tloop) or that jump / jump2 /
-# hybrid (not measured yet) were written for. At sm_90, compiled as launched at Wan size
-# (kernels.sass), no variant spills at 4 or 8 warps (31-64 registers). A device sweep's best
-# configuration goes here.
+# (BLOCK_Q, num_warps) of each walk kernel, without / with the fused noise. Without noise: the best
+# worst-K configuration of each kernel in the H200 sweep of session 8 (Wan size, K = 2 / 6 / 11;
+# benchmarks/RESULTS.md): 128 or 256 columns per warp; 8 warps per 1024 columns cost the segment
+# walks 15 points at K = 11. With noise: the configurations the fused rows were measured with
+# (the dispatch uses the tile kernel there). At sm_90, compiled as launched at Wan size
+# (kernels.sass), no variant spills at 4 or 8 warps (31-64 registers).
 WALK_BLOCKS = {
     "tloop": ((1024, 4), (1024, 8)),
-    "seg": ((1024, 8), (1024, 8)),
-    "hybrid": ((1024, 8), (1024, 8)),
-    "jump": ((1024, 8), (1024, 8)),
-    "jump2": ((1024, 8), (1024, 8)),
+    "seg": ((1024, 4), (1024, 8)),
+    "hybrid": ((2048, 8), (1024, 8)),
+    "jump": ((2048, 8), (1024, 8)),
+    "jump2": ((2048, 8), (1024, 8)),
 }
 
 

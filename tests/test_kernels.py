@@ -371,7 +371,9 @@ def test_interpolate_time_walk_unchecked_and_strided_masks(K, impl):
 def test_interpolate_default_forward_kernel_by_shape(K, monkeypatch):
     """Auto choice: the time walk for many columns per row (Wan, Q = H*W), the tile kernel for
     few (maze, Q = 2) or very long rows; FWD_IMPL forces one kernel."""
-    assert K.interp._default_impl(21, 60 * 104) == "tloop"
+    assert K.interp._default_impl(21, 60 * 104) == "jump"  # Wan: 21 latent frames
+    assert K.interp._default_impl(64, 60 * 104) == "tloop"  # past the jump kernel's 63 frames
+    assert K.interp._default_impl(21, 512) == "tile"
     assert K.interp._default_impl(21, 60 * 104, noise=True) == "tile"  # the fused corruption
     assert K.interp._default_impl(128, 2) == "tile"
     assert K.interp._default_impl(4096, 4096) == "tile"

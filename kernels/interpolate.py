@@ -566,8 +566,9 @@ def _default_impl(T: int, Q: int, noise: bool = False) -> str:
       (``seg``/``jump``/``jump2``) lead only at 4 warps per 1024 columns (or 8 per 2048): at 8
       warps per 1024 they fall to 66 % at K = 11. ``jump`` (T <= 63, the Wan latents' 21 frames)
       then ``tloop`` (longer clips, up to ``WALK_MAX_T``).
-    * fused corruption (the phase-2 training call): ``tile`` 74 / 74 / 72, ``tloop`` 66 / 70 / 71,
-      the segment walks 54-61.
+    * fused corruption (the phase-2 training call; session 8 sweep): ``tile`` 76 / 75 / 74,
+      ``jump`` 74 / 77 / 78 (at 4 warps per 1024 columns), ``seg`` 73 / 77 / 78, ``tloop``
+      70 / 72 / 72: ``tile`` has the best worst K.
     * few columns per row (maze, ``Q = 2``): ``tile``; a walk has too little work per program
       (``tloop`` 4.5x, ``seg`` 2.7x slower).
     """
@@ -653,15 +654,16 @@ def supports(impl: str, T: int) -> bool:
 # (BLOCK_Q, num_warps) of each walk kernel, without / with the fused noise. Without noise: the best
 # worst-K configuration of each kernel in the H200 sweep of session 8 (Wan size, K = 2 / 6 / 11;
 # benchmarks/RESULTS.md): 128 or 256 columns per warp; 8 warps per 1024 columns cost the segment
-# walks 15 points at K = 11. With noise: the configurations the fused rows were measured with
-# (the dispatch uses the tile kernel there). At sm_90, compiled as launched at Wan size
-# (kernels.sass), no variant spills at 4 or 8 warps (31-64 registers).
+# walks 15 points at K = 11. With noise (the fused corruption; the dispatch uses the tile kernel
+# there, 74 % worst K): 4 warps per 1024 columns, 73-74 % worst K against 56-57 % at 8 warps in the
+# session-8 fused sweep (hybrid: not swept, as measured before). At sm_90, compiled as launched at
+# Wan size (kernels.sass), no variant spills at 4 or 8 warps (31-64 registers).
 WALK_BLOCKS = {
-    "tloop": ((1024, 4), (1024, 8)),
-    "seg": ((1024, 4), (1024, 8)),
+    "tloop": ((1024, 4), (1024, 4)),
+    "seg": ((1024, 4), (1024, 4)),
     "hybrid": ((2048, 8), (1024, 8)),
-    "jump": ((2048, 8), (1024, 8)),
-    "jump2": ((2048, 8), (1024, 8)),
+    "jump": ((2048, 8), (1024, 4)),
+    "jump2": ((2048, 8), (1024, 4)),
 }
 
 

@@ -2,7 +2,7 @@
 peak memory, transformer passes per step, MFU and a time split.
 
     # CUDA (H100 / H200 / B200): random weights built from the 1.3B config (no download), batch 1,
-    # the configs' checkpointing settings; every variant (estimated 2.5-4 minutes on one H100/H200, unmeasured):
+    # the configs' checkpointing settings; every variant (3.4 minutes on one H200, 2026-11-26):
     python benchmarks/bench_distill.py --json benchmarks/bench_distill.json
     python benchmarks/bench_distill.py --variants full,phase2 --steps 3 --warmup 1
     python benchmarks/bench_distill.py --variants full --set distill.jvp_chunk=4096 model.checkpoint_policy=full

@@ -24,8 +24,8 @@
 # Opt-in section `distill` (not in the default: the default already takes 7-9 minutes): the rCM
 # distillation step of the 1.3B configs (benchmarks/bench_distill.py: full sCM+DMD, full discrete,
 # phase1, phase2; step time, peak memory, passes, MFU, time split) -> distill.log, distill.json.
-# Estimated 2.5-4 minutes on one H200 (never measured: the full-sequence JVP runs on chunked math
-# attention), capped at 300 s; it runs last, so it cannot starve the other sections. Alone:
+# 3.4 minutes on one H200 (2026-11-26; the full-sequence sCM step alone is 32 s a step, its JVP on
+# chunked math attention), capped at 300 s; it runs last, so it cannot starve the other sections. Alone:
 #     run(command="SECTIONS=distill INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=420)
 # DISTILL_VARIANTS overrides bench_distill.py's --variants list.
 set -uo pipefail

@@ -6,6 +6,7 @@ peak memory, transformer passes per step, MFU and a time split.
     python benchmarks/bench_distill.py --json benchmarks/bench_distill.json
     python benchmarks/bench_distill.py --variants full,phase2 --steps 3 --warmup 1
     python benchmarks/bench_distill.py --variants full --set distill.jvp_chunk=4096 model.checkpoint_policy=full
+    python benchmarks/bench_distill.py --variants full,phase1 --set distill.jvp_attention=triton  # the fused JVP kernel
     # CPU check that everything runs (tiny preset, tiny latents, seconds):
     python benchmarks/bench_distill.py --tiny --steps 1 --warmup 0
 
@@ -339,7 +340,7 @@ def bench_variant(name: str, args, dev: torch.device) -> dict:
     path, over, what = VARIANTS[name]
     out = {"variant": name, "what": what, "config": path, "overrides": over + list(args.set),
            "target": d.target, "mode": d.mode if d.target != "phase2" else "regression", "jvp": d.jvp,
-           "jvp_chunk": d.jvp_chunk, "dmd": d.dmd.weight > 0, "teacher_guidance": d.teacher_guidance,
+           "jvp_chunk": d.jvp_chunk, "jvp_attention": d.jvp_attention, "dmd": d.dmd.weight > 0, "teacher_guidance": d.teacher_guidance,
            "attention": cfg.model.attention, "grad_ckpt": cfg.train.gradient_checkpointing,
            "ckpt_policy": cfg.model.checkpoint_policy, "ckpt_ratio": cfg.model.checkpoint_ratio,
            "lora_rank": cfg.model.lora.rank, "batch": cfg.train.batch_size}
@@ -439,7 +440,7 @@ def _fmt(r: dict) -> str:
             f"  {r['model_tflop_per_step']:9.4g} TFLOP  MFU {mfu}  tokens {r['tokens']}")
     parts = ", ".join(f"{k} {v:.3f}" for k, v in r["parts_s"].items() if v > 0)
     return head + f"\n      {r['what']}; ckpt {r['ckpt_policy']}@{r['ckpt_ratio']}, attn {r['attention']}, " \
-                  f"jvp {r['jvp']} chunk {r['jvp_chunk']}\n      parts (s): {parts}"
+                  f"jvp {r['jvp']} chunk {r['jvp_chunk']} attention {r.get('jvp_attention', 'math')}\n      parts (s): {parts}"
 
 
 def main(argv=None):

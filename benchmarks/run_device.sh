@@ -28,6 +28,11 @@
 # chunked math attention), capped at 300 s; it runs last, so it cannot starve the other sections. Alone:
 #     run(command="SECTIONS=distill INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=420)
 # DISTILL_VARIANTS overrides bench_distill.py's --variants list.
+# Opt-in section `jvp`: the fused attention-JVP kernel (kernels/attention_jvp.py): its `gpu` test,
+# benchmarks/bench_attention_jvp.py with the tile sweep (fused vs chunked math JVP at 32,760 / 9,360
+# tokens and the cross-attention), then the rCM full and phase-1 steps with distill.jvp_attention=triton
+# -> jvp.log, attn_jvp.json, distill_fused.json. Not measured yet; estimated 2-4 minutes, capped at 330 s:
+#     run(command="SECTIONS=jvp INTERPDIFF_COMMIT=<describe> bash benchmarks/run_device.sh", carry=[".whl"], timeout_s=420)
 set -uo pipefail
 SECTIONS=${SECTIONS:-"tests kbench train compile ncu"}
 TRAIN_VARIANTS=${TRAIN_VARIANTS:-sdpa:full,cudnn:full,sdpa:attention,cudnn:attention}
@@ -66,7 +71,7 @@ T0=$SECONDS
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-rc_tests=skipped rc_bench=skipped rc_train=skipped rc_compile=skipped rc_ncu=skipped rc_distill=skipped
+rc_tests=skipped rc_bench=skipped rc_train=skipped rc_compile=skipped rc_ncu=skipped rc_distill=skipped rc_jvp=skipped
 if on tests; then
     echo "== [$((SECONDS - T0)) s] kernel gpu tests"
     timeout 100 $PY -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
@@ -115,5 +120,16 @@ if on distill; then
     rc_distill=${PIPESTATUS[0]}
 fi
 
-echo "[$((SECONDS - T0)) s] gpu tests rc=$rc_tests, kernel bench rc=$rc_bench, train rc=$rc_train, compile rc=$rc_compile, ncu rc=$rc_ncu, distill rc=$rc_distill" | tee -a "$OUT/env.txt"
-for rc in "$rc_tests" "$rc_bench" "$rc_train" "$rc_compile" "$rc_distill"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done
+if on jvp; then
+    echo "== [$((SECONDS - T0)) s] fused attention JVP: gpu test, kernel bench + sweep, rCM steps" | tee "$OUT/jvp.log"
+    timeout 60 $PY -m pytest -q -m gpu tests/test_attention_jvp.py -p no:cacheprovider 2>&1 | tee -a "$OUT/jvp.log"
+    rc_jvp=${PIPESTATUS[0]}
+    timeout 120 $PY benchmarks/bench_attention_jvp.py sweep=true json_out="$OUT/attn_jvp.json" 2>&1 | tee -a "$OUT/jvp.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc_jvp=1
+    timeout 150 $PY benchmarks/bench_distill.py --steps 2 --warmup 1 --variants full,phase1 \
+        --set distill.jvp_attention=triton --json "$OUT/distill_fused.json" 2>&1 | tee -a "$OUT/jvp.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc_jvp=1
+fi
+
+echo "[$((SECONDS - T0)) s] gpu tests rc=$rc_tests, kernel bench rc=$rc_bench, train rc=$rc_train, compile rc=$rc_compile, ncu rc=$rc_ncu, distill rc=$rc_distill, jvp rc=$rc_jvp" | tee -a "$OUT/env.txt"
+for rc in "$rc_tests" "$rc_bench" "$rc_train" "$rc_compile" "$rc_distill" "$rc_jvp"; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done

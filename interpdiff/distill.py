@@ -62,6 +62,9 @@ from interpdiff.flow import flow_to_trig_time, flow_velocity_to_trig, shift_sigm
 
 MODES = ("scm", "discrete")
 JVP_METHODS = ("autograd", "finite_difference")
+# attention inside the autograd JVP: "math" (diffusers' math SDPA, query-chunked by jvp_chunk) or "triton"
+# (kernels.attention_jvp: SDPA primal + the fused forward-mode kernel; CUDA, or CPU under TRITON_INTERPRET=1)
+JVP_ATTENTION = ("math", "triton")
 DEFAULT_MID_TIMES = (1.5, 1.4, 1.0)
 
 TrigModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # F(x_t [B, ...], t [B]) -> [B, ...]
@@ -339,6 +342,7 @@ class DistillConfig:
     mode: str = "scm"  # scm (continuous time, JVP) | discrete (no JVP)
     jvp: str = "autograd"  # autograd (torch.func.jvp, math attention) | finite_difference
     jvp_chunk: int = 0  # autograd: query-chunk size of the math attention inside the JVP (0 = unchunked)
+    jvp_attention: str = "math"  # autograd: attention inside the JVP: math (chunked, jvp_chunk) | triton (fused kernel)
     fd_size: float = 1e-4  # finite-difference step in TrigFlow time (radians; rCM's; see jvp())
     teacher_lora: str = ""  # phase1 / phase2: the trained phase LoRA folder (merged into the base = teacher); full: optional
     teacher_guidance: float = 5.0  # CFG scale of the teacher (Wan rule; 1 = no CFG)
@@ -365,6 +369,8 @@ class DistillConfig:
             raise ValueError(f"distill.jvp={self.jvp!r} is not one of {list(JVP_METHODS)}")
         if self.jvp_chunk < 0:
             raise ValueError(f"distill.jvp_chunk={self.jvp_chunk}: expected >= 0 (0 = unchunked)")
+        if self.jvp_attention not in JVP_ATTENTION:
+            raise ValueError(f"distill.jvp_attention={self.jvp_attention!r} is not one of {list(JVP_ATTENTION)}")
         check_number("distill.fd_size", self.fd_size, self.fd_size > 0, "> 0 (radians)")
         check_number("distill.delta", self.delta, 0 < self.delta < math.pi / 2, "in (0, pi/2) (radians)")
         check_number("distill.teacher_guidance", self.teacher_guidance, self.teacher_guidance >= 1.0,

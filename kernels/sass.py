@@ -36,7 +36,7 @@ def tool(name: str) -> str:
 
 def launch_signature(fn, args: dict) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` of ``fn`` launched with ``args`` (name -> value): an int
-    for an integer argument, a ``torch.dtype`` for a pointer argument, any value for a
+    for an integer argument, a float for a float one, a ``torch.dtype`` for a pointer argument, any value for a
     ``tl.constexpr`` parameter. Every parameter must be given."""
     missing = [p.name for p in fn.params if p.name not in args]
     if missing:
@@ -49,8 +49,10 @@ def launch_signature(fn, args: dict) -> tuple[dict, dict, dict]:
         elif isinstance(v, torch.dtype):
             sig[p.name] = _PTR[v]
             attrs[(i,)] = _DIV16
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"  # a Python float is passed as fp32
         elif isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"launch_signature({fn.__name__}): {p.name}={v!r}: expected an int or a torch.dtype")
+            raise ValueError(f"launch_signature({fn.__name__}): {p.name}={v!r}: expected an int, a float or a torch.dtype")
         elif v == 1:
             sig[p.name], consts[p.name] = "constexpr", 1
         else:
@@ -60,7 +62,8 @@ def launch_signature(fn, args: dict) -> tuple[dict, dict, dict]:
     return sig, consts, attrs
 
 
-def compile_for(fn, args: dict, num_warps: int, arch: int = 90, sass: bool = False) -> dict:
+def compile_for(fn, args: dict, num_warps: int, arch: int = 90, sass: bool = False,
+                num_stages: int | None = None) -> dict:
     """Compile ``fn`` for ``sm_<arch>`` as a launch with ``args`` would be compiled (see
     ``launch_signature``) and assemble it with triton's ``ptxas``. Returns ``regs``,
     ``spill_bytes`` (stores + loads), ``bar_sync`` (in the PTX), ``ptxas`` (its report), ``ptx``
@@ -70,7 +73,8 @@ def compile_for(fn, args: dict, num_warps: int, arch: int = 90, sass: bool = Fal
 
     sig, consts, attrs = launch_signature(fn, args)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})})
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         src, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")

@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -14,6 +15,27 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+@contextlib.contextmanager
+def interpret_mode(flag: bool):
+    """``TRITON_INTERPRET`` (and triton's knob, if pinned) set to ``flag`` inside; restored after.
+    ``@triton.jit`` reads it when a kernel module is imported, so import kernel modules inside."""
+    import triton
+
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    pinned = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if flag else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        if pinned is not None:
+            knobs.__dict__["interpret"] = pinned
+
 
 torch.set_num_threads(int(os.environ.get("INTERPDIFF_TEST_THREADS", "1")))  # tiny ops: 1 thread is fastest, and 2 threads on a busy 2-core machine slow some tests 10x
 

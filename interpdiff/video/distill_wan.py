@@ -406,16 +406,43 @@ def _chunked_math_attention(chunk: int, inner):
     return attention
 
 
+def _fused_jvp_attention(fallback):
+    """The attention entry of ``jvp_attention(kernel="triton")``: ``kernels.attention_jvp`` (SDPA
+    primal, fused forward-mode derivative) for what it supports (no mask, no dropout, no causal or
+    GQA, head_dim in its table); ``fallback`` (the math SDPA) otherwise."""
+    from kernels.attention_jvp import HEAD_DIMS, attention_with_jvp
+
+    from interpdiff._dispatch import use_triton
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  return_lse=False, _parallel_config=None):
+        if (attn_mask is not None or dropout_p or is_causal or enable_gqa or return_lse or _parallel_config is not None
+                or query.shape[-1] not in HEAD_DIMS or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+            return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
+        use_triton("triton", query, "distill.jvp_attention=triton")  # a clear error on CPU without the interpreter
+        return attention_with_jvp(query, key, value, scale)
+
+    return attention
+
+
 @contextlib.contextmanager
-def jvp_attention(transformer, enabled: bool = True, chunk: int = 0):
+def jvp_attention(transformer, enabled: bool = True, chunk: int = 0, kernel: str = "math"):
     """Within the block every attention processor of ``transformer`` uses diffusers' ``_native_math``
-    backend (the math SDPA, which has forward-AD rules), split into query chunks of ``chunk`` tokens
-    when ``chunk > 0`` (the math kernel materialises the score matrix: at 32,760 tokens a chunk of
-    2,048 keeps it at 12 x 2,048 x 32,760 per call instead of 12 x 32,760^2). The configured backends
-    (and diffusers' math entry, swapped for the chunked one) are restored on exit."""
+    backend entry, which is, by ``kernel`` (``distill.jvp_attention``):
+
+    * ``"math"``: the math SDPA (it has forward-AD rules), split into query chunks of ``chunk``
+      tokens when ``chunk > 0`` (the math kernel materialises the score matrix: at 32,760 tokens a
+      chunk of 2,048 keeps it at 12 x 2,048 x 32,760 per call instead of 12 x 32,760^2);
+    * ``"triton"``: torch's SDPA for the primal and the fused kernel of ``kernels.attention_jvp``
+      for the tangent (nothing ``L x L`` in memory; ``chunk`` is not used by it).
+
+    The configured backends (and diffusers' math entry) are restored on exit."""
     if not enabled:
         yield
         return
+    if kernel not in ("math", "triton"):
+        raise ValueError(f"jvp_attention: kernel={kernel!r} is not one of ['math', 'triton']")
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     name = AttentionBackendName._NATIVE_MATH
@@ -425,8 +452,10 @@ def jvp_attention(transformer, enabled: bool = True, chunk: int = 0):
     inner = _AttentionBackendRegistry._backends[name]
     for p in procs:
         p._attention_backend = name
-    if chunk > 0:
-        _AttentionBackendRegistry._backends[name] = _chunked_math_attention(chunk, inner)
+    entry = _chunked_math_attention(chunk, inner) if chunk > 0 else inner
+    if kernel == "triton":
+        entry = _fused_jvp_attention(entry)
+    _AttentionBackendRegistry._backends[name] = entry
     try:
         yield
     finally:
@@ -594,7 +623,7 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
     F_student_sg = D.trig_model(_velocity(base, emb, idx))  # same weights, called under no_grad
     if dc.mode == "scm":
         cs = (torch.cos(t_B) * torch.sin(t_B))
-        with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk), jvp_constant_weights(base, dc.jvp == "autograd"), \
+        with jvp_attention(base, dc.jvp == "autograd", dc.jvp_chunk, dc.jvp_attention), jvp_constant_weights(base, dc.jvp == "autograd"), \
                 use_adapter(base, STUDENT):
             _, jv = D.jvp(F_student_sg, x_t, t_B, D._bc(cs, x_t) * F_T, cs, dc.jvp, dc.fd_size)
         # the stop-gradient copy is F_theta itself (as rCM): the JVP's own primal comes from another

@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, WanLoadError) as e:
-        sys.exit(f"train_dphi_teacher.py: error: {e}")
+    from interpdiff.training import run_main
+
+    run_main("train_dphi_teacher.py", main, (ConfigError, CheckpointError, WanLoadError))

@@ -37,11 +37,9 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    from interpdiff.training import finish_distributed
+    from interpdiff.training import run_main
     from interpdiff.video.data import TooManySkipsError
 
-    try:
-        main()
-        finish_distributed()  # on success only: a failed rank exits and the launcher stops the others
-    except (ConfigError, CheckpointError, WanLoadError, TooManySkipsError) as e:
-        sys.exit(f"train_phase1.py: error: {e}")
+    # finish_distributed() on success; a failed rank reports its error with its rank and exits at once,
+    # without a collective, so the launcher stops the others (interpdiff.training.run_main)
+    run_main("train_phase1.py", main, (ConfigError, CheckpointError, WanLoadError, TooManySkipsError))

@@ -45,6 +45,11 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
   (loss, sample count, the loss function's metrics, which may be device tensors) go through one
   all-reduce per optimizer step and stay on the device until a log or checkpoint step reads them
   in one transfer: the loop does not wait for the GPU between log steps. The resolved config is written to ``run_dir/config.yaml``.
+- **Failures on one rank** (a damaged file only its node reads): the entry scripts run ``main``
+  through ``run_main``, so the failed rank prints its error naming its rank, records it for the
+  launcher and exits at once, without a collective, and the launcher stops the other ranks;
+  ranks that wait for a peer (on another node, or one that never joined the process group) fail
+  after ``train.dist_timeout_s`` (``make_accelerator``) instead of torch's 30 min on gloo.
 - **One-batch check** before the loop: forward + backward on the first batch, the loss must be
   finite and every trainable parameter must get a finite gradient (a LoRA target that is never
   used, a detached input or NaNs stop the run before the first optimizer step).
@@ -62,6 +67,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +165,12 @@ class TrainLoopConfig:
     # an optimizer step whose loss or gradient norm is not finite is skipped (no update, no LR step,
     # no EMA); this many in a row stop the run, before a checkpoint could save non-finite weights
     max_nonfinite_steps: int = 10
+    # seconds a rank waits for the others to form the process group or to join a collective before it
+    # fails (torch's default is 30 min on gloo): a rank on another node that failed before the group
+    # formed, or a peer lost without a closed connection, holds the rest that long. Work the main
+    # process does while the others wait in a barrier (validation, a checkpoint's fsync and rotation)
+    # and the spread of the ranks' start-up (model loading) must fit in it.
+    dist_timeout_s: float = 600.0
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
@@ -176,6 +188,8 @@ class TrainLoopConfig:
         for k in ("stop_at_step", "validate_every", "max_nonfinite_steps"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
+            raise ConfigError(f"train.dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         if self.overwrite and self.resume:
             raise ConfigError(f"train.overwrite=true deletes the run's checkpoints, train.resume={self.resume!r} continues "
                               "from one: choose one")
@@ -503,22 +517,26 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
     (``DS_ACCELERATOR=cpu``), which is set here when no CUDA device exists and the variable is
     unset. Without DeepSpeed on CPU (torchrun / ``accelerate launch`` multi-CPU) ``cpu=True``
     gives MULTI_CPU with gloo.
+
+    The process group gets ``train.dist_timeout_s`` (``_process_group_kwargs``); a group that does
+    not form within it (another rank failed before getting here) is a ``PeerRankError``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     cuda = torch.cuda.is_available()
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda else "no"
-    kwargs_handlers = []
+    backend = None
     cpu = False
     if not cuda:
         if _deepspeed_requested():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            backend = "gloo"
         else:
             cpu = True
+    kwargs_handlers = [_process_group_kwargs(cfg.dist_timeout_s, backend)]
     log_with = None if cfg.tracker == "none" else cfg.tracker
     if cfg.tracker == "wandb":
         import importlib.util
@@ -536,15 +554,26 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
         raise ConfigError("train.mixed_precision=fp16 with DeepSpeed: DeepSpeed's fp16 mode casts every parameter, the "
                           "trainable ones included, to fp16; use bf16 (the loop's own autocast, fp32 trainable weights)")
     ds_bf16 = _deepspeed_requested() and mp == "bf16"
-    acc = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision="no" if ds_bf16 else mp,
-        cpu=cpu,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
-        kwargs_handlers=kwargs_handlers,
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the world size
-    )
+    try:
+        acc = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision="no" if ds_bf16 else mp,
+            cpu=cpu,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
+            kwargs_handlers=kwargs_handlers,
+            step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the world size
+        )
+    except _DIST_ERRORS as e:
+        rank, world = _rank_and_world()
+        if world <= 1:
+            raise
+        raise PeerRankError(
+            f"rank {rank} of {world}: the process group did not form within train.dist_timeout_s="
+            f"{cfg.dist_timeout_s:g} s: another rank did not get there. It failed before (start-up, model loading, "
+            "resolving train.resume: its error is in its own output, on another node in that node's log) or is "
+            f"still loading; raise train.dist_timeout_s if the ranks' start-up differs by more. ({type(e).__name__}: "
+            f"{str(e)[:300]})") from e
     acc.interpdiff_bf16_autocast = ds_bf16
     if _is_deepspeed(acc):
         ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
@@ -561,6 +590,39 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
             "(no distributed backend was picked; see interpdiff.training.make_accelerator)"
         )
     return acc
+
+
+class PeerRankError(RuntimeError):
+    """This rank stopped because another rank did not join the process group in time (it failed before,
+    or is too slow): a consequence, the cause is in the other rank's output."""
+
+
+# what torch.distributed raises when the group does not form in time (the store's wait timed out)
+_DIST_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(torch.distributed, "DistError", None),) if e is not None)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size from the launcher's environment (torchrun / ``accelerate
+    launch`` set them before any process group exists); ``(0, 1)`` in a single process."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _process_group_kwargs(timeout_s: float, backend: str | None = None):
+    """Accelerate's ``InitProcessGroupKwargs`` with ``timeout_s`` (and ``backend``), both always passed:
+    its ``to_kwargs`` drops values equal to the class defaults (backend nccl, timeout 600 s), and the
+    group would then get torch's or DeepSpeed's own default instead (30 min on gloo)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **({"backend": backend} if backend else {}))
+    explicit = {"timeout": handler.timeout, **({"backend": backend} if backend else {})}
+    handler.to_kwargs = lambda: dict(explicit)
+    return handler
 
 
 def uses_bf16(acc) -> bool:
@@ -1291,9 +1353,79 @@ def train(cfg: TrainLoopConfig, spec: TrainSpec, full_config: Any = None) -> Tra
 
 def finish_distributed() -> None:
     """Destroy the process group at the end of an entry script (``train`` leaves it up for the
-    caller's exports and barriers); a no-op in a single process."""
+    caller's exports and barriers); a no-op in a single process. On success only: every rank must
+    call it (``run_main``)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+EXIT_WATCHDOG_S = 60.0  # run_main: a failed rank's interpreter shutdown may take this long, then it is ended
+
+
+def run_main(prog: str, main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = (),
+             exit_watchdog_s: float = EXIT_WATCHDOG_S) -> None:
+    """Run an entry script's ``main()`` as one rank of a (possibly multi-process) launch.
+
+    Success: ``finish_distributed()`` on every rank. Failure on one rank (a damaged file only its node
+    reads, a data error): it must end at once and say so, because the launcher stops the other ranks
+    only once a process has *exited*. So this rank prints its error naming the rank (``user_errors``,
+    e.g. ``ConfigError``: one line ``prog: error: [rank r/w] ...``; anything else also with its traceback),
+    records it for the launcher (torchrun's "Root Cause" summary reads ``TORCHELASTIC_ERROR_FILE``) and
+    exits with code 1 without touching the process group: a barrier, ``end_training`` or
+    ``destroy_process_group`` on the error path would wait for ranks that are still training. A
+    watchdog (``faulthandler``, a native thread that runs until the very end of interpreter shutdown)
+    dumps every thread's stack and ends the process with code 1 if the shutdown blocks for
+    ``exit_watchdog_s`` (a non-daemon thread, an atexit handler, a backend destructor waiting for
+    peers); only in a launched multi-process run, where the other ranks wait for this exit (it would
+    also end a caller that catches the exit). Ranks on other nodes fail in their next collective when
+    the connection closes, or after ``train.dist_timeout_s``."""
+    rank, world = _rank_and_world()
+    where = f"[rank {rank}/{world}] " if world > 1 else ""
+    try:
+        main()
+    except SystemExit as e:  # main's own exit (argparse, a script's sys.exit): unchanged, but guarded
+        if e.code not in (None, 0) and world > 1:
+            _arm_exit_watchdog(exit_watchdog_s)
+        raise
+    except BaseException as e:
+        if world > 1:
+            _arm_exit_watchdog(exit_watchdog_s)
+        if isinstance(e, Exception):
+            _record_for_launcher(e)
+        if isinstance(e, (*user_errors, PeerRankError)):
+            sys.exit(f"{prog}: error: {where}{e}")
+        if world > 1:  # the traceback follows (from the interpreter; prefixed [rankN] once the group exists)
+            print(f"{prog}: error: {where}{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finish_distributed()
+
+
+def _arm_exit_watchdog(seconds: float) -> None:
+    """End this (failed) process with code 1 after ``seconds``, whatever blocks its shutdown."""
+    import faulthandler
+
+    if seconds <= 0:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__ or sys.stderr)
+    except (AttributeError, OSError, ValueError):  # no file descriptor to write to (stderr replaced): no watchdog
+        pass
+
+
+def _record_for_launcher(e: BaseException) -> None:
+    """Write ``e`` to the error file torchrun hands each worker (what ``@record`` does), so the launcher's
+    summary names this rank's error instead of "error_file: <N/A>"; nothing outside torchrun."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    except Exception as err:  # reporting must never hide the error itself
+        print(f"[train] could not record the error for the launcher ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 def _flat_config(cfg: Any) -> dict:

@@ -409,15 +409,26 @@ def _chunked_math_attention(chunk: int, inner):
 def _fused_jvp_attention(fallback):
     """The attention entry of ``jvp_attention(kernel="triton")``: ``kernels.attention_jvp`` (SDPA
     primal, fused forward-mode derivative) for what it supports (no mask, no dropout, no causal or
-    GQA, head_dim in its table); ``fallback`` (the math SDPA) otherwise."""
+    GQA, query / key / value of one head count and head_dim in its table, one float dtype);
+    ``fallback`` (the math SDPA) otherwise. Under autocast the three are cast to the autocast dtype
+    first, as the SDPA of the math entry would be: from torch 2.12 autocast runs ``rms_norm`` in
+    fp32 on CUDA, so Wan's normalised q / k come out fp32 next to a bf16 v."""
     from kernels.attention_jvp import HEAD_DIMS, attention_with_jvp
 
     from interpdiff._dispatch import use_triton
 
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   return_lse=False, _parallel_config=None):
+        dev = query.device.type
+        if torch.is_autocast_enabled(dev) and query.dtype in floats:
+            dt = torch.get_autocast_dtype(dev)
+            query, key, value = (t.to(dt) if t.dtype in floats else t for t in (query, key, value))
+        same = (key.shape[2:] == query.shape[2:] and value.shape == key.shape
+                and query.dtype == key.dtype == value.dtype and query.dtype in floats)
         if (attn_mask is not None or dropout_p or is_causal or enable_gqa or return_lse or _parallel_config is not None
-                or query.shape[-1] not in HEAD_DIMS or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+                or query.shape[-1] not in HEAD_DIMS or not same):
             return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
         use_triton("triton", query, "distill.jvp_attention=triton")  # a clear error on CPU without the interpreter

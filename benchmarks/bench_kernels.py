@@ -656,28 +656,28 @@ def markdown(res: dict) -> str:
         sw = res["sweep"]
         k0 = sw["interpolate"][0].get("K") if sw["interpolate"] else None
         if sw.get("walks"):
-            ks = sorted({k for w in sw["walks"] for k in w["of_copy"]})
-            L += ["", f"Sweep of the time-walk kernels (copy {sw['copy_GBps']:.0f} GB/s), best worst-K first:", "",
-                  "| kernel | BLOCK_Q | warps | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(ks)]
-            for w in sw["walks"][:12]:
-                L.append(f"| {w['impl']} | {w['BLOCK_Q']} | {w['num_warps']} | {w['worst']:.1%} | "
-                         + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
+            L += _walk_table(f"Sweep of the time-walk kernels (copy {sw['copy_GBps']:.0f} GB/s), best worst-K first:",
+                             sw["walks"][:12])
         if sw.get("fused_walks"):
-            ks = sorted({k for w in sw["fused_walks"] for k in w["of_copy"]})
-            L += ["", "Sweep of the fused corruption (tile at its defaults, the walks at four configurations), "
-                  "best worst-K first:", "",
-                  "| kernel | BLOCK_Q | warps | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(ks)]
-            for w in sw["fused_walks"]:
-                L.append(f"| {w['impl']} | {w['BLOCK_Q'] or 'default'} | {w['num_warps'] or 'default'} | {w['worst']:.1%} | "
-                         + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
+            L += _walk_table("Sweep of the fused corruption (tile at its defaults, the walks at four configurations), "
+                             "best worst-K first:", sw["fused_walks"])
         L += ["", f"Sweep (best first, K={k0}): interpolation " + ", ".join(
             f"{r.get('impl', 'tile')} {r['BLOCK_T']}x{r['BLOCK_Q']}/w{r['num_warps']}/q{r.get('Q_ITERS', 1)}: {r['ms']:.4f} ms"
             for r in sw["interpolate"][:5] if r.get("K") == k0)
               + f" (default {res['sweep']['interpolate_default']}); DP " + ", ".join(
             f"{r.get('impl', '')}/w{r['num_warps']}: {r['ms']:.3f} ms" for r in res["sweep"]["dp"])]
     return "\n".join(L) + "\n"
+
+
+def _walk_table(title: str, walks: list[dict]) -> list[str]:
+    """Markdown lines: one row per kernel configuration, its share of the copy bandwidth at each K."""
+    ks = sorted({k for w in walks for k in w["of_copy"]}, key=int)
+    L = ["", title, "", "| kernel | BLOCK_Q | warps | worst | " + " | ".join(f"K={k}" for k in ks) + " |",
+         "|---|---:|---:|---:|" + "---:|" * len(ks)]
+    for w in walks:
+        L.append(f"| {w['impl']} | {w['BLOCK_Q'] or 'default'} | {w['num_warps'] or 'default'} | {w['worst']:.1%} | "
+                 + " | ".join(f"{w['of_copy'][k]:.1%}" for k in ks) + " |")
+    return L
 
 
 def main(argv: list[str] | None = None) -> dict:

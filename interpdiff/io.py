@@ -18,10 +18,12 @@ what is missing on failure.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -156,3 +158,85 @@ def load_checkpoint(path: str | os.PathLike, required_meta: Iterable[str] = (), 
     if missing:
         raise CheckpointError(f"checkpoint {str(p)!r} lacks metadata keys {missing}")
     return ck
+
+
+# --- cheap structural checks of checkpoint files (before a loader reads them) ------------------
+
+FILE_KINDS = ("torch", "safetensors", "json")
+_KIND_BY_SUFFIX = {".pt": "torch", ".pth": "torch", ".bin": "torch", ".pkl": "torch", ".safetensors": "safetensors",
+                   ".json": "json"}
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """The check ``file_problem`` applies to a file by its suffix (``None``: not one it knows)."""
+    return _KIND_BY_SUFFIX.get(Path(path).suffix.lower())
+
+
+def file_problem(path: str | os.PathLike, kind: str) -> str | None:
+    """What is wrong with checkpoint file ``path`` of ``kind`` (``torch``, ``safetensors``,
+    ``json``), as a phrase that follows the file's name and says what was expected; ``None`` when it
+    looks intact. Cheap: reads the zip central directory of a ``torch.save`` file, the header of a
+    safetensors file, the whole of a JSON file (small), never the tensor data.
+
+    ``torch.save`` writes a zip archive (``archive/data.pkl`` + one record per storage) whose central
+    directory sits at the end of the file: a truncated, zero-filled or overwritten file loses it, so
+    checking it (and that every record lies before it) finds such damage without reading the data,
+    which can be gigabytes of optimizer state that the loader reads right after anyway. A bit flip
+    inside the data is not found (torch does not check CRCs either)."""
+    p = Path(path)
+    if kind not in FILE_KINDS:
+        raise ValueError(f"file_problem: kind={kind!r} is not one of {FILE_KINDS}")
+    if not p.is_file():
+        what = {"torch": "a torch.save file", "safetensors": "a safetensors file", "json": "a JSON file"}[kind]
+        return f"is {'missing' if not p.exists() else 'not a regular file'}; expected {what}"
+    try:
+        size = p.stat().st_size
+        if kind == "json":
+            try:
+                json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as e:
+                return f"is not valid JSON ({e}); expected the JSON document the checkpoint save wrote"
+            return None
+        if kind == "safetensors":
+            return _safetensors_problem(p, size)
+        return _torch_zip_problem(p, size)
+    except OSError as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+
+
+def _torch_zip_problem(p: Path, size: int) -> str | None:
+    expected = "expected a complete torch.save file (a zip archive)"
+    try:
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+            start_dir = getattr(z, "start_dir", size)
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:
+        return f"is not a complete zip archive ({size} bytes; {e}): truncated or overwritten; {expected}"
+    if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
+        return f"is a zip archive without a data.pkl record; {expected}"
+    end = max(i.header_offset + i.compress_size for i in infos)
+    if end > start_dir:
+        return (f"has zip records that run past its central directory (to byte {end}, directory at {start_dir}): "
+                f"damaged; {expected}")
+    return None
+
+
+def _safetensors_problem(p: Path, size: int) -> str | None:
+    expected = "expected a complete safetensors file (8-byte header length, JSON header, tensor data)"
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes, shorter than the 8-byte header length); {expected}"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"is truncated or damaged (its header claims {n} bytes, the file has {size}); {expected}"
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"has an unreadable header ({type(e).__name__}: {e}); {expected}"
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        return (f"holds {data} bytes of tensor data where its header describes {max(ends, default=0)}: "
+                f"truncated or damaged; {expected}")
+    return None

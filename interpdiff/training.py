@@ -78,7 +78,8 @@ import torch
 from torch import nn
 
 from interpdiff.config import ConfigError, save_config
-from interpdiff.io import CheckpointError, atomic_write_text, code_version, fsync_dir, fsync_tree
+from interpdiff.io import (CheckpointError, atomic_write_text, code_version, file_kind, file_problem, fsync_dir,
+                           fsync_tree)
 
 CKPT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -941,8 +942,10 @@ def _note_schedule_change(acc, path: Path, cfg: TrainLoopConfig) -> None:
         return
     if old is None or int(old) == cfg.max_steps or cfg.optim.schedule == "constant":
         return
-    step = int(json.loads((Path(path) / "train_state.json").read_text()).get("step", 0)) if (
-        Path(path) / "train_state.json").is_file() else 0
+    try:  # only for the message: a damaged train_state.json is named by load_checkpoint_dir, which runs next
+        step = int(json.loads((Path(path) / "train_state.json").read_text()).get("step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        step = 0
     acc.print(f"[train] note: the checkpoint was trained toward train.max_steps={old}, this run to {cfg.max_steps}: "
               f"the {cfg.optim.schedule} LR schedule is recomputed (at step {step}: lr factor "
               f"{lr_lambda(step, cfg.optim, int(old)):.3g} -> {lr_lambda(step, cfg.optim, cfg.max_steps):.3g})")
@@ -953,9 +956,139 @@ def _short(v: Any, n: int = 120) -> str:
     return r if len(r) <= n else r[: n - 3] + "..."
 
 
+def _older_hint(path: Path) -> str:
+    """What to do about a damaged checkpoint: resume the newest older one (with ``train.rewind``)."""
+    older = [p.name for p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
+    return (f"; resume an older one with --resume {Path(path).parent / older[-1]} train.rewind=true" if older
+            else "; no older checkpoint is in that folder")
+
+
+def _damaged(path: Path, f: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"cannot load checkpoint {path}: {f} {problem}: a file of it is missing or damaged"
+                           f"{_older_hint(path)}")
+
+
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what Accelerate restores on every device
+
+
+def _saved_world_size(path: Path) -> int | None:
+    """How many processes wrote checkpoint ``path``: from rank 0's data position, else from the
+    per-rank RNG files Accelerate wrote; ``None`` when neither is there."""
+    try:
+        return int(json.loads((path / DATA_STATE_FILE.format(rank=0)).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    ranks = [int(r) for r in (f.stem.rsplit("_", 1)[1] for f in path.glob("random_states_*.pkl")) if r.isdigit()]
+    return max(ranks) + 1 if ranks else None
+
+
+def _check_random_states(acc, path: Path) -> tuple[Path, dict | None]:
+    """Load this rank's ``random_states_{rank}.pkl`` as Accelerate will (small: the RNG states) and
+    refuse a damaged or missing one: Accelerate's ``load_state`` ignores any failure there and the
+    run would go on with other RNG states. Missing is fine only for a rank the checkpoint's run did
+    not have (the world grew: that rank keeps its fresh seed, ``read_data_state`` reports the change)."""
+    from accelerate.utils import RNG_STATE_NAME
+    from accelerate.utils import load as accelerate_load
+
+    f = path / f"{RNG_STATE_NAME}_{acc.process_index}.pkl"
+    expected = f"expected the RNG states Accelerate's save_state wrote for rank {acc.process_index}"
+    if not f.exists():
+        saved = _saved_world_size(path)
+        if saved is not None and acc.process_index >= saved:
+            return f, None
+        run = f"{saved} process{'es' if saved != 1 else ''}" if saved else "an unknown number of processes"
+        raise _damaged(path, f, f"is missing (the checkpoint was written by {run}); {expected}")
+    try:
+        states = accelerate_load(f)  # the loader (and allow-list) Accelerate's load_state uses
+    except Exception as e:
+        raise _damaged(path, f, file_problem(f, "torch") or f"cannot be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                                                             f"{expected}") from e
+    missing = [k for k in RNG_KEYS if k not in states] if isinstance(states, dict) else list(RNG_KEYS)
+    if missing:
+        keys = f" with keys {sorted(map(str, states))[:8]}" if isinstance(states, dict) else ""
+        raise _damaged(path, f, f"lacks {missing} (holds a {type(states).__name__}{keys}); {expected}")
+    return f, states
+
+
+def _deepspeed_files(acc, path: Path) -> list[Path]:
+    """The engine files this rank's ``engine.load_checkpoint`` reads: the model states (ZeRO-1/2: the
+    shared ``mp_rank_00_model_states.pt``; ZeRO-3: this rank's own) and this rank's ZeRO optimizer
+    shard (all shards with ``zero.elastic_checkpoint``), named by the engine's own helpers."""
+    from accelerate.utils import MODEL_NAME
+
+    out: list[Path] = []
+    for i, engine in enumerate(acc._models):
+        tag = MODEL_NAME if i == 0 else f"{MODEL_NAME}_{i}"  # the ckpt_id Accelerate's load_state passes
+        try:
+            out.append(Path(engine._get_ckpt_name(str(path), tag)))
+            if engine.zero_optimization() and not engine.zero_nvme_offload_optimizer() \
+                    and not engine.load_universal_checkpoint():
+                if engine.zero_elastic_checkpoint():
+                    out += sorted((path / tag).glob("*zero_pp_rank_*_optim_states.pt"))
+                else:
+                    own = Path(engine._get_zero_ckpt_name(str(path), tag))
+                    # DeepSpeed falls back to the old name pattern when the new one is absent
+                    legacy = own.with_name(own.name.replace("_optim_states.pt", "optim_states.pt"))
+                    out.append(legacy if not own.exists() and legacy.exists() else own)
+        except (AttributeError, TypeError):  # a DeepSpeed without these helpers: every engine file of the folder
+            out += sorted((path / tag).glob("*.pt"))
+    return out
+
+
+def _files_this_rank_reads(acc, path: Path) -> list[tuple[Path, str]]:
+    """(file, kind) for each file ``acc.load_state`` (with the hooks of ``_register_hooks``) reads on
+    this rank, in the order Accelerate reads them; the RNG states and the data position are checked
+    on their own."""
+    from accelerate.utils import OPTIMIZER_NAME, SCALER_NAME, SCHEDULER_NAME, DeepSpeedSchedulerWrapper
+
+    files: list[tuple[Path, str]] = []
+    ds = _is_deepspeed(acc)
+    if ds:  # the engine restores module + optimizer (+ its LR schedule); the load hook reads nothing
+        files += [(f, "torch") for f in _deepspeed_files(acc, path)]
+    else:
+        if acc._models:  # the load hook: spec.load_trainable reads the trainable weights on every rank
+            t = path / TRAINABLE_DIR
+            if not t.is_dir():
+                raise _damaged(path, t, "is missing; expected the trainable weights (spec.save_trainable)")
+            files += [(f, file_kind(f)) for f in sorted(t.rglob("*")) if f.is_file() and file_kind(f)]
+        files += [(path / (f"{OPTIMIZER_NAME}.bin" if i == 0 else f"{OPTIMIZER_NAME}_{i}.bin"), "torch")
+                  for i in range(len(acc._optimizers))]
+    scheds = [s for s in acc._schedulers if not (ds and isinstance(s, DeepSpeedSchedulerWrapper))]
+    files += [(path / (f"{SCHEDULER_NAME}.bin" if i == 0 else f"{SCHEDULER_NAME}_{i}.bin"), "torch")
+              for i in range(len(scheds))]
+    if acc.scaler is not None:
+        files.append((path / SCALER_NAME, "torch"))
+    files += [(path / f"custom_checkpoint_{i}.pkl", "torch") for i in range(len(acc._custom_objects))]
+    files += [(path / n, "json") for n in ("meta.json", "train_state.json") if (path / n).exists()]
+    return files
+
+
+def check_checkpoint_files(acc, path: Path) -> tuple[Path, dict | None]:
+    """Check every file this rank will read from checkpoint ``path`` before anything is loaded (a
+    damaged one would otherwise surface as a loader error naming only the folder, or, for the RNG
+    states, not at all); a ``CheckpointError`` names the file, what is wrong and the older
+    checkpoint to resume. Returns this rank's RNG-state file and its (loaded) states."""
+    path = Path(path)
+    for f, kind in _files_this_rank_reads(acc, path):
+        problem = file_problem(f, kind)
+        if problem:
+            raise _damaged(path, f, problem)
+    rng = _check_random_states(acc, path)
+    f = path / DATA_STATE_FILE.format(rank=acc.process_index)  # the file read_data_state will read
+    src = f if f.is_file() else path / DATA_STATE_FILE.format(rank=0)
+    if src.is_file():
+        try:
+            _read_position(src)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_older_hint(path)}") from e
+    return rng
+
+
 def load_checkpoint_dir(acc, path: Path) -> None:
-    """``acc.load_state`` of a checkpoint folder; any failure (a truncated or missing file) is a
+    """``acc.load_state`` of a checkpoint folder. Every file this rank reads is checked first
+    (``check_checkpoint_files``: the error names the file); any later failure is a
     ``CheckpointError`` naming the folder, the cause and the older checkpoints to fall back on."""
+    rng_file, rng = check_checkpoint_files(acc, path)
     kwargs = {"load_module_strict": False} if _is_deepspeed(acc) else {}
     try:
         acc.load_state(str(path), **kwargs)
@@ -966,11 +1099,13 @@ def load_checkpoint_dir(acc, path: Path) -> None:
 
         damaged = isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) or any(
             s in str(e) for s in ("PytorchStreamReader", "zip archive", "header", "Number of custom checkpoints"))
-        older = [p.name for p in list_checkpoints(Path(path).parent) if p.name < Path(path).name]
-        hint = (f"; resume an older one with --resume {Path(path).parent / older[-1]} train.rewind=true" if older
-                else "; no older checkpoint is in that folder")
-        what = f"a file of it is missing or damaged{hint}" if damaged else "see the cause above"
+        what = f"a file of it is missing or damaged{_older_hint(path)}" if damaged else "see the cause above"
         raise CheckpointError(f"cannot load checkpoint {path} ({type(e).__name__}: {str(e)[:400]}): {what}") from e
+    # Accelerate swallows any failure while restoring the RNG states: make sure it did restore them
+    if rng is not None and not (torch.equal(torch.get_rng_state(), rng["torch_manual_seed"])
+                                and random.getstate() == rng["random_state"]):
+        raise CheckpointError(f"cannot load checkpoint {path}: Accelerate did not restore the RNG states of {rng_file} "
+                              f"(the resumed run would not repeat the uninterrupted one){_older_hint(path)}")
 
 
 DATA_STATE_FILE = "data_state_rank{rank}.json"

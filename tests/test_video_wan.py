@@ -296,6 +296,22 @@ def test_save_lora_replaces_the_folder_as_a_whole(tmp_path, monkeypatch):
         torch.testing.assert_close(v, sd_new[k], atol=0, rtol=0)
 
 
+def test_load_lora_refuses_a_description_of_another_save(tmp_path):
+    """``interpdiff_lora.json`` and the weights file of two different saves (a copied-over weights
+    file) are refused naming both files and what differs; one save's folder loads."""
+    src = _components().transformer
+    wan.add_lora(src, wan.LoraSpec(rank=4, alpha=4))
+    wan.save_lora(src, tmp_path / "r4")
+    other = _components().transformer
+    wan.add_lora(other, wan.LoraSpec(rank=8, alpha=16, target_modules=["to_q", "to_k"]))
+    wan.save_lora(other, tmp_path / "r8")
+    wan.load_lora(_components().transformer, tmp_path / "r4")
+    (tmp_path / "r4" / wan.META_NAME).write_bytes((tmp_path / "r8" / wan.META_NAME).read_bytes())
+    with pytest.raises(wan.WanLoadError, match=r"interpdiff_lora.json and pytorch_lora_weights.safetensors describe "
+                                               r"different adapters \(rank: 8 in interpdiff_lora.json, 4 in .*alpha: 16.0"):
+        wan.load_lora(_components().transformer, tmp_path / "r4")
+
+
 def test_load_lora_weights_into_checks_every_tensor(tmp_path):
     """Resume copies exactly the stored values; a folder of another rank or with fewer targets is
     refused with the file named (never half loaded)."""

@@ -1225,6 +1225,7 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
         install_keyframe_rope(model)
     sd, lmeta = WanPipeline.lora_state_dict(str(d), weight_name=LORA_WEIGHT_NAME, return_lora_metadata=True)
     WanPipeline.load_lora_into_transformer(dict(sd), transformer=model, adapter_name=adapter_name, metadata=lmeta)
+    _check_lora_spec(d, meta, _lora_spec_of(model, adapter_name))
     model.train(model.training)  # injected lora_dropout modules start in train mode; follow the model
     if widening:
         model.patch_embedding.extra_weight.requires_grad_(trainable)  # peft froze it while injecting
@@ -1235,6 +1236,20 @@ def load_lora(transformer, lora_dir: str | os.PathLike, adapter_name: str = "def
             if "lora_" in n and f".{adapter_name}." in n + ".":
                 p.requires_grad_(True)
     return meta
+
+
+def _check_lora_spec(d: Path, meta: dict, built: dict) -> None:
+    """The adapter diffusers built from the weights file (its shapes and embedded LoraConfig) must
+    be the one ``interpdiff_lora.json`` describes: files of two different saves in one folder (a
+    copied-over weights file) would otherwise sample with the other run's phase settings."""
+    stored = meta.get("lora") or {}
+    diff = {k: (stored[k], built[k]) for k in ("rank", "alpha", "use_rslora", "target_modules")
+            if k in stored and (sorted(stored[k]) if k == "target_modules" else stored[k])
+            != (sorted(built[k]) if k == "target_modules" else built[k])}
+    if diff:
+        what = "; ".join(f"{k}: {a!r} in {META_NAME}, {b!r} in {LORA_WEIGHT_NAME}" for k, (a, b) in diff.items())
+        raise WanLoadError(f"LoRA folder {str(d)!r}: {META_NAME} and {LORA_WEIGHT_NAME} describe different adapters "
+                           f"({what}): the files come from different saves; use a folder written by one save_lora")
 
 
 def load_lora_weights_into(transformer, lora_dir: str | os.PathLike, adapter_name: str = "default",

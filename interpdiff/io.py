@@ -206,6 +206,9 @@ def file_problem(path: str | os.PathLike, kind: str) -> str | None:
 
 def _torch_zip_problem(p: Path, size: int) -> str | None:
     expected = "expected a complete torch.save file (a zip archive)"
+    with open(p, "rb") as f:
+        if f.read(1) == b"\x80" and not zipfile.is_zipfile(p):  # a legacy (pre-zip) torch.save pickle: no
+            return None  # directory to check (DeepSpeed's checkpoint_serialization=false writes these)
     try:
         with zipfile.ZipFile(p) as z:
             infos = z.infolist()
@@ -228,6 +231,8 @@ def _safetensors_problem(p: Path, size: int) -> str | None:
         if len(head) < 8:
             return f"is truncated ({size} bytes, shorter than the 8-byte header length); {expected}"
         n = int.from_bytes(head, "little")
+        if n > 100_000_000:  # as the safetensors library: a header is JSON, never this large
+            return f"has a header length of {n} bytes (at most 100 MB expected): damaged; {expected}"
         if n > size - 8:
             return f"is truncated or damaged (its header claims {n} bytes, the file has {size}); {expected}"
         try:

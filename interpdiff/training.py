@@ -49,7 +49,8 @@ trainable weights, an optional validation) and calls ``train(cfg, spec)``. This 
   through ``run_main``, so the failed rank prints its error naming its rank, records it for the
   launcher and exits at once, without a collective, and the launcher stops the other ranks;
   ranks that wait for a peer (on another node, or one that never joined the process group) fail
-  after ``train.dist_timeout_s`` (``make_accelerator``) instead of torch's 30 min on gloo.
+  after ``train.dist_timeout_s`` (``make_accelerator``) instead of torch's 30 min on gloo (under NCCL
+  the store wait is bounded so, NCCL's communicator set-up may block longer).
 - **One-batch check** before the loop: forward + backward on the first batch, the loss must be
   finite and every trainable parameter must get a finite gradient (a LoRA target that is never
   used, a detached input or NaNs stop the run before the first optimizer step).
@@ -170,7 +171,9 @@ class TrainLoopConfig:
     # fails (torch's default is 30 min on gloo): a rank on another node that failed before the group
     # formed, or a peer lost without a closed connection, holds the rest that long. Work the main
     # process does while the others wait in a barrier (validation, a checkpoint's fsync and rotation)
-    # and the spread of the ranks' start-up (model loading) must fit in it.
+    # and the spread of the ranks' start-up (model loading) must fit in it. Under DeepSpeed a longer
+    # DEEPSPEED_TIMEOUT (minutes) in the environment wins. Guaranteed on gloo; with NCCL the wait for the
+    # group's store is bounded by it, NCCL's own communicator set-up may block longer.
     dist_timeout_s: float = 600.0
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -537,7 +540,11 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
             backend = "gloo"
         else:
             cpu = True
-    kwargs_handlers = [_process_group_kwargs(cfg.dist_timeout_s, backend)]
+    timeout_s = cfg.dist_timeout_s
+    if _deepspeed_requested() and os.environ.get("DEEPSPEED_TIMEOUT"):  # a cluster's longer DeepSpeed setting stays
+        with contextlib.suppress(ValueError):
+            timeout_s = max(timeout_s, 60.0 * float(os.environ["DEEPSPEED_TIMEOUT"]))
+    kwargs_handlers = [_process_group_kwargs(timeout_s, backend)]
     log_with = None if cfg.tracker == "none" else cfg.tracker
     if cfg.tracker == "wandb":
         import importlib.util
@@ -567,14 +574,16 @@ def make_accelerator(cfg: TrainLoopConfig, project_dir: Path):
         )
     except _DIST_ERRORS as e:
         rank, world = _rank_and_world()
-        if world <= 1:
+        # only a wait that timed out is another rank's absence; a backend or network error (NCCL set-up,
+        # a wrong interface) is its own cause and keeps its traceback
+        if world <= 1 or not _is_timeout(e):
             raise
         raise PeerRankError(
             f"rank {rank} of {world}: the process group did not form within train.dist_timeout_s="
             f"{cfg.dist_timeout_s:g} s: another rank did not get there. It failed before (start-up, model loading, "
             "resolving train.resume: its error is in its own output, on another node in that node's log) or is "
             f"still loading; raise train.dist_timeout_s if the ranks' start-up differs by more. ({type(e).__name__}: "
-            f"{str(e)[:300]})") from e
+            f"{e})") from e
     acc.interpdiff_bf16_autocast = ds_bf16
     if _is_deepspeed(acc):
         ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
@@ -601,6 +610,14 @@ class PeerRankError(RuntimeError):
 # what torch.distributed raises when the group does not form in time (the store's wait timed out)
 _DIST_ERRORS: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(torch.distributed, "DistError", None),) if e is not None)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    """Whether a torch.distributed error is a wait that timed out (the store's ``DistStoreError`` or a
+    message saying so), not a backend or network failure."""
+    store_error = getattr(torch.distributed, "DistStoreError", None)
+    return (store_error is not None and isinstance(e, store_error)) or "timeout" in str(e).lower() \
+        or "timed out" in str(e).lower()
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -1001,8 +1018,14 @@ def _check_random_states(acc, path: Path) -> tuple[Path, dict | None]:
     try:
         states = accelerate_load(f)  # the loader (and allow-list) Accelerate's load_state uses
     except Exception as e:
-        raise _damaged(path, f, file_problem(f, "torch") or f"cannot be loaded ({type(e).__name__}: {str(e)[:300]}); "
-                                                             f"{expected}") from e
+        problem = file_problem(f, "torch")
+        if problem:
+            raise _damaged(path, f, problem) from e
+        # intact, but Accelerate's loader refuses its contents (e.g. numpy 1.x RNG state pickles under
+        # numpy 2 and the weights-only allow-list): Accelerate would skip it too; say so, go on
+        acc.print(f"[train] warning: {f} is intact but cannot be loaded here ({type(e).__name__}: {str(e)[:200]}); "
+                  "the RNG states are not restored, the resumed run will not repeat the uninterrupted one")
+        return f, None
     missing = [k for k in RNG_KEYS if k not in states] if isinstance(states, dict) else list(RNG_KEYS)
     if missing:
         keys = f" with keys {sorted(map(str, states))[:8]}" if isinstance(states, dict) else ""
@@ -1043,6 +1066,13 @@ def _files_this_rank_reads(acc, path: Path) -> list[tuple[Path, str]]:
 
     files: list[tuple[Path, str]] = []
     ds = _is_deepspeed(acc)
+    saved = _saved_world_size(path)
+    elastic = ds and any(getattr(e, "zero_elastic_checkpoint", lambda: False)() for e in acc._models)
+    if ds and not elastic and saved is not None and saved != acc.num_processes:  # ZeRO shards: one per rank
+        raise CheckpointError(f"cannot load checkpoint {path}: it was written by {saved} process"
+                              f"{'es' if saved != 1 else ''}, this run has {acc.num_processes}; DeepSpeed's ZeRO "
+                              "checkpoints resume on the same number of processes (or convert it with DeepSpeed's "
+                              "zero_to_fp32 / universal checkpoint tools)")
     if ds:  # the engine restores module + optimizer (+ its LR schedule); the load hook reads nothing
         files += [(f, "torch") for f in _deepspeed_files(acc, path)]
     else:

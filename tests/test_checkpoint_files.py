@@ -100,6 +100,42 @@ def test_random_states_that_accelerate_fails_to_restore_are_refused(tmp_path, mo
         run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
 
 
+def test_intact_random_states_the_loader_refuses_are_a_warning(tmp_path, monkeypatch, capsys):
+    """An intact RNG-state file that Accelerate's loader refuses here (numpy 1.x pickles under numpy 2
+    and the weights-only allow-list) is not a damaged file: the resume goes on without them, says
+    so, and does not then demand that they were restored."""
+    import accelerate.utils
+
+    from test_training import run_toy
+
+    real = accelerate.utils.load
+
+    def load(f, *a, **k):
+        if Path(f).name.startswith("random_states"):
+            import pickle
+
+            raise pickle.UnpicklingError("Weights only load failed (simulated numpy.core global)")
+        return real(f, *a, **k)
+
+    ck = _two_checkpoints(tmp_path)
+    monkeypatch.setattr(accelerate.utils, "load", load)
+    run_toy(tmp_path / "run", max_steps=6, checkpoint_every=2, resume="latest")
+    out = capsys.readouterr()
+    assert f"{ck / 'random_states_0.pkl'} is intact but cannot be loaded here" in out.out + out.err
+
+
+def test_only_a_timed_out_wait_is_blamed_on_another_rank():
+    """``make_accelerator`` turns a process-group error into ``PeerRankError`` ("another rank did not
+    get there") only for a wait that timed out; an NCCL / network error keeps its own type."""
+    import torch.distributed as dist
+
+    from interpdiff.training import _is_timeout
+
+    assert _is_timeout(dist.DistStoreError("wait timeout after 600000ms, keys: /default_pg/0//cuda//0/1"))
+    assert not _is_timeout(dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, unhandled system error"))
+    assert not _is_timeout(dist.DistNetworkError("The client socket has failed to connect to [node0]:29500"))
+
+
 @pytest.mark.parametrize("name,how", [("optimizer.bin", "truncated"), ("scheduler.bin", "zeroed"),
                                       ("custom_checkpoint_1.pkl", "truncated"), ("trainable/adapter.pt", "truncated"),
                                       ("train_state.json", "truncated"), ("data_state_rank0.json", "truncated")])
@@ -185,6 +221,13 @@ def test_file_problem_checks_torch_safetensors_and_json_files(tmp_path):
 
     j.write_text('{"step": ')
     assert "is not valid JSON" in file_problem(j, "json")
+    # a legacy (pre-zip) torch.save file loads with torch.load: not called damaged
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert file_problem(legacy, "torch") is None
+    # a header length of gigabytes is refused without reading (or allocating) it
+    st.write_bytes((3 << 30).to_bytes(8, "little") + b"{}")
+    assert "at most 100 MB expected" in file_problem(st, "safetensors")
     with pytest.raises(ValueError, match="kind='yaml'"):
         file_problem(j, "yaml")
 
@@ -203,8 +246,9 @@ def zero2_checkpoint(tmp_path_factory):
     base = [*ACCELERATE, "--config_file", str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml")]
     args = [str(script), "batch_size=1", "grad_accum=2", "checkpoint_every=2", *ARGS]
 
-    def launch(run, *extra, check=True):
-        cmd = [*base, "--main_process_port", str(_free_port()), *args, f"run_dir={run}", *extra]
+    def launch(run, *extra, check=True, config=None):
+        head = [*ACCELERATE, "--config_file", str(config)] if config else base
+        cmd = [*head, "--main_process_port", str(_free_port()), *args, f"run_dir={run}", *extra]
         if check:
             return _run(cmd, env)
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -213,6 +257,25 @@ def zero2_checkpoint(tmp_path_factory):
     ck = d / "run" / "checkpoints" / "step_00000002"
     assert (ck / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
     return ck, launch
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_on_another_world_size_says_so(zero2_checkpoint, tmp_path):
+    """A ZeRO checkpoint of 2 processes resumed by 1: the error says the process count changed
+    (DeepSpeed needs the same count), not that a shard is damaged."""
+    from test_distributed import ACCELERATE, REPO
+
+    ck, launch = zero2_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(ck.parent.parent, run, ignore=shutil.ignore_patterns("final_rank*.pt"))
+    cfg = (REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml").read_text()
+    one = tmp_path / "cpu_zero2_1proc.yaml"
+    one.write_text(re.sub(r"(?m)^num_processes: *2", "num_processes: 1", cfg))
+    assert "num_processes: 1" in one.read_text()
+    out = launch(run, "resume=latest", check=False, config=one)
+    assert out.returncode != 0
+    assert re.search(r"it was written by 2 processes, this run has 1; DeepSpeed's ZeRO checkpoints resume on the "
+                     r"same number of processes", out.stderr + out.stdout), (out.stderr + out.stdout)[-4000:]
 
 
 @pytest.mark.slow

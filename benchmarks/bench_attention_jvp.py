@@ -111,7 +111,6 @@ def bench_case(cfg, name: str, Lq: int, Lk: int, H: int, D: int, dtype, dev, tim
         o_ref, do_ref = math_jvp(*(t.float() for t in (q, k, v, dq, dk, dv)))
         o_m, do_m = math_jvp(q, k, v, dq, dk, dv)
         o_f, do_f = fused_jvp()
-        o = AJ.sdpa(q, k, v)
         res = {
             "case": name, "Lq": Lq, "Lk": Lk, "heads": H, "head_dim": D, "dtype": str(dtype).replace("torch.", ""),
             "err_math": _rel_err(do_m, do_ref), "err_fused": _rel_err(do_f, do_ref),

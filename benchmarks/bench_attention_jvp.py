@@ -109,7 +109,7 @@ def bench_case(cfg, name: str, Lq: int, Lk: int, H: int, D: int, dtype, dev, tim
             return torch.func.jvp(lambda a, b, c: AJ.attention_with_jvp(a, b, c), (q, k, v), (dq, dk, dv))
 
         o_ref, do_ref = math_jvp(*(t.float() for t in (q, k, v, dq, dk, dv)))
-        o_m, do_m = math_jvp(q, k, v, dq, dk, dv)
+        _, do_m = math_jvp(q, k, v, dq, dk, dv)
         o_f, do_f = fused_jvp()
         res = {
             "case": name, "Lq": Lq, "Lk": Lk, "heads": H, "head_dim": D, "dtype": str(dtype).replace("torch.", ""),

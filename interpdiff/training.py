@@ -1058,6 +1058,11 @@ def _deepspeed_files(acc, path: Path) -> list[Path]:
     return out
 
 
+def _numbered(path: Path, name: str, n: int) -> list[tuple[Path, str]]:
+    """Accelerate's names for the ``n`` optimizers / schedulers of a save: ``name.bin``, ``name_1.bin``, ..."""
+    return [(path / (f"{name}.bin" if i == 0 else f"{name}_{i}.bin"), "torch") for i in range(n)]
+
+
 def _files_this_rank_reads(acc, path: Path) -> list[tuple[Path, str]]:
     """(file, kind) for each file ``acc.load_state`` (with the hooks of ``_register_hooks``) reads on
     this rank, in the order Accelerate reads them; the RNG states and the data position are checked
@@ -1081,11 +1086,9 @@ def _files_this_rank_reads(acc, path: Path) -> list[tuple[Path, str]]:
             if not t.is_dir():
                 raise _damaged(path, t, "is missing; expected the trainable weights (spec.save_trainable)")
             files += [(f, file_kind(f)) for f in sorted(t.rglob("*")) if f.is_file() and file_kind(f)]
-        files += [(path / (f"{OPTIMIZER_NAME}.bin" if i == 0 else f"{OPTIMIZER_NAME}_{i}.bin"), "torch")
-                  for i in range(len(acc._optimizers))]
+        files += _numbered(path, OPTIMIZER_NAME, len(acc._optimizers))
     scheds = [s for s in acc._schedulers if not (ds and isinstance(s, DeepSpeedSchedulerWrapper))]
-    files += [(path / (f"{SCHEDULER_NAME}.bin" if i == 0 else f"{SCHEDULER_NAME}_{i}.bin"), "torch")
-              for i in range(len(scheds))]
+    files += _numbered(path, SCHEDULER_NAME, len(scheds))
     if acc.scaler is not None:
         files.append((path / SCALER_NAME, "torch"))
     files += [(path / f"custom_checkpoint_{i}.pkl", "torch") for i in range(len(acc._custom_objects))]

@@ -16,6 +16,9 @@ Loader pipeline (``LatentShardDataset``, built on ``webdataset.DataPipeline`` st
       -> tar members (seekable reader for local files, webdataset streaming for URLs)
       -> group_by_keys -> shuffle buffer -> decode + check + crop -> batches (collate)
 
+``interpdiff.video.check_shards`` reads a whole set with the same reader and decoder before a
+launch (what a rank would skip, keys stored twice anywhere, the per-rank split).
+
 ``LatentLoader`` wraps it in a ``torch.utils.data.DataLoader`` (``batch_size=None``: batches are
 made in the workers), counts samples seen and samples skipped (summed over workers) and has a
 ``state_dict`` for resume. Choices:

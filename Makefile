@@ -1,5 +1,5 @@
 # Two set-up commands: `make demo` and `make test`. Each creates .venv and installs the pinned
-# requirements the first time (a few minutes: torch is large), then reuses it.
+# requirements the first time (about 1.5 minutes, 2.6 GB; pip keeps no cache copy), then reuses it.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir -r requirements.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

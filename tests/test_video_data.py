@@ -527,6 +527,15 @@ def test_didemo_folder_decodes_requested_frames_and_size(tmp_path):
     assert batches[0]["video_B_3_F_H_W"].shape == (2, 3, 9, 32, 48)
 
 
+def test_decord_s_small_frame_bug_is_named(tmp_path):
+    _write_ramp_video(tmp_path / "narrow.mp4", n_frames=16, h=32, w=48)
+    spec = didemo.ClipSpec(num_frames=5, height=16, width=16)
+    with pytest.raises(ValueError, match="narrow.mp4.*decord cannot decode frames this small"):
+        didemo.decode_clip(str(tmp_path / "narrow.mp4"), spec)
+    _write_ramp_video(tmp_path / "wide.mp4", n_frames=16, h=32, w=64)  # same height, 64 wide: decodes
+    assert didemo.decode_clip(str(tmp_path / "wide.mp4"), spec).shape == (3, 5, 16, 16)
+
+
 def test_video_folder_with_prompt_sidecars_and_bad_specs(tmp_path):
     root = tmp_path / "v"
     root.mkdir()

@@ -237,7 +237,13 @@ def decode_clip(path: str, spec: ClipSpec, moment_s=None, rng: random.Random | N
         raise FileNotFoundError(f"video {path!r} does not exist")
     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     idx = clip_frame_indices(len(vr), float(vr.get_avg_fps()), spec, moment_s, rng)
-    frames = torch.from_numpy(vr.get_batch(idx).asnumpy())
+    try:
+        frames = torch.from_numpy(vr.get_batch(idx).asnumpy())
+    except Exception as e:
+        if "DECORDArrayCopyFromTo" in str(e):  # decord 0.6 copies frames narrower than ~64 px with a bad stride
+            raise ValueError(f"video {path!r}: decord cannot decode frames this small (a decord bug with frames "
+                             f"under about 64 pixels wide; real videos are not affected): re-encode it larger") from None
+        raise
     return resize_crop(frames, spec.height, spec.width, spec.space_crop, rng)
 
 

@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo demo-core test test-slow test-gpu bench bench-kernels bench-data bench-train venv clean
 
 $(STAMP): requirements.txt
+	@df -Pk . | awk 'NR == 2 && $$4 < 3500000 { printf "warning: %d MB free here; the venv needs about 2.6 GB (pip stops with \"No space left on device\" below that)\n", $$4 / 1024 }'
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
 	$(BIN)/python -m pip install -q --no-cache-dir -r requirements.txt

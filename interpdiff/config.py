@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -65,9 +65,12 @@ def load_config(
     schema: type[T],
     path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     overrides: Sequence[str] = (),
+    select: Callable[[DictConfig], Any] | None = None,
 ) -> T:
     """Build ``schema`` from its defaults, then the YAML file(s) ``path`` merged in order, then
-    ``overrides`` (``a.b=v``). Calls the result's ``validate()`` when it has one."""
+    ``overrides`` (``a.b=v``). Calls the result's ``validate()`` when it has one. ``select`` maps
+    each loaded file to the part of it this schema reads (a tool that takes one section of a
+    training config)."""
     if not dataclasses.is_dataclass(schema):
         raise TypeError(f"load_config: schema must be a dataclass type, got {schema!r}")
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -83,7 +86,7 @@ def load_config(
             raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping of sections (key: value), "
                               f"got a {type(loaded).__name__.replace('Config', '').lower() or 'value'}")
         try:
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = OmegaConf.merge(cfg, select(loaded) if select is not None else loaded)
         except OmegaConfBaseException as e:
             raise _explain(e, f"config file {str(p)!r}") from None
     for ov in overrides:
@@ -135,10 +138,11 @@ def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
-def parse_cli(schema: type[T], argv: Sequence[str]) -> T:
-    """``[--config PATH]... [key.sub=value ...]`` -> a ``schema`` instance (files merged in order)."""
+def parse_cli(schema: type[T], argv: Sequence[str], select: Callable[[DictConfig], Any] | None = None) -> T:
+    """``[--config PATH]... [key.sub=value ...]`` -> a ``schema`` instance (files merged in order;
+    ``select`` as in ``load_config``)."""
     paths, overrides = split_cli(argv)
-    return load_config(schema, paths, overrides)
+    return load_config(schema, paths, overrides, select)
 
 
 def to_dict(cfg: Any) -> dict:

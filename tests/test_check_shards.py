@@ -1,6 +1,6 @@
 """The shard-set check: every verdict against the training loader itself (``LatentLoader`` run per
-rank in epoch mode: which keys it yields, how many it skips, how many batches each rank gets) or
-against the set as written by hand (which keys were copied where)."""
+rank in epoch mode: its good samples, batches, skips and the errors that stop it) or against the
+set as written by hand (which keys were copied where, which samples are odd)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 torch.set_num_threads(1)
 
 from interpdiff.video import data as vdata  # noqa: E402
-from interpdiff.video.check_shards import CheckShardsConfig, check, latent_digest, main  # noqa: E402
+from interpdiff.video.check_shards import CheckShardsConfig, check, main, tensor_digest  # noqa: E402
 from interpdiff.video.make_shards import MakeShardsConfig, main as make_shards_main, synthetic_sample, write_shard  # noqa: E402
 
 LAT = [4, 5, 2, 3]
@@ -26,54 +26,136 @@ def _make(tmp_path, n=12, per=3):
     return d, MakeShardsConfig(out_dir=str(d), num_samples=n, samples_per_shard=per, latent_shape=LAT, embed_shape=EMB)
 
 
-def _check(d, **kw):
-    kw.setdefault("jobs", 1)
-    return check(CheckShardsConfig(shards=str(d / "shard_*.tar"), **kw), progress=False)
+def _data(d, **kw):
+    base = dict(shards=str(d / "shard_*.tar"), resampled=False, num_workers=1, shuffle_buffer=0)
+    base.update(kw)
+    return vdata.LatentDataConfig(**base)
 
 
-def _loader_per_rank(d, world, workers, batch):
-    """Keys, skips and batches of each rank, from the training loader itself (epoch 0)."""
+def _check(d, world_size=1, epochs=1, **kw):
+    return check(CheckShardsConfig(data=_data(d, **kw), world_size=world_size, epochs=epochs, jobs=1), progress=False)
+
+
+def _loader(d, world, epoch=0, **kw):
+    """Per rank, from the training loader: batches, skips, good samples (a second pass with partial
+    batches) and the error that stops it."""
     out = []
     for r in range(world):
-        loader = vdata.LatentLoader(vdata.LatentDataConfig(
-            shards=str(d / "shard_*.tar"), batch_size=batch, num_workers=workers, resampled=False, rank=r,
-            world_size=world, shuffle_buffer=0, max_consecutive_skips=0))
-        batches = list(loader)
-        out.append({"keys": [k for b in batches for k in b.keys], "batches": len(batches), "skipped": loader.skipped})
+        row = {}
+        for partial in (False, True):
+            loader = vdata.LatentLoader(_data(d, rank=r, world_size=world, **dict(kw, partial_batches=partial)))
+            loader.dataset.epoch = epoch
+            try:
+                keys = [k for b in loader for k in b.keys]
+            except (vdata.TooManySkipsError, RuntimeError) as e:  # NoGoodSampleError is a TooManySkipsError
+                row["error"] = type(e).__name__
+                break
+            if partial:
+                row["samples"] = len(keys)
+            else:
+                row["batches"] = len(keys) // kw.get("batch_size", 1)
+                row["skipped"] = loader.skipped
+        out.append(row)
     return out
 
 
-def test_a_clean_set_passes_and_the_split_matches_the_loader(tmp_path):
+def _replayed(split):
+    return [{"error": s["stopped"].split(":")[0]} if s["stopped"] else
+            {"batches": s["batches"], "skipped": s["skipped"], "samples": s["samples"]} for s in split]
+
+
+def test_a_clean_set_passes(tmp_path):
     d, _ = _make(tmp_path, n=14, per=2)  # 7 shards
     rep = _check(d, world_size=3, num_workers=2, batch_size=2)
-    assert rep["problems"] == [] and rep["samples"] == 14 and rep["shards"] == 7
-    assert rep["latent_shapes"] == [{"shape": LAT, "dtype": "bfloat16", "count": 14}]
-    assert rep["embed_shapes"] == [{"shape": EMB, "dtype": "bfloat16", "count": 14}]
-    ref = _loader_per_rank(d, 3, 2, 2)
-    split = rep["split"]["epochs"][0]
-    assert [s["batches"] for s in split] == [r["batches"] for r in ref]
-    # samples per rank: what the loader would yield with partial batches
-    assert sum(s["samples"] for s in split) == 14
-    for s, r in zip(split, ref):
-        assert s["batches"] * 2 == len(r["keys"])
+    assert rep["problems"] == [] and rep["warnings"] == [] and rep["samples"] == 14 and rep["shards"] == 7
+    assert [(k["shape"], k["dtype"], k["count"]) for k in rep["latent_kinds"]] == [(LAT, "bfloat16", 14)]
+    assert [(k["shape"], k["dtype"], k["count"]) for k in rep["embed_kinds"]] == [(EMB, "bfloat16", 14)]
+    assert _replayed(rep["split"]["epochs"][0]) == _loader(d, 3, num_workers=2, batch_size=2)
 
 
-@pytest.mark.parametrize("world,workers,batch", [(2, 1, 2), (3, 2, 1), (2, 2, 3)])
-def test_batches_per_rank_equal_the_loaders_over_two_epochs(tmp_path, world, workers, batch):
+@pytest.mark.parametrize("world,workers,batch,buf", [(2, 0, 2, 0), (3, 3, 2, 4), (2, 2, 3, 5), (1, 1, 4, 0)])
+def test_the_split_is_the_loaders_over_two_epochs(tmp_path, world, workers, batch, buf):
     d, _ = _make(tmp_path, n=17, per=3)  # 6 shards, the last one short
-    rep = _check(d, world_size=world, num_workers=workers, batch_size=batch, epochs=2)
+    kw = dict(num_workers=workers, batch_size=batch, shuffle_buffer=buf, shuffle_initial=2)
+    rep = _check(d, world_size=world, epochs=2, **kw)
     for e in range(2):
-        ref = []
-        for r in range(world):
-            loader = vdata.LatentLoader(vdata.LatentDataConfig(
-                shards=str(d / "shard_*.tar"), batch_size=batch, num_workers=workers, resampled=False, rank=r,
-                world_size=world, shuffle_buffer=0))
-            loader.dataset.epoch = e
-            ref.append(sum(1 for _ in loader))
-        assert [s["batches"] for s in rep["split"]["epochs"][e]] == ref, e
+        assert _replayed(rep["split"]["epochs"][e]) == _loader(d, world, epoch=e, **kw), e
 
 
-def test_unreadable_and_truncated_samples_are_named_and_match_the_loaders_skips(tmp_path):
+def test_odd_kinds_and_short_clips_replay_like_the_loader(tmp_path):
+    """A short clip first in a stream, a sample of another shape and one of another dtype: the
+    loader's first-kind rule and crop check decide per worker; the replay must agree."""
+    d, cfg = _make(tmp_path, n=6, per=3)
+    key, lat, emb, prompt = synthetic_sample(30, cfg)
+    short = vdata.encode_latent_sample("clip_short", lat[:, :2], emb, prompt)
+    wide = vdata.encode_latent_sample("clip_wide", torch.zeros(4, 5, 2, 4, dtype=torch.bfloat16), emb, prompt)
+    fp32 = vdata.encode_latent_sample("clip_fp32", lat.float(), emb, prompt)
+    write_shard(d / "shard_000000.tar", [short, wide, vdata.encode_latent_sample(*synthetic_sample(0, cfg))])
+    write_shard(d / "shard_000002.tar", [fp32, vdata.encode_latent_sample(*synthetic_sample(31, cfg))])
+    kw = dict(num_workers=1, batch_size=1, crop_frames=3, shuffle_shards=False)
+    rep = _check(d, world_size=1, **kw)
+    ref = _loader(d, 1, **kw)
+    assert _replayed(rep["split"]["epochs"][0]) == ref
+    # the loader: clip_short is skipped (too short) and does not fix the kind; clip_wide does, so the
+    # normal clips of that stream are skipped after it
+    assert ref[0]["skipped"] > 2
+    kinds = {(tuple(k["shape"]), k["dtype"]): [key for key, _ in k["samples"]] for k in rep["latent_kinds"]}
+    assert kinds[((4, 5, 2, 4), "bfloat16")] == ["clip_wide"] and kinds[(tuple(LAT), "float32")] == ["clip_fp32"]
+    assert rep["shorter_than_crop"] == [{"key": "clip_short", "shard": str(d / "shard_000000.tar"), "frames": 2}]
+    text = "\n".join(rep["problems"])
+    assert "4 latent kinds (shape, dtype)" in text and "crop_frames=3" in text
+    # the loader's own message for the odd dtype names both kinds
+    with pytest.raises(vdata.TooManySkipsError):
+        list(vdata.LatentLoader(_data(d, **dict(kw, max_consecutive_skips=3))))
+
+
+def test_the_shuffle_buffer_decides_which_kind_comes_first_as_in_the_loader(tmp_path):
+    """One fp32 latent among bf16 ones (same shape) and one of another shape: which kind fixes a
+    stream depends on the seeded shuffle buffer, so the skips differ per seed; the replay must
+    give the loader's count for each."""
+    d, cfg = _make(tmp_path, n=6, per=6)
+    _, lat, emb, prompt = synthetic_sample(40, cfg)
+    write_shard(d / "shard_000001.tar", [vdata.encode_latent_sample("clip_fp32", lat.float(), emb, prompt),
+                                         vdata.encode_latent_sample("clip_wide", torch.zeros(4, 5, 2, 4,
+                                                                    dtype=torch.bfloat16), emb, prompt)])
+    outcomes = set()
+    for seed in range(6):
+        kw = dict(shuffle_buffer=8, shuffle_initial=8, seed=seed, shuffle_shards=False)
+        ref = _loader(d, 1, **kw)
+        assert _replayed(_check(d, **kw)["split"]["epochs"][0]) == ref, seed
+        outcomes.add(ref[0]["skipped"])
+    assert len(outcomes) > 1  # the order mattered
+
+
+def test_short_clip_first_no_longer_fixes_the_loaders_kind(tmp_path):
+    d, cfg = _make(tmp_path, n=4, per=4)
+    key, lat, emb, prompt = synthetic_sample(9, cfg)
+    write_shard(d / "shard_000000.tar", [vdata.encode_latent_sample("clip_short", lat[:, :2], emb, prompt),
+                                         *[vdata.encode_latent_sample(*synthetic_sample(i, cfg)) for i in range(4)]])
+    loader = vdata.LatentLoader(_data(d, crop_frames=3))
+    assert len([k for b in loader for k in b.keys]) == 4 and loader.skipped == 1
+    rep = _check(d, crop_frames=3)
+    assert _replayed(rep["split"]["epochs"][0]) == [{"batches": 4, "skipped": 1, "samples": 4}]
+
+
+def test_a_run_of_bad_samples_stops_the_loader_and_the_replay(tmp_path):
+    d, cfg = _make(tmp_path, n=6, per=3)
+    prompt_only = [{"__key__": f"bad_{i}", "prompt.txt": b"x"} for i in range(5)]
+    write_shard(d / "shard_000001.tar", [vdata.encode_latent_sample(*synthetic_sample(3, cfg)), *prompt_only,
+                                         vdata.encode_latent_sample(*synthetic_sample(4, cfg))])
+    write_shard(d / "shard_000002.tar", [*prompt_only[:4], vdata.encode_latent_sample(*synthetic_sample(7, cfg)),
+                                         *prompt_only[:4]])  # two runs of 4, a good sample between them
+    for limit, stops in ((5, True), (6, False)):
+        kw = dict(max_consecutive_skips=limit)
+        rep = _check(d, **kw)
+        ref = _loader(d, 1, **kw)
+        assert _replayed(rep["split"]["epochs"][0]) == ref
+        assert ("error" in ref[0]) == stops
+        assert bool(rep["long_bad_runs"]) == stops
+        assert any("TooManySkipsError" in p for p in rep["problems"]) == stops
+
+
+def test_unreadable_and_truncated_samples_are_named(tmp_path):
     d, cfg = _make(tmp_path, n=6, per=3)
     good = vdata.encode_latent_sample(*synthetic_sample(20, cfg))
     no_embed = vdata.encode_latent_sample(*synthetic_sample(21, cfg))
@@ -87,97 +169,102 @@ def test_unreadable_and_truncated_samples_are_named_and_match_the_loaders_skips(
     raw = (d / "shard_000001.tar").read_bytes()
     (d / "shard_000001.tar").write_bytes(raw[: len(raw) // 2])  # cut inside a member
     rep = _check(d)
-    ref = _loader_per_rank(d, 1, 0, 1)[0]
-    assert rep["samples"] == len(ref["keys"])
-    assert len(rep["unreadable"]) == ref["skipped"]
+    ref = _loader(d, 1)
+    assert _replayed(rep["split"]["epochs"][0]) == ref and len(rep["unreadable"]) == ref[0]["skipped"]
     assert rep["truncated_shards"] == [str(d / "shard_000001.tar")]
-    text = "\n".join(e["error"] for e in rep["unreadable"])
-    assert "sample_000000021" in text and "embed.pt" in text
-    assert "sample_000000022.latent.pt: not a loadable torch tensor file" in text
-    assert "sample_000000023" in text and "non-finite" in text
-    assert {e["shard"] for e in rep["unreadable"]} == {str(d / "shard_000001.tar"), str(d / "shard_000002.tar")}
+    errors = {e["error"] for e in rep["unreadable"] if e["shard"].endswith("shard_000002.tar")}
+    assert any("sample_000000021" in e and "embed.pt" in e for e in errors)
+    assert any("sample_000000022.latent.pt: not a loadable torch tensor file" in e for e in errors)
+    assert any("sample_000000023" in e and "non-finite" in e for e in errors)
+    assert not any(str(d) in e for e in errors)  # the shard is the entry's own field, not repeated
     assert any("unreadable" in p for p in rep["problems"]) and any("truncated" in p for p in rep["problems"])
 
 
-def test_a_key_on_two_ranks_is_found_though_the_loader_cannot_see_it(tmp_path):
+def test_keys_stored_twice_anywhere_are_found(tmp_path):
     d, cfg = _make(tmp_path, n=4, per=2)
-    copy = vdata.encode_latent_sample(*synthetic_sample(0, cfg))  # sample 0 again, in a third shard
-    write_shard(d / "shard_000002.tar", [copy, vdata.encode_latent_sample(*synthetic_sample(9, cfg))])
-    # the loader: with 2 ranks and the copies on different ranks, no rank reads the key twice
+    s0 = vdata.encode_latent_sample(*synthetic_sample(0, cfg))
+    s9 = vdata.encode_latent_sample(*synthetic_sample(9, cfg))
+    write_shard(d / "shard_000002.tar", [s0, s9, s9])  # sample 0 again (another shard), sample 9 twice in a row
     urls = vdata.resolve_shards(str(d / "shard_*.tar"))
-    ranks_of = {u: r for r in range(2) for u in vdata.ShardSource(urls, r, 2, resampled=False).shards_for(0, 1)}
-    rep = _check(d, world_size=2, num_workers=1)
-    assert rep["duplicate_keys"] == {"sample_000000000": [str(d / "shard_000000.tar"), str(d / "shard_000002.tar")]}
-    assert rep["duplicate_contents"] == []  # same key, same bytes: one key, so no content duplicate
-    assert any("keys stored more than once" in p for p in rep["problems"])
-    if ranks_of[str(d / "shard_000000.tar")] != ranks_of[str(d / "shard_000002.tar")]:
-        per_rank = _loader_per_rank(d, 2, 1, 1)
-        assert all(len(r["keys"]) == len(set(r["keys"])) for r in per_rank)
+    rank_of = {u: r for r in range(3) for u in vdata.ShardSource(urls, r, 3, resampled=False).shards_for(0, 1)}
+    assert rank_of[str(d / "shard_000000.tar")] != rank_of[str(d / "shard_000002.tar")]  # the loader cannot see it
+    rep = _check(d, world_size=3)
+    assert rep["duplicate_keys"] == {"sample_000000000": [str(d / "shard_000000.tar"), str(d / "shard_000002.tar")],
+                                     "sample_000000009": [str(d / "shard_000002.tar")] * 2}
+    assert rep["duplicate_samples"] == []  # copies under the same key are duplicate keys, not samples
+    assert any("2 keys stored more than once" in p for p in rep["problems"])
 
 
-def test_the_same_latent_under_two_keys_and_shape_mixes(tmp_path):
+def test_one_sample_under_two_keys_is_a_problem_other_text_a_warning(tmp_path):
     d, cfg = _make(tmp_path, n=4, per=2)
     _, lat, emb, prompt = synthetic_sample(1, cfg)
-    twin = vdata.encode_latent_sample("clip_copy", lat, emb, prompt)
-    odd = vdata.encode_latent_sample("clip_odd", torch.zeros(4, 3, 2, 3, dtype=torch.bfloat16),
-                                     torch.zeros(6, 8, dtype=torch.bfloat16), "short clip")
-    write_shard(d / "shard_000002.tar", [twin, odd])
-    rep = _check(d, crop_frames=4)
-    assert rep["duplicate_contents"] == [["clip_copy", "sample_000000001"]]
-    assert rep["duplicate_keys"] == {}
-    assert {(tuple(s["shape"]), s["count"]) for s in rep["latent_shapes"]} == {(tuple(LAT), 5), ((4, 3, 2, 3), 1)}
-    assert rep["shorter_than_crop"] == [f"clip_odd (3 frames) in {d / 'shard_000002.tar'}"]
-    assert any("latent stored" in p or "latents stored" in p for p in rep["problems"])
-    assert any("shapes/dtypes" in p for p in rep["problems"]) and any("crop_frames=4" in p for p in rep["problems"])
-    # with the shape declared the odd clip is unreadable instead, as in the loader
-    rep = _check(d, latent_shape=LAT)
-    assert rep["samples"] == 5 and "expected [4, 5, 2, 3]" in rep["unreadable"][0]["error"]
+    _, _, other_emb, _ = synthetic_sample(2, cfg)
+    write_shard(d / "shard_000002.tar", [vdata.encode_latent_sample("copy_of_1", lat, emb, prompt),
+                                         vdata.encode_latent_sample("caption_2_of_1", lat, other_emb, "another")])
+    rep = _check(d)
+    assert rep["duplicate_samples"] == [["copy_of_1", "sample_000000001"]]
+    assert rep["shared_latents"] == [["caption_2_of_1", "copy_of_1", "sample_000000001"]]
+    assert any("1 samples stored under more than one key" in p for p in rep["problems"])
+    assert any("different text" in w for w in rep["warnings"]) and not any("different text" in p for p in rep["problems"])
 
 
-def test_latent_digest_sees_dtype_shape_and_every_bit():
+def test_tensor_digest_sees_dtype_shape_and_every_bit():
     x = torch.randn(2, 3, 4).to(torch.bfloat16)
-    assert latent_digest(x) == latent_digest(x.clone())
+    assert tensor_digest(x) == tensor_digest(x.clone())
     y = x.clone()
     y.view(torch.int16).view(-1)[5] ^= 1  # one mantissa bit
-    assert latent_digest(y) != latent_digest(x)
-    assert latent_digest(x.reshape(3, 2, 4)) != latent_digest(x)
-    assert latent_digest(x.view(torch.float16)) != latent_digest(x)
-    assert latent_digest(x.transpose(0, 1)) == latent_digest(x.transpose(0, 1).contiguous())
+    assert tensor_digest(y) != tensor_digest(x)
+    assert tensor_digest(x.reshape(3, 2, 4)) != tensor_digest(x)
+    assert tensor_digest(x.view(torch.float16)) != tensor_digest(x)
+    assert tensor_digest(x.transpose(0, 1)) == tensor_digest(x.transpose(0, 1).contiguous())
 
 
-def test_a_rank_without_a_full_batch_is_a_problem(tmp_path):
+def test_empty_epochs_warn_once_and_stop_the_second_time(tmp_path):
     d, _ = _make(tmp_path, n=6, per=3)  # 2 shards of 3
-    ok = _check(d, world_size=2, num_workers=1, batch_size=3)
-    assert ok["problems"] == []
-    rep = _check(d, world_size=2, num_workers=2, batch_size=3)  # one shard per rank -> worker 1 idle, 3 per rank: ok
-    assert rep["problems"] == []
-    rep = _check(d, world_size=2, num_workers=1, batch_size=4)
-    assert [s["batches"] for s in rep["split"]["epochs"][0]] == [0, 0]
-    assert [r["batches"] for r in _loader_per_rank(d, 2, 1, 4)] == [0, 0]
-    assert any("get no full batch of 4" in p for p in rep["problems"])
+    assert _check(d, world_size=2, epochs=2, batch_size=3)["problems"] == []
+    rep = _check(d, world_size=2, epochs=2, batch_size=4)
+    assert [r["batches"] for r in _loader(d, 2, batch_size=4)] == [0, 0]
+    assert [s["batches"] for e in rep["split"]["epochs"] for s in e] == [0, 0, 0, 0]
+    assert len(rep["warnings"]) == 2 and all("goes on to its next epoch" in w for w in rep["warnings"])
+    assert len(rep["problems"]) == 2 and all("the second epoch in a row" in p for p in rep["problems"])
+    assert _check(d, world_size=2, epochs=1, batch_size=4)["problems"] == []  # one epoch: a warning only
 
 
-def test_processes_give_the_same_report_and_bad_configs_are_named(tmp_path):
+def test_processes_give_the_same_report_and_bad_configs_are_named(tmp_path, capsys):
     d, _ = _make(tmp_path, n=9, per=2)
     one = _check(d, world_size=2)
-    two = _check(d, world_size=2, jobs=2)
+    two = check(CheckShardsConfig(data=_data(d), world_size=2, epochs=1, jobs=2), progress=False)
     assert one == two
     with pytest.raises(ValueError, match="5 shards cannot be split over world_size=6"):
         _check(d, world_size=6)
+    assert _check(d, world_size=6, resampled=True)["split"] is None  # a resampled stream has no split
     with pytest.raises(ValueError, match="latent_shape must be"):
         _check(d, latent_shape=[4, 5])
-    with pytest.raises(FileNotFoundError, match="match no shard"):
-        check(CheckShardsConfig(shards=str(tmp_path / "nowhere_*.tar")), progress=False)
+    assert main([f"data.shards={tmp_path}/nowhere_*.tar"]) == 2
+    assert "match no shard" in capsys.readouterr().err
 
 
-def test_cli_exit_status_and_json_report(tmp_path, capsys):
-    d, cfg = _make(tmp_path, n=4, per=2)
+def test_cli_takes_a_training_configs_data_section_and_writes_json(tmp_path, capsys):
+    d, cfg = _make(tmp_path, n=8, per=2)
     out = tmp_path / "rep" / "check.json"
-    assert main([f"shards={d}", "jobs=1", f"report={out}"]) == 0
+    args = ["--config", "configs/video/tiny_cpu.yaml", f"data.shards={d}", "data.latent_shape=null", "jobs=1",
+            f"report={out}"]
+    assert main(args) == 0
     assert "OK: no problem found" in capsys.readouterr().out
-    assert json.loads(out.read_text())["samples"] == 4
-    write_shard(d / "shard_000002.tar", [vdata.encode_latent_sample(*synthetic_sample(3, cfg))])
-    assert main([f"shards={d}", "jobs=1", f"report={out}", "show=0"]) == 1
+    rep = json.loads(out.read_text())
+    assert rep["samples"] == 8 and rep["config"]["data"]["batch_size"] == 2  # train.batch_size of the YAML
+    assert rep["config"]["data"]["num_workers"] == 0 and rep["split"]["batch_size"] == 2
+    write_shard(d / "shard_000004.tar", [vdata.encode_latent_sample(*synthetic_sample(3, cfg))])
+    assert main(args + ["show=0"]) == 1
     text = capsys.readouterr().out
     assert "duplicate keys (1):" in text and "PROBLEMS:" in text and "1 keys stored more than once" in text
     assert json.loads(out.read_text())["duplicate_keys"]["sample_000000003"]
+
+
+def test_url_shards_are_read_and_their_truncation_is_said_to_be_unchecked(tmp_path):
+    d, _ = _make(tmp_path, n=4, per=2)
+    spec = ",".join(f"pipe:cat {p}" for p in sorted(d.glob("*.tar")))
+    rep = check(CheckShardsConfig(data=vdata.LatentDataConfig(shards=spec, resampled=False), jobs=1, epochs=1),
+                progress=False)
+    assert rep["samples"] == 4 and rep["problems"] == [] and rep["bytes_unknown_shards"] == 2
+    assert any("truncation is only checked for local files" in w for w in rep["warnings"])

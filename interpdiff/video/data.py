@@ -38,8 +38,9 @@ made in the workers), counts samples seen and samples skipped (summed over worke
   or a data set broken throughout, and in resampled mode the loader would otherwise spin forever
   without yielding or raising (under DDP: an NCCL timeout much later). ``0`` disables the check.
 * **Shapes**: ``latent_shape`` / ``embed_shape`` (``-1`` = any) are checked per sample; without
-  them the first good sample of each worker fixes the shape, so one odd sample cannot break
-  collation.
+  them the first good sample of each worker fixes the shape (and, always, the dtype), so one odd
+  sample cannot break collation or be cast silently into its batch. A clip shorter than
+  ``crop_frames`` is skipped before it can fix anything.
 * **Resume**: epoch mode is deterministic (seeded shard order, seeded shuffle buffer, in-order
   DataLoader), so ``load_state_dict`` skips the batches already seen in the current epoch
   (they are read and dropped: cost ~ one pass over that part). Resampled mode has no order to
@@ -596,17 +597,22 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         if cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_initial, cfg.shuffle_buffer),
                                       rng=random.Random(stable_seed(*seed_tuple, "shuffle"))))
-        ref_shapes: dict[str, tuple] = {}
+        ref_kinds: dict[str, tuple] = {}
 
         def decode(sample: dict) -> dict:
             counter.current_url = sample.get("__url__", "")
             out = decode_latent_sample(sample, cfg.latent_shape, cfg.embed_shape)
-            for name in ("latent", "embed"):
-                shp = tuple(out[name].shape)
-                ref = ref_shapes.setdefault(name, shp)
-                if shp != ref:
-                    raise ValueError(f"sample {out['key']!r}: {name} shape {shp} differs from this stream's {ref}; "
-                                     f"set data.{name}_shape to make the expected shape explicit")
+            t = out["latent"].shape[1]
+            if cfg.crop_frames > t:  # before the next lines: a clip too short to use must not fix the stream's shape
+                raise ValueError(f"sample {out['key']!r}: crop of {cfg.crop_frames} latent frames requested but the "
+                                 f"sample has only {t}")
+            for name in ("latent", "embed"):  # the first good sample fixes shape and dtype (one batch, one kind)
+                kind = (tuple(out[name].shape), out[name].dtype)
+                ref = ref_kinds.setdefault(name, kind)
+                if kind != ref:
+                    raise ValueError(f"sample {out['key']!r}: {name} {list(kind[0])} {kind[1]} differs from this "
+                                     f"stream's {list(ref[0])} {ref[1]}; set data.{name}_shape to make the expected "
+                                     f"shape explicit (python -m interpdiff.video.check_shards lists the set's kinds)")
             out["latent"], out["frame_offset"] = crop_frames(out["latent"], cfg.crop_frames, cfg.crop_mode, rng)
             counter.ok()
             return out

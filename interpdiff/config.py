@@ -85,8 +85,15 @@ def load_config(
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {str(p)!r}: the top level must be a mapping of sections (key: value), "
                               f"got a {type(loaded).__name__.replace('Config', '').lower() or 'value'}")
+        if select is not None:
+            try:
+                loaded = select(loaded)
+            except ConfigError as e:
+                raise ConfigError(f"config file {str(p)!r}: {e}") from None
+            except Exception as e:  # a section of an unexpected type
+                raise ConfigError(f"config file {str(p)!r}: {type(e).__name__}: {e}") from None
         try:
-            cfg = OmegaConf.merge(cfg, select(loaded) if select is not None else loaded)
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
             raise _explain(e, f"config file {str(p)!r}") from None
     for ov in overrides:

@@ -100,10 +100,11 @@ def test_odd_kinds_and_short_clips_replay_like_the_loader(tmp_path):
     # normal clips of that stream are skipped after it
     assert ref[0]["skipped"] > 2
     kinds = {(tuple(k["shape"]), k["dtype"]): [key for key, _ in k["samples"]] for k in rep["latent_kinds"]}
-    assert kinds[((4, 5, 2, 4), "bfloat16")] == ["clip_wide"] and kinds[(tuple(LAT), "float32")] == ["clip_fp32"]
+    assert kinds[((4, 3, 2, 4), "bfloat16")] == ["clip_wide"] and kinds[((4, 3, 2, 3), "float32")] == ["clip_fp32"]
+    assert len(kinds) == 3  # T as cropped; the short clip is listed as short, not as a kind
     assert rep["shorter_than_crop"] == [{"key": "clip_short", "shard": str(d / "shard_000000.tar"), "frames": 2}]
     text = "\n".join(rep["problems"])
-    assert "4 latent kinds (shape, dtype)" in text and "crop_frames=3" in text
+    assert "3 latent kinds (shape, dtype)" in text and "crop_frames=3" in text
     # the loader's own message for the odd dtype names both kinds
     with pytest.raises(vdata.TooManySkipsError):
         list(vdata.LatentLoader(_data(d, **dict(kw, max_consecutive_skips=3))))
@@ -136,6 +137,22 @@ def test_short_clip_first_no_longer_fixes_the_loaders_kind(tmp_path):
     assert len([k for b in loader for k in b.keys]) == 4 and loader.skipped == 1
     rep = _check(d, crop_frames=3)
     assert _replayed(rep["split"]["epochs"][0]) == [{"batches": 4, "skipped": 1, "samples": 4}]
+
+
+def test_clips_of_any_length_batch_together_once_cropped(tmp_path):
+    d, cfg = _make(tmp_path, n=2, per=2)
+    clips = []
+    for i, t in enumerate((5, 7, 6, 8)):
+        key, lat, emb, prompt = synthetic_sample(50 + i, cfg)
+        clips.append(vdata.encode_latent_sample(f"clip_T{t}", torch.cat([lat, lat], dim=1)[:, :t],
+                                                emb, prompt))
+    write_shard(d / "shard_000000.tar", clips)  # (the make_shards clips are T=5 too)
+    kw = dict(crop_frames=3, latent_shape=[4, -1, 2, 3], batch_size=2)
+    ref = _loader(d, 1, **kw)
+    assert ref == [{"batches": 2, "skipped": 0, "samples": 4}]
+    rep = _check(d, **kw)
+    assert _replayed(rep["split"]["epochs"][0]) == ref and rep["problems"] == []
+    assert [(k["shape"], k["count"]) for k in rep["latent_kinds"]] == [([4, 3, 2, 3], 4)]
 
 
 def test_a_run_of_bad_samples_stops_the_loader_and_the_replay(tmp_path):
@@ -252,7 +269,7 @@ def test_cli_takes_a_training_configs_data_section_and_writes_json(tmp_path, cap
     assert main(args) == 0
     assert "OK: no problem found" in capsys.readouterr().out
     rep = json.loads(out.read_text())
-    assert rep["samples"] == 8 and rep["config"]["data"]["batch_size"] == 2  # train.batch_size of the YAML
+    assert rep["samples"] == 8 and rep["config"]["train"]["batch_size"] == 2  # train.batch_size of the YAML
     assert rep["config"]["data"]["num_workers"] == 0 and rep["split"]["batch_size"] == 2
     write_shard(d / "shard_000004.tar", [vdata.encode_latent_sample(*synthetic_sample(3, cfg))])
     assert main(args + ["show=0"]) == 1
@@ -268,3 +285,63 @@ def test_url_shards_are_read_and_their_truncation_is_said_to_be_unchecked(tmp_pa
                 progress=False)
     assert rep["samples"] == 4 and rep["problems"] == [] and rep["bytes_unknown_shards"] == 2
     assert any("truncation is only checked for local files" in w for w in rep["warnings"])
+
+
+def test_a_training_config_gives_the_batch_the_entry_scripts_use(tmp_path, capsys):
+    d, _ = _make(tmp_path, n=8, per=2)
+    shards = f"data.shards={d}"
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "train_bs2.yaml").write_text("train:\n  batch_size: 2\n")
+    (cfg_dir / "data_bs4.yaml").write_text("model:\n  path: tiny\ndata:\n  batch_size: 4\n  resampled: false\n")
+    (cfg_dir / "check_bs3.yaml").write_text("data:\n  batch_size: 3\n  resampled: false\nworld_size: 2\n")
+    (cfg_dir / "bad_train.yaml").write_text("train: 5\n")
+    (cfg_dir / "null_data.yaml").write_text("data:\n")
+    from interpdiff.config import parse_cli
+    from interpdiff.video.check_shards import _training_data_section
+
+    def batch(*files, extra=()):
+        argv = [a for f in files for a in ("--config", str(cfg_dir / f))] + [shards, *extra]
+        return parse_cli(CheckShardsConfig, argv, select=_training_data_section).loader().batch_size
+
+    # the entry scripts: data.batch_size is replaced by train.batch_size (default 1)
+    assert batch("data_bs4.yaml") == 1
+    assert batch("train_bs2.yaml", "data_bs4.yaml") == 2
+    assert batch("check_bs3.yaml") == 3  # a check's own file keeps data.batch_size
+    assert batch("check_bs3.yaml", extra=["train.batch_size=5"]) == 5
+    for bad, what in (("bad_train.yaml", "train section must be a mapping"), ("null_data.yaml", "data section")):
+        assert main(["--config", str(cfg_dir / bad), shards]) == 2
+        assert what in capsys.readouterr().err
+    assert main([shards, "data.resampled=false", f"report={tmp_path}"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_url_shards_end_each_shard_even_after_a_read_error(tmp_path):
+    """A URL stream that fails inside a shard used to leave that shard's last good sample pending
+    until the next shard's first member, so the skip order (and a consecutive-skip stop) differed
+    from the same files read locally; now both orders agree with the replay."""
+    import io
+    import tarfile
+
+    d, cfg = _make(tmp_path, n=2, per=2)
+    s0, s1 = (vdata.encode_latent_sample(*synthetic_sample(i, cfg)) for i in (60, 61))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in [("x.prompt.txt", b"x")] + [(f"{smp['__key__']}.{k}", v) for smp in (s0, s1)
+                                                      for k, v in smp.items() if not k.startswith("__")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == "sample_000000061.latent.pt").offset_data + 100
+    (d / "shard_000000.tar").write_bytes(raw[:cut])  # x (incomplete), s0, then s1 cut inside its latent
+    (d / "shard_000001.tar").write_bytes(b"this is not a tar file" * 40)
+    write_shard(d / "shard_000002.tar", [vdata.encode_latent_sample(*synthetic_sample(62, cfg))])
+    paths = [str(d / f"shard_{i:06d}.tar") for i in range(3)]
+    for spec in (",".join(paths), ",".join(f"pipe:cat {p}" for p in paths)):
+        for limit in (0, 3, 4, 5):
+            kw = dict(shards=spec, num_workers=0, shuffle_shards=False, max_consecutive_skips=limit)
+            rep = check(CheckShardsConfig(data=_data(d, **kw), jobs=1, epochs=1), progress=False)
+            ref = _loader(d, 1, **kw)
+            assert _replayed(rep["split"]["epochs"][0]) == ref, (spec[:4], limit)

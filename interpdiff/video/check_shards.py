@@ -3,7 +3,8 @@
     python -m interpdiff.video.check_shards data.shards='data/wan_synth/shard_{000000..000999}.tar' \
         data.latent_shape=[16,21,60,104] data.embed_shape=[512,4096] data.num_workers=4 \
         data.resampled=false world_size=64 jobs=8 report=runs/data_check.json
-    # or the data section of a training config (and its train.batch_size), CLI keys on top:
+    # or the data section of a training config and its train.batch_size (the batch the entry scripts
+    # give the loader; the data section's own batch_size is ignored there), CLI keys on top:
     python -m interpdiff.video.check_shards --config configs/video/wan1.3b_phase2.yaml \
         data.shards=data/wan_synth world_size=64
 
@@ -23,8 +24,8 @@ reports:
   keys (a clip cached twice). The same latent with other text is listed as a warning only (several
   captions per clip is a valid layout);
 * **kinds**: more than one latent or embedding shape/dtype in the set (each loader worker keeps the
-  first kind it sees and skips the others), listed by key and shard, and clips shorter than
-  ``data.crop_frames`` (skipped);
+  first kind it sees and skips the others; with ``data.crop_frames`` the latent length counts as
+  cropped), listed by key and shard, and clips shorter than ``data.crop_frames`` (skipped);
 * **runs of bad samples** as long as ``data.max_consecutive_skips`` inside one shard (a worker
   that meets one stops the run);
 * **the epoch-mode split** (``data.resampled=false``) over ``world_size`` ranks: each
@@ -63,11 +64,18 @@ from interpdiff.video.data import (LatentDataConfig, ShardSource, _is_url, _tar_
 
 
 @dataclass
+class TrainBatch:
+    batch_size: int = 0  # a training config's train.batch_size, which the entry scripts give the loader (0 = unset)
+
+
+@dataclass
 class CheckShardsConfig:
     # the loader settings, as in a training config's data section (shards, batch_size, num_workers,
     # resampled, shuffle_*, seed, crop_frames, latent_shape, embed_shape, partial_batches,
     # max_consecutive_skips); data.rank / data.world_size are not used
     data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    # the training entry scripts replace data.batch_size with train.batch_size; set, it wins here too
+    train: TrainBatch = field(default_factory=TrainBatch)
     world_size: int = 1  # ranks of the epoch-mode split
     epochs: int = 2  # epochs replayed (the shard order is reshuffled per epoch)
     jobs: int = 0  # processes reading shards (0 = one per CPU)
@@ -79,8 +87,17 @@ class CheckShardsConfig:
         for name in ("world_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.jobs < 0 or self.show < 0:
-            raise ValueError(f"jobs ({self.jobs}) and show ({self.show}) must be >= 0")
+        if self.jobs < 0 or self.show < 0 or self.train.batch_size < 0:
+            raise ValueError(f"jobs ({self.jobs}), show ({self.show}) and train.batch_size ({self.train.batch_size}) "
+                             f"must be >= 0")
+        if self.report and os.path.isdir(self.report):
+            raise ValueError(f"report={self.report!r} is a folder; expected a file path for the JSON report")
+
+    def loader(self) -> LatentDataConfig:
+        """The loader settings the training run uses: ``data`` with ``train.batch_size`` when set."""
+        if self.train.batch_size > 0:
+            return dataclasses.replace(self.data, batch_size=self.train.batch_size)
+        return self.data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +184,11 @@ class _Stop(Exception):
     pass
 
 
+def _cropped(shape: list[int], crop_frames: int) -> tuple:
+    """The latent shape a batch sees: T is ``crop_frames`` when cropping (the loader's kind rule)."""
+    return tuple(crop_frames if (i == 1 and crop_frames > 0) else v for i, v in enumerate(shape))
+
+
 def replay_worker(events_by_shard: list[list], data: LatentDataConfig, rank: int, worker: int, epoch: int) -> dict:
     """One (rank, worker) pass of ``LatentShardDataset`` in epoch mode, on recorded events: the same
     skip points, shuffle buffer (same seed), crop check, first-kind rule and consecutive-skip limit.
@@ -206,7 +228,8 @@ def replay_worker(events_by_shard: list[list], data: LatentDataConfig, rank: int
                 skip(f"sample {key!r}: crop of {data.crop_frames} latent frames requested but the sample has only "
                      f"{lat_kind[0][1]}")
                 continue
-            kinds = {"latent": (tuple(lat_kind[0]), lat_kind[1]), "embed": (tuple(emb_kind[0]), emb_kind[1])}
+            kinds = {"latent": (_cropped(lat_kind[0], data.crop_frames), lat_kind[1]),
+                     "embed": (tuple(emb_kind[0]), emb_kind[1])}
             bad = [k for k, v in kinds.items() if ref.setdefault(k, v) != v]
             if bad:
                 skip(f"sample {key!r}: {bad[0]} {list(kinds[bad[0]][0])} {kinds[bad[0]][1]} differs from this "
@@ -221,7 +244,7 @@ def replay_worker(events_by_shard: list[list], data: LatentDataConfig, rank: int
 
 def epoch_split(shards: list[str], events: dict[str, list], cfg: CheckShardsConfig, epoch: int) -> list[dict]:
     """Per rank of one epoch: shards, good samples, full batches, skips and what stops the run."""
-    d = cfg.data
+    d = cfg.loader()
     workers = max(d.num_workers, 1)  # num_workers=0 reads in the main process: one stream
     out = []
     for rank in range(cfg.world_size):
@@ -282,7 +305,7 @@ def _longest_bad_run(events: list) -> int:
 
 
 def summarize(shards: list[str], results: list[dict], cfg: CheckShardsConfig) -> dict:
-    d = cfg.data
+    d = cfg.loader()
     problems: list[str] = []
     warnings: list[str] = []
     where: dict[str, list[str]] = defaultdict(list)  # key -> shard per stored copy
@@ -307,14 +330,15 @@ def summarize(shards: list[str], results: list[dict], cfg: CheckShardsConfig) ->
             where[key].append(url)
             by_content[(dlat, demb)].append(key)
             by_latent[dlat].add((demb, key))
-            kinds["latent"][(tuple(lat_kind[0]), lat_kind[1])].append([key, url])
-            kinds["embed"][(tuple(emb_kind[0]), emb_kind[1])].append([key, url])
             if d.crop_frames > lat_kind[0][1]:
                 short.append({"key": key, "shard": url, "frames": lat_kind[0][1]})
+                continue
+            kinds["latent"][(_cropped(lat_kind[0], d.crop_frames), lat_kind[1])].append([key, url])
+            kinds["embed"][(tuple(emb_kind[0]), emb_kind[1])].append([key, url])
         run = _longest_bad_run(r["events"])
         if d.max_consecutive_skips > 0 and run >= d.max_consecutive_skips:
             long_runs.append({"shard": url, "run": run})
-    samples = sum(len(v) for v in kinds["latent"].values())
+    samples = sum(len(v) for v in kinds["latent"].values()) + len(short)
     truncated = [r["url"] for r in results if r["truncated"]]
     unchecked = [r["url"] for r in results if not r["truncation_checked"]]
     empty = [r["url"] for r in results if not any(ev[0] == "sample" and ev[-1] is None for ev in r["events"])]
@@ -347,8 +371,11 @@ def summarize(shards: list[str], results: list[dict], cfg: CheckShardsConfig) ->
     if short:
         problems.append(f"{len(short)} clips shorter than data.crop_frames={d.crop_frames} (the loader skips them)")
     if long_runs:
-        problems.append(f"{len(long_runs)} shards hold a run of >= data.max_consecutive_skips="
-                        f"{d.max_consecutive_skips} bad samples: a worker that reads one stops the run")
+        msg = (f"{len(long_runs)} shards hold a run of >= data.max_consecutive_skips={d.max_consecutive_skips} bad "
+               f"samples in storage order: a worker that meets it in a row stops the run (the shuffle buffer can "
+               f"break up samples that fail to decode, not unreadable members)")
+        # epoch mode: the replay below says whether the checked epochs stop; a resampled stream may meet it any time
+        (problems if d.resampled else warnings).append(msg)
     if unchecked:
         warnings.append(f"{len(unchecked)} URL shards: a stream cut between two members reads as a shorter shard "
                         f"(truncation is only checked for local files)")
@@ -372,6 +399,7 @@ def summarize(shards: list[str], results: list[dict], cfg: CheckShardsConfig) ->
         "bytes": sum(r["bytes"] or 0 for r in results),
         "bytes_unknown_shards": sum(r["bytes"] is None for r in results),
         "samples": samples,
+        "crop_frames": d.crop_frames,
         "unreadable": unreadable,
         "truncated_shards": truncated,
         "empty_shards": empty,
@@ -395,7 +423,8 @@ def format_report(rep: dict, show: int = 10) -> str:
     lines = [f"{rep['shards']} shards, {size}, {rep['samples']} good samples"]
     for name in ("latent_kinds", "embed_kinds"):
         kinds = ", ".join(f"{k['shape']} {k['dtype']} x{k['count']}" for k in rep[name])
-        lines.append(f"  {name.replace('_', ' ')}: {kinds or '-'}")
+        crop = f" (T as cropped to {rep['crop_frames']})" if name == "latent_kinds" and rep["crop_frames"] else ""
+        lines.append(f"  {name.replace('_', ' ')}{crop}: {kinds or '-'}")
     sp = rep["split"]
     if sp is None:
         lines.append("  resampled stream: no per-rank split (each rank and worker draws shards at random)")
@@ -443,15 +472,23 @@ _OWN_KEYS = ("data", "world_size", "epochs", "jobs", "report", "show")
 
 
 def _training_data_section(loaded):
-    """What this tool reads of a YAML file: its own keys, so a training config gives its ``data``
-    section, and its ``train.batch_size`` as ``data.batch_size`` (the entry scripts' batch)."""
-    from omegaconf import OmegaConf
+    """What this tool reads of a YAML file: its own keys. Of a training config (a file with a
+    ``train`` or ``model`` section) that is the ``data`` section without ``data.batch_size``, which
+    the entry scripts replace, and ``train.batch_size``, which they use."""
+    from omegaconf import DictConfig, OmegaConf
 
-    out = OmegaConf.create({k: loaded[k] for k in _OWN_KEYS if k in loaded})
-    train = loaded.get("train", None)
-    if train is not None and "batch_size" in train:
-        out = OmegaConf.merge(out, {"data": {"batch_size": train["batch_size"]}})
-    return out
+    for name in ("data", "train"):
+        if name in loaded and not isinstance(loaded[name], DictConfig):
+            raise ConfigError(f"the {name} section must be a mapping of keys, got {loaded[name]!r}")
+    out = {k: loaded[k] for k in _OWN_KEYS if k in loaded}
+    if "train" in loaded or "model" in loaded:
+        if "data" in out and "batch_size" in out["data"]:
+            data = OmegaConf.to_container(out["data"], resolve=False)
+            data.pop("batch_size")
+            out["data"] = data
+        if "train" in loaded and "batch_size" in loaded["train"]:
+            out["train"] = {"batch_size": loaded["train"]["batch_size"]}
+    return OmegaConf.create(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(rep, cfg.show))
     if cfg.report:
         rep = dict(rep, config=dataclasses.asdict(cfg))
-        atomic_write_text(cfg.report, json.dumps(rep, indent=1))
+        try:
+            atomic_write_text(cfg.report, json.dumps(rep, indent=1))
+        except OSError as e:
+            print(f"check_shards: cannot write report={cfg.report!r}: {e}", file=sys.stderr)
+            return 2
         print(f"report written to {cfg.report}")
     return 1 if rep["problems"] else 0
 

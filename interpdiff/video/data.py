@@ -38,9 +38,10 @@ made in the workers), counts samples seen and samples skipped (summed over worke
   or a data set broken throughout, and in resampled mode the loader would otherwise spin forever
   without yielding or raising (under DDP: an NCCL timeout much later). ``0`` disables the check.
 * **Shapes**: ``latent_shape`` / ``embed_shape`` (``-1`` = any) are checked per sample; without
-  them the first good sample of each worker fixes the shape (and, always, the dtype), so one odd
-  sample cannot break collation or be cast silently into its batch. A clip shorter than
-  ``crop_frames`` is skipped before it can fix anything.
+  them the first good sample of each worker fixes the shape (after the crop: with ``crop_frames``
+  clips of any length batch together) and, always, the dtype, so one odd sample cannot break
+  collation or be cast silently into its batch. A clip shorter than ``crop_frames`` is skipped
+  before it can fix anything.
 * **Resume**: epoch mode is deterministic (seeded shard order, seeded shuffle buffer, in-order
   DataLoader), so ``load_state_dict`` skips the batches already seen in the current epoch
   (they are read and dropped: cost ~ one pass over that part). Resampled mode has no order to
@@ -275,7 +276,8 @@ def _tar_members(sources: Iterator[dict], handler: Callable[[BaseException], boo
         url = src["url"]
         if _is_url(url) or not os.path.isfile(url):
             yield from tar_file_expander(url_opener([dict(src)], handler=handler), handler=handler)
-            continue
+            yield {}  # end of shard, as below: after a read error the expander ends without one, and
+            continue  # group_by_keys would hold this shard's last sample until the next shard's first
         try:
             with tarfile.open(url, mode="r:") as tf:
                 for m in tf:
@@ -607,7 +609,10 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
                 raise ValueError(f"sample {out['key']!r}: crop of {cfg.crop_frames} latent frames requested but the "
                                  f"sample has only {t}")
             for name in ("latent", "embed"):  # the first good sample fixes shape and dtype (one batch, one kind)
-                kind = (tuple(out[name].shape), out[name].dtype)
+                shape = list(out[name].shape)
+                if name == "latent" and cfg.crop_frames > 0:
+                    shape[1] = cfg.crop_frames  # clips of any length >= crop_frames batch together
+                kind = (tuple(shape), out[name].dtype)
                 ref = ref_kinds.setdefault(name, kind)
                 if kind != ref:
                     raise ValueError(f"sample {out['key']!r}: {name} {list(kind[0])} {kind[1]} differs from this "

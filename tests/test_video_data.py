@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import tarfile
 
 import numpy as np
@@ -73,6 +74,12 @@ def test_make_shards_format_read_with_tarfile(tmp_path):
     assert emb[n_tok:].abs().sum() == 0  # zero padded after the prompt tokens
     _, ref_lat, ref_emb, ref_prompt = synthetic_sample(0, cfg)
     assert torch.equal(lat, ref_lat) and torch.equal(emb, ref_emb) and prompt == ref_prompt
+
+
+def test_make_shards_single_frame_latents_are_finite():
+    cfg = MakeShardsConfig(out_dir="unused", latent_shape=[4, 1, 2, 3], embed_shape=[6, 8])
+    _, lat, _, _ = synthetic_sample(0, cfg)
+    assert lat.shape == (4, 1, 2, 3) and torch.isfinite(lat.float()).all()
 
 
 def _members(path):
@@ -496,6 +503,20 @@ def _didemo_folder(tmp_path):
     return root, tmp_path / "train_data.json"
 
 
+def _nearest_frames(n_frames, fps, start, clip, num):
+    """Brute force: for each wanted time start + i * clip / (num - 1), the frame j (time j / fps)
+    nearest to it, the earlier one on a tie."""
+    out = []
+    for i in range(num):
+        t = start + i * clip / (num - 1)
+        out.append(min(range(n_frames), key=lambda j: (abs(j / fps - t), j)))
+    return out
+
+
+def _frame_ids(video_3_F_H_W):  # gray ramp: value 3 x frame index
+    return (((video_3_F_H_W + 1) * 127.5).mean(dim=(0, 2, 3)) / 3).round().int().tolist()
+
+
 def test_didemo_folder_decodes_requested_frames_and_size(tmp_path):
     root, ann = _didemo_folder(tmp_path)
     items = didemo.load_annotations(root, [ann])
@@ -506,18 +527,17 @@ def test_didemo_folder_decodes_requested_frames_and_size(tmp_path):
     s0 = ds[0]
     assert s0["video_3_F_H_W"].shape == (3, 9, 32, 48)
     assert s0["video_3_F_H_W"].min() >= -1 and s0["video_3_F_H_W"].max() <= 1
-    # center 5 s of a 10 s, 8 fps video: start 2.5 s, frame i at 2.5 + i * 5/9 s
-    expected = [round((2.5 + i * 5 / 9) * 8) for i in range(9)]
-    values = (s0["video_3_F_H_W"] + 1) * 127.5
-    torch.testing.assert_close(values.mean(dim=(0, 2, 3)), 3.0 * torch.tensor(expected, dtype=torch.float32),
-                               atol=2.0, rtol=0)
-    # moment mode: centred on 5..10 s -> start 5 s
+    # 80 frames at 8 fps: the first and the last frame are 79/8 s apart; the centred 5 s window
+    # starts at (79/8 - 5) / 2 s, and its 9 frames are 5/8 s apart, the first and last included
+    span = 79 / 8
+    assert _frame_ids(s0["video_3_F_H_W"]) == _nearest_frames(80, 8, (span - 5) / 2, 5.0, 9)
+    # moment mode: centred on 5..10 s (start 5 s), clamped so that the window ends at the last frame
     ds_m = didemo.VideoClipDataset(items, didemo.ClipSpec(num_frames=5, height=32, width=48, time_crop="moment"))
-    vm = (ds_m[0]["video_3_F_H_W"] + 1) * 127.5
-    exp_m = [round((5.0 + i * 1.0) * 8) for i in range(5)]
-    torch.testing.assert_close(vm.mean(dim=(0, 2, 3)), 3.0 * torch.tensor(exp_m, dtype=torch.float32), atol=2.0, rtol=0)
-    # short video: stretched over its 3 s
+    assert _frame_ids(ds_m[0]["video_3_F_H_W"]) == _nearest_frames(80, 8, span - 5, 5.0, 5) == [39, 49, 59, 69, 79]
+    # short video (24 frames, 23/8 s from first to last): stretched over all of it
     assert ds[1]["video_3_F_H_W"].shape == (3, 9, 32, 48)
+    assert _frame_ids(ds[1]["video_3_F_H_W"]) == _nearest_frames(24, 8, 0.0, 23 / 8, 9)
+    assert _frame_ids(ds[1]["video_3_F_H_W"])[-1] == 23 and _frame_ids(ds[1]["video_3_F_H_W"])[0] == 0
     # unreadable + missing: skipped and counted, also through DataLoader workers
     assert ds[2] is None and ds[3] is None and ds.skipped == 2
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=didemo.collate_clips)
@@ -525,6 +545,59 @@ def test_didemo_folder_decodes_requested_frames_and_size(tmp_path):
     assert sum(b["n_skipped"] for b in batches) == 2
     assert [k for b in batches for k in b["keys"]] == ["1", "2"]
     assert batches[0]["video_B_3_F_H_W"].shape == (2, 3, 9, 32, 48)
+
+
+def test_a_16_fps_video_gives_consecutive_frames(tmp_path):
+    """Wan's rate: 81 frames over 5 s of a 16 fps source are 81 consecutive frames (an earlier
+    spacing of 5/81 s repeated one frame in the middle of every clip)."""
+    _write_ramp_video(tmp_path / "r16.mp4", n_frames=85, fps=16, h=16, w=64)
+    ids = _frame_ids(didemo.decode_clip(str(tmp_path / "r16.mp4"), didemo.ClipSpec(num_frames=81, height=16, width=64)))
+    assert ids == list(range(ids[0], ids[0] + 81)) and ids[0] == 2  # centred: (84/16 - 5) / 2 s = frame 2
+
+
+def test_a_variable_frame_rate_video_is_sampled_at_its_timestamps(tmp_path):
+    """60 frames: 40 at 40 fps (1 s), then 20 at 4 fps (5 s). The average rate (~10 fps) would
+    put the frames at the wrong times; the container's timestamps give the right ones."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    raw = b"".join(np.full((16, 64, 3), 4 * i, np.uint8).tobytes() for i in range(60))
+    path = tmp_path / "vfr.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", "64x16", "-r", "40", "-i", "-", "-vf", "setpts='if(lt(N,40),N/40,1+(N-40)/4)/TB'",
+                    "-fps_mode", "passthrough", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
+                    "-video_track_timescale", "1000", str(path)], input=raw, check=True)
+    x = didemo.decode_clip(str(path), didemo.ClipSpec(num_frames=5, height=16, width=64, clip_seconds=4.0,
+                                                      time_crop="center"))
+    ids = ((((x + 1) * 127.5).mean(dim=(0, 2, 3))) / 4).round().int().tolist()
+    times = [j / 40 if j < 40 else 1 + (j - 40) / 4 for j in range(60)]  # what the file says
+    span = times[-1]
+    want = [(span - 4) / 2 + i for i in range(5)]
+    assert ids == [min(range(60), key=lambda j: (abs(times[j] - t), j)) for t in want]  # = [35, 43, 47, 51, 55]
+
+
+def test_annotation_and_prompt_file_errors_name_the_file_and_line(tmp_path, caplog):
+    root = tmp_path / "v"
+    root.mkdir()
+    _write_ramp_video(root / "a.mp4", n_frames=8, w=64)
+    _write_ramp_video(root / "b.mp4", n_frames=8, w=64)
+    (root / "a.txt").write_text("a dog")
+    (root / "b.txt").write_text("  \n")
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.didemo"):
+        items = didemo.load_annotations(root)
+    assert [it.key for it in items] == ["a"] and "b.txt is empty" in caplog.text
+    (root / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompt file .*a\.txt' is not UTF-8"):
+        didemo.load_annotations(root)
+    (tmp_path / "ann.jsonl").write_text('{"video": "a.mp4", "prompt": "x"}\n\n{"video": "b.mp4", "prompt": }\n')
+    with pytest.raises(ValueError, match=r"ann\.jsonl' line 3 is not valid JSON"):
+        didemo.load_annotations(root, [tmp_path / "ann.jsonl"])
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="hold no entry"):
+        didemo.load_annotations(root, [tmp_path / "empty.json"])
+    with pytest.raises(ValueError, match=r"video 'x\.mp4': 0 frames"):
+        didemo.clip_frame_indices(0, 25.0, didemo.ClipSpec(), None, random.Random(0), path="x.mp4")
 
 
 def test_decord_s_small_frame_bug_is_named(tmp_path):
@@ -626,7 +699,9 @@ def test_precompute_cache_retries_videos_that_were_skipped(tmp_path):
 
     c, keys = run()
     assert (c["written"], c["samples"], c["skipped_videos"], keys) == (1, 1, 2, ["1"])
-    assert json.loads((out / "shard_000000.json").read_text())["skipped"] == [["2", "b.mp4", True], ["3", "c.mp4", False]]
+    c_stat = (root / "c.mp4").stat()
+    assert json.loads((out / "shard_000000.json").read_text())["skipped"] == [
+        ["2", "b.mp4", True, None], ["3", "c.mp4", False, [100, c_stat.st_mtime_ns]]]
     c, _ = run()  # b still missing, c the same unreadable file: nothing to redo
     assert (c["skipped_shards"], c["written"]) == (1, 0)
     _write_ramp_video(root / "b.mp4", n_frames=8)  # the missing video arrives (any mtime)
@@ -634,12 +709,59 @@ def test_precompute_cache_retries_videos_that_were_skipped(tmp_path):
     os.utime(root / "b.mp4", (old - 100, old - 100))
     c, keys = run()
     assert (c["stale_shards"], c["written"], keys) == (1, 1, ["1", "2"])
-    _write_ramp_video(root / "c.mp4", n_frames=8)  # the unreadable one is replaced (newer)
-    new = (out / "shard_000000.json").stat().st_mtime + 10
-    os.utime(root / "c.mp4", (new, new))
+    _write_ramp_video(root / "c.mp4", n_frames=8)  # the unreadable one is replaced by a copy that kept an
+    os.utime(root / "c.mp4", (c_stat.st_mtime - 1000, c_stat.st_mtime - 1000))  # old time (cp -p, rsync -a)
     c, keys = run()
     assert (c["stale_shards"], c["written"], keys) == (1, 1, ["1", "2", "3"])
     assert json.loads((out / "shard_000000.json").read_text())["skipped"] == []
+
+
+def test_precompute_cache_never_trades_shards_for_missing_videos(tmp_path, caplog):
+    """An unmounted video folder, or one that lost some videos, must not cost the cache: shards of
+    names listed as .mov (files .mp4) stay current while the files are gone; a run that would
+    re-encode with no video at all stops before it changes anything; a stale shard whose videos
+    are all gone is kept; shards of another data set past the end are named, not deleted."""
+    import shutil
+
+    from interpdiff.video import wan
+    from interpdiff.video.precompute_cache import PrecomputeConfig, precompute
+
+    root = tmp_path / "v"
+    root.mkdir()
+    for n in "ab":
+        _write_ramp_video(root / f"{n}.mp4", n_frames=8)
+    ann = [{"annotation_id": i, "description": f"p {n}", "video": f"{n}.mov", "times": [[0, 0]]}
+           for i, n in enumerate("ab")]
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    out = tmp_path / "cache"
+    comps = wan.load_wan("tiny", components=("vae", "text_encoder", "tokenizer"))
+
+    def run(height=16, **kw):
+        cfg = PrecomputeConfig(model="tiny", videos=str(root), annotations=[str(tmp_path / "ann.json")], out_dir=str(out),
+                               samples_per_shard=1, device="cpu", num_workers=0, max_length=8,
+                               clip=didemo.ClipSpec(num_frames=5, height=height, width=16, clip_seconds=0.5), **kw)
+        return precompute(cfg, comps)
+
+    assert run()["written"] == 2
+    shards = {p.name: p.read_bytes() for p in out.glob("shard_*")}
+    shutil.move(root, tmp_path / "v_away")
+    root.mkdir()  # the mount point, empty
+    assert run()["skipped_shards"] == 2  # x.mov no longer resolves to x.mp4: still the same items
+    with pytest.raises(FileNotFoundError, match="none of the 2 videos exists"):
+        run(height=32)  # a setting changed: everything is stale, and nothing could be encoded
+    assert {p.name: p.read_bytes() for p in out.glob("shard_*")} == shards
+    shutil.copy(tmp_path / "v_away" / "a.mp4", root / "a.mp4")  # one video back
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.precompute_cache"):
+        c = run(height=32)
+    assert c["written"] == 1 and (out / "shard_000001.tar").read_bytes() == shards["shard_000001.tar"]
+    assert "the shard on disk" in caplog.text and "is kept as it was" in caplog.text
+    # another data set's shard past the end: named, removed only with legacy_shards=redo
+    (out / "shard_000002.tar").write_bytes(shards["shard_000000.tar"])
+    with pytest.raises(ValueError, match="shard_000002.tar"):
+        run(height=32)
+    assert (out / "shard_000002.tar").is_file()
+    run(height=32, legacy_shards="redo")
+    assert not (out / "shard_000002.tar").exists()
 
 
 def test_precompute_cache_resume_redoes_shards_made_from_other_items_or_settings(tmp_path, caplog):

@@ -11,11 +11,15 @@ Annotations
 
 Clips (``ClipSpec``)
     ``num_frames = 4k+1`` frames (Wan's VAE: 81 frames -> 21 latents) evenly spaced over a
-    ``clip_seconds`` window (5 s, DiDeMo's segment length; 81 frames over 5 s is Wan's 16 fps),
-    frame ``i`` taken at ``start + i * clip_seconds / num_frames`` seconds (nearest decoded frame).
+    ``clip_seconds`` window, first and last frame included (5 s, DiDeMo's segment length; 81
+    frames 1/16 s apart span 5 s, Wan's 16 fps, so a 16 fps source gives 81 consecutive frames):
+    frame ``i`` is the decoded frame whose presentation time is nearest to
+    ``start + i * clip_seconds / (num_frames - 1)`` seconds. Times come from the container's
+    timestamps, so a variable-frame-rate video (phones) is sampled at the right moments too.
     The window is placed by ``time_crop``: ``moment`` (DiDeMo: centred on the annotators'
     consensus moment, falls back to ``center`` without times), ``center`` or ``random``; it is
-    clamped inside the video; a video shorter than the window is stretched over its whole length.
+    clamped between the first and the last frame; a video shorter than the window is stretched
+    over its whole length.
     Frames are resized (bilinear, antialiased) so that the target covers them, then cropped
     (``center`` or ``random``) to ``height x width``; pixels in ``[-1, 1]``, ``[3, F, H, W]``.
 
@@ -109,6 +113,13 @@ def _consensus_moment(times) -> tuple[float, float] | None:
     return s * DIDEMO_SEGMENT_S, (e + 1) * DIDEMO_SEGMENT_S
 
 
+def _read_text(p: Path, what: str) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+
+
 def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[str | os.PathLike] = ()) -> list[VideoItem]:
     """Items from DiDeMo-style JSON / JSONL annotation files, or from ``*.txt`` prompt sidecars of
     the videos in ``video_root`` when no file is given. Raises ``FileNotFoundError``/``ValueError``
@@ -144,7 +155,11 @@ def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[s
             if not txt.is_file():
                 log.warning("video %s has no prompt file %s; skipped", v, txt)
                 continue
-            add(v.name, txt.read_text(encoding="utf-8"), None)
+            prompt = _read_text(txt, "prompt file")
+            if not prompt.strip():
+                log.warning("prompt file %s is empty; video %s skipped", txt, v)
+                continue
+            add(v.name, prompt, None)
         if not items:
             raise FileNotFoundError(f"no video with a .txt prompt beside it in {str(root)!r} and no annotation file given")
         return items
@@ -153,14 +168,22 @@ def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[s
         p = Path(f)
         if not p.is_file():
             raise FileNotFoundError(f"annotation file {str(p)!r} does not exist (expected e.g. DiDeMo train_data.json)")
-        text = p.read_text(encoding="utf-8")
-        try:
-            if p.suffix == ".jsonl":
-                entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
+        text = _read_text(p, "annotation file")
+        if p.suffix == ".jsonl":
+            entries = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"annotation file {str(p)!r} line {lineno} is not valid JSON: {e.msg} "
+                                     f"(column {e.colno})") from None
+        else:
+            try:
                 entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"annotation file {str(p)!r} is not valid JSON: {e}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"annotation file {str(p)!r} is not valid JSON: {e}") from None
         if isinstance(entries, dict):  # {"video": prompt} mapping
             entries = [{"video": k, "prompt": v} for k, v in entries.items()]
         if not isinstance(entries, list):
@@ -179,17 +202,33 @@ def load_annotations(video_root: str | os.PathLike, annotation_files: Sequence[s
                 raise ValueError(f"annotation file {str(p)!r} entry {i}: bad 'times' {e.get('times')!r} (expected "
                                  "[[start_segment, end_segment], ...] of integers)"[:300]) from None
             add(str(e["video"]), str(prompt), moment, e.get("annotation_id"))
+    if not items:
+        raise ValueError(f"annotation files {[str(f) for f in annotation_files]} hold no entry (expected a list of "
+                         f"{{'video', 'prompt' | 'caption' | 'description'}} entries)")
     return items
 
 
 def clip_frame_indices(num_video_frames: int, fps: float, spec: ClipSpec, moment_s: tuple[float, float] | None,
-                       rng: random.Random) -> list[int]:
-    """Indices of the ``spec.num_frames`` decoded frames of one clip (see the module docstring)."""
-    if num_video_frames <= 0 or not fps or fps <= 0 or not math.isfinite(fps):
-        raise ValueError(f"video has {num_video_frames} frames at {fps} fps")
-    duration = num_video_frames / fps
-    clip = min(spec.clip_seconds, duration)
-    free = duration - clip
+                       rng: random.Random, timestamps: Sequence[float] | None = None, path: str = "") -> list[int]:
+    """Indices of the ``spec.num_frames`` decoded frames of one clip (see the module docstring).
+    ``timestamps``: each frame's presentation time in seconds (default ``i / fps``)."""
+    import numpy as np
+
+    where = f"video {path!r}: " if path else ""
+    if timestamps is None:
+        if num_video_frames <= 0 or not fps or fps <= 0 or not math.isfinite(fps):
+            raise ValueError(f"{where}{num_video_frames} frames at {fps} fps (expected frames and a positive frame rate)")
+        ts = np.arange(num_video_frames, dtype=np.float64) / fps
+    else:
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if ts.ndim != 1 or len(ts) != num_video_frames or num_video_frames <= 0 or not np.isfinite(ts).all():
+            raise ValueError(f"{where}{num_video_frames} frames with {len(ts)} usable timestamps")
+        if (np.diff(ts) < 0).any():  # out-of-order presentation times (broken container): use the frame order
+            ts = np.maximum.accumulate(ts)
+    ts = ts - ts[0]
+    span = float(ts[-1])  # first to last frame
+    clip = min(spec.clip_seconds, span)
+    free = span - clip
     mode = spec.time_crop
     if mode == "moment" and moment_s is None:
         mode = "center"
@@ -200,9 +239,14 @@ def clip_frame_indices(num_video_frames: int, fps: float, spec: ClipSpec, moment
     else:
         start = rng.uniform(0.0, free)
     start = min(max(start, 0.0), free)
-    step = clip / spec.num_frames
-    idx = [int(round((start + i * step) * fps)) for i in range(spec.num_frames)]
-    return [min(max(j, 0), num_video_frames - 1) for j in idx]
+    if len(ts) == 1:
+        return [0] * spec.num_frames
+    step = clip / (spec.num_frames - 1) if spec.num_frames > 1 else 0.0
+    want = start + step * np.arange(spec.num_frames)
+    right = np.clip(np.searchsorted(ts, want), 1, len(ts) - 1)  # ts[right - 1] < want <= ts[right]
+    left = right - 1
+    nearest = np.where(ts[right] - want < want - ts[left], right, left)  # ties: the earlier frame
+    return [int(j) for j in nearest]
 
 
 def resize_crop(frames_F_H_W_3: torch.Tensor, height: int, width: int, mode: str, rng: random.Random) -> torch.Tensor:
@@ -236,7 +280,12 @@ def decode_clip(path: str, spec: ClipSpec, moment_s=None, rng: random.Random | N
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} does not exist")
     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    idx = clip_frame_indices(len(vr), float(vr.get_avg_fps()), spec, moment_s, rng)
+    n = len(vr)
+    try:
+        ts = vr.get_frame_timestamp(range(n))[:, 0] if n > 0 else None
+    except Exception:  # no usable timestamps: the average frame rate
+        ts = None
+    idx = clip_frame_indices(n, float(vr.get_avg_fps()), spec, moment_s, rng, timestamps=ts, path=path)
     try:
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy())
     except Exception as e:

@@ -82,7 +82,8 @@ def synthetic_sample(index: int, cfg: MakeShardsConfig) -> tuple[str, torch.Tens
     pos = torch.arange(t, dtype=torch.float32)
     right = torch.searchsorted(anchor_t, pos, right=True).clamp(1, k - 1)
     left = right - 1
-    wgt = ((pos - anchor_t[left]) / (anchor_t[right] - anchor_t[left])).view(t, 1, 1, 1)
+    gap = (anchor_t[right] - anchor_t[left]).clamp_min(1e-12)  # T = 1: every anchor at frame 0 (0/0 otherwise)
+    wgt = ((pos - anchor_t[left]) / gap).view(t, 1, 1, 1)
     lat_T_C_H_W = anchors_K_C_H_W[left] * (1 - wgt) + anchors_K_C_H_W[right] * wgt
     lat_T_C_H_W = lat_T_C_H_W + cfg.noise * torch.randn(t, c, h, w, generator=g)
     lat = lat_T_C_H_W.permute(1, 0, 2, 3).contiguous().to(torch.bfloat16)

@@ -27,9 +27,13 @@ items changed (a video file replaced under the same name is not detected: file c
 hashed); a changed clip spec / model / text length re-encodes all of them. The run logs
 which shards are stale and why (the differing settings by name, or the changed items) before it
 starts, so an ``out_dir`` reused by mistake shows up at once. Shards past the new last shard (a
-smaller item list) are removed by rank 0 with their manifests (or a manifest left alone), and a stale shard whose videos are now all unreadable
-is removed, so the folder always holds exactly the current config's cache. Missing/unreadable
-videos are skipped and counted; the shard then holds fewer samples. ``cache_meta.json`` records
+smaller item list) are removed by rank 0 with their manifests (or a manifest left alone); past-the-end
+shards without a cache manifest (another data set in ``out_dir``) follow ``legacy_shards``
+(``error``: stop and name them). Missing/unreadable videos are skipped and counted; the shard
+then holds fewer samples. A shard is never replaced by nothing: when every video of a stale
+shard is missing or unreadable now, the shard on disk is kept (with a warning) and redone once
+they are back; and a run in which no video exists at all (an unmounted folder, a wrong
+``videos=``) stops before it changes anything. ``cache_meta.json`` records
 the config, the counts (``stale_shards``: shards re-encoded or removed) and the code version.
 
 Several processes (``torchrun --nproc-per-node 8 -m interpdiff.video.precompute_cache ...``)
@@ -52,7 +56,7 @@ import torch
 from interpdiff.config import parse_cli, to_dict
 from interpdiff.io import atomic_write_text, code_version
 from interpdiff.video.data import dist_info, encode_latent_sample
-from interpdiff.video.didemo import ClipSpec, VideoClipDataset, collate_clips, load_annotations
+from interpdiff.video.didemo import VIDEO_EXTS, ClipSpec, VideoClipDataset, collate_clips, load_annotations
 from interpdiff.video.make_shards import write_shard
 
 log = logging.getLogger(__name__)
@@ -106,7 +110,14 @@ MANIFEST_FORMAT = "interpdiff-cache-shard"
 def content_config(cfg: PrecomputeConfig) -> dict:
     """The settings that determine the bytes of a cached sample (besides its item)."""
     return {"model": cfg.model, "clip": to_dict(cfg.clip), "max_length": cfg.max_length, "text_dtype": cfg.text_dtype,
-            "vae_dtype": cfg.vae_dtype, "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
+            "vae_dtype": cfg.vae_dtype, "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard,
+            "frame_times": FRAME_TIMES}
+
+
+# how clip frames are chosen (didemo.clip_frame_indices); a cache made by another rule is re-encoded.
+# v2: first and last frame clip_seconds apart, by the container's timestamps (v1, unnamed: frames
+# clip_seconds / num_frames apart at the average frame rate, which repeated a frame of 16 fps videos)
+FRAME_TIMES = "v2-timestamps-first-to-last"
 
 
 def shard_manifest(cfg: PrecomputeConfig, items: list, s: int) -> dict:
@@ -132,6 +143,30 @@ def _video_path(cfg: PrecomputeConfig, video: str) -> Path:
     return p if p.is_absolute() else Path(cfg.videos) / p
 
 
+def _same_items(a: list, b: list) -> bool:
+    """Manifest items equal, up to a video file's extension: a name listed as ``x.mov`` resolves to
+    the ``x.mp4`` on disk, and back to ``x.mov`` while the file is missing (an unmounted folder),
+    which must not make every shard look stale."""
+    def norm(items):
+        out = []
+        for it in items or []:
+            it = list(it)
+            if len(it) > 1 and isinstance(it[1], str) and Path(it[1]).suffix.lower() in VIDEO_EXTS:
+                it[1] = str(Path(it[1]).with_suffix(""))
+            out.append(it)
+        return out
+
+    return norm(a) == norm(b)
+
+
+def _file_stamp(p: Path) -> list | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -140,6 +175,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _is_cache_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _tar_keys(path: Path) -> list[str]:
@@ -176,7 +218,8 @@ def stale_reason(out: Path, s: int, expected: dict, videos_root: str | Path = ""
     if got.get("complete") is False:
         return f"interrupted while it was written ({mp.name} is marked incomplete)"
     skipped = got.pop("skipped", None) or []
-    if got == expected:
+    if {k: v for k, v in got.items() if k != "items"} == {k: v for k, v in expected.items() if k != "items"} \
+            and _same_items(got.get("items"), expected["items"]):
         return _retry_reason(Path(videos_root), skipped, mp)
     old_c, new_c = _flatten(got.get("content") or {}), _flatten(expected["content"])
     diff = [f"{k}: {old_c.get(k)!r} -> {new_c.get(k)!r}" for k in sorted(set(old_c) | set(new_c))
@@ -184,7 +227,7 @@ def stale_reason(out: Path, s: int, expected: dict, videos_root: str | Path = ""
     if diff:
         return "settings differ (" + ", ".join(diff) + ")"
     old_i, new_i = got.get("items") or [], expected["items"]
-    if old_i != new_i:
+    if not _same_items(old_i, new_i):
         old_k, new_k = [i[0] for i in old_i], [i[0] for i in new_i]
         if old_k != new_k:
             return f"items differ: keys {old_k[:4]}{'...' if len(old_k) > 4 else ''} ({len(old_k)}) -> " \
@@ -196,14 +239,26 @@ def stale_reason(out: Path, s: int, expected: dict, videos_root: str | Path = ""
 
 def _retry_reason(root: Path, skipped: list, manifest: Path) -> str | None:
     """Why a current shard should still be re-encoded: one of the videos it had to skip (missing
-    or unreadable when it was written; ``[key, video, was_missing]`` entries of its manifest) is
-    there now, or was replaced since (newer than the manifest). A video that is still the same
-    unreadable file does not make the shard redo on every run."""
+    or unreadable when it was written; ``[key, video, was_missing, [size, mtime_ns]]`` entries of
+    its manifest) is there now, or is another file now (size or modification time changed: a
+    copy that kept the source's old time counts too). A video that is still the same unreadable
+    file does not make the shard redo on every run. (Entries of older manifests have no stamp:
+    newer than the manifest counts then.)"""
+    from interpdiff.video.didemo import _resolve_video
+
     written = manifest.stat().st_mtime
-    for key, video, was_missing in skipped:
+    for entry in skipped:
+        key, video, was_missing = entry[:3]
+        stamp = entry[3] if len(entry) > 3 else None
         p = Path(video) if Path(video).is_absolute() else root / video
-        if p.is_file() and (was_missing or p.stat().st_mtime > written):
-            return f"video {key!r} ({p}) was skipped when the shard was written and is {'there' if was_missing else 'newer'} now"
+        p = _resolve_video(p.parent, p.name)  # x.mov listed, x.mp4 arrived
+        if not p.is_file():
+            continue
+        if was_missing:
+            return f"video {key!r} ({p}) was missing when the shard was written and is there now"
+        now = _file_stamp(p)
+        if (now != stamp) if stamp is not None else (p.stat().st_mtime > written):
+            return f"video {key!r} ({p}) was unreadable when the shard was written and has changed since"
     return None
 
 
@@ -244,6 +299,10 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             else:
                 reasons[s] = f"no manifest, and its keys {keys[:4]} are not the expected items"
     todo = [s for s in mine if reasons[s] is not None]
+    if todo and not any(Path(it.video).is_file() for it in items):
+        raise FileNotFoundError(
+            f"none of the {len(items)} videos exists under videos={cfg.videos!r} (e.g. {items[0].video!r}); is the "
+            f"folder mounted and the path right? Nothing was changed in {out}")
     stale = [s for s in todo if reasons[s] != "missing"]
     for s in stale:
         log.warning("shard %d on disk is stale and will be re-encoded: %s", s, reasons[s])
@@ -257,6 +316,12 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
             if num.isdigit() and int(num) >= n_shards:
                 extra.append(int(num))
         extra = sorted(set(extra))
+        foreign = [s for s in extra if _shard_path(out, s).is_file() and not _is_cache_manifest(_manifest_path(out, s))]
+        if foreign and cfg.legacy_shards == "error":
+            raise ValueError(
+                f"{out}: {len(foreign)} shard(s) past the last shard {n_shards - 1} of {len(items)} items have no cache "
+                f"manifest (e.g. {_shard_path(out, foreign[0]).name}): another data set, or a cache of an older version. "
+                f"They would be removed; use another out_dir, or pass legacy_shards=redo to remove them")
         for s in extra:
             log.warning("removing %s (+ manifest): past the last shard %d of %d items", _shard_path(out, s),
                         n_shards - 1, len(items))
@@ -306,11 +371,14 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                 except OSError as e:  # e.g. a full disk: name the shard (its manifest says incomplete: redone next run)
                     msg = f"precompute_cache: could not write {_shard_path(out, s)}: {e.strerror or e}"
                     raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
-                skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file()]
+                skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file(), _file_stamp(_video_path(cfg, it[1]))]
                            for it in manifests[s]["items"] if it[0] not in written]
                 atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=skipped), indent=1))
-            else:  # shard first: a crash in between leaves a manifest without a shard ("missing": redone)
-                _shard_path(out, s).unlink(missing_ok=True)
+            elif _shard_path(out, s).is_file():  # never trade a shard on disk for nothing
+                log.warning("shard %d: every video of its items is missing/unreadable now; the shard on disk (%s) is "
+                            "kept as it was (its manifest says what it holds) and redone once the videos are back",
+                            s, reasons[s])
+            else:
                 _manifest_path(out, s).unlink(missing_ok=True)
                 log.warning("shard %d: every video was missing/unreadable; no shard written", s)
             counts["written"] += 1 if samples else 0

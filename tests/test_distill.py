@@ -535,7 +535,10 @@ def test_resume_with_another_target_or_teacher_is_refused(shards, teachers, tmp_
 
 def test_phase2_student_overfits_one_batch(shards, teachers, tmp_path):
     """A 1-step refiner regressing one batch onto the teacher's 3-level chain, against a control run
-    with lr ~ 0 (same masks, levels and noise at every step)."""
+    with lr ~ 0 (same masks, levels and noise at every step). The target moves with each step's
+    corruption noise, so 30 steps do not fit it: 0.80 of the control measured (2026-11-26). (Before
+    the refiner returned its keyframes exactly, the teacher chain also carried a fixed offset from
+    its untrained keyframe outputs, which the student fit within a few steps: below 0.5.)"""
     one = shards.replace("shard_*", "shard_000000")
     common = ["distill.target=phase2", f"distill.teacher_lora={teachers['phase2']}", "distill.dmd.weight=0",
               "distill.teacher_guidance=1", "distill.sampler.steps=1", "train.max_steps=30", "train.checkpoint_every=30",
@@ -544,7 +547,7 @@ def test_phase2_student_overfits_one_batch(shards, teachers, tmp_path):
     ctl = _run(_args(one, tmp_path / "c2", *common, "train.optim.lr=1e-9"))
     L, C = res.losses, ctl.losses
     assert L[0] == pytest.approx(C[0], rel=1e-6)
-    assert sum(L[-10:]) < 0.5 * sum(C[-10:]), (L, C)
+    assert sum(L[-10:]) < 0.9 * sum(C[-10:]), (L, C)
     meta = wan.read_lora_meta(tmp_path / "p2" / "checkpoints" / "step_00000030" / "trainable" / DW.STUDENT)
     assert meta["widening"]["channels"] == ["mask"] and meta["extra"]["phase2"]["k_min"] == 3
     assert not (tmp_path / "p2" / "checkpoints" / "step_00000030" / "trainable" / DW.FAKE).exists()

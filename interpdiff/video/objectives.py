@@ -22,8 +22,18 @@ last level has no missing frame), nested masks from the policy mix, and::
     x_s    = I(x0, M_s) + sigma_s eps (1 - M_s)          (interpdiff.interpolate.interpolate_corrupt)
     t_s    = 1000 * (1 - K_s / T)                         (level -> Wan timestep: the missing fraction)
     v_hat  = F([x_s, planes(M_s)], t_s, text)             (widened patch embedding, zero-init)
-    x0_hat = x_s - (t_s / 1000) v_hat                     (Wan's own x0 parametrisation)
+    x0_hat = x_s - (t_s / 1000) v_hat  on missing frames  (Wan's own x0 parametrisation)
+    x0_hat = x_s                       on keyframes of M_s (they are known; see below)
     loss   = mean_b [ sum_w (x0_hat - x0)^2 / sum_w 1 ],  w = missing_weight on missing frames, keyframe_weight on keyframes
+
+**Keyframes are returned exactly** (``phase2_restore``): the TACoS update
+``x_{s+1} = x_s - D(x0_hat, s) + D(x0_hat, s+1)`` interpolates from ``x0_hat`` at the keyframes of
+``M_s``, so a prediction there would move every frame of the gaps around it. The loss cannot
+train one (the default ``keyframe_weight`` is 0, and any other weight only saw exact inputs), so
+a refiner trained to a tiny loss still spread its untrained keyframe outputs over the sequence:
+on a tiny Wan trained to loss 0.005 the oracle sampler's error was 5.6x that of the clamped
+update. The maze prototype found the same (``maze.models``, ``missing_residual``). The keyframe
+error is then 0, so ``keyframe_weight`` only scales the per-sample normaliser.
 
 Using Wan's velocity->x0 map with the level's "missing fraction" as flow time means the
 pretrained model starts as a plausible denoiser instead of an arbitrary regressor. The mask
@@ -508,11 +518,15 @@ def phase2_planes(mask_B_T: torch.Tensor, H: int, W: int, p2: Phase2Config, dtyp
 
 def phase2_restore(model, x_s, mask_B_T, t_B, emb, p2: Phase2Config, conf_B_T: torch.Tensor | None = None):
     """``x0_hat = x_s - (t / 1000) * F([x_s, planes(M_s)], t, text)`` (``flow.x0_from_velocity``
-    with the level's flow time ``t / 1000``), in float32."""
+    with the level's flow time ``t / 1000``) on the missing frames of ``M_s`` and ``x_s`` itself on
+    its keyframes (module docstring), in float32. Training, sampling and distillation all come
+    through here."""
     H, W = x_s.shape[-2:]
     planes = phase2_planes(mask_B_T, H, W, p2, dtype=x_s.dtype, conf_B_T=conf_B_T)
     v_hat = wan.wan_forward(model, x_s, t_B, emb, extra_B_E_T_H_W=planes)
-    return x0_from_velocity(x_s.float(), v_hat.float(), t_B.float() / 1000.0)
+    x_s = x_s.float()
+    x0_hat = x0_from_velocity(x_s, v_hat.float(), t_B.float() / 1000.0)
+    return torch.where(mask_B_T.to(x_s.device)[:, None, :, None, None], x_s, x0_hat)
 
 
 def phase2_loss(model, batch: dict, step: int, cfg: VideoTrainConfig, policy: KeyframePolicy, seed: int):

@@ -16,6 +16,14 @@ The temporal rotary phase of keyframe k is that of its true frame ``idx[k]``
 conditioned the same way: the last keyframe is always frame ``T-1``, so its rotary position
 carries T (Wan has no other length input; a separate length embedding would need new weights).
 
+**Not yet: METHOD.md's ``kp_feat`` for video phase 1.** The spec gives phase 1 each keyframe's
+``[left_gap, right_gap, t_norm, left_diff, right_diff]``. The gaps and ``t_norm`` are what the
+true-index rotary positions already carry (relative and absolute temporal phase, with the last
+keyframe at ``T-1``); the two D_phi costs of the neighbouring segments are not given to the
+video model (the maze's phase 1 has them). Adding them means five zero-initialised input planes
+on the keyframe latents (the phase-2 widening), a D_phi checkpoint at training and sampling,
+and the same planes for the phase-1 distillation student.
+
 **Phase 2 (refiner)**, ``phase2_loss``: per sample, a level ``s`` uniform in ``0..S-2`` (the
 last level has no missing frame), nested masks from the policy mix, and::
 

@@ -506,7 +506,9 @@ class LatentDataConfig:
     shuffle_shards: bool = True  # epoch mode: shuffle the shard order every epoch
     seed: int = 0
     crop_frames: int = 0  # latent frames per sample (0 = all)
-    crop_mode: str = "random"  # random | start | center
+    # random | start | center. Wan's VAE is causal: latent frame 0 encodes one pixel frame, the others
+    # four each, so only a crop at 0 ("start") begins with a first-frame latent as Wan makes them
+    crop_mode: str = "random"
     latent_shape: list[int] | None = None  # e.g. [16, 21, 60, 104]; -1 = any
     embed_shape: list[int] | None = None  # e.g. [512, 4096]
     partial_batches: bool = False  # epoch mode: yield the last, smaller batch of each worker
@@ -559,6 +561,10 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
         self._source: ShardSource | None = None
         # early check with what is known now (a config error should stop the run before the model is
         # built); the split itself waits for ``source`` (see there)
+        if cfg.crop_frames > 0 and cfg.crop_mode != "start":
+            log.warning("data.crop_frames=%d with crop_mode=%s: a crop that does not start at latent frame 0 begins "
+                        "with a latent Wan's causal VAE encodes from 4 pixel frames, not the first-frame latent "
+                        "(1 frame) a generated clip starts with; crop_mode=start keeps it", cfg.crop_frames, cfg.crop_mode)
         r, w = dist_info(*self._asked)
         if not cfg.resampled and len(self.urls) < w:
             ShardSource(self.urls, r, w, cfg.resampled)  # raises, naming the counts

@@ -9,6 +9,7 @@ built.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -767,3 +768,87 @@ def test_phase2_refine_per_row_generators_match_corruption_refine(monkeypatch, n
         one = pipeline.phase2_refine(None, x_start[b : b + 1], masks[b : b + 1], emb[b : b + 1], st,
                                      torch.Generator().manual_seed(seed))
         torch.testing.assert_close(rows[b : b + 1], one, rtol=0, atol=0)
+
+
+def _tiny_dphi(path):
+    from interpdiff.video.dphi import DphiSizes, TeacherCostConfig, VideoDphi, save_dphi
+
+    torch.manual_seed(3)
+    d = VideoDphi(DphiSizes(text_dim=32, d_model=8, hidden=16, depth=2, n_freq=2, t_ref=9))
+    with torch.no_grad():
+        d.mlp[-1].bias.fill_(-2.0)  # costs ~ e^-2: finite, sample-dependent through the text
+    save_dphi(path, d, TeacherCostConfig())
+    return d
+
+
+def test_keyframe_features_match_the_maze_definition_with_dphi_costs(tmp_path):
+    """kp_feat [left_gap, right_gap, t_norm, left_diff, right_diff] at the keyframes, against the
+    maze's kp_features on the same mask with D_phi's full predicted cost matrix as pair costs."""
+    from interpdiff.video.dphi import TeacherCostConfig
+    from interpdiff.video.objectives import keyframe_features
+    from maze.prepare_keyframes import kp_features, matrix_pair_cost
+
+    d = _tiny_dphi(tmp_path / "dphi.pt")
+    idx = torch.tensor([[0, 2, 3, 7, 8], [0, 1, 5, 6, 8]])
+    emb = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 9, dtype=torch.bool).scatter_(1, idx, True)
+    cost = d.cost_matrix(emb, 9, TeacherCostConfig())
+    ref = kp_features(mask, matrix_pair_cost(cost)).gather(1, idx[..., None].expand(-1, -1, 5))
+    got = keyframe_features(idx, emb, d, TeacherCostConfig())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    assert got[..., 3:].abs().sum() > 0 and not torch.equal(got[0, :, 3:], got[1, :, 3:])
+    no_dphi = keyframe_features(idx, emb)
+    torch.testing.assert_close(no_dphi[..., :3], ref[..., :3])
+    assert float(no_dphi[..., 3:].abs().sum()) == 0.0
+
+
+def test_phase1_keyframe_features_train_save_and_sample(shards, tmp_path, capsys):
+    """phase1.kp_feat=true: the widened phase-1 model starts as the plain one (zero-initialised
+    planes), the planes' weights train, the LoRA folder records the widening and the D_phi, and the
+    sampler rebuilds a model with the same outputs; without the D_phi it names the key."""
+    import shutil
+
+    from interpdiff.video import pipeline
+    from interpdiff.video.objectives import ModelConfig, Phase1Config, build_transformer
+
+    _tiny_dphi(tmp_path / "dphi.pt")
+    p1 = Phase1Config(kp_feat=True, dphi_ckpt=str(tmp_path / "dphi.pt"))
+    spec = ModelConfig(lora=wan.LoraSpec(rank=2, alpha=2))
+    plain, widened = build_transformer(spec, 1), build_transformer(spec, 1, p1=p1)
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 16, 4, 4, 6, generator=g), torch.randn(2, 5, 32, generator=g)
+    idx, t = torch.tensor([[0, 3, 5, 8], [0, 2, 6, 8]]), torch.tensor([500.0, 250.0])
+    with torch.no_grad():
+        ref = wan.wan_forward(plain, x, t, emb, frame_idx_B_K=idx)
+        torch.testing.assert_close(wan.wan_forward(widened, x, t, emb, frame_idx_B_K=idx), ref, rtol=0, atol=0)
+
+    res = _run(train_phase1, _args(shards, tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=3",
+                                   "phase1.kp_feat=true", f"phase1.dphi_ckpt={tmp_path / 'dphi.pt'}",
+                                   "train.optim.lr=1e-2"))
+    assert res.state.step == 3
+    lora = tmp_path / "run" / "checkpoints" / "step_00000003" / "trainable"
+    meta = wan.read_lora_meta(lora)
+    assert meta["widening"]["channels"] == list(wan.KP_FEAT_CHANNELS)
+    assert meta["extra"]["phase1"]["dphi_ckpt"] == str(tmp_path / "dphi.pt")
+    cfg = pipeline.SampleConfig(phase1_lora=str(lora), prompts=["x"])
+    tr_s = pipeline.load_phase_transformer(cfg, 1, "cpu")
+    assert float(wan.unwrap_model(tr_s).patch_embedding.extra_weight.abs().sum()) > 0  # the planes trained
+    with torch.no_grad():
+        out = wan.wan_forward(tr_s, x, t, emb, frame_idx_B_K=idx)
+        wan.set_keyframe_features(tr_s, lambda i, e: torch.zeros(i.shape[0], i.shape[1], 5))
+        assert not torch.allclose(wan.wan_forward(tr_s, x, t, emb, frame_idx_B_K=idx), out)  # the features matter
+    # the distillation teacher (a frozen adapter on a fresh base) gets the same features
+    from interpdiff.video.distill_wan import install_teacher
+
+    teacher = wan.load_transformer("tiny", dtype=torch.float32)
+    install_teacher(teacher, lora)
+    with torch.no_grad():
+        torch.testing.assert_close(wan.wan_forward(teacher, x, t, emb, frame_idx_B_K=idx), out, rtol=1e-5, atol=1e-6)
+    shutil.move(tmp_path / "dphi.pt", tmp_path / "elsewhere.pt")
+    with pytest.raises(ConfigError, match="phase1_dphi"):
+        pipeline.load_phase_transformer(cfg, 1, "cpu")
+    tr_o = pipeline.load_phase_transformer(dataclasses.replace(cfg, phase1_dphi=str(tmp_path / "elsewhere.pt")), 1, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(wan.wan_forward(tr_o, x, t, emb, frame_idx_B_K=idx), out, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="phase1.dphi_ckpt"):
+        Phase1Config(kp_feat=True, dphi_ckpt=str(tmp_path / "nope.pt")).validate()

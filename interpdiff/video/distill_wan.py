@@ -100,6 +100,7 @@ from interpdiff.video.objectives import (
     check_policy_mix,
     base_dtype,
     bind_embed_dim,
+    ensure_keyframe_features,
     level_timestep,
     make_batches,
     phase2_budgets,
@@ -266,6 +267,7 @@ def install_teacher(transformer, lora_dir: str | Path) -> dict:
             p.requires_grad_(False)
     if meta.get("widening"):
         model.patch_embedding.extra_weight.requires_grad_(False)
+    ensure_keyframe_features(transformer, meta)  # a phase-1 teacher with keyframe features: its D_phi
     _set_adapter_state(_tuner_layers(model), None)
     return meta
 

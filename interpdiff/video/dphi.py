@@ -208,19 +208,28 @@ class VideoDphi(nn.Module):
         return (self.forward(*args).exp() - self.floor).clamp_min(0.0)
 
     @torch.no_grad()
-    def cost_matrix(self, emb_B_L_D: torch.Tensor, T: int, cfg: TeacherCostConfig) -> torch.Tensor:
-        """``[B, T, T]`` predicted DP cost ``sum_k w_k / 2 cost_k`` over the whole grid: 0 for
-        adjacent frames, ``+inf`` on and below the diagonal."""
+    def pair_costs(self, emb_B_L_D: torch.Tensor, T: int, i_B_P: torch.Tensor, j_B_P: torch.Tensor,
+                   cfg: TeacherCostConfig) -> torch.Tensor:
+        """``[B, P]`` predicted DP cost ``sum_k w_k / 2 cost_k`` (the cost grid's flow times ``t_k``
+        and weights ``w_k``) of the segments ``(i, j)``, ``i < j``."""
         t, w, _ = cfg.grid()
+        dev = next(self.parameters()).device
+        B, P = i_B_P.shape
+        S = len(t)
+        i = i_B_P.float().to(dev).repeat(1, S)
+        j = j_B_P.float().to(dev).repeat(1, S)
+        tt = t.float().to(dev).repeat_interleave(P)[None].expand(B, -1)
+        pred = self.predict_cost(self.pooled(emb_B_L_D.to(dev)), T, i, j, tt).view(B, S, P)
+        return (w.float().to(dev)[None, :, None] / 2 * pred).sum(1)
+
+    @torch.no_grad()
+    def cost_matrix(self, emb_B_L_D: torch.Tensor, T: int, cfg: TeacherCostConfig) -> torch.Tensor:
+        """``[B, T, T]`` predicted DP cost (``pair_costs``) over the whole grid: 0 for adjacent
+        frames, ``+inf`` on and below the diagonal."""
         B = emb_B_L_D.shape[0]
         dev = next(self.parameters()).device
         pairs = segment_pairs(T, 0).to(dev)
-        P, S = len(pairs), len(t)
-        i = pairs[:, 0].float().repeat(S)[None].expand(B, -1)
-        j = pairs[:, 1].float().repeat(S)[None].expand(B, -1)
-        tt = t.float().to(dev).repeat_interleave(P)[None].expand(B, -1)
-        pred = self.predict_cost(self.pooled(emb_B_L_D.to(dev)), T, i, j, tt).view(B, S, P)
-        tot = (w.float().to(dev)[None, :, None] / 2 * pred).sum(1)
+        tot = self.pair_costs(emb_B_L_D, T, pairs[:, 0][None].expand(B, -1), pairs[:, 1][None].expand(B, -1), cfg)
         c = torch.full((B, T, T), math.inf, device=dev)
         ar = torch.arange(T - 1, device=dev)
         c[:, ar, ar + 1] = 0.0

@@ -16,13 +16,17 @@ The temporal rotary phase of keyframe k is that of its true frame ``idx[k]``
 conditioned the same way: the last keyframe is always frame ``T-1``, so its rotary position
 carries T (Wan has no other length input; a separate length embedding would need new weights).
 
-**Not yet: METHOD.md's ``kp_feat`` for video phase 1.** The spec gives phase 1 each keyframe's
-``[left_gap, right_gap, t_norm, left_diff, right_diff]``. The gaps and ``t_norm`` are what the
-true-index rotary positions already carry (relative and absolute temporal phase, with the last
-keyframe at ``T-1``); the two D_phi costs of the neighbouring segments are not given to the
-video model (the maze's phase 1 has them). Adding them means five zero-initialised input planes
-on the keyframe latents (the phase-2 widening), a D_phi checkpoint at training and sampling,
-and the same planes for the phase-1 distillation student.
+**Keyframe features** (``phase1.kp_feat=true``): METHOD.md's ``kp_feat`` per keyframe,
+``[left_gap, right_gap, t_norm, left_diff, right_diff]`` (``keyframe_features``: gaps to the
+neighbouring keyframes over T, ``t / (T-1)``, D_phi's predicted DP costs of the two neighbouring
+segments from ``phase1.dphi_ckpt``, zeros without one), enter as five zero-initialised input
+planes on the keyframe latents (the phase-2 widening, ``wan.KP_FEAT_CHANNELS``). ``wan_forward``
+builds them from the keyframe indices it is given, through the function
+``install_keyframe_features`` puts on the model, so training, the sampler and the phase-1
+distillation (teacher and student) feed the same features; the LoRA folder records the widening
+and ``extra.phase1.dphi_ckpt``. The gaps and ``t_norm`` repeat what the true-index rotary
+positions carry; the D_phi costs are new information. Off by default (a phase-1 LoRA trained
+without it loads as before).
 
 **Phase 2 (refiner)**, ``phase2_loss``: per sample, a level ``s`` uniform in ``0..S-2`` (the
 last level has no missing frame), nested masks from the policy mix, and::
@@ -128,11 +132,26 @@ class Phase1Config:
     flow_shift: float = 1.0  # shift applied to training flow times
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # METHOD.md's kp_feat as five zero-initialised input planes on the keyframe latents (widened patch
+    # embedding): gaps to the neighbouring keyframes / T, t / (T-1), and D_phi's predicted DP costs
+    # of the two neighbouring segments (dphi_ckpt: a train_dphi_teacher.py dphi.pt; "" = zeros)
+    kp_feat: bool = False
+    dphi_ckpt: str = ""
 
     def validate(self, T: int | None = None) -> None:
         """Raises ``ConfigError`` naming the key; ``T`` (latent frames, when the config fixes it)
         also checks ``num_keyframes <= T``."""
         check_policy_mix("phase1.index_policy", self.index_policy, PHASE1_POLICIES, "phase1.selector_ckpt", self.selector_ckpt)
+        if self.dphi_ckpt and not self.kp_feat:
+            raise ConfigError(f"phase1.dphi_ckpt={self.dphi_ckpt!r} is set but phase1.kp_feat is false (the D_phi "
+                              "costs are keyframe features); set phase1.kp_feat=true or drop the checkpoint")
+        if self.kp_feat and self.dphi_ckpt:
+            from interpdiff.video.dphi import load_dphi
+
+            try:
+                load_dphi(self.dphi_ckpt)
+            except Exception as e:  # CheckpointError naming the path
+                raise ConfigError(f"phase1.dphi_ckpt: {e}") from None
         if self.num_keyframes < 2:
             raise ConfigError(f"phase1.num_keyframes must be >= 2 (both endpoints), got {self.num_keyframes}")
         if T is not None and self.num_keyframes > T:
@@ -166,9 +185,9 @@ class Phase2Config:
         phase-2 config here, before any model is loaded); ``T`` (latent frames, when known) also
         checks the budgets against it."""
         check_policy_mix("phase2.policy_mix", self.policy_mix, PHASE2_POLICIES, "phase2.selector_ckpt", self.selector_ckpt)
-        bad = [c for c in self.channels if c not in wan.WIDENING_CHANNELS]
+        bad = [c for c in self.channels if c not in wan.PHASE2_CHANNELS]
         if bad or not self.channels:
-            raise ConfigError(f"phase2.channels={list(self.channels)}: expected a non-empty subset of {list(wan.WIDENING_CHANNELS)}")
+            raise ConfigError(f"phase2.channels={list(self.channels)}: expected a non-empty subset of {list(wan.PHASE2_CHANNELS)}")
         if self.confidence not in ("mask", "tent"):
             raise ConfigError(f"phase2.confidence={self.confidence!r} is not one of ['mask', 'tent']")
         if not (math.isfinite(self.sigma_max) and 0.0 <= self.sigma_min <= self.sigma_max):
@@ -251,14 +270,72 @@ def base_dtype(cfg: ModelConfig) -> torch.dtype:
 # --- one model specification -------------------------------------------------------------------
 
 
-def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = None, lora: bool = True):
-    """Frozen Wan transformer + (phase 1) keyframe rotary positions or (phase 2) the widened patch
-    embedding, + a trainable LoRA (fresh, or ``cfg.init_lora``). Raises ``ValueError`` naming a
-    LoRA target that matches no module before anything is moved to a GPU."""
+def keyframe_features(idx_B_K: torch.Tensor, emb_B_L_D: torch.Tensor, dphi=None, cost_cfg=None) -> torch.Tensor:
+    """METHOD.md's ``kp_feat [B, K, 5]`` of sorted keyframe indices (the last one is ``T-1``):
+    ``[left_gap, right_gap, t_norm, left_diff, right_diff]`` with gaps to the neighbouring
+    keyframes over ``T`` (0 at the ends), ``t / (T-1)``, and D_phi's predicted DP cost of the
+    segment to each neighbour (``VideoDphi.pair_costs``; 0 at the ends, for adjacent keyframes, as
+    in ``cost_matrix``, and everywhere without ``dphi``). float32, on ``idx``'s device."""
+    idx = idx_B_K.long()
+    B, K = idx.shape
+    T = int(idx[:, -1].max()) + 1
+    f = idx.float()
+    zero = torch.zeros(B, 1, device=idx.device)
+    gaps = (f[:, 1:] - f[:, :-1]) / T
+    left, right = torch.cat([zero, gaps], 1), torch.cat([gaps, zero], 1)
+    diffs = torch.zeros(B, K - 1, device=idx.device)
+    if dphi is not None and K > 1:
+        diffs = dphi.pair_costs(emb_B_L_D, T, idx[:, :-1], idx[:, 1:], cost_cfg).float().to(idx.device)
+        diffs = torch.where(idx[:, 1:] - idx[:, :-1] > 1, diffs, 0.0)  # adjacent keyframes: nothing to fill (cost_matrix's 0)
+    return torch.stack([left, right, f / max(T - 1, 1), torch.cat([zero, diffs], 1), torch.cat([diffs, zero], 1)], -1)
+
+
+def install_keyframe_features(transformer, dphi_ckpt: str = "") -> None:
+    """Give a phase-1 model widened with ``wan.KP_FEAT_CHANNELS`` its feature function
+    (``keyframe_features`` with the D_phi of ``dphi_ckpt``, fp32, on the model's device at each
+    call); ``wan_forward`` builds the planes from the keyframe indices it is given, so training,
+    sampling and distillation feed the same features."""
+    from interpdiff.video.dphi import load_dphi
+
+    dphi, cost_cfg = load_dphi(dphi_ckpt) if dphi_ckpt else (None, None)
+
+    def fn(idx_B_K, emb_B_L_D):
+        if dphi is not None and next(dphi.parameters()).device != idx_B_K.device:
+            dphi.to(idx_B_K.device)
+        return keyframe_features(idx_B_K, emb_B_L_D, dphi, cost_cfg)
+
+    wan.set_keyframe_features(transformer, fn)
+
+
+def ensure_keyframe_features(transformer, meta: dict, dphi_ckpt: str = "") -> None:
+    """After ``wan.load_lora`` of a phase-1 folder: when it records the keyframe-feature widening,
+    install the feature function with ``dphi_ckpt`` or the D_phi the LoRA was trained with
+    (``extra.phase1.dphi_ckpt``). A D_phi recorded but missing is an error naming both keys."""
+    wid = wan.widening_of(transformer)
+    if wid is None or tuple(wid["channels"]) != wan.KP_FEAT_CHANNELS:
+        return
+    recorded = ((meta.get("extra") or {}).get("phase1") or {}).get("dphi_ckpt") or ""
+    path = dphi_ckpt or recorded
+    if path and not (Path(path).is_file() or (Path(path) / "dphi.pt").is_file()):
+        raise ConfigError(f"this phase-1 LoRA takes D_phi keyframe costs (trained with phase1.dphi_ckpt={recorded!r}); "
+                          f"{path!r} does not exist: pass the D_phi checkpoint (sample.py phase1_dphi=...)")
+    install_keyframe_features(transformer, path)
+
+
+def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = None, lora: bool = True,
+                      p1: Phase1Config | None = None):
+    """Frozen Wan transformer + (phase 1) keyframe rotary positions, and with ``p1.kp_feat`` the
+    patch embedding widened with ``wan.KP_FEAT_CHANNELS`` (``install_keyframe_features``), or
+    (phase 2) the widened patch embedding, + a trainable LoRA (fresh, or ``cfg.init_lora``).
+    Raises ``ValueError`` naming a LoRA target that matches no module before anything is moved to
+    a GPU."""
     tr = wan.load_transformer(cfg.path, dtype=base_dtype(cfg), seed=cfg.seed)
     wan.set_attention_backend(tr, cfg.attention)
     if phase == 1:
         wan.install_keyframe_rope(tr)
+        if p1 is not None and p1.kp_feat:
+            wan.widen_patch_embedding(tr, wan.KP_FEAT_CHANNELS, trainable=True)
+            install_keyframe_features(tr, p1.dphi_ckpt)
     elif phase == 2:
         wan.widen_patch_embedding(tr, tuple((p2 or Phase2Config()).channels), trainable=True)
     else:
@@ -708,7 +785,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         policy.check_selector_budgets([cfg.phase1.num_keyframes] if phase == 1 else phase2_budgets(cfg.phase2, T_known),
                                       T_known)
     try:
-        transformer = build_transformer(cfg.model, phase, cfg.phase2)
+        transformer = build_transformer(cfg.model, phase, cfg.phase2, p1=cfg.phase1)
     except ValueError as e:
         if "LoRA target" in str(e):
             raise ConfigError(f"model.lora.target_modules: {e}") from None

@@ -79,6 +79,7 @@ from interpdiff.video.objectives import (
     Phase2Config,
     base_dtype,
     build_transformer,
+    ensure_keyframe_features,
     level_timestep,
     phase2_budgets,
     phase2_restore,
@@ -510,6 +511,8 @@ class SampleConfig:
     selector_ckpt: str = ""  # keyframe_source=selector: file or run folder written by interpdiff.video.train_selector
     phase1_lora: str = ""
     phase2_lora: str = ""
+    # a phase-1 LoRA trained with phase1.kp_feat and a D_phi: that D_phi's dphi.pt ("" = the path it records)
+    phase1_dphi: str = ""
     prompts: list[str] = field(default_factory=list)
     prompts_file: str = ""  # one prompt per line (added after ``prompts``)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
@@ -680,6 +683,7 @@ def load_phase_transformer(cfg: SampleConfig, phase: int, device, st: Phase2Sett
         want = (meta.get("extra") or {}).get("phase")
         if want is not None and int(want) != phase:
             raise ConfigError(f"phase{phase}_lora={lora!r} was trained for phase {want}")
+        ensure_keyframe_features(tr, meta, cfg.phase1_dphi)
     wan.freeze(tr)
     return tr.to(device)
 

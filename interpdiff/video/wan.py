@@ -72,6 +72,9 @@ __all__ = [
     "EXTRA_WEIGHT_NAME",
     "META_NAME",
     "WIDENING_CHANNELS",
+    "PHASE2_CHANNELS",
+    "KP_FEAT_CHANNELS",
+    "set_keyframe_features",
     "WanLoadError",
     "LoraSpec",
     "WanComponents",
@@ -131,7 +134,11 @@ EXTRA_WEIGHT_NAME = "interpdiff_extra.safetensors"
 META_NAME = "interpdiff_lora.json"
 META_FORMAT = "interpdiff-wan-lora"
 META_VERSION = 1
-WIDENING_CHANNELS = ("mask", "confidence")
+PHASE2_CHANNELS = ("mask", "confidence")  # phase-2 planes over all T frames (extra_channels)
+# phase-1 planes over the K keyframe latents: METHOD.md's kp_feat [left_gap, right_gap, t_norm,
+# left_diff, right_diff], built inside wan_forward by the function set_keyframe_features installs
+KP_FEAT_CHANNELS = ("kp_left_gap", "kp_right_gap", "kp_t", "kp_left_diff", "kp_right_diff")
+WIDENING_CHANNELS = PHASE2_CHANNELS + KP_FEAT_CHANNELS
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -907,6 +914,12 @@ def extra_channels(
     return p_B_E_T[..., None, None].expand(*p_B_E_T.shape, height, width)
 
 
+def set_keyframe_features(transformer, fn) -> None:
+    """Install ``fn(frame_idx_B_K, emb_B_L_D) -> kp_feat [B, K, 5]``, which ``wan_forward`` calls for
+    a phase-1 model widened with ``KP_FEAT_CHANNELS`` (a plain attribute: not a module, not saved)."""
+    object.__setattr__(unwrap_model(transformer), "_interpdiff_kp_fn", fn)
+
+
 # ---------------------------------------------------------------------------------------------
 # Keyframe temporal rotary positions (phase-1)
 # ---------------------------------------------------------------------------------------------
@@ -1027,6 +1040,19 @@ def wan_forward(
     model = unwrap_model(transformer)
     dtype = model.patch_embedding.weight.dtype
     x = lat_B_C_T_H_W.to(dtype)
+    widening = widening_of(model)
+    if extra_B_E_T_H_W is None and frame_idx_B_K is not None and widening is not None \
+            and tuple(widening["channels"]) == KP_FEAT_CHANNELS:
+        fn = getattr(model, "_interpdiff_kp_fn", None)
+        if fn is None:
+            raise ValueError("the patch embedding is widened with the keyframe features (phase1.kp_feat) but no "
+                             "feature function is installed: call set_keyframe_features(transformer, fn) "
+                             "(objectives.install_keyframe_features)")
+        kp_B_K_5 = fn(frame_idx_B_K, emb_B_L_D)
+        B, _, K, H, W = x.shape
+        if tuple(kp_B_K_5.shape) != (B, K, len(KP_FEAT_CHANNELS)):
+            raise ValueError(f"keyframe features {tuple(kp_B_K_5.shape)}, expected {(B, K, len(KP_FEAT_CHANNELS))}")
+        extra_B_E_T_H_W = kp_B_K_5.to(x.device).permute(0, 2, 1)[..., None, None].expand(B, -1, K, H, W)
     if extra_B_E_T_H_W is not None:
         if widening_of(model) is None:
             raise ValueError("extra input channels given but the patch embedding is not widened; "

@@ -852,3 +852,56 @@ def test_phase1_keyframe_features_train_save_and_sample(shards, tmp_path, capsys
         torch.testing.assert_close(wan.wan_forward(tr_o, x, t, emb, frame_idx_B_K=idx), out, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="phase1.dphi_ckpt"):
         Phase1Config(kp_feat=True, dphi_ckpt=str(tmp_path / "nope.pt")).validate()
+
+
+def test_keyframe_feature_runs_record_and_check_their_dphi(shards, tmp_path, monkeypatch, caplog):
+    """The D_phi of a kp_feat run is recorded as an absolute path with its sha256: a sampler in
+    another folder finds it, a retrained file under the same name is warned about, a resume with
+    another D_phi is refused, a D_phi for a LoRA trained without one is refused, and so are a
+    model.init_lora of the other kind and a D_phi of another text width."""
+    import logging
+
+    from interpdiff.video import pipeline
+    from interpdiff.video.distill_wan import install_teacher
+    from interpdiff.video.dphi import DphiSizes, TeacherCostConfig, VideoDphi, save_dphi
+    from interpdiff.video.objectives import ModelConfig, Phase1Config, build_transformer
+
+    _tiny_dphi(tmp_path / "dphi.pt")
+    monkeypatch.chdir(tmp_path)
+    common = ["train.checkpoint_every=2", "phase1.kp_feat=true"]
+    _run(train_phase1, _args(shards, tmp_path / "run", "train.max_steps=2", *common, "phase1.dphi_ckpt=dphi.pt"))
+    lora = tmp_path / "run" / "checkpoints" / "step_00000002" / "trainable"
+    meta = wan.read_lora_meta(lora)
+    assert meta["extra"]["phase1"]["dphi_ckpt"] == str(tmp_path / "dphi.pt") and meta["extra"]["phase1_dphi_sha256"]
+    monkeypatch.chdir(REPO)
+    cfg = pipeline.SampleConfig(phase1_lora=str(lora), prompts=["x"])
+    pipeline.load_phase_transformer(cfg, 1, "cpu")  # found from another folder
+    _tiny_dphi(tmp_path / "other.pt")  # the same weights as dphi.pt
+    d2 = torch.load(tmp_path / "other.pt", weights_only=False)
+    d2["state"]["mlp.0.bias"] = d2["state"]["mlp.0.bias"] + 1.0  # another D_phi under the old name
+    torch.save(d2, tmp_path / "dphi.pt")
+    with caplog.at_level(logging.WARNING, logger="interpdiff.video.objectives"):
+        pipeline.load_phase_transformer(cfg, 1, "cpu")
+    assert "is not the file this phase-1 LoRA was trained with" in caplog.text
+    with pytest.raises(CheckpointError, match="keyframe_dphi"):  # the retrained file: another D_phi
+        _run(train_phase1, _args(shards, tmp_path / "run", "train.max_steps=4", *common,
+                                 f"phase1.dphi_ckpt={tmp_path / 'dphi.pt'}", "--resume", "latest"))
+    # a LoRA trained without D_phi costs takes none
+    _run(train_phase1, _args(shards, tmp_path / "zeros", "train.max_steps=2", *common))
+    zeros = tmp_path / "zeros" / "checkpoints" / "step_00000002" / "trainable"
+    with pytest.raises(ConfigError, match="phase1_dphi=.*trained without D_phi costs"):
+        pipeline.load_phase_transformer(dataclasses.replace(cfg, phase1_lora=str(zeros),
+                                                            phase1_dphi=str(tmp_path / "other.pt")), 1, "cpu")
+    # the distillation teacher takes an override for a moved D_phi
+    (tmp_path / "dphi.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(ConfigError, match="phase1.dphi_ckpt=..."):
+        install_teacher(wan.load_transformer("tiny", dtype=torch.float32), lora)
+    assert install_teacher(wan.load_transformer("tiny", dtype=torch.float32), lora,
+                           str(tmp_path / "moved.pt"))["dphi_used"] == str(tmp_path / "moved.pt")
+    # init_lora of the other kind, a D_phi of another text width
+    with pytest.raises(ConfigError, match="phase1.kp_feat=true, this run has phase1.kp_feat=false"):
+        build_transformer(ModelConfig(init_lora=str(zeros)), 1, p1=Phase1Config())
+    wide = VideoDphi(DphiSizes(text_dim=64, d_model=8, hidden=16, depth=1, n_freq=2, t_ref=9))
+    save_dphi(tmp_path / "wide.pt", wide, TeacherCostConfig())
+    with pytest.raises(ConfigError, match="64-wide text embeddings, the model's are 32 wide"):
+        build_transformer(ModelConfig(), 1, p1=Phase1Config(kp_feat=True, dphi_ckpt=str(tmp_path / "wide.pt")))

@@ -252,7 +252,7 @@ def teacher_phase2_config(cfg: DistillTrainConfig, meta: dict | None) -> Phase2C
 # --- model: teacher adapter, adapters, adapter switching ------------------------------------------
 
 
-def install_teacher(transformer, lora_dir: str | Path) -> dict:
+def install_teacher(transformer, lora_dir: str | Path, dphi_ckpt: str = "", dphi_key: str = "phase1.dphi_ckpt") -> dict:
     """Make the teacher ``base + LoRA`` without touching the base weights: install what the folder
     records (keyframe rope; widened patch embedding with its stored fp32 weights, frozen) and its
     LoRA as the frozen peft adapter ``teacher`` (fp32 weights, exactly as trained), which
@@ -267,7 +267,8 @@ def install_teacher(transformer, lora_dir: str | Path) -> dict:
             p.requires_grad_(False)
     if meta.get("widening"):
         model.patch_embedding.extra_weight.requires_grad_(False)
-    ensure_keyframe_features(transformer, meta)  # a phase-1 teacher with keyframe features: its D_phi
+    # a phase-1 teacher with keyframe features: its D_phi (or dphi_ckpt); meta["dphi_used"] says which
+    meta["dphi_used"] = ensure_keyframe_features(transformer, meta, dphi_ckpt, dphi_key)
     _set_adapter_state(_tuner_layers(model), None)
     return meta
 
@@ -335,7 +336,14 @@ def build_distill_transformer(cfg: DistillTrainConfig, teacher_meta: dict | None
     if cfg.distill.target == "phase1":
         wan.install_keyframe_rope(tr)
     if cfg.distill.teacher_lora:
-        install_teacher(tr, cfg.distill.teacher_lora)
+        used = install_teacher(tr, cfg.distill.teacher_lora, cfg.phase1.dphi_ckpt)["dphi_used"]
+        if cfg.distill.target == "phase1":  # the student's metadata records what it was really fed
+            kp = wan.widening_of(tr) is not None and tuple(wan.widening_of(tr)["channels"]) == wan.KP_FEAT_CHANNELS
+            if cfg.phase1.dphi_ckpt and not kp:
+                raise ConfigError(f"phase1.dphi_ckpt={cfg.phase1.dphi_ckpt!r}: the teacher {cfg.distill.teacher_lora!r} "
+                                  "was trained without keyframe features (phase1.kp_feat); leave it unset")
+            cfg.phase1.kp_feat = kp  # the teacher decides (its widening); phase1.dphi_ckpt may point elsewhere
+            cfg.phase1.dphi_ckpt = str(Path(used).resolve()) if used else ""
     if cfg.distill.target == "phase2" and wan.widening_of(tr) is None:
         raise ConfigError(f"distill.teacher_lora={cfg.distill.teacher_lora!r} records no mask channels (not a phase-2 LoRA)")
     names = [STUDENT] + ([FAKE] if cfg.distill.dmd.weight > 0 else [])
@@ -928,7 +936,7 @@ def read_student_meta(lora_dir: str | Path) -> dict:
 
 
 def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str = "auto", attention: str = "sdpa",
-                             want_target: str | None = None):
+                             want_target: str | None = None, dphi_ckpt: str = ""):
     """Base Wan + the teacher LoRA as a frozen adapter (path recorded in the student's metadata) + the student
     LoRA (``wan.load_lora``: also its keyframe rope / mask channels), frozen, eval mode."""
     meta = read_student_meta(lora_dir)
@@ -946,7 +954,7 @@ def load_student_transformer(model_path: str, lora_dir: str | Path, dtype: str =
         if not (Path(teacher) / wan.LORA_WEIGHT_NAME).is_file():
             raise wan.WanLoadError(f"the student {str(lora_dir)!r} was distilled from the teacher LoRA {teacher!r}, which is "
                                    f"missing (expected {wan.LORA_WEIGHT_NAME!r} there)")
-        install_teacher(tr, teacher)
+        install_teacher(tr, teacher, dphi_ckpt, "phase1_dphi")
     wan.load_lora(tr, lora_dir, adapter_name=STUDENT)
     _set_adapter_state(_tuner_layers(tr), STUDENT)  # on top of the teacher, as in training
     wan.freeze(tr)

@@ -298,28 +298,58 @@ def install_keyframe_features(transformer, dphi_ckpt: str = "") -> None:
     from interpdiff.video.dphi import load_dphi
 
     dphi, cost_cfg = load_dphi(dphi_ckpt) if dphi_ckpt else (None, None)
+    text_dim = int(wan.unwrap_model(transformer).config.text_dim)
+    if dphi is not None and dphi.sizes.text_dim != text_dim:
+        raise ConfigError(f"D_phi {str(dphi_ckpt)!r} reads {dphi.sizes.text_dim}-wide text embeddings, the model's are "
+                          f"{text_dim} wide (transformer config text_dim): a D_phi of another text encoder")
 
     def fn(idx_B_K, emb_B_L_D):
         if dphi is not None and next(dphi.parameters()).device != idx_B_K.device:
             dphi.to(idx_B_K.device)
-        return keyframe_features(idx_B_K, emb_B_L_D, dphi, cost_cfg)
+        with torch.autocast(idx_B_K.device.type, enabled=False):  # fp32 features, whatever the caller's autocast
+            return keyframe_features(idx_B_K, emb_B_L_D, dphi, cost_cfg)
 
     wan.set_keyframe_features(transformer, fn)
 
 
-def ensure_keyframe_features(transformer, meta: dict, dphi_ckpt: str = "") -> None:
-    """After ``wan.load_lora`` of a phase-1 folder: when it records the keyframe-feature widening,
-    install the feature function with ``dphi_ckpt`` or the D_phi the LoRA was trained with
-    (``extra.phase1.dphi_ckpt``). A D_phi recorded but missing is an error naming both keys."""
+def dphi_file(path: str) -> Path:
+    """A ``phase1.dphi_ckpt`` value as the file it names (a folder means its ``dphi.pt``)."""
+    p = Path(path)
+    return p / "dphi.pt" if p.is_dir() else p
+
+
+def dphi_digest(path: str) -> str:
+    """sha256 (16 hex digits) of the D_phi file: recorded with a kp_feat LoRA, so a retrained
+    ``dphi.pt`` under the same name is noticed."""
+    import hashlib
+
+    return hashlib.sha256(dphi_file(path).read_bytes()).hexdigest()[:16] if path else ""
+
+
+def ensure_keyframe_features(transformer, meta: dict, dphi_ckpt: str = "", key: str = "phase1_dphi") -> str:
+    """After ``wan.load_lora`` of a phase-1 folder that records the keyframe-feature widening:
+    install the feature function with the D_phi the LoRA was trained with
+    (``extra.phase1.dphi_ckpt``), or ``dphi_ckpt`` when given (``key`` names where it came from in
+    errors). Refuses a D_phi for a LoRA trained without one (its cost planes only ever held 0) and
+    a missing file; warns when the file is not the one trained with (sha256). Returns the D_phi
+    path used ("" for none)."""
     wid = wan.widening_of(transformer)
     if wid is None or tuple(wid["channels"]) != wan.KP_FEAT_CHANNELS:
-        return
+        return ""
     recorded = ((meta.get("extra") or {}).get("phase1") or {}).get("dphi_ckpt") or ""
+    if dphi_ckpt and not recorded:
+        raise ConfigError(f"{key}={dphi_ckpt!r}: this phase-1 LoRA was trained without D_phi costs (phase1.dphi_ckpt "
+                          "empty: those feature planes only ever held 0); leave it unset")
     path = dphi_ckpt or recorded
-    if path and not (Path(path).is_file() or (Path(path) / "dphi.pt").is_file()):
+    if path and not dphi_file(path).is_file():
         raise ConfigError(f"this phase-1 LoRA takes D_phi keyframe costs (trained with phase1.dphi_ckpt={recorded!r}); "
-                          f"{path!r} does not exist: pass the D_phi checkpoint (sample.py phase1_dphi=...)")
+                          f"{path!r} does not exist: pass the D_phi checkpoint as {key}=...")
+    want = ((meta.get("extra") or {}).get("phase1_dphi_sha256")) or ""
+    if path and want and dphi_digest(path) != want:
+        log.warning("%s: D_phi %s (sha256 %s) is not the file this phase-1 LoRA was trained with (sha256 %s); its "
+                    "keyframe cost features will differ from training", key, path, dphi_digest(path), want)
     install_keyframe_features(transformer, path)
+    return path
 
 
 def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = None, lora: bool = True,
@@ -342,7 +372,7 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
         raise ValueError(f"build_transformer: phase must be 1 or 2, got {phase}")
     if lora:
         if cfg.init_lora:
-            check_init_lora(cfg, phase)
+            check_init_lora(cfg, phase, p1)
             wan.load_lora(tr, cfg.init_lora, trainable=True)
         else:
             # peft draws the LoRA A init from the global RNG: seed it so every run (and rank) of
@@ -355,7 +385,7 @@ def build_transformer(cfg: ModelConfig, phase: int, p2: Phase2Config | None = No
     return tr
 
 
-def check_init_lora(cfg: ModelConfig, phase: int) -> None:
+def check_init_lora(cfg: ModelConfig, phase: int, p1: Phase1Config | None = None) -> None:
     """``model.init_lora`` must be a LoRA of this phase with this config's ``model.lora`` shape (it
     is loaded as it was saved, and every checkpoint of the run records ``model.lora``)."""
     try:
@@ -375,6 +405,12 @@ def check_init_lora(cfg: ModelConfig, phase: int) -> None:
     their_phase = (meta.get("extra") or {}).get("phase")
     if their_phase is not None and their_phase != phase:
         diff.append(f"it is a phase-{their_phase} LoRA, this is phase {phase}")
+    if phase == 1:
+        theirs = bool(meta.get("widening")) and tuple(meta["widening"].get("channels") or ()) == wan.KP_FEAT_CHANNELS
+        mine = bool(p1 is not None and p1.kp_feat)
+        if theirs != mine:
+            diff.append(f"it was trained with phase1.kp_feat={str(theirs).lower()}, this run has "
+                        f"phase1.kp_feat={str(mine).lower()}")
     if diff:
         raise ConfigError(f"model.init_lora={cfg.init_lora!r} does not fit this run: " + "; ".join(diff)
                           + " (set model.lora to the folder's settings, or start from a fresh adapter)")
@@ -399,6 +435,7 @@ def model_meta(cfg: VideoTrainConfig, phase: int, transformer) -> dict:
         "transformer_config": wan.transformer_config_dict(m),
         "lora": dataclasses.asdict(cfg.model.lora),
         "widening": wan.widening_of(m),
+        "keyframe_dphi": dphi_digest(cfg.phase1.dphi_ckpt) if (phase == 1 and cfg.phase1.kp_feat) else "",
         "phase2_budgets_rule": {"k_min": cfg.phase2.k_min, "n_levels": cfg.phase2.n_levels, "budgets": list(cfg.phase2.budgets)},
     }
 
@@ -762,6 +799,8 @@ def make_validation_batches(cfg: VideoTrainConfig):
 
 def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
     """Everything ``interpdiff.training.train`` needs for phase 1 or 2 (cheap checks first)."""
+    if cfg.phase1.dphi_ckpt:  # recorded with every checkpoint: absolute, so a sampler elsewhere finds it
+        cfg.phase1.dphi_ckpt = str(Path(cfg.phase1.dphi_ckpt).resolve())
     batches, loader = make_batches(cfg)
     val_batches = make_validation_batches(cfg)
     if phase == 1:
@@ -814,7 +853,7 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
         validate=make_validation(cfg, phase, val_batches),
         batch_size=lambda b: int(b["lat"].shape[0]),
         meta=model_meta(cfg, phase, transformer),
-        resume_keys=("phase", "widening", *wan.ARCH_RESUME_KEYS, *wan.LORA_RESUME_KEYS),
+        resume_keys=("phase", "widening", "keyframe_dphi", *wan.ARCH_RESUME_KEYS, *wan.LORA_RESUME_KEYS),
         enable_gradient_checkpointing=lambda m: enable_checkpointing(m, cfg.model.checkpoint_ratio,
                                                                      cfg.model.checkpoint_policy),
         data_settings=loader.settings,
@@ -824,7 +863,9 @@ def make_train_spec(cfg: VideoTrainConfig, phase: int) -> TrainSpec:
 def lora_extra_meta(cfg: VideoTrainConfig, phase: int) -> dict:
     """Stored in the LoRA's ``interpdiff_lora.json`` so a sampler rebuilds the phase's settings
     (budgets rule, level sigmas, mask channels; keyframe count) from the checkpoint alone."""
-    return {"phase": phase, "phase1": dataclasses.asdict(cfg.phase1), "phase2": dataclasses.asdict(cfg.phase2)}
+    p1 = cfg.phase1
+    return {"phase": phase, "phase1": dataclasses.asdict(p1), "phase2": dataclasses.asdict(cfg.phase2),
+            "phase1_dphi_sha256": dphi_digest(p1.dphi_ckpt) if (phase == 1 and p1.kp_feat) else ""}
 
 
 def _load_trainable_into(model, folder: Path) -> None:

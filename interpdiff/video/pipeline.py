@@ -811,7 +811,8 @@ def load_students(cfg: SampleConfig, device, st: Phase2Settings | None) -> dict:
                                                                       ("phase2", cfg.phase2_student_lora)]
     for target, path in wanted:
         if path:
-            tr, meta = load_student_transformer(cfg.model_path, path, cfg.dtype, cfg.attention, want_target=target)
+            tr, meta = load_student_transformer(cfg.model_path, path, cfg.dtype, cfg.attention, want_target=target,
+                                                dphi_ckpt=cfg.phase1_dphi if target == "phase1" else "")
             out[target] = (tr.to(device), meta)
     return out
 

@@ -26,7 +26,8 @@ builds them from the keyframe indices it is given, through the function
 distillation (teacher and student) feed the same features; the LoRA folder records the widening
 and ``extra.phase1.dphi_ckpt``. The gaps and ``t_norm`` repeat what the true-index rotary
 positions carry; the D_phi costs are new information. Off by default (a phase-1 LoRA trained
-without it loads as before).
+without it loads as before). Under classifier-free guidance the unconditional rows get the costs
+D_phi predicts for the negative prompt (each row's own text; training has no unconditional rows).
 
 **Phase 2 (refiner)**, ``phase2_loss``: per sample, a level ``s`` uniform in ``0..S-2`` (the
 last level has no missing frame), nested masks from the policy mix, and::

@@ -847,6 +847,9 @@ def test_phase1_keyframe_features_train_save_and_sample(shards, tmp_path, capsys
     shutil.move(tmp_path / "dphi.pt", tmp_path / "elsewhere.pt")
     with pytest.raises(ConfigError, match="phase1_dphi"):
         pipeline.load_phase_transformer(cfg, 1, "cpu")
+    with pytest.raises(ConfigError, match="does not exist: pass the D_phi checkpoint as phase1_dphi"):
+        pipeline.check_sample_inputs(cfg)  # before any model is loaded
+    pipeline.check_sample_inputs(dataclasses.replace(cfg, phase1_dphi=str(tmp_path / "elsewhere.pt")))
     tr_o = pipeline.load_phase_transformer(dataclasses.replace(cfg, phase1_dphi=str(tmp_path / "elsewhere.pt")), 1, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(wan.wan_forward(tr_o, x, t, emb, frame_idx_B_K=idx), out, rtol=0, atol=0)

@@ -79,6 +79,7 @@ from interpdiff.video.objectives import (
     Phase2Config,
     base_dtype,
     build_transformer,
+    dphi_file,
     ensure_keyframe_features,
     level_timestep,
     phase2_budgets,
@@ -726,6 +727,15 @@ def check_sample_inputs(cfg: SampleConfig) -> list[str]:
                 read_student_meta(d)
             except wan.WanLoadError as e:
                 raise wan.WanLoadError(f"{name}: {e}") from None
+        if name == "phase1_lora" and (meta.get("widening") or {}).get("channels") == list(wan.KP_FEAT_CHANNELS):
+            recorded = (extra.get("phase1") or {}).get("dphi_ckpt") or ""
+            dphi = cfg.phase1_dphi or recorded
+            if cfg.phase1_dphi and not recorded:
+                raise ConfigError(f"phase1_dphi={cfg.phase1_dphi!r}: {name}={path!r} was trained without D_phi costs; "
+                                  "leave it unset")
+            if dphi and not dphi_file(dphi).is_file():
+                raise ConfigError(f"{name}={path!r} takes D_phi keyframe costs (trained with {recorded!r}); {dphi!r} "
+                                  "does not exist: pass the D_phi checkpoint as phase1_dphi=...")
         target = (extra.get("distill") or {}).get("target")
         if want_target is not None and target != want_target:
             raise ConfigError(f"{name}={path!r} is a distilled {target!r} student, expected {want_target!r}")

@@ -204,6 +204,21 @@ def discrete_consistency_loss(f_theta: torch.Tensor, f_target: torch.Tensor, del
     return ((f_theta.double() - f_target.detach().double()) ** 2).flatten(1).mean(1) / d**2
 
 
+def normalised_discrete_loss(f_theta: torch.Tensor, f_target: torch.Tensor, delta_B: torch.Tensor,
+                             norm_c: float = 0.1) -> torch.Tensor:
+    """The discrete consistency step with sCM's tangent normalisation, per sample ``[B]``:
+    ``d = (f_theta - sg(f_target)) / delta`` (a finite-difference stand-in for sCM's tangent),
+    ``g = d / (||d|| + norm_c)``, loss ``sum (f_theta - sg(f_theta - g))^2`` = ``||g||^2`` with
+    gradient ``2 g df_theta``. Its gradient is bounded like ``scm_loss``'s, so ``scm_weight``
+    balances it against DMD's per-sample sum the same way in both modes (the element mean of
+    ``discrete_consistency_loss`` is ~1/N of that at Wan size: DMD alone would train)."""
+    ft = f_theta.double()
+    with torch.no_grad():
+        d = (ft - f_target.double()) / _bc(delta_B.to(torch.float64), ft)
+        g = d / _bc(d.flatten(1).norm(dim=1) + norm_c, d)
+    return ((ft - (ft.detach() - g)) ** 2).flatten(1).sum(1)
+
+
 def dmd_generator_loss(x0_G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor,
                        min_weight: float = 1e-5) -> torch.Tensor:
     """DMD2's generator loss per sample ``[B]``: ``sum (x0_G - sg(x0_G - grad))^2`` with
@@ -352,7 +367,7 @@ class DistillConfig:
     scale_by_frames: bool = True  # scale = sqrt(latent frames of the student's sequence) (rCM)
     tangent_warmup: int = 1000  # steps of sCM tangent warmup (r: 0 -> 1)
     tangent_norm: float = 0.1  # c in g / (||g|| + c); 0 disables
-    scm_weight: float = 100.0  # rCM's loss scale of the sCM term
+    scm_weight: float = 100.0  # rCM's loss scale of the sCM term (mode=discrete: of the normalised discrete term)
     delta: float = 0.05  # discrete mode: teacher step t -> t - delta (radians)
     dmd: DmdConfig = field(default_factory=DmdConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

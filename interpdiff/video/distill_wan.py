@@ -666,7 +666,8 @@ def gaussian_target_loss(model, batch: dict, step: int, ctx: LossContext):
         with torch.no_grad(), use_adapter(base, STUDENT):
             f_target = D.consistency_fn(x_prev, t_prev, F_student_sg(x_prev, t_prev))
         f_theta = D.consistency_fn(x_t, t_B, F_theta)
-        loss_B = D.discrete_consistency_loss(f_theta, f_target, delta_B)
+        # normalised like sCM's tangent and weighted by scm_weight: the same balance against DMD as mode=scm
+        loss_B = dc.scm_weight * D.normalised_discrete_loss(f_theta, f_target, delta_B, dc.tangent_norm or 0.1)
         metrics.update(loss_discrete=loss_B.mean().detach())
 
     if dmd:

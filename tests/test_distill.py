@@ -588,6 +588,13 @@ def test_students_sample_playable_mp4_through_sample_py(shards, teachers, tmp_pa
 # --- bad inputs: clear errors before any model work -------------------------------------------------
 
 
+def test_finite_difference_jvp_is_refused_on_a_half_precision_base(tmp_path):
+    cfg = _cfg(tmp_path, "unused_*.tar", "distill.jvp=finite_difference", "model.dtype=bfloat16")
+    with pytest.raises(ConfigError, match="distill.jvp=finite_difference with a torch.bfloat16 base"):
+        DW.build_distill_transformer(cfg, None)
+    DW.build_distill_transformer(_cfg(tmp_path, "unused_*.tar", "distill.jvp=finite_difference"), None)  # fp32: fine
+
+
 @pytest.mark.parametrize("override,exc,match", [
     ("distill.jvp_mode=fast", ConfigError, r"distill\.jvp_mode"),
     ("distill.target=keyframes", ConfigError, r"distill\.target='keyframes'.*full.*phase1.*phase2"),

@@ -60,7 +60,7 @@ import torch
 from interpdiff.config import ConfigError, parse_cli
 from interpdiff.io import atomic_write_text
 from interpdiff.video.data import (LatentDataConfig, ShardSource, _is_url, _tar_members, decode_latent_sample,
-                                   resolve_shards, stable_seed)
+                                   resolve_shards, stable_seed, stream_kinds)
 
 
 @dataclass
@@ -184,11 +184,6 @@ class _Stop(Exception):
     pass
 
 
-def _cropped(shape: list[int], crop_frames: int) -> tuple:
-    """The latent shape a batch sees: T is ``crop_frames`` when cropping (the loader's kind rule)."""
-    return tuple(crop_frames if (i == 1 and crop_frames > 0) else v for i, v in enumerate(shape))
-
-
 def replay_worker(events_by_shard: list[list], data: LatentDataConfig, rank: int, worker: int, epoch: int) -> dict:
     """One (rank, worker) pass of ``LatentShardDataset`` in epoch mode, on recorded events: the same
     skip points, shuffle buffer (same seed), crop check, first-kind rule and consecutive-skip limit.
@@ -228,8 +223,7 @@ def replay_worker(events_by_shard: list[list], data: LatentDataConfig, rank: int
                 skip(f"sample {key!r}: crop of {data.crop_frames} latent frames requested but the sample has only "
                      f"{lat_kind[0][1]}")
                 continue
-            kinds = {"latent": (_cropped(lat_kind[0], data.crop_frames), lat_kind[1]),
-                     "embed": (tuple(emb_kind[0]), emb_kind[1])}
+            kinds = stream_kinds(*lat_kind, *emb_kind, data.crop_frames)
             bad = [k for k, v in kinds.items() if ref.setdefault(k, v) != v]
             if bad:
                 skip(f"sample {key!r}: {bad[0]} {list(kinds[bad[0]][0])} {kinds[bad[0]][1]} differs from this "
@@ -333,8 +327,8 @@ def summarize(shards: list[str], results: list[dict], cfg: CheckShardsConfig) ->
             if d.crop_frames > lat_kind[0][1]:
                 short.append({"key": key, "shard": url, "frames": lat_kind[0][1]})
                 continue
-            kinds["latent"][(_cropped(lat_kind[0], d.crop_frames), lat_kind[1])].append([key, url])
-            kinds["embed"][(tuple(emb_kind[0]), emb_kind[1])].append([key, url])
+            for name, kind in stream_kinds(*lat_kind, *emb_kind, d.crop_frames).items():
+                kinds[name][kind].append([key, url])
         run = _longest_bad_run(r["events"])
         if d.max_consecutive_skips > 0 and run >= d.max_consecutive_skips:
             long_runs.append({"shard": url, "run": run})

@@ -79,6 +79,7 @@ __all__ = [
     "collate_latents",
     "encode_latent_sample",
     "crop_frames",
+    "stream_kinds",
     "dist_info",
     "stable_seed",
 ]
@@ -432,6 +433,16 @@ def decode_latent_sample(sample: dict, latent_shape: Sequence[int] | None = None
     return {"key": key, "latent": lat, "embed": emb, "prompt": prompt.strip(), "url": sample.get("__url__", "")}
 
 
+def stream_kinds(lat_shape, lat_dtype, emb_shape, emb_dtype, crop: int) -> dict[str, tuple]:
+    """What the first good sample of a loader worker fixes for the rest of its stream (one batch,
+    one kind): ``{"latent": (shape as cropped, dtype), "embed": (shape, dtype)}``; with ``crop``
+    latent frames, clips of any length >= ``crop`` batch together."""
+    lat = list(lat_shape)
+    if crop > 0:
+        lat[1] = crop
+    return {"latent": (tuple(lat), lat_dtype), "embed": (tuple(emb_shape), emb_dtype)}
+
+
 def crop_frames(lat_C_T_H_W: torch.Tensor, num_frames: int, mode: str, rng: random.Random) -> tuple[torch.Tensor, int]:
     """Crop ``num_frames`` latent frames (``0`` = keep all): ``random`` offset, ``start`` or
     ``center``. Returns ``(crop, offset)``. A clip shorter than ``num_frames`` is an error."""
@@ -614,11 +625,9 @@ class LatentShardDataset(torch.utils.data.IterableDataset):
             if cfg.crop_frames > t:  # before the next lines: a clip too short to use must not fix the stream's shape
                 raise ValueError(f"sample {out['key']!r}: crop of {cfg.crop_frames} latent frames requested but the "
                                  f"sample has only {t}")
-            for name in ("latent", "embed"):  # the first good sample fixes shape and dtype (one batch, one kind)
-                shape = list(out[name].shape)
-                if name == "latent" and cfg.crop_frames > 0:
-                    shape[1] = cfg.crop_frames  # clips of any length >= crop_frames batch together
-                kind = (tuple(shape), out[name].dtype)
+            kinds = stream_kinds(out["latent"].shape, out["latent"].dtype, out["embed"].shape, out["embed"].dtype,
+                                 cfg.crop_frames)
+            for name, kind in kinds.items():  # the first good sample fixes shape and dtype (one batch, one kind)
                 ref = ref_kinds.setdefault(name, kind)
                 if kind != ref:
                     raise ValueError(f"sample {out['key']!r}: {name} {list(kind[0])} {kind[1]} differs from this "

@@ -371,8 +371,8 @@ def precompute(cfg: PrecomputeConfig, comps=None) -> dict:
                 except OSError as e:  # e.g. a full disk: name the shard (its manifest says incomplete: redone next run)
                     msg = f"precompute_cache: could not write {_shard_path(out, s)}: {e.strerror or e}"
                     raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
-                skipped = [[it[0], it[1], not _video_path(cfg, it[1]).is_file(), _file_stamp(_video_path(cfg, it[1]))]
-                           for it in manifests[s]["items"] if it[0] not in written]
+                skipped = [[it[0], it[1], not v.is_file(), _file_stamp(v)]
+                           for it in manifests[s]["items"] if it[0] not in written for v in [_video_path(cfg, it[1])]]
                 atomic_write_text(_manifest_path(out, s), json.dumps(dict(manifests[s], skipped=skipped), indent=1))
             elif _shard_path(out, s).is_file():  # never trade a shard on disk for nothing
                 log.warning("shard %d: every video of its items is missing/unreadable now; the shard on disk (%s) is "
